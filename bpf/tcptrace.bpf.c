@@ -1,0 +1,269 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * tcptrace kernel side, compiled by bcc.
+ *
+ * Reads only the fields of the tracepoint sock:inet_sock_set_state, never
+ * struct sock: the kernel headers on the build machine need not match the
+ * running kernel. Filters run here so that other traffic costs nothing;
+ * statistics are kept here so that they stay exact when the perf buffer
+ * overflows.
+ *
+ * Compile-time knobs (-D from tcptrace/loader.py):
+ *   MAX_SOCKETS     capacity of the per-socket LRU map
+ *   FILTER_FAMILY   0, or AF_INET/AF_INET6 to keep only that family
+ *   FILTER_PORTS    bitmask of PORT_ANY/PORT_LOCAL/PORT_REMOTE checks to apply
+ *   SHOW_STATES     bitmask of states: emit transitions into or out of them
+ *   EMIT_EVENTS     0 for summary-only mode (no per-event stream)
+ */
+#include "tcptrace.h"
+
+#define TT_AF_INET 2
+#define TT_AF_INET6 10
+#define TT_IPPROTO_TCP 6
+
+/* Linux TCP state numbers (include/net/tcp_states.h). */
+#define TT_ESTABLISHED 1
+#define TT_SYN_SENT 2
+#define TT_SYN_RECV 3
+#define TT_FIN_WAIT1 4
+#define TT_FIN_WAIT2 5
+#define TT_TIME_WAIT 6
+#define TT_CLOSE 7
+#define TT_CLOSE_WAIT 8
+#define TT_LAST_ACK 9
+#define TT_LISTEN 10
+#define TT_CLOSING 11
+
+/* Bits of the ports map values, and of FILTER_PORTS. */
+#define PORT_ANY 1
+#define PORT_LOCAL 2
+#define PORT_REMOTE 4
+
+struct sk_info {
+	u64 ts;   /* time of the socket's last transition */
+	u32 pid;  /* owner, valid with TCPTRACE_F_OWNER_KNOWN */
+	u32 flags;
+	char comm[TCPTRACE_COMM_LEN];
+};
+
+struct owner {
+	u32 pid;
+	char comm[TCPTRACE_COMM_LEN];
+};
+
+BPF_TABLE("lru_hash", u64, struct sk_info, sockets, MAX_SOCKETS);
+/* Owner of each listening port, inherited by the sockets it accepts. */
+BPF_TABLE("lru_hash", u16, struct owner, listeners, 4096);
+BPF_ARRAY(ports, u8, 65536);
+BPF_PERCPU_ARRAY(counters, u64, TCPTRACE_NCOUNTERS);
+BPF_PERCPU_ARRAY(hist, u64, TCPTRACE_NSTATES * TCPTRACE_HIST_SLOTS);
+BPF_PERCPU_ARRAY(dsum, u64, TCPTRACE_NSTATES);
+BPF_PERCPU_ARRAY(dmax, u64, TCPTRACE_NSTATES);
+BPF_PERCPU_ARRAY(trans, u64, TCPTRACE_NSTATES * TCPTRACE_NSTATES);
+BPF_PERF_OUTPUT(events);
+
+static __always_inline void count(u32 idx)
+{
+	u64 *v = counters.lookup(&idx);
+	if (v)
+		(*v)++;
+}
+
+static __always_inline u32 log2_u64(u64 v)
+{
+	u32 r = 0;
+	if (v >> 32) { v >>= 32; r += 32; }
+	if (v >> 16) { v >>= 16; r += 16; }
+	if (v >> 8) { v >>= 8; r += 8; }
+	if (v >> 4) { v >>= 4; r += 4; }
+	if (v >> 2) { v >>= 2; r += 2; }
+	if (v >> 1) { r += 1; }
+	return r;
+}
+
+/* Mirrored by tcptrace.stats.hist_slot(): log2 bucket plus SUB_BITS of mantissa. */
+static __always_inline u32 hist_slot(u64 v)
+{
+	u32 sub = 1 << TCPTRACE_HIST_SUB_BITS;
+	if (v < sub)
+		return v;
+	u32 msb = log2_u64(v);
+	u32 shift = msb - TCPTRACE_HIST_SUB_BITS;
+	return ((msb - TCPTRACE_HIST_SUB_BITS + 1) << TCPTRACE_HIST_SUB_BITS) +
+	       ((v >> shift) & (sub - 1));
+}
+
+/*
+ * Transitions that only a system call on the socket makes (connect, listen,
+ * close, shutdown): the current task then owns the socket. Every other
+ * transition may run in softirq context on behalf of anybody.
+ */
+static __always_inline int by_owner(int old, int new)
+{
+	return (old == TT_CLOSE && (new == TT_SYN_SENT || new == TT_LISTEN)) ||
+	       (old == TT_ESTABLISHED && new == TT_FIN_WAIT1) ||
+	       (old == TT_CLOSE_WAIT && new == TT_LAST_ACK) ||
+	       (old == TT_LISTEN && new == TT_CLOSE);
+}
+
+static __always_inline int port_match(u16 sport, u16 dport)
+{
+#if FILTER_PORTS
+	u32 s = sport, d = dport;
+	u8 *ps = ports.lookup(&s);
+	u8 *pd = ports.lookup(&d);
+	u8 fs = ps ? *ps : 0, fd = pd ? *pd : 0;
+#if FILTER_PORTS & PORT_ANY
+	if (!((fs | fd) & PORT_ANY))
+		return 0;
+#endif
+#if FILTER_PORTS & PORT_LOCAL
+	if (!(fs & PORT_LOCAL))
+		return 0;
+#endif
+#if FILTER_PORTS & PORT_REMOTE
+	if (!(fd & PORT_REMOTE))
+		return 0;
+#endif
+#endif
+	return 1;
+}
+
+static __always_inline void record_stats(int old, int new, u64 delta, int known)
+{
+	u32 t = old * TCPTRACE_NSTATES + new;
+	u64 *v = trans.lookup(&t);
+	if (v)
+		(*v)++;
+	if (!known)
+		return;
+	u32 h = old * TCPTRACE_HIST_SLOTS + hist_slot(delta);
+	v = hist.lookup(&h);
+	if (v)
+		(*v)++;
+	u32 s = old;
+	v = dsum.lookup(&s);
+	if (v)
+		*v += delta;
+	v = dmax.lookup(&s);
+	if (v && delta > *v)
+		*v = delta;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+	if (args->protocol != TT_IPPROTO_TCP)
+		return 0;
+	u16 family = args->family;
+#if FILTER_FAMILY
+	if (family != FILTER_FAMILY)
+		return 0;
+#endif
+	int old = args->oldstate, new = args->newstate;
+	if (old <= 0 || old >= TCPTRACE_NSTATES || new <= 0 || new >= TCPTRACE_NSTATES)
+		return 0;
+	u16 sport = args->sport, dport = args->dport;
+	u64 sk = (u64)args->skaddr;
+	u64 now = bpf_ktime_get_ns();
+
+	struct sk_info *info = sockets.lookup(&sk);
+	if (!info && !port_match(sport, dport)) {
+#if FILTER_PORTS & PORT_LOCAL
+		/* connect() enters SYN_SENT before the local port is chosen: keep
+		 * the socket's start time, decide when its port is known. */
+		if (sport == 0 && old == TT_CLOSE && new == TT_SYN_SENT) {
+			struct sk_info pending = {.ts = now, .pid = bpf_get_current_pid_tgid() >> 32,
+						  .flags = TCPTRACE_F_OWNER_KNOWN};
+			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
+			sockets.update(&sk, &pending);
+		}
+#endif
+		return 0;
+	}
+#if FILTER_PORTS & PORT_LOCAL
+	if (info && sport != 0 && !port_match(sport, dport)) {
+		/* a pending connect() whose chosen port does not match */
+		sockets.delete(&sk);
+		return 0;
+	}
+#endif
+
+	struct tcptrace_event ev = {};
+	ev.ts_ns = now;
+	ev.skaddr = sk;
+	ev.family = family;
+	ev.sport = sport;
+	ev.dport = dport;
+	ev.oldstate = old;
+	ev.newstate = new;
+	if (family == TT_AF_INET) {
+		bpf_probe_read_kernel(ev.saddr, 4, args->saddr);
+		bpf_probe_read_kernel(ev.daddr, 4, args->daddr);
+	} else {
+		bpf_probe_read_kernel(ev.saddr, 16, args->saddr_v6);
+		bpf_probe_read_kernel(ev.daddr, 16, args->daddr_v6);
+	}
+
+	int owner = by_owner(old, new);
+	if (info) {
+		ev.delta_ns = now - info->ts;
+		ev.flags |= TCPTRACE_F_DELTA_KNOWN;
+	} else if (old != TT_CLOSE && old != TT_LISTEN) {
+		/* a socket that was already mid-life when tracing began (or was
+		 * evicted from the LRU map); LISTEN->SYN_RECV is a new child */
+		count(TCPTRACE_C_NO_START);
+	}
+
+	if (owner) {
+		ev.pid = bpf_get_current_pid_tgid() >> 32;
+		bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+	} else if (info && (info->flags & TCPTRACE_F_OWNER_KNOWN)) {
+		ev.pid = info->pid;
+		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
+		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+	} else {
+		struct owner *l = 0;
+		if (!info && old == TT_LISTEN)
+			l = listeners.lookup(&sport);
+		if (l) {
+			ev.pid = l->pid;
+			__builtin_memcpy(ev.comm, l->comm, sizeof(ev.comm));
+			ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+		} else {
+			/* softirq context: current is whoever ran; user space looks
+			 * the owner up (sock_diag) */
+			ev.pid = bpf_get_current_pid_tgid() >> 32;
+			bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+		}
+	}
+
+	if (new == TT_LISTEN) {
+		struct owner o = {.pid = ev.pid};
+		__builtin_memcpy(o.comm, ev.comm, sizeof(o.comm));
+		listeners.update(&sport, &o);
+	} else if (old == TT_LISTEN && new == TT_CLOSE) {
+		listeners.delete(&sport);
+	}
+
+	if (new == TT_CLOSE) {
+		sockets.delete(&sk);
+	} else {
+		struct sk_info next = {.ts = now, .pid = ev.pid, .flags = ev.flags & TCPTRACE_F_OWNER_KNOWN};
+		__builtin_memcpy(next.comm, ev.comm, sizeof(next.comm));
+		sockets.update(&sk, &next);
+	}
+
+	count(TCPTRACE_C_SEEN);
+	record_stats(old, new, ev.delta_ns, ev.flags & TCPTRACE_F_DELTA_KNOWN);
+
+#if EMIT_EVENTS
+	if (((1 << old) | (1 << new)) & SHOW_STATES) {
+		if (events.perf_submit(args, &ev, sizeof(ev)) == 0)
+			count(TCPTRACE_C_SUBMITTED);
+		else
+			count(TCPTRACE_C_DROPPED);
+	}
+#endif
+	return 0;
+}

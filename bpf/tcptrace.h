@@ -1,0 +1,45 @@
+/* SPDX-License-Identifier: MIT */
+/*
+ * The one definition of what crosses from the kernel to tcptrace.
+ * tcptrace/events.py mirrors struct tcptrace_event and the constants below;
+ * tests/test_layout.py parses this file and checks that the two agree.
+ */
+#ifndef TCPTRACE_H
+#define TCPTRACE_H
+
+#define TCPTRACE_COMM_LEN 16
+/* Linux TCP state numbers run 1..12 (TCP_NEW_SYN_RECV = 12); index 0 is unused. */
+#define TCPTRACE_NSTATES 13
+/* Duration histogram: log2 buckets of nanoseconds, each split into 2^SUB_BITS sub-buckets. */
+#define TCPTRACE_HIST_SUB_BITS 3
+#define TCPTRACE_HIST_SLOTS 512
+
+/* event.flags */
+#define TCPTRACE_F_DELTA_KNOWN 0x1 /* delta_ns is measured from a traced transition */
+#define TCPTRACE_F_OWNER_KNOWN 0x2 /* pid/comm belong to the socket's owner */
+
+/* Indexes of the per-CPU counters map. */
+#define TCPTRACE_C_SEEN 0       /* transitions that passed the filters */
+#define TCPTRACE_C_SUBMITTED 1  /* events handed to the perf buffer */
+#define TCPTRACE_C_DROPPED 2    /* perf buffer full: event not delivered */
+#define TCPTRACE_C_SHED 3       /* event not submitted on purpose (consumer lagging) */
+#define TCPTRACE_C_NO_START 4   /* first transition of a socket seen mid-life */
+#define TCPTRACE_NCOUNTERS 8
+
+struct tcptrace_event {
+	__u64 ts_ns;    /* bpf_ktime_get_ns() at the transition */
+	__u64 delta_ns; /* time spent in oldstate (valid with TCPTRACE_F_DELTA_KNOWN) */
+	__u64 skaddr;   /* kernel address of the socket: identity, never dereferenced */
+	__u32 pid;      /* owner tgid (valid with TCPTRACE_F_OWNER_KNOWN), else current */
+	__u32 flags;
+	__u8 saddr[16]; /* IPv4 uses the first 4 bytes */
+	__u8 daddr[16];
+	__u16 sport;    /* host byte order, as the tracepoint gives it */
+	__u16 dport;
+	__u16 family;
+	__u8 oldstate;
+	__u8 newstate;
+	char comm[TCPTRACE_COMM_LEN];
+};
+
+#endif /* TCPTRACE_H */

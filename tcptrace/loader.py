@@ -1,0 +1,132 @@
+"""Loading the BPF program with bcc and reading what it produces.
+
+The only module that imports bcc. It hands the rest of tcptrace plain Python
+values: raw event records (bytes) and the kernel's statistics as a Summary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tcptrace.errors import TcptraceError
+from tcptrace.events import HIST_SLOTS, NCOUNTERS
+from tcptrace.filters import Filters
+from tcptrace.states import NSTATES
+from tcptrace.stats import Summary
+
+TRACEPOINT = "sock:inet_sock_set_state"
+PROGRAM = "tcptrace.bpf.c"
+
+
+def bpf_dir() -> Path:
+    """bpf/ beside the package in a source tree, or the copy installed with it."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "bpf", here / "_bpf"):
+        if (candidate / PROGRAM).is_file():
+            return candidate
+    raise TcptraceError(f"cannot find {PROGRAM} (looked beside {here})")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    filters: Filters = field(default_factory=Filters)
+    emit_events: bool = True
+    max_sockets: int = 65536
+    # perf buffer pages per CPU (power of two)
+    buffer_pages: int = 1024
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{bpf_dir()}",
+            f"-DMAX_SOCKETS={self.max_sockets}",
+            f"-DFILTER_FAMILY={self.filters.family}",
+            f"-DFILTER_PORTS={self.filters.port_checks}",
+            f"-DSHOW_STATES={self.filters.show_mask:#x}",
+            f"-DEMIT_EVENTS={int(self.emit_events)}",
+        ]
+
+
+class Probe:
+    """The attached program: poll() returns raw records, summary() the kernel's counts."""
+
+    def __init__(self, config: ProbeConfig) -> None:
+        try:
+            from bcc import BPF
+        except ImportError as exc:  # preflight says how to fix it
+            raise TcptraceError(f"bcc is not importable: {exc}") from exc
+        self.config = config
+        self.raw: list[bytes] = []
+        self.lost = 0
+        source = (bpf_dir() / PROGRAM).read_text()
+        try:
+            self.bpf = BPF(text=source.encode(), cflags=config.cflags())
+        except Exception as exc:  # bcc raises bare Exception on compile/verify failure
+            raise TcptraceError(
+                f"the kernel refused the BPF program ({exc}); the verifier log is above"
+            ) from exc
+        self._fill_ports()
+        if config.emit_events:
+            self._open_buffer()
+
+    def _fill_ports(self) -> None:
+        table = self.bpf[b"ports"]
+        for port, bits in self.config.filters.port_flags().items():
+            table[table.Key(port)] = table.Leaf(bits)
+
+    def _open_buffer(self) -> None:
+        raw = self.raw
+        string_at = ctypes.string_at
+
+        # Copy only; decoding happens in batches outside the callback.
+        def on_event(_cpu: int, data: int, size: int) -> None:
+            raw.append(string_at(data, size))
+
+        def on_lost(count: int) -> None:
+            self.lost += count
+
+        self.bpf[b"events"].open_perf_buffer(
+            on_event, page_cnt=self.config.buffer_pages, lost_cb=on_lost
+        )
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to timeout_ms for events; return (and forget) what arrived."""
+        if self.config.emit_events:
+            self.bpf.perf_buffer_poll(timeout_ms)
+        elif timeout_ms > 0:
+            import time
+
+            time.sleep(timeout_ms / 1000)
+        if not self.raw:
+            return []
+        out = self.raw[:]
+        del self.raw[:]
+        return out
+
+    def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
+        table = self.bpf[name.encode()]
+        values = [0] * size
+        for key, leaf in table.items():
+            values[key.value] = reduce(leaf)
+        return values
+
+    def summary(self) -> Summary:
+        """The kernel's exact statistics, summed over CPUs."""
+        summary = Summary.from_maps(
+            hist=self._sum_percpu("hist", NSTATES * HIST_SLOTS),
+            dsum=self._sum_percpu("dsum", NSTATES),
+            dmax=self._sum_percpu("dmax", NSTATES, max),
+            trans=self._sum_percpu("trans", NSTATES * NSTATES),
+            counters=self._sum_percpu("counters", NCOUNTERS),
+        )
+        summary.lost = self.lost
+        return summary
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+
+
+def possible_cpus() -> int:
+    return os.cpu_count() or 1

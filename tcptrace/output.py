@@ -1,0 +1,207 @@
+"""Formatting: transitions as aligned text lines, durations in human units, the summary.
+
+Works on plain Event values; knows nothing of bcc or sock_diag.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable, TextIO
+
+from tcptrace.events import C_DROPPED, C_SEEN, C_SHED, Event, format_addr
+from tcptrace.states import LIFECYCLE_ORDER, state_name
+from tcptrace.stats import PERCENTILES, Summary
+
+NS_PER_US = 1_000
+NS_PER_MS = 1_000_000
+NS_PER_S = 1_000_000_000
+
+# Timestamp styles for --timestamp.
+TS_WALL = "wall"
+TS_RELATIVE = "relative"
+TS_ISO = "iso"
+TS_NONE = "none"
+TIMESTAMP_STYLES = (TS_WALL, TS_RELATIVE, TS_ISO, TS_NONE)
+
+# Widest state name (ESTABLISHED, CLOSE_WAIT...) for the OLD -> NEW column.
+_STATE_WIDTH = 11
+_ENDPOINT_WIDTH = 21  # 255.255.255.255:65535; IPv6 widens the column as it appears
+
+
+def format_duration(ns: float) -> str:
+    """A duration in the unit a person reads at a glance: 850ns, 12.3µs, 1.23ms, 4.56s, 2m03s."""
+    if ns < NS_PER_US:
+        return f"{ns:.0f}ns"
+    if ns < NS_PER_MS:
+        return f"{ns / NS_PER_US:.1f}µs"
+    if ns < NS_PER_S:
+        return f"{ns / NS_PER_MS:.2f}ms"
+    seconds = ns / NS_PER_S
+    if seconds < 60:
+        return f"{seconds:.3f}s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+@lru_cache(maxsize=65536)
+def port_name(port: int, numeric: bool) -> str:
+    """Port as a service name unless numeric (as ss -n); 0 (not yet chosen) is '*', as in ss."""
+    if port == 0:
+        return "*"
+    if numeric:
+        return str(port)
+    try:
+        return socket.getservbyport(port, "tcp")
+    except OSError:
+        return str(port)
+
+
+def endpoint(family: int, raw: bytes, port: int, numeric: bool) -> str:
+    addr = format_addr(family, raw)
+    if ":" in addr:
+        addr = f"[{addr}]"
+    return f"{addr}:{port_name(port, numeric)}"
+
+
+@dataclass
+class Clock:
+    """Turns the kernel's monotonic nanoseconds into the chosen timestamp style."""
+
+    style: str = TS_WALL
+    start_mono_ns: int = 0
+    # wall clock minus monotonic clock, taken once at start
+    offset_ns: int = 0
+
+    @classmethod
+    def now(cls, style: str) -> Clock:
+        return cls(style, time.monotonic_ns(), time.time_ns() - time.monotonic_ns())
+
+    def wall_ns(self, mono_ns: int) -> int:
+        return mono_ns + self.offset_ns
+
+    def format(self, mono_ns: int) -> str:
+        if self.style == TS_RELATIVE:
+            return f"{(mono_ns - self.start_mono_ns) / NS_PER_S:10.6f}"
+        if self.style == TS_NONE:
+            return ""
+        wall = self.wall_ns(mono_ns)
+        secs, frac = divmod(wall, NS_PER_S)
+        if self.style == TS_ISO:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+            return f"{stamp}.{frac // NS_PER_US:06d}Z"
+        return f"{time.strftime('%H:%M:%S', time.localtime(secs))}.{frac // NS_PER_US:06d}"
+
+
+# An owner lookup for events the kernel could not attribute: (event) -> (pid, comm) or None.
+OwnerResolver = Callable[[Event], "tuple[int, str] | None"]
+
+
+class TextFormatter:
+    """One aligned line per transition."""
+
+    def __init__(
+        self,
+        out: TextIO,
+        clock: Clock,
+        numeric: bool = False,
+        resolve_owner: OwnerResolver | None = None,
+    ) -> None:
+        self.out = out
+        self.clock = clock
+        self.numeric = numeric
+        self.resolve_owner = resolve_owner
+        self.width = _ENDPOINT_WIDTH
+        self.printed = 0
+
+    def header(self) -> str:
+        w = self.width
+        time_col = self._time_header()
+        return (
+            f"{time_col}{'PID':>7} {'COMM':<15} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+            f"{'OLD':>{_STATE_WIDTH}} -> {'NEW':<{_STATE_WIDTH}} {'IN OLD':>9}"
+        )
+
+    def _time_header(self) -> str:
+        style = self.clock.style
+        if style == TS_NONE:
+            return ""
+        if style == TS_RELATIVE:
+            return f"{'TIME(s)':<10} "
+        if style == TS_ISO:
+            return f"{'TIME':<27} "
+        return f"{'TIME':<15} "
+
+    def owner(self, ev: Event) -> tuple[str, str]:
+        if ev.owner_known:
+            return str(ev.pid), ev.command
+        if self.resolve_owner is not None:
+            found = self.resolve_owner(ev)
+            if found is not None:
+                return str(found[0]), found[1]
+        return "-", "-"
+
+    def line(self, ev: Event) -> str:
+        local = endpoint(ev.family, ev.saddr, ev.sport, self.numeric)
+        remote = endpoint(ev.family, ev.daddr, ev.dport, self.numeric)
+        longest = max(len(local), len(remote))
+        if longest > self.width:
+            self.width = longest
+        w = self.width
+        pid, comm = self.owner(ev)
+        stamp = self.clock.format(ev.ts_ns)
+        stamp = f"{stamp} " if stamp else ""
+        duration = format_duration(ev.delta_ns) if ev.delta_known else "-"
+        return (
+            f"{stamp}{pid:>7} {comm:<15.15} {local:<{w}} {remote:<{w}} "
+            f"{state_name(ev.oldstate):>{_STATE_WIDTH}} -> "
+            f"{state_name(ev.newstate):<{_STATE_WIDTH}} {duration:>9}"
+        )
+
+    def write_header(self) -> None:
+        self.out.write(self.header() + "\n")
+
+    def write(self, events: Iterable[Event]) -> None:
+        lines = [self.line(ev) for ev in events]
+        if lines:
+            lines.append("")
+            self.out.write("\n".join(lines))
+            self.printed += len(lines) - 1
+
+
+def format_summary(summary: Summary, printed: int | None = None) -> str:
+    """The exit summary: per state, sockets that left it and the time spent in it."""
+    cols = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
+    lines = [
+        f"{'STATE':<12}{'LEFT':>9}{'MEAN':>9}{cols}{'MAX':>9}{'UNTIMED':>9}",
+    ]
+    for state in LIFECYCLE_ORDER:
+        stats = summary.states.get(int(state))
+        if stats is None or (stats.count == 0 and stats.unknown == 0):
+            continue
+        if stats.count:
+            pcts = "".join(f"{format_duration(stats.percentile(p)):>9}" for p in PERCENTILES)
+            timed = f"{format_duration(stats.mean_ns):>9}{pcts}{format_duration(stats.max_ns):>9}"
+        else:
+            timed = f"{'-':>9}" * (len(PERCENTILES) + 2)
+        left = stats.count + stats.unknown
+        lines.append(f"{state.name:<12}{left:>9}{timed}{stats.unknown:>9}")
+    if len(lines) == 1:
+        lines.append("(no transitions)")
+    lines.append(format_accounting(summary, printed))
+    return "\n".join(lines) + "\n"
+
+
+def format_accounting(summary: Summary, printed: int | None) -> str:
+    seen = summary.counters[C_SEEN]
+    lost = summary.counters[C_DROPPED] + summary.counters[C_SHED] + summary.lost
+    text = f"{seen} transitions traced"
+    if printed is not None:
+        text += f", {printed} shown"
+    return text + f", {lost} lost"

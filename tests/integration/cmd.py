@@ -1,0 +1,50 @@
+"""Run the real tcptrace command as a user would, and wait for it to attach."""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+
+READY = "Ctrl-C to stop"
+
+
+class Running:
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tcptrace", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.stderr_head = ""
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the 'tracing ... Ctrl-C to stop' line: the program is attached."""
+        deadline = time.monotonic() + timeout
+        fd = self.proc.stderr.fileno()
+        while READY not in self.stderr_head:
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                rest = self.proc.stderr.read() if self.proc.poll() is not None else ""
+                raise AssertionError(f"tcptrace did not start: {self.stderr_head}{rest}")
+            ready, _, _ = select.select([fd], [], [], left)
+            if ready:
+                chunk = os.read(fd, 4096).decode()
+                if not chunk:
+                    continue
+                self.stderr_head += chunk
+
+    def stop(self, sig: int = signal.SIGINT, timeout: float = 20.0) -> tuple[int, str, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, self.stderr_head + err
+
+    def wait(self, timeout: float = 30.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, self.stderr_head + err

@@ -1,0 +1,46 @@
+"""Real sockets on loopback for the integration tests (never port 2024)."""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import struct
+import time
+from collections.abc import Iterator
+
+RESERVED_PORT = 2024  # the workplace listens here: never touch it
+
+
+def free_port(family: int = socket.AF_INET) -> int:
+    """A free port below the ephemeral range, so churned client ports never collide."""
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    for port in range(20000 + (time.monotonic_ns() // 1000) % 10000, 32768):
+        if port == RESERVED_PORT:
+            continue
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port")
+
+
+@contextlib.contextmanager
+def listener(
+    family: int = socket.AF_INET, port: int = 0, backlog: int = 16
+) -> Iterator[socket.socket]:
+    host = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((host, port))
+    srv.listen(backlog)
+    try:
+        yield srv
+    finally:
+        srv.close()
+
+
+def set_reset_on_close(sock: socket.socket) -> None:
+    """close() sends RST instead of FIN (SO_LINGER with zero timeout)."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
