@@ -12,7 +12,8 @@ from tcptrace.errors import TcptraceError
 from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.output import Clock, TextFormatter, format_summary
-from tcptrace.tracer import StopConditions, Tracer
+from tcptrace.stats import Summary
+from tcptrace.tracer import Stage, StopConditions, Tracer
 
 
 @dataclass
@@ -24,6 +25,36 @@ class Options:
     duration: float | None = None
     quiet: bool = False
     buffer_pages: int = 1024
+
+
+class TextOutput(Stage):
+    """Per-transition lines, then the summary table, on a text stream."""
+
+    def __init__(self, out: TextIO, options: Options) -> None:
+        self.out = out
+        self.quiet = options.quiet
+        self.formatter = TextFormatter(out, Clock.now(options.timestamp), numeric=options.numeric)
+
+    def on_start(self) -> None:
+        if not self.quiet:
+            self.formatter.write_header()
+            self.out.flush()
+
+    def on_events(self, events: list[Event]) -> None:
+        if not self.quiet:
+            self.formatter.write(events)
+            self.out.flush()
+
+    def on_finish(self, summary: Summary) -> None:
+        if not self.quiet:
+            self.out.write("\n")
+        printed = None if self.quiet else self.formatter.printed
+        self.out.write(format_summary(summary, printed))
+        self.out.flush()
+
+
+def build_stages(options: Options, out: TextIO) -> list[Stage]:
+    return [TextOutput(out, options)]
 
 
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -41,30 +72,13 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         )
     )
     try:
-        return _trace(probe, options, out, err)
-    finally:
-        probe.close()
-
-
-def _trace(probe, options: Options, out: TextIO, err: TextIO) -> int:
-    formatter = TextFormatter(out, Clock.now(options.timestamp), numeric=options.numeric)
-
-    def sink(events: list[Event]) -> None:
-        formatter.write(events)
-        out.flush()
-
-    tracer = Tracer(probe, sink, StopConditions(options.count, options.duration))
-    tracer.install_signals()
-    try:
-        if not options.quiet:
-            formatter.write_header()
-            out.flush()
+        tracer = Tracer(
+            probe, build_stages(options, out), StopConditions(options.count, options.duration)
+        )
+        tracer.install_signals()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()
-        out.write("\n" if not options.quiet else "")
-        out.write(format_summary(probe.summary(), None if options.quiet else formatter.printed))
-        out.flush()
     except BrokenPipeError:
         # the reader went away (| head): leave quietly, without a traceback at exit
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -72,4 +86,6 @@ def _trace(probe, options: Options, out: TextIO, err: TextIO) -> int:
         return 0
     except KeyboardInterrupt:
         raise TcptraceError("interrupted twice: stopped without a summary") from None
+    finally:
+        probe.close()
     return 0

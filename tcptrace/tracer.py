@@ -1,6 +1,6 @@
-"""The data path's loop: poll the perf buffer, decode, hand batches to the sinks.
+"""The data path's loop: poll the perf buffer, decode, hand batches to the stages.
 
-bpf -> perf buffer (loader.Probe) -> decode (events) -> sinks (output, tracking).
+bpf -> perf buffer (loader.Probe) -> decode (events) -> stages (tracking, output).
 Stops on --count, --duration, SIGTERM or Ctrl-C; a second Ctrl-C exits at once.
 """
 
@@ -10,9 +10,10 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from tcptrace.events import Event, decode_many
+from tcptrace.stats import Summary
 
 # Longest wait for events before the loop looks at its stop conditions again;
 # also the bound on how late a transition is printed at low rates.
@@ -22,8 +23,27 @@ POLL_MS = 50
 class EventSource(Protocol):
     def poll(self, timeout_ms: int) -> list[bytes]: ...
 
+    def summary(self) -> Summary: ...
 
-Sink = Callable[[list[Event]], None]
+
+class Stage:
+    """One step after decoding: enrich, track, print or export. Override what you need.
+
+    Stages run in order on each batch; a stage may replace events (enrichment)
+    by returning a new list, or return None to pass the batch on unchanged.
+    """
+
+    def on_start(self) -> None:
+        """The program is attached; nothing has been read yet."""
+
+    def on_events(self, events: list[Event]) -> list[Event] | None:
+        return None
+
+    def on_tick(self, now_ns: int) -> None:
+        """Called at least every POLL_MS, events or not (monotonic clock)."""
+
+    def on_finish(self, summary: Summary) -> None:
+        """Tracing stopped; summary holds the kernel's exact statistics."""
 
 
 @dataclass
@@ -33,9 +53,9 @@ class StopConditions:
 
 
 class Tracer:
-    def __init__(self, source: EventSource, sink: Sink, stop: StopConditions) -> None:
+    def __init__(self, source: EventSource, stages: list[Stage], stop: StopConditions) -> None:
         self.source = source
-        self.sink = sink
+        self.stages = stages
         self.conditions = stop
         self.stopping = threading.Event()
         self.handled = 0
@@ -52,7 +72,21 @@ class Tracer:
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, self.request_stop)
 
-    def run(self) -> int:
+    def _dispatch(self, events: list[Event]) -> None:
+        for stage in self.stages:
+            replaced = stage.on_events(events)
+            if replaced is not None:
+                events = replaced
+
+    def _tick(self) -> None:
+        now = time.monotonic_ns()
+        for stage in self.stages:
+            stage.on_tick(now)
+
+    def run(self) -> Summary:
+        """Trace until a stop condition, then finish every stage; return the summary."""
+        for stage in self.stages:
+            stage.on_start()
         deadline = time.monotonic() + self.conditions.duration if self.conditions.duration else None
         limit = self.conditions.count
         while not self.stopping.is_set():
@@ -63,14 +97,15 @@ class Tracer:
                     break
                 timeout = max(1, min(timeout, int(left * 1000)))
             raw = self.source.poll(timeout)
-            if not raw:
-                continue
-            events = list(decode_many(raw))
-            if limit is not None and self.handled + len(events) >= limit:
-                events = events[: limit - self.handled]
+            if raw:
+                events = list(decode_many(raw))
+                if limit is not None and self.handled + len(events) >= limit:
+                    events = events[: limit - self.handled]
+                    self.stopping.set()
                 self.handled += len(events)
-                self.sink(events)
-                break
-            self.handled += len(events)
-            self.sink(events)
-        return self.handled
+                self._dispatch(events)
+            self._tick()
+        summary = self.source.summary()
+        for stage in self.stages:
+            stage.on_finish(summary)
+        return summary

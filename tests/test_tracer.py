@@ -1,0 +1,76 @@
+"""The poll loop with a fake source: stages in order, stop conditions, the summary at the end."""
+
+import time
+
+from tcptrace.events import EVENT_STRUCT
+from tcptrace.stats import Summary
+from tcptrace.tracer import Stage, StopConditions, Tracer
+
+
+def raw(pid: int) -> bytes:
+    return EVENT_STRUCT.pack(1, 2, 3, pid, 0, b"", b"", 1, 2, 2, 7, 2, b"x")
+
+
+class FakeSource:
+    def __init__(self, batches):
+        self.batches = list(batches)
+        self.polls = 0
+
+    def poll(self, timeout_ms):
+        self.polls += 1
+        if self.batches:
+            return self.batches.pop(0)
+        time.sleep(timeout_ms / 1000)
+        return []
+
+    def summary(self):
+        s = Summary()
+        s.counters[0] = 99
+        return s
+
+
+class Recorder(Stage):
+    def __init__(self, log, name, replace=None):
+        self.log, self.name, self.replace = log, name, replace
+
+    def on_start(self):
+        self.log.append((self.name, "start"))
+
+    def on_events(self, events):
+        self.log.append((self.name, [e.pid for e in events]))
+        return self.replace(events) if self.replace else None
+
+    def on_finish(self, summary):
+        self.log.append((self.name, "finish", summary.counters[0]))
+
+
+def test_count_truncates_and_stops():
+    log = []
+    src = FakeSource([[raw(1), raw(2)], [raw(3), raw(4), raw(5)], [raw(6)]])
+    tracer = Tracer(src, [Recorder(log, "a")], StopConditions(count=4))
+    tracer.run()
+    assert log == [("a", "start"), ("a", [1, 2]), ("a", [3, 4]), ("a", "finish", 99)]
+    assert tracer.handled == 4
+
+
+def test_stages_can_replace_a_batch():
+    log = []
+    stages = [
+        Recorder(log, "enrich", replace=lambda evs: [e._replace(pid=e.pid * 10) for e in evs]),
+        Recorder(log, "print"),
+    ]
+    Tracer(FakeSource([[raw(1)]]), stages, StopConditions(count=1)).run()
+    assert ("print", [10]) in log
+
+
+def test_duration_stops_without_events():
+    start = time.monotonic()
+    Tracer(FakeSource([]), [], StopConditions(duration=0.2)).run()
+    assert 0.2 <= time.monotonic() - start < 2
+
+
+def test_request_stop():
+    tracer = Tracer(FakeSource([]), [], StopConditions())
+    tracer.request_stop()
+    summary = tracer.run()
+    assert summary.counters[0] == 99
