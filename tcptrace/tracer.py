@@ -39,11 +39,19 @@ class Stage:
     def on_events(self, events: list[Event]) -> list[Event] | None:
         return None
 
-    def on_tick(self, now_ns: int) -> None:
-        """Called at least every POLL_MS, events or not (monotonic clock)."""
+    def on_tick(self, now_ns: int) -> list[Event] | None:
+        """Called at least every POLL_MS, events or not (monotonic clock).
+
+        Events returned here (for example transitions found by polling) go to
+        the stages after this one, as a batch of their own.
+        """
+        return None
 
     def on_finish(self, summary: Summary) -> None:
-        """Tracing stopped; summary holds the kernel's exact statistics."""
+        """Tracing stopped; summary holds the kernel's exact statistics.
+
+        A stage may add to it (states the kernel cannot see); later stages see that.
+        """
 
 
 @dataclass
@@ -72,16 +80,18 @@ class Tracer:
         signal.signal(signal.SIGINT, on_sigint)
         signal.signal(signal.SIGTERM, self.request_stop)
 
-    def _dispatch(self, events: list[Event]) -> None:
-        for stage in self.stages:
+    def _dispatch(self, events: list[Event], first: int = 0) -> None:
+        for stage in self.stages[first:]:
             replaced = stage.on_events(events)
             if replaced is not None:
                 events = replaced
 
     def _tick(self) -> None:
         now = time.monotonic_ns()
-        for stage in self.stages:
-            stage.on_tick(now)
+        for index, stage in enumerate(self.stages):
+            made = stage.on_tick(now)
+            if made:
+                self._dispatch(made, index + 1)
 
     def run(self) -> Summary:
         """Trace until a stop condition, then finish every stage; return the summary."""

@@ -2,7 +2,7 @@
 
 import time
 
-from tcptrace.events import EVENT_STRUCT
+from tcptrace.events import EVENT_STRUCT, decode
 from tcptrace.stats import Summary
 from tcptrace.tracer import Stage, StopConditions, Tracer
 
@@ -74,3 +74,21 @@ def test_request_stop():
     tracer.request_stop()
     summary = tracer.run()
     assert summary.counters[0] == 99
+
+
+def test_tick_events_go_to_later_stages_only():
+    log = []
+
+    class Poller(Recorder):
+        fired = False
+
+        def on_tick(self, now_ns):
+            if not self.fired:
+                self.fired = True
+                return [decode(raw(7))]
+            return None
+
+    stages = [Poller(log, "poll"), Recorder(log, "print")]
+    Tracer(FakeSource([]), stages, StopConditions(duration=0.15)).run()
+    assert ("print", [7]) in log
+    assert ("poll", [7]) not in log
