@@ -162,6 +162,10 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	int old = args->oldstate, new = args->newstate;
 	if (old <= 0 || old >= TCPTRACE_NSTATES || new <= 0 || new >= TCPTRACE_NSTATES)
 		return 0;
+	/* close() after shutdown() sets FIN_WAIT1 again: not a transition, and
+	 * the time in FIN_WAIT1 runs on from the first one */
+	if (old == new)
+		return 0;
 	u16 sport = args->sport, dport = args->dport;
 	u64 sk = (u64)args->skaddr;
 	u64 now = bpf_ktime_get_ns();

@@ -251,3 +251,23 @@ def test_syn_sent_duration_covers_a_dropped_syn(probe_factory):
     assert len(est) == 1
     # SYN_SENT lasted until the retransmission: at least the 1 s initial RTO
     assert 0.9e9 <= est[0].delta_ns < 4e9
+
+
+def test_close_after_shutdown_is_not_a_transition(probe_factory):
+    """close() after shutdown(SHUT_WR) sets the FIN_WAIT state again: no X -> X line."""
+    port = free_port()
+    probe = probe_factory(Filters(ports=frozenset({port})))
+
+    def action():
+        with listener(port=port) as srv:
+            cli = socket.create_connection(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            conn.shutdown(socket.SHUT_WR)
+            time.sleep(0.05)
+            conn.close()
+            time.sleep(0.05)
+            cli.close()
+
+    transitions = seq(collect(probe, action))
+    assert all(old != new for old, new in transitions), transitions
+    assert transitions.count((S.ESTABLISHED, S.FIN_WAIT1)) == 1
