@@ -38,6 +38,30 @@ class StatesType(click.ParamType):
             names = ", ".join(s.name for s in TcpState)
             self.fail(f"{exc} (known: {names})", param, ctx)
 
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str):
+        # complete the last item of a comma list: SYN_SENT,TI<TAB> -> SYN_SENT,TIME_WAIT
+        head, _, last = incomplete.rpartition(",")
+        prefix = f"{head}," if head else ""
+        return [
+            click.shell_completion.CompletionItem(prefix + state.name)
+            for state in TcpState
+            if state.name.startswith(last.upper())
+        ]
+
+
+class ListenAddressType(click.ParamType):
+    name = "[ADDR:]PORT"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        from tcptrace.metrics import ListenAddress, parse_listen_address
+
+        if isinstance(value, ListenAddress):
+            return value
+        try:
+            return parse_listen_address(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
 
 def _union(values: tuple[frozenset, ...]) -> frozenset:
     return frozenset().union(*values) if values else frozenset()
@@ -50,6 +74,17 @@ Examples:
   tcptrace --remote-port 5432 --state SYN_SENT   slow or hanging connects to PostgreSQL
   tcptrace -6 --count 100             the next 100 IPv6 transitions
   tcptrace --quiet --duration 60      one minute of per-state statistics only
+  tcptrace -L 8000-8100 -D 443 -T iso --count 50 --buffer-pages 256
+  tcptrace --port 443 --json | jq .   one JSON object per transition, then a summary
+  tcptrace --port 443 --csv > t.csv   a CSV header and rows (summary on stderr)
+  tcptrace --quiet --metrics 9876     Prometheus exporter on 127.0.0.1:9876, no lines
+  tcptrace --metrics 0.0.0.0:9876     metrics for the whole network, and the lines
+  tcptrace --interval 2               a per-state table every 2 s, like top
+  tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
+
+\b
+Shell completion (bash; zsh and fish alike):
+  eval "$(_TCPTRACE_COMPLETE=bash_source tcptrace)"
 """
 
 
@@ -124,6 +159,37 @@ Examples:
     show_default=True,
     help="Perf buffer size per CPU, in pages (rounded up to a power of two).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help="One JSON object per transition (schema in the README), then a summary object.",
+)
+@click.option(
+    "--csv",
+    "as_csv",
+    is_flag=True,
+    help="CSV: a header, then one row per transition; the summary goes to stderr.",
+)
+@click.option(
+    "--metrics",
+    type=ListenAddressType(),
+    default=None,
+    help="Serve Prometheus metrics on [ADDR:]PORT (ADDR defaults to 127.0.0.1): 9876, "
+    "0.0.0.0:9876, [::1]:9876.",
+)
+@click.option(
+    "-i",
+    "--interval",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="Instead of lines, a per-state table every this many seconds: 2 or 0.5.",
+)
+@click.option(
+    "--no-color",
+    is_flag=True,
+    help="No colour in the --interval table (also NO_COLOR=1; never colour in a pipe).",
+)
 @click.version_option(__version__)
 def main(**opts: object) -> None:
     """Show every TCP state transition live, with the time spent in the state it left.
@@ -133,6 +199,11 @@ def main(**opts: object) -> None:
     """
     if opts["ipv4"] and opts["ipv6"]:
         raise click.UsageError("-4 and -6 exclude each other")
+    if opts["as_json"] and opts["as_csv"]:
+        raise click.UsageError("--json and --csv exclude each other")
+    fmt = "json" if opts["as_json"] else "csv" if opts["as_csv"] else "text"
+    if opts["interval"] is not None and fmt != "text":
+        raise click.UsageError(f"--interval prints a table: it excludes --{fmt}")
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),
@@ -151,6 +222,10 @@ def main(**opts: object) -> None:
         duration=opts["duration"],
         quiet=bool(opts["quiet"]),
         buffer_pages=_power_of_two(int(opts["buffer_pages"])),
+        format=fmt,
+        interval=opts["interval"],
+        metrics=opts["metrics"],
+        no_color=bool(opts["no_color"]),
     )
     try:
         code = run(options)

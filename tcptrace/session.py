@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, field
-from typing import TextIO
+import threading
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, TextIO
 
 from tcptrace import preflight
 from tcptrace.errors import TcptraceError
@@ -13,7 +14,13 @@ from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.output import Clock, TextFormatter, format_summary
 from tcptrace.stats import Summary
-from tcptrace.tracer import Stage, StopConditions, Tracer
+from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
+
+if TYPE_CHECKING:
+    from tcptrace.metrics import ListenAddress
+
+# Per-transition output formats (--json, --csv); text is the default.
+FORMAT_TEXT = "text"
 
 
 @dataclass
@@ -25,6 +32,19 @@ class Options:
     duration: float | None = None
     quiet: bool = False
     buffer_pages: int = 1024
+    # per-transition output: text, json (export.FORMAT_JSON) or csv (export.FORMAT_CSV)
+    format: str = FORMAT_TEXT
+    # --interval: seconds between live tables (no per-transition output then)
+    interval: float | None = None
+    # --metrics: serve Prometheus metrics here
+    metrics: ListenAddress | None = None
+    # --no-color (NO_COLOR in the environment does the same)
+    no_color: bool = False
+
+    @property
+    def emit_events(self) -> bool:
+        """Whether the kernel streams events: the live table and --quiet need only its maps."""
+        return not (self.quiet or self.interval)
 
 
 class TextOutput(Stage):
@@ -53,8 +73,73 @@ class TextOutput(Stage):
         self.out.flush()
 
 
-def build_stages(options: Options, out: TextIO) -> list[Stage]:
-    return [TextOutput(out, options)]
+class KernelStats:
+    """The kernel's statistics on demand, for stages and the metrics thread.
+
+    One reader at a time; once closed (the probe is about to go) it answers with
+    the last reading instead of touching the detached program.
+    """
+
+    def __init__(self, probe: EventSource) -> None:
+        self.probe = probe
+        self.lock = threading.Lock()
+        self.closed = False
+        self.last = Summary()
+
+    def __call__(self) -> Summary:
+        with self.lock:
+            if not self.closed:
+                self.last = self.probe.summary()
+            return self.last
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+
+def build_stages(
+    options: Options,
+    out: TextIO,
+    err: TextIO | None = None,
+    summaries: KernelStats | None = None,
+) -> list[Stage]:
+    """The stages for these options, in order: metrics, then one output on `out`."""
+    err = err or sys.stderr
+    stages: list[Stage] = []
+    if options.metrics is not None and summaries is not None:
+        from tcptrace.metrics import MetricsServer
+
+        server = MetricsServer(options.metrics, summaries, options.filters.describe())
+        server.start()  # bound before "tracing ..." is printed: scrapers can rely on it
+        stages.append(server)
+    if options.interval and summaries is not None:
+        from tcptrace.live import IntervalView, want_color
+
+        color = want_color(out, options.no_color)
+        redraw = out.isatty()  # like top on a terminal; one table after another in a pipe
+        stages.append(IntervalView(out, summaries, options.interval, color=color, redraw=redraw))
+        # the exit summary as usual, after the last table
+        stages.append(TextOutput(out, replace(options, quiet=True)))
+    elif options.format != FORMAT_TEXT:
+        from tcptrace.export import RecordOutput
+
+        clock = Clock.now(options.timestamp)
+        stages.append(RecordOutput(options.format, out, err, clock, quiet=options.quiet))
+    else:
+        stages.append(TextOutput(out, options))
+    return stages
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a stream whose reader went away at /dev/null, so that Python's final
+    flush at exit finds nothing to complain about."""
+    try:
+        fd = stream.fileno()
+    except (OSError, ValueError):
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -67,25 +152,35 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     probe = Probe(
         ProbeConfig(
             filters=options.filters,
-            emit_events=not options.quiet,
+            emit_events=options.emit_events,
             buffer_pages=options.buffer_pages,
         )
     )
+    summaries = KernelStats(probe)
+    stages: list[Stage] = []
     try:
-        tracer = Tracer(
-            probe, build_stages(options, out), StopConditions(options.count, options.duration)
-        )
+        stages = build_stages(options, out, err, summaries)
+        tracer = Tracer(probe, stages, StopConditions(options.count, options.duration))
         tracer.install_signals()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()
     except BrokenPipeError:
-        # the reader went away (| head): leave quietly, without a traceback at exit
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, out.fileno())
+        # the reader went away (| head): leave quietly, without a traceback, now
+        # or at exit when Python flushes what is still buffered
+        for stream in (out, err):
+            try:
+                stream.flush()
+            except OSError:
+                _silence(stream)
         return 0
     except KeyboardInterrupt:
         raise TcptraceError("interrupted twice: stopped without a summary") from None
     finally:
+        summaries.close()
+        for stage in stages:
+            close = getattr(stage, "close", None)
+            if close is not None:
+                close()  # servers and threads go before the program they read
         probe.close()
     return 0

@@ -1,0 +1,247 @@
+"""Machine-readable output: JSON lines and CSV, one record per transition.
+
+Every record is a flat dict of plain values. A writer turns records into text:
+JSON lines take records of any kind (each object names its "type"), CSV takes
+the one kind its header describes. A new record type is one small method that
+builds its dict and calls write_record (see RecordOutput.transition/summary).
+
+Schema (README "Machine-readable output"):
+  transition: time, ts_ns, pid, comm, family, local_addr, local_port,
+              remote_addr, remote_port, old, new, duration_ns
+  summary:    transitions_traced, written, lost, states{...}, transitions[...]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from typing import Any, TextIO
+
+from tcptrace.events import AF_INET, C_SEEN, Event, format_addr
+from tcptrace.flows import lost_events
+from tcptrace.output import NS_PER_S, NS_PER_US, Clock, OwnerResolver, format_summary
+from tcptrace.states import LIFECYCLE_ORDER, state_name
+from tcptrace.stats import PERCENTILES, Summary
+from tcptrace.tracer import Stage
+
+KIND_TRANSITION = "transition"
+KIND_SUMMARY = "summary"
+
+FORMAT_JSON = "json"
+FORMAT_CSV = "csv"
+FORMATS = (FORMAT_JSON, FORMAT_CSV)
+
+# Column order of a transition record: the CSV header, and the JSON key order.
+TRANSITION_FIELDS = (
+    "time",
+    "ts_ns",
+    "pid",
+    "comm",
+    "family",
+    "local_addr",
+    "local_port",
+    "remote_addr",
+    "remote_port",
+    "old",
+    "new",
+    "duration_ns",
+)
+
+Record = dict[str, Any]
+
+
+def family_name(family: int) -> str:
+    return "ipv4" if family == AF_INET else "ipv6"
+
+
+class IsoClock:
+    """Kernel monotonic ns -> ISO 8601 UTC with microseconds, cached per second."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._second = -1
+        self._prefix = ""
+
+    def format(self, mono_ns: int) -> str:
+        secs, frac = divmod(self.clock.wall_ns(mono_ns), NS_PER_S)
+        if secs != self._second:
+            # strftime costs a microsecond; at high rates most events share a second
+            self._second = secs
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        return f"{self._prefix}.{frac // NS_PER_US:06d}Z"
+
+
+def summary_record(summary: Summary, written: int | None) -> Record:
+    """The exit summary as one record: accounting, then per state and per transition."""
+    states: dict[str, Record] = {}
+    for state in LIFECYCLE_ORDER:
+        stats = summary.states.get(int(state))
+        if stats is None or (stats.count == 0 and stats.unknown == 0):
+            continue
+        entry: Record = {
+            "left": stats.count + stats.unknown,
+            "timed": stats.count,
+            "untimed": stats.unknown,
+            "mean_ns": round(stats.mean_ns) if stats.count else None,
+        }
+        for pct in PERCENTILES:
+            value = stats.percentile(pct) if stats.count else None
+            entry[f"p{pct:g}_ns"] = None if value is None else round(value)
+        entry["max_ns"] = stats.max_ns if stats.count else None
+        states[state.name] = entry
+    transitions = [
+        {"old": state_name(old), "new": state_name(new), "count": n}
+        for (old, new), n in sorted(summary.transitions.items())
+    ]
+    return {
+        "transitions_traced": summary.counters[C_SEEN],
+        "written": written,
+        "lost": lost_events(summary),
+        "states": states,
+        "transitions": transitions,
+    }
+
+
+class JsonLinesWriter:
+    """One JSON object per line; any record kind, named by its "type" key."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def write_record(self, kind: str, record: Record) -> None:
+        self.write_records(kind, (record,))
+
+    def write_records(self, kind: str, records: Any) -> None:
+        encode = self._encode
+        lines = [encode({"type": kind, **record}) for record in records]
+        if lines:
+            lines.append("")
+            self.out.write("\n".join(lines))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class CsvWriter:
+    """A header, then one row per record, for the one kind the columns describe.
+
+    Records of other kinds have no place in that table: write_record returns
+    False for them and the caller puts them elsewhere (the summary goes to stderr).
+    """
+
+    def __init__(self, out: TextIO, kind: str, columns: tuple[str, ...]) -> None:
+        self.out = out
+        self.kind = kind
+        self.columns = columns
+        self._writer = csv.writer(out, lineterminator="\n")
+        self._header_done = False
+
+    def accepts(self, kind: str) -> bool:
+        return kind == self.kind
+
+    def write_header(self) -> None:
+        if not self._header_done:
+            self._writer.writerow(self.columns)
+            self._header_done = True
+
+    def write_record(self, kind: str, record: Record) -> bool:
+        return self.write_records(kind, (record,))
+
+    def write_records(self, kind: str, records: Any) -> bool:
+        if kind != self.kind:
+            return False
+        self.write_header()
+        columns = self.columns
+        # None (unknown) is an empty cell, as csv does by default
+        self._writer.writerows([record.get(c) for c in columns] for record in records)
+        return True
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class RecordOutput(Stage):
+    """--json / --csv: one record per transition, flushed per batch, then the summary.
+
+    JSON ends with a summary object; CSV keeps stdout a pure table and prints the
+    human summary table on `err` instead.
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        out: TextIO,
+        err: TextIO,
+        clock: Clock,
+        quiet: bool = False,
+        resolve_owner: OwnerResolver | None = None,
+    ) -> None:
+        self.fmt = fmt
+        self.err = err
+        self.quiet = quiet
+        self.iso = IsoClock(clock)
+        self.resolve_owner = resolve_owner
+        self.written = 0
+        if fmt == FORMAT_JSON:
+            self.writer: JsonLinesWriter | CsvWriter = JsonLinesWriter(out)
+        elif fmt == FORMAT_CSV:
+            self.writer = CsvWriter(out, KIND_TRANSITION, TRANSITION_FIELDS)
+        else:
+            raise ValueError(f"unknown record format {fmt!r}")
+
+    # -- record builders: one small method per record type --------------------
+
+    def owner(self, ev: Event) -> tuple[int | None, str | None]:
+        if ev.owner_known:
+            return ev.pid, ev.command
+        if self.resolve_owner is not None:
+            found = self.resolve_owner(ev)
+            if found is not None:
+                return found
+        return None, None
+
+    def transition(self, ev: Event) -> Record:
+        pid, comm = self.owner(ev)
+        return {
+            "time": self.iso.format(ev.ts_ns),
+            "ts_ns": ev.ts_ns,
+            "pid": pid,
+            "comm": comm,
+            "family": family_name(ev.family),
+            "local_addr": format_addr(ev.family, ev.saddr),
+            "local_port": ev.sport,
+            "remote_addr": format_addr(ev.family, ev.daddr),
+            "remote_port": ev.dport,
+            "old": state_name(ev.oldstate),
+            "new": state_name(ev.newstate),
+            "duration_ns": ev.delta_ns if ev.delta_known else None,
+        }
+
+    def write_record(self, kind: str, record: Record) -> bool:
+        """Write one record of any kind; False when the format has no place for it."""
+        written = self.writer.write_record(kind, record)
+        self.writer.flush()
+        return written is not False
+
+    # -- Stage -----------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if isinstance(self.writer, CsvWriter) and not self.quiet:
+            # the header at once, so a reader knows the columns before any traffic
+            self.writer.write_header()
+            self.writer.flush()
+
+    def on_events(self, events: list[Event]) -> None:
+        if self.quiet or not events:
+            return
+        self.writer.write_records(KIND_TRANSITION, [self.transition(ev) for ev in events])
+        self.written += len(events)
+        self.writer.flush()
+
+    def on_finish(self, summary: Summary) -> None:
+        written = None if self.quiet else self.written
+        if not self.write_record(KIND_SUMMARY, summary_record(summary, written)):
+            self.err.write(format_summary(summary, written))
+            self.err.flush()

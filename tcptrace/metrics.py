@@ -1,0 +1,212 @@
+"""--metrics [ADDR:]PORT: Prometheus metrics over HTTP (prometheus_client).
+
+A custom collector reads the kernel's exact statistics at scrape time, so each
+scrape is as fresh and as exact as the exit summary, costs the hot path nothing,
+and works with --quiet (no per-event stream at all):
+
+  tcptrace_transitions_total{old,new}          counter
+  tcptrace_state_duration_seconds{state}       histogram of time spent in a state
+                                               by sockets that left it (timed exits)
+  tcptrace_state_untimed_exits_total{state}    sockets that left after an unknown time
+  tcptrace_sockets{state}                      gauge: sockets in the state now
+  tcptrace_events_traced_total                 transitions that passed the filters
+  tcptrace_events_lost_total                   events not delivered to user space
+  tcptrace_info{version,filter}                1
+
+Histogram buckets sit on powers of two nanoseconds, which are bucket edges of
+the kernel's log-linear histogram, so every bucket count is exact.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from tcptrace import __version__
+from tcptrace.errors import TcptraceError
+from tcptrace.events import C_SEEN
+from tcptrace.flows import lost_events, sockets_in_states
+from tcptrace.output import NS_PER_S
+from tcptrace.states import LIFECYCLE_ORDER, TcpState, state_name
+from tcptrace.stats import Summary, hist_slot
+from tcptrace.tracer import Stage
+
+DEFAULT_ADDRESS = "127.0.0.1"
+
+# Bucket edges 2**k ns: from about 1 µs to about 73 minutes, doubling.
+BUCKET_EXPONENTS = range(10, 43)
+
+SummaryProvider = Callable[[], Summary]
+
+
+@dataclass(frozen=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def parse_listen_address(text: str) -> ListenAddress:
+    """[ADDR:]PORT: '9100', '0.0.0.0:9100', '[::1]:9100'. ADDR is an IP literal."""
+    text = text.strip()
+    host = DEFAULT_ADDRESS
+    port_text = text
+    if text.startswith("["):
+        close = text.find("]")
+        if close < 0 or text[close + 1 : close + 2] != ":":
+            raise ValueError(f"{text!r}: write an IPv6 address as [ADDR]:PORT")
+        host, port_text = text[1:close], text[close + 2 :]
+    elif ":" in text:
+        host, _, port_text = text.rpartition(":")
+        if ":" in host:
+            raise ValueError(f"{text!r}: write an IPv6 address as [ADDR]:PORT")
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        raise ValueError(f"{host!r} is not an IP address") from None
+    if not port_text.isdigit():
+        raise ValueError(f"{port_text!r} is not a port number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} out of range 1-65535")
+    return ListenAddress(host, port)
+
+
+def histogram_buckets(hist: list[int]) -> list[tuple[str, float]]:
+    """Cumulative Prometheus buckets from one state's kernel histogram."""
+    buckets = []
+    running = 0
+    start = 0
+    for k in BUCKET_EXPONENTS:
+        # all slots below the one that starts at 2**k ns hold durations < 2**k ns
+        end = hist_slot(1 << k)
+        running += sum(hist[start:end])
+        start = end
+        buckets.append((repr((1 << k) / NS_PER_S), float(running)))
+    buckets.append(("+Inf", float(running + sum(hist[start:]))))
+    return buckets
+
+
+class StateCollector:
+    """prometheus_client custom collector over the latest kernel Summary."""
+
+    def __init__(self, summaries: SummaryProvider, filter_text: str = "") -> None:
+        self.summaries = summaries
+        self.filter_text = filter_text
+
+    def describe(self) -> list[Any]:
+        # no samples at registration: the probe may not be readable yet
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
+        summary = self.summaries()
+
+        info = GaugeMetricFamily(
+            "tcptrace_info", "tcptrace version and filter", labels=["version", "filter"]
+        )
+        info.add_metric([__version__, self.filter_text], 1)
+        yield info
+
+        transitions = CounterMetricFamily(
+            "tcptrace_transitions",
+            "TCP state transitions of matching sockets, by old and new state",
+            labels=["old", "new"],
+        )
+        for (old, new), n in sorted(summary.transitions.items()):
+            transitions.add_metric([state_name(old), state_name(new)], n)
+        yield transitions
+
+        durations = HistogramMetricFamily(
+            "tcptrace_state_duration_seconds",
+            "Time spent in a state by the sockets that left it (from the kernel's histograms)",
+            labels=["state"],
+        )
+        untimed = CounterMetricFamily(
+            "tcptrace_state_untimed_exits",
+            "Sockets that left a state after an unknown time (seen first mid-life)",
+            labels=["state"],
+        )
+        for state in LIFECYCLE_ORDER:
+            stats = summary.states.get(int(state))
+            if stats is None:
+                continue
+            if stats.count:
+                durations.add_metric(
+                    [state.name], histogram_buckets(stats.hist), stats.total_ns / NS_PER_S
+                )
+            untimed.add_metric([state.name], stats.unknown)
+        yield durations
+        yield untimed
+
+        sockets = GaugeMetricFamily(
+            "tcptrace_sockets",
+            "Sockets in each state now, counted from transitions since tcptrace started",
+            labels=["state"],
+        )
+        for state, n in sockets_in_states(summary).items():
+            sockets.add_metric([TcpState(state).name], n)
+        yield sockets
+
+        yield CounterMetricFamily(
+            "tcptrace_events_traced",
+            "TCP state transitions that passed the filters (counted in the kernel)",
+            value=summary.counters[C_SEEN],
+        )
+        yield CounterMetricFamily(
+            "tcptrace_events_lost",
+            "Transition events not delivered to user space (statistics stay exact)",
+            value=lost_events(summary),
+        )
+
+
+class MetricsServer(Stage):
+    """Serves the collector over HTTP from start() until on_finish (or close).
+
+    start() is called before tracing begins, so the endpoint answers as soon as
+    the "tracing ..." line appears and a port in use fails before any tracing.
+    """
+
+    def __init__(
+        self, address: ListenAddress, summaries: SummaryProvider, filter_text: str = ""
+    ) -> None:
+        self.address = address
+        self.collector = StateCollector(summaries, filter_text)
+        self._server: Any = None
+        self._thread: Any = None
+
+    def start(self) -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.process_collector import ProcessCollector
+
+        registry = CollectorRegistry()
+        registry.register(self.collector)
+        # tcptrace's own CPU and memory: what watching costs
+        ProcessCollector(registry=registry)
+        try:
+            self._server, self._thread = start_http_server(
+                self.address.port, addr=self.address.host, registry=registry
+            )
+        except OSError as exc:
+            raise TcptraceError(
+                f"cannot serve metrics on {self.address}: {exc.strerror or exc}"
+            ) from None
+
+    def on_finish(self, summary: Summary) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
