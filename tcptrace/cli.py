@@ -73,6 +73,7 @@ Examples:
   tcptrace --port 80,443 --port 8000-8100 -n
   tcptrace --remote-port 5432 --state SYN_SENT   slow or hanging connects to PostgreSQL
   tcptrace -6 --count 100             the next 100 IPv6 transitions
+  tcptrace -4 -p 22 -T relative       IPv4 SSH, seconds since start
   tcptrace --quiet --duration 60      one minute of per-state statistics only
   tcptrace -L 8000-8100 -D 443 -T iso --count 50 --buffer-pages 256
   tcptrace --port 443 --json | jq .   one JSON object per transition, then a summary

@@ -21,6 +21,16 @@ from tcptrace.cli import main
         (["--timestamp", "yesterday"], "--timestamp"),
         (["-4", "-6"], "exclude each other"),
         (["--buffer-pages", "0"], "--buffer-pages"),
+        (["--metrics", "0"], "out of range"),
+        (["--metrics", "70000"], "out of range"),
+        (["--metrics", "example.com:9876"], "not an IP address"),
+        (["--metrics", "::1:9876"], "[ADDR]:PORT"),
+        (["--metrics", "127.0.0.1:http"], "not a port number"),
+        (["--interval", "0"], "--interval"),
+        (["--interval", "fast"], "--interval"),
+        (["--json", "--csv"], "exclude each other"),
+        (["--interval", "1", "--json"], "excludes --json"),
+        (["--interval", "1", "--csv"], "excludes --csv"),
     ],
 )
 def test_usage_errors(args, message):
@@ -55,6 +65,59 @@ def test_options_reach_the_session(monkeypatch):
     assert opts.filters.local_ports == {443}
     assert opts.filters.family == 10
     assert opts.numeric
+    assert opts.format == "text" and opts.metrics is None and opts.interval is None
+
+
+def test_output_options_reach_the_session(monkeypatch):
+    seen = []
+    monkeypatch.setattr("tcptrace.session.run", lambda options: seen.append(options) or 0)
+    runner = CliRunner()
+    assert runner.invoke(main, ["--json", "--metrics", "[::1]:9876"]).exit_code == 0
+    assert runner.invoke(main, ["--csv", "-q"]).exit_code == 0
+    assert runner.invoke(main, ["-i", "0.5", "--no-color", "--metrics", "9876"]).exit_code == 0
+    assert seen[0].format == "json"
+    assert (seen[0].metrics.host, seen[0].metrics.port) == ("::1", 9876)
+    assert seen[0].emit_events
+    assert seen[1].format == "csv" and not seen[1].emit_events
+    assert seen[2].interval == 0.5 and seen[2].no_color
+    assert seen[2].metrics.host == "127.0.0.1"  # loopback unless an address is given
+    assert not seen[2].emit_events  # the table reads the kernel's maps only
+
+
+def test_every_option_has_an_example_in_help():
+    result = CliRunner().invoke(main, ["--help"])
+    examples = result.output.split("Examples:", 1)[1]
+    for param in main.params:
+        if param.name in ("help", "version"):
+            continue
+        assert any(opt in examples.split() for opt in param.opts), param.opts
+
+
+def test_bash_completion_script():
+    result = CliRunner().invoke(
+        main, [], prog_name="tcptrace", env={"_TCPTRACE_COMPLETE": "bash_source"}
+    )
+    assert result.exit_code == 0
+    assert "_tcptrace_completion()" in result.output
+    assert "complete -o nosort -F _tcptrace_completion tcptrace" in result.output
+
+
+def complete(words: str) -> list[str]:
+    env = {
+        "_TCPTRACE_COMPLETE": "bash_complete",
+        "COMP_WORDS": words,
+        "COMP_CWORD": str(len(words.split()) - (0 if words.endswith(" ") else 1)),
+    }
+    result = CliRunner().invoke(main, [], prog_name="tcptrace", env=env)
+    assert result.exit_code == 0
+    return [line.split(",", 1)[1] for line in result.output.splitlines()]
+
+
+def test_completion_of_options_and_states():
+    assert "--metrics" in complete("tcptrace --me")
+    assert complete("tcptrace --state SYN_") == ["SYN_SENT", "SYN_RECV"]
+    assert complete("tcptrace --state LISTEN,time") == ["LISTEN,TIME_WAIT"]
+    assert set(complete("tcptrace -T ")) == {"wall", "relative", "iso", "none"}
 
 
 def test_library_errors_are_one_line_exit_1(monkeypatch):

@@ -1,0 +1,61 @@
+"""Sockets entering, leaving and in each state, from the transition counts."""
+
+from tcptrace.flows import lost_events, sockets_in_states, state_flows
+from tcptrace.states import TcpState as S
+from tcptrace.stats import Summary
+
+CLIENT = [
+    (S.CLOSE, S.SYN_SENT),
+    (S.SYN_SENT, S.ESTABLISHED),
+    (S.ESTABLISHED, S.FIN_WAIT1),
+    (S.FIN_WAIT1, S.FIN_WAIT2),
+    (S.FIN_WAIT2, S.CLOSE),
+]
+ACCEPTED = [
+    (S.LISTEN, S.SYN_RECV),
+    (S.SYN_RECV, S.ESTABLISHED),
+    (S.ESTABLISHED, S.CLOSE_WAIT),
+    (S.CLOSE_WAIT, S.LAST_ACK),
+    (S.LAST_ACK, S.CLOSE),
+]
+
+
+def replay(transitions):
+    summary = Summary()
+    for old, new in transitions:
+        summary.record(old, new, 1000, True)
+    return summary
+
+
+def test_a_child_of_a_listener_does_not_take_it_out_of_listen():
+    summary = replay([(S.CLOSE, S.LISTEN), *ACCEPTED[:2]])
+    entered, left = state_flows(summary)
+    assert entered[S.SYN_RECV] == 1 and left[S.SYN_RECV] == 1
+    assert left.get(S.LISTEN, 0) == 0
+    now = sockets_in_states(summary)
+    assert now[S.LISTEN] == 1 and now[S.ESTABLISHED] == 1 and now[S.SYN_RECV] == 0
+
+
+def test_connections_in_flight_and_finished():
+    # two established connections (both ends), one finished, a listener
+    summary = replay([(S.CLOSE, S.LISTEN), *CLIENT, *ACCEPTED, *(CLIENT[:2] + ACCEPTED[:2]) * 2])
+    now = sockets_in_states(summary)
+    assert now[S.ESTABLISHED] == 4
+    assert now[S.LISTEN] == 1
+    assert sum(now.values()) == 5
+    assert S.CLOSE not in now  # not a place where sockets stay
+
+
+def test_sockets_from_before_start_never_make_a_negative_count():
+    summary = replay([(S.ESTABLISHED, S.FIN_WAIT1), (S.FIN_WAIT1, S.FIN_WAIT2)])
+    now = sockets_in_states(summary)
+    assert now[S.ESTABLISHED] == 0
+    assert now[S.FIN_WAIT2] == 1
+
+
+def test_lost_events_add_up_every_cause():
+    summary = Summary()
+    summary.counters[2] = 5  # perf buffer full
+    summary.counters[3] = 7  # shed
+    summary.lost = 11  # lost callback
+    assert lost_events(summary) == 23
