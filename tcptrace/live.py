@@ -154,8 +154,9 @@ class IntervalView(Stage):
         self.frames = 0
 
     def on_start(self) -> None:
+        # the kernel's maps start empty when the program loads: the first frame
+        # counts from zero (a reading here would take in transitions since load)
         self.previous_ns = time.monotonic_ns()
-        self.previous = self.summaries()
         self.due_ns = self.previous_ns + self.interval_ns
 
     def on_tick(self, now_ns: int) -> None:

@@ -8,15 +8,18 @@ import signal
 import subprocess
 import sys
 import time
+from typing import IO
 
 READY = "Ctrl-C to stop"
 
 
 class Running:
-    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, *args: str, env: dict[str, str] | None = None, stdout: int | IO = subprocess.PIPE
+    ) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tcptrace", *args],
-            stdout=subprocess.PIPE,
+            stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
