@@ -86,5 +86,5 @@ if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; 
     "$venv/bin/python" -c "import tcptrace" || die "pip could not install tcptrace into $venv"
     echo "$want" > "$stamp"
 fi
-"$venv/bin/python" -c 'import bcc, click, pyroute2' \
-    || die "the venv cannot import bcc, click and pyroute2"
+"$venv/bin/python" -c 'import bcc, click, prometheus_client, pyroute2' \
+    || die "the venv cannot import bcc, click, prometheus_client and pyroute2"

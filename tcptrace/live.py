@@ -95,10 +95,11 @@ class LiveTable:
         traced = now.counters[C_SEEN] - before.counters[C_SEEN]
         rate = traced / seconds if seconds > 0 else 0.0
         clock = time.strftime("%H:%M:%S", time.localtime(wall))
+        # fits 80 columns: this interval, then totals since start
         title = (
-            f"tcptrace {clock}  last {seconds:.1f}s: {traced} transitions ({rate:,.0f}/s), "
-            f"{lost_events(now) - lost_events(before)} lost; since start: "
-            f"{now.counters[C_SEEN]} transitions, {lost_events(now)} lost"
+            f"tcptrace {clock}  {traced} transitions in {seconds:.1f}s ({rate:,.0f}/s), "
+            f"{lost_events(now) - lost_events(before)} lost  "
+            f"total {now.counters[C_SEEN]}, {lost_events(now)} lost"
         )
         pcts = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
         header = f"{'STATE':<12}{'ENTER':>9}{'LEAVE':>9}{'NOW':>9}{pcts}"

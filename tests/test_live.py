@@ -52,7 +52,7 @@ def test_table_counts_the_interval_and_the_present():
     now.record(S.CLOSE, S.SYN_SENT, 0, False)  # one connect still pending
     now.counters[0] += 1
     text = LiveTable(color=False).render(now, before, 2.0, 0.0)
-    assert "last 2.0s: 10 transitions (5/s), 0 lost" in text
+    assert "  10 transitions in 2.0s (5/s), 0 lost  total 16, 0 lost" in text
     assert text.splitlines()[1].split() == ["STATE", "ENTER", "LEAVE", "NOW", "p50", "p90", "p99"]
     table = rows(text)
     assert table["SYN_SENT"][:3] == ["4", "3", "1"]
