@@ -7,7 +7,6 @@ and works with --quiet (no per-event stream at all):
   tcptrace_transitions_total{old,new}          counter
   tcptrace_state_duration_seconds{state}       histogram of time spent in a state
                                                by sockets that left it (timed exits)
-  tcptrace_state_untimed_exits_total{state}    sockets that left after an unknown time
   tcptrace_sockets{state}                      gauge: sockets in the state now
   tcptrace_events_traced_total                 transitions that passed the filters
   tcptrace_events_lost_total                   events not delivered to user space
@@ -15,6 +14,12 @@ and works with --quiet (no per-event stream at all):
 
 Histogram buckets sit on powers of two nanoseconds, which are bucket edges of
 the kernel's log-linear histogram, so every bucket count is exact.
+
+Sockets that left a state after an unknown time (they existed before tracing
+started) are not in the histogram: they are the transitions out of the state
+minus the histogram's count. They get no counter of their own because the
+kernel's maps are read one after another while they change, and a difference
+of two maps could step backwards, which a Prometheus counter must never do.
 """
 
 from __future__ import annotations
@@ -132,22 +137,13 @@ class StateCollector:
             "Time spent in a state by the sockets that left it (from the kernel's histograms)",
             labels=["state"],
         )
-        untimed = CounterMetricFamily(
-            "tcptrace_state_untimed_exits",
-            "Sockets that left a state after an unknown time (seen first mid-life)",
-            labels=["state"],
-        )
         for state in LIFECYCLE_ORDER:
             stats = summary.states.get(int(state))
-            if stats is None:
-                continue
-            if stats.count:
+            if stats is not None and stats.count:
                 durations.add_metric(
                     [state.name], histogram_buckets(stats.hist), stats.total_ns / NS_PER_S
                 )
-            untimed.add_metric([state.name], stats.unknown)
         yield durations
-        yield untimed
 
         sockets = GaugeMetricFamily(
             "tcptrace_sockets",
