@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from functools import lru_cache
 from typing import Any, TextIO
 
 from tcptrace.events import AF_INET, C_SEEN, Event, format_addr
@@ -53,6 +54,15 @@ Record = dict[str, Any]
 
 def family_name(family: int) -> str:
     return "ipv4" if family == AF_INET else "ipv6"
+
+
+@lru_cache(maxsize=4096)
+def _json_text(text: str | None) -> str:
+    """A command name as a JSON value; cached, as a handful of names repeat."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_STATE_NAMES = {n: state_name(n) for n in range(256)}
 
 
 class IsoClock:
@@ -158,6 +168,11 @@ class CsvWriter:
         self._writer.writerows([record.get(c) for c in columns] for record in records)
         return True
 
+    def write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows already in column order."""
+        self.write_header()
+        self._writer.writerows(rows)
+
     def flush(self) -> None:
         self.out.flush()
 
@@ -233,12 +248,56 @@ class RecordOutput(Stage):
             self.writer.write_header()
             self.writer.flush()
 
+    def transition_json(self, ev: Event) -> str:
+        """transition(ev) as a JSON line, formatted directly: the per-event hot path.
+
+        Equal to encoding transition(ev) (tests/test_export.py checks it), at half
+        the cost; only the command name needs JSON escaping.
+        """
+        pid, comm = self.owner(ev)
+        family = ev.family
+        duration = ev.delta_ns if ev.delta_known else "null"
+        return (
+            f'{{"type":"transition","time":"{self.iso.format(ev.ts_ns)}","ts_ns":{ev.ts_ns},'
+            f'"pid":{"null" if pid is None else pid},"comm":{_json_text(comm)},'
+            f'"family":"{family_name(family)}",'
+            f'"local_addr":"{format_addr(family, ev.saddr)}","local_port":{ev.sport},'
+            f'"remote_addr":"{format_addr(family, ev.daddr)}","remote_port":{ev.dport},'
+            f'"old":"{_STATE_NAMES[ev.oldstate]}","new":"{_STATE_NAMES[ev.newstate]}",'
+            f'"duration_ns":{duration}}}'
+        )
+
+    def transition_row(self, ev: Event) -> tuple[Any, ...]:
+        """transition(ev) as a CSV row in TRANSITION_FIELDS order (the hot path)."""
+        pid, comm = self.owner(ev)
+        family = ev.family
+        return (
+            self.iso.format(ev.ts_ns),
+            ev.ts_ns,
+            pid,
+            comm,
+            family_name(family),
+            format_addr(family, ev.saddr),
+            ev.sport,
+            format_addr(family, ev.daddr),
+            ev.dport,
+            _STATE_NAMES[ev.oldstate],
+            _STATE_NAMES[ev.newstate],
+            ev.delta_ns if ev.delta_known else None,
+        )
+
     def on_events(self, events: list[Event]) -> None:
         if self.quiet or not events:
             return
-        self.writer.write_records(KIND_TRANSITION, [self.transition(ev) for ev in events])
+        writer = self.writer
+        if isinstance(writer, JsonLinesWriter):
+            lines = [self.transition_json(ev) for ev in events]
+            lines.append("")
+            writer.out.write("\n".join(lines))
+        else:
+            writer.write_rows([self.transition_row(ev) for ev in events])
         self.written += len(events)
-        self.writer.flush()
+        writer.flush()
 
     def on_finish(self, summary: Summary) -> None:
         written = None if self.quiet else self.written

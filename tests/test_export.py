@@ -187,3 +187,29 @@ def test_summary_record_numbers():
     assert "CLOSE" not in record["states"]  # births have no time in CLOSE
     assert {"old": "CLOSE", "new": "SYN_SENT", "count": 1} in record["transitions"]
     json.dumps(record)  # plain values only
+
+
+def varied_events():
+    v6 = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    yield make_event()
+    yield make_event(TcpState.CLOSE, TcpState.SYN_SENT, flags=0)
+    yield make_event(family=socket.AF_INET6, saddr=v6, daddr=v6, sport=0)
+    yield make_event(comm=b'a"b\\c\n\xff\xfe\x00junk'.ljust(16, b"\0")[:16])
+    yield make_event(TcpState.LAST_ACK, TcpState.CLOSE, delta=2**63, ts_ns=2**62)
+    yield make_event(old=99, new=0)  # unknown numbers still print
+
+
+def test_fast_json_line_equals_the_record():
+    stage, _, _ = output(FORMAT_JSON)
+    for ev in varied_events():
+        assert json.loads(stage.transition_json(ev)) == {
+            "type": "transition",
+            **stage.transition(ev),
+        }
+
+
+def test_fast_csv_row_equals_the_record():
+    stage, _, _ = output(FORMAT_CSV)
+    for ev in varied_events():
+        record = stage.transition(ev)
+        assert stage.transition_row(ev) == tuple(record[c] for c in TRANSITION_FIELDS)
