@@ -127,6 +127,10 @@ def build_stages(
         stages.append(RecordOutput(options.format, out, err, clock, quiet=options.quiet))
     else:
         stages.append(TextOutput(out, options))
+    from tcptrace.pipes import PipeWatch, is_pipe
+
+    if is_pipe(out):
+        stages.append(PipeWatch(out))  # | head: leave when the reader does, traffic or not
     return stages
 
 

@@ -125,12 +125,25 @@ def test_json_into_head_exits_quietly():
 
 
 @pytest.mark.parametrize("mode", [[], ["--json"], ["--csv"], ["--interval", "60"]])
-def test_summary_into_a_closed_pipe_exits_quietly(mode):
-    read_end, write_end = os.pipe()
-    with os.fdopen(write_end, "w") as child_out:
-        run = Running("--port", str(free_port()), *mode, stdout=child_out)
-    os.close(read_end)  # nobody will read: the summary at exit meets a closed pipe
+def test_summary_into_a_closed_reader_exits_quietly(mode):
+    # a socket, not a pipe: nothing notices the reader leave until the summary is written
+    ours, theirs = socket.socketpair()
+    run = Running("--port", str(free_port()), *mode, stdout=theirs)
+    theirs.close()
     run.wait_ready()
+    ours.close()
     run.proc.send_signal(signal.SIGINT)
     assert run.proc.wait(timeout=20) == 0
     clean(run.stderr_head + run.proc.stderr.read())
+
+
+@pytest.mark.parametrize("mode", [[], ["--json"], ["--csv"], ["--quiet"]])
+def test_idle_pipe_whose_reader_left_ends_the_run(mode):
+    """| head on a quiet port: tcptrace leaves with its reader, without waiting for traffic."""
+    read_end, write_end = os.pipe()
+    with os.fdopen(write_end, "w") as child_out:
+        run = Running("--port", str(free_port()), *mode, stdout=child_out)
+    run.wait_ready()
+    os.close(read_end)
+    assert run.proc.wait(timeout=5) == 0
+    clean(run.proc.stderr.read())
