@@ -57,7 +57,7 @@ class ListenAddress:
 
 
 def parse_listen_address(text: str) -> ListenAddress:
-    """[ADDR:]PORT: '9100', '0.0.0.0:9100', '[::1]:9100'. ADDR is an IP literal."""
+    """[ADDR:]PORT: '9100', '0.0.0.0:9100', '[::1]:9100'. ADDR is an IP literal or localhost."""
     text = text.strip()
     host = DEFAULT_ADDRESS
     port_text = text
@@ -70,6 +70,8 @@ def parse_listen_address(text: str) -> ListenAddress:
         host, _, port_text = text.rpartition(":")
         if ":" in host:
             raise ValueError(f"{text!r}: write an IPv6 address as [ADDR]:PORT")
+    if host.lower() == "localhost":
+        host = DEFAULT_ADDRESS  # the one name everybody types; no resolver involved
     try:
         host = str(ipaddress.ip_address(host))
     except ValueError:
