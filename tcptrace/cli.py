@@ -205,6 +205,10 @@ def main(**opts: object) -> None:
     fmt = "json" if opts["as_json"] else "csv" if opts["as_csv"] else "text"
     if opts["interval"] is not None and fmt != "text":
         raise click.UsageError(f"--interval prints a table: it excludes --{fmt}")
+    if opts["count"] is not None and (opts["quiet"] or opts["interval"] is not None):
+        # no per-transition stream to count: the run would never stop by itself
+        which = "--quiet" if opts["quiet"] else "--interval"
+        raise click.UsageError(f"--count counts transitions shown: {which} shows none")
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),

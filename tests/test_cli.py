@@ -31,6 +31,8 @@ from tcptrace.cli import main
         (["--json", "--csv"], "exclude each other"),
         (["--interval", "1", "--json"], "excludes --json"),
         (["--interval", "1", "--csv"], "excludes --csv"),
+        (["--interval", "1", "--count", "5"], "--interval shows none"),
+        (["--quiet", "--count", "5"], "--quiet shows none"),
     ],
 )
 def test_usage_errors(args, message):
