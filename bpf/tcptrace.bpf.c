@@ -262,7 +262,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	record_stats(old, new, ev.delta_ns, ev.flags & TCPTRACE_F_DELTA_KNOWN);
 
 #if EMIT_EVENTS
-	if (((1 << old) | (1 << new)) & SHOW_STATES) {
+	int show = ((1 << old) | (1 << new)) & SHOW_STATES;
+#if SHOW_STATES & (1 << TT_TIME_WAIT)
+	/* The kernel never reports TIME_WAIT: a socket entering it ends as
+	 * FIN_WAIT2->CLOSE or CLOSING->CLOSE, which user space relabels
+	 * (tcptrace/timewait.py) and filters again. */
+	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING))
+		show = 1;
+#endif
+	if (show) {
 		if (events.perf_submit(args, &ev, sizeof(ev)) == 0)
 			count(TCPTRACE_C_SUBMITTED);
 		else

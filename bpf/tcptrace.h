@@ -17,6 +17,7 @@
 /* event.flags */
 #define TCPTRACE_F_DELTA_KNOWN 0x1 /* delta_ns is measured from a traced transition */
 #define TCPTRACE_F_OWNER_KNOWN 0x2 /* pid/comm belong to the socket's owner */
+/* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */
 #define TCPTRACE_C_SEEN 0       /* transitions that passed the filters */

@@ -82,6 +82,8 @@ Examples:
   tcptrace --metrics 0.0.0.0:9876     metrics for the whole network, and the lines
   tcptrace --interval 2               a per-state table every 2 s, like top
   tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
+  tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
+  tcptrace --snapshot -lne            listening sockets now, with owners (like ss -tlpen)
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -191,6 +193,22 @@ Shell completion (bash; zsh and fish alike):
     is_flag=True,
     help="No colour in the --interval table (also NO_COLOR=1; never colour in a pipe).",
 )
+@click.option(
+    "--lifetime",
+    is_flag=True,
+    help="One line per finished connection (like tcplife): owner, lifetime, time in each state.",
+)
+@click.option(
+    "--snapshot",
+    is_flag=True,
+    help="Print the matching TCP sockets and their owners once, then exit (like ss -tpe).",
+)
+@click.option(
+    "-l", "--listening", is_flag=True, help="With --snapshot: listening sockets only (ss -l)."
+)
+@click.option(
+    "-e", "--extended", is_flag=True, help="With --snapshot: add uid and inode columns (ss -e)."
+)
 @click.version_option(__version__)
 def main(**opts: object) -> None:
     """Show every TCP state transition live, with the time spent in the state it left.
@@ -209,6 +227,19 @@ def main(**opts: object) -> None:
         # no per-transition stream to count: the run would never stop by itself
         which = "--quiet" if opts["quiet"] else "--interval"
         raise click.UsageError(f"--count counts transitions shown: {which} shows none")
+    for flag in ("listening", "extended"):
+        if opts[flag] and not opts["snapshot"]:
+            raise click.UsageError(f"--{flag} goes with --snapshot")
+    streams = {"lifetime": opts["lifetime"], "quiet": opts["quiet"], "json": opts["as_json"],
+               "csv": opts["as_csv"], "interval": opts["interval"] is not None,
+               "metrics": opts["metrics"] is not None}  # fmt: skip
+    for flag, given in streams.items():
+        if given and opts["snapshot"]:
+            raise click.UsageError(f"--{flag} and --snapshot exclude each other")
+    for flag in ("quiet", "json", "csv", "interval"):
+        # lifetimes are text lines for now (JSON/CSV lifetime records: to come)
+        if opts["lifetime"] and streams[flag]:
+            raise click.UsageError(f"--lifetime and --{flag} exclude each other")
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),
@@ -231,6 +262,10 @@ def main(**opts: object) -> None:
         interval=opts["interval"],
         metrics=opts["metrics"],
         no_color=bool(opts["no_color"]),
+        lifetime=bool(opts["lifetime"]),
+        snapshot=bool(opts["snapshot"]),
+        listening=bool(opts["listening"]),
+        extended=bool(opts["extended"]),
     )
     try:
         code = run(options)

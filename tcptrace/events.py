@@ -54,6 +54,12 @@ EVENT_SIZE = EVENT_STRUCT.size
 COMM_LEN = 16
 F_DELTA_KNOWN = 0x1
 F_OWNER_KNOWN = 0x2
+# Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
+# delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
+F_DELTA_LOWER = 0x10000
+# The transition was found by polling sock_diag (timewait sockets), not traced:
+# its time is known to the poll interval (see tcptrace/timewait.py).
+F_POLLED = 0x20000
 C_SEEN = 0
 C_SUBMITTED = 1
 C_DROPPED = 2
@@ -87,6 +93,10 @@ class Event(NamedTuple):
     @property
     def delta_known(self) -> bool:
         return bool(self.flags & F_DELTA_KNOWN)
+
+    @property
+    def delta_lower(self) -> bool:
+        return bool(self.flags & F_DELTA_LOWER)
 
     @property
     def owner_known(self) -> bool:

@@ -10,9 +10,9 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, TextIO
+from typing import TextIO
 
-from tcptrace.events import C_DROPPED, C_SEEN, C_SHED, Event, format_addr
+from tcptrace.events import C_DROPPED, C_SEEN, C_SHED, F_DELTA_LOWER, Event, format_addr
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 
@@ -48,6 +48,15 @@ def format_duration(ns: float) -> str:
         return f"{minutes}m{sec:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+def event_duration(ev: Event) -> str:
+    """Time in the old state: measured, at least (">=", socket older than tracing), or "-"."""
+    if ev.delta_known:
+        return format_duration(ev.delta_ns)
+    if ev.flags & F_DELTA_LOWER:
+        return ">=" + format_duration(ev.delta_ns)
+    return "-"
 
 
 @lru_cache(maxsize=65536)
@@ -99,8 +108,15 @@ class Clock:
         return f"{time.strftime('%H:%M:%S', time.localtime(secs))}.{frac // NS_PER_US:06d}"
 
 
-# An owner lookup for events the kernel could not attribute: (event) -> (pid, comm) or None.
-OwnerResolver = Callable[[Event], "tuple[int, str] | None"]
+def time_header(style: str) -> str:
+    """The TIME column's heading (with its trailing space) for a timestamp style."""
+    if style == TS_NONE:
+        return ""
+    if style == TS_RELATIVE:
+        return f"{'TIME(s)':<10} "
+    if style == TS_ISO:
+        return f"{'TIME':<27} "
+    return f"{'TIME':<15} "
 
 
 class TextFormatter:
@@ -111,12 +127,10 @@ class TextFormatter:
         out: TextIO,
         clock: Clock,
         numeric: bool = False,
-        resolve_owner: OwnerResolver | None = None,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
-        self.resolve_owner = resolve_owner
         self.width = _ENDPOINT_WIDTH
         self.printed = 0
 
@@ -129,22 +143,12 @@ class TextFormatter:
         )
 
     def _time_header(self) -> str:
-        style = self.clock.style
-        if style == TS_NONE:
-            return ""
-        if style == TS_RELATIVE:
-            return f"{'TIME(s)':<10} "
-        if style == TS_ISO:
-            return f"{'TIME':<27} "
-        return f"{'TIME':<15} "
+        return time_header(self.clock.style)
 
     def owner(self, ev: Event) -> tuple[str, str]:
+        # enrich.Owners has already looked up what the kernel could not attribute
         if ev.owner_known:
             return str(ev.pid), ev.command
-        if self.resolve_owner is not None:
-            found = self.resolve_owner(ev)
-            if found is not None:
-                return str(found[0]), found[1]
         return "-", "-"
 
     def line(self, ev: Event) -> str:
@@ -157,7 +161,7 @@ class TextFormatter:
         pid, comm = self.owner(ev)
         stamp = self.clock.format(ev.ts_ns)
         stamp = f"{stamp} " if stamp else ""
-        duration = format_duration(ev.delta_ns) if ev.delta_known else "-"
+        duration = event_duration(ev)
         return (
             f"{stamp}{pid:>7} {comm:<15.15} {local:<{w}} {remote:<{w}} "
             f"{state_name(ev.oldstate):>{_STATE_WIDTH}} -> "
@@ -195,6 +199,7 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
     if len(lines) == 1:
         lines.append("(no transitions)")
     lines.append(format_accounting(summary, printed))
+    lines.extend(summary.notes)
     return "\n".join(lines) + "\n"
 
 
@@ -205,3 +210,86 @@ def format_accounting(summary: Summary, printed: int | None) -> str:
     if printed is not None:
         text += f", {printed} shown"
     return text + f", {lost} lost"
+
+
+def endpoint_text(addr: str, port: int, numeric: bool) -> str:
+    """address:port from text addresses (sock_diag rows, lifetimes); IPv6 in brackets."""
+    if ":" in addr:
+        addr = f"[{addr}]"
+    return f"{addr}:{port_name(port, numeric)}"
+
+
+def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
+    return (str(pid), comm) if pid else ("-", "-")
+
+
+class LifetimeFormatter:
+    """One line per finished connection, like tcplife: owner, ends, lifetime, each state's time."""
+
+    def __init__(self, out: TextIO, clock: Clock, numeric: bool = False) -> None:
+        self.out = out
+        self.clock = clock
+        self.numeric = numeric
+        self.width = _ENDPOINT_WIDTH
+        self.printed = 0
+
+    def header(self) -> str:
+        w = self.width
+        time_col = time_header(self.clock.style)
+        return (
+            f"{time_col}{'PID':>7} {'COMM':<15} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+            f"{'LIFETIME':>10}  STATES"
+        )
+
+    def line(self, life) -> str:  # life: lifetimes.Lifetime
+        local = endpoint_text(life.local_addr, life.local_port, self.numeric)
+        remote = endpoint_text(life.remote_addr, life.remote_port, self.numeric)
+        self.width = max(self.width, len(local), len(remote))
+        w = self.width
+        pid, comm = _owner_columns(life.pid, life.comm)
+        stamp = self.clock.format(life.end_ns)
+        stamp = f"{stamp} " if stamp else ""
+        total = format_duration(life.duration_ns)
+        if not life.complete:
+            total = ">=" + total
+        states = "  ".join(f"{s.state} {_state_time(s)}" for s in life.states)
+        return f"{stamp}{pid:>7} {comm:<15.15} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+
+    def write_header(self) -> None:
+        self.out.write(self.header() + "\n")
+
+    def write(self, lives) -> None:
+        lines = [self.line(life) for life in lives]
+        if lines:
+            self.out.write("\n".join(lines) + "\n")
+            self.printed += len(lines)
+
+
+def _state_time(s) -> str:  # s: lifetimes.StateTime
+    if s.duration_ns is None:
+        return "?"
+    text = format_duration(s.duration_ns)
+    return ">=" + text if s.lower_bound else text
+
+
+def format_snapshot(rows, numeric: bool = False, extended: bool = False) -> str:
+    """The socket table at one moment, in the spirit of `ss -tpe`: rows are snapshot.SnapshotRow."""
+    ends = [
+        (
+            endpoint_text(r.entry.local_addr, r.entry.local_port, numeric),
+            endpoint_text(r.entry.remote_addr, r.entry.remote_port, numeric),
+        )
+        for r in rows
+    ]
+    w = max([_ENDPOINT_WIDTH, *(len(x) for pair in ends for x in pair)])
+    head = f"{'STATE':<12}{'LOCAL':<{w}} {'REMOTE':<{w}} {'PID':>7} {'COMM':<15}"
+    if extended:
+        head += f" {'UID':>6} {'INODE':>10}"
+    lines = [head.rstrip()]
+    for row, (local, remote) in zip(rows, ends):
+        pid, comm = _owner_columns(*(row.owner or (0, "")))
+        line = f"{state_name(row.entry.state):<12}{local:<{w}} {remote:<{w}} {pid:>7} {comm:<15.15}"
+        if extended:
+            line += f" {row.entry.uid:>6} {row.entry.inode:>10}"
+        lines.append(line.rstrip())
+    return "\n".join(lines) + "\n"

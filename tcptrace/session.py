@@ -12,7 +12,8 @@ from tcptrace import preflight
 from tcptrace.errors import TcptraceError
 from tcptrace.events import Event
 from tcptrace.filters import Filters
-from tcptrace.output import Clock, TextFormatter, format_summary
+from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
+from tcptrace.sockdiag import Budget, SocketTable
 from tcptrace.stats import Summary
 from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
 
@@ -46,6 +47,12 @@ class Options:
         """Whether the kernel streams events: the live table and --quiet need only its maps."""
         return not (self.quiet or self.interval)
 
+    lifetime: bool = False  # one line per finished connection instead of per transition
+    # --snapshot: print the socket table once and exit (-l listening only, -e extended)
+    snapshot: bool = False
+    listening: bool = False
+    extended: bool = False
+
 
 class TextOutput(Stage):
     """Per-transition lines, then the summary table, on a text stream."""
@@ -70,6 +77,34 @@ class TextOutput(Stage):
             self.out.write("\n")
         printed = None if self.quiet else self.formatter.printed
         self.out.write(format_summary(summary, printed))
+        self.out.flush()
+
+
+class LifetimeOutput(Stage):
+    """--lifetime: one line per finished connection, then the summary table."""
+
+    def __init__(self, out: TextIO, options: Options) -> None:
+        from tcptrace.lifetimes import Lifetimes
+
+        self.out = out
+        self.formatter = LifetimeFormatter(
+            out, Clock.now(options.timestamp), numeric=options.numeric
+        )
+        self.tracker = Lifetimes(self._write)
+
+    def _write(self, lives: list) -> None:
+        self.formatter.write(lives)
+        self.out.flush()
+
+    def on_start(self) -> None:
+        self.formatter.write_header()
+        self.out.flush()
+
+    def on_events(self, events: list[Event]) -> None:
+        self.tracker.on_events(events)
+
+    def on_finish(self, summary: Summary) -> None:
+        self.out.write("\n" + format_summary(summary))
         self.out.flush()
 
 
@@ -102,10 +137,21 @@ def build_stages(
     out: TextIO,
     err: TextIO | None = None,
     summaries: KernelStats | None = None,
+    table: SocketTable | None = None,
 ) -> list[Stage]:
-    """The stages for these options, in order: metrics, then one output on `out`."""
+    """The stages for these options, in order: enrichment and TIME_WAIT following (with a
+    sock_diag table and an event stream), metrics, then one output on `out`."""
     err = err or sys.stderr
     stages: list[Stage] = []
+    if table is not None and options.emit_events:
+        from tcptrace.enrich import Owners
+        from tcptrace.timewait import TimeWait
+
+        budget = Budget()  # shared: look-ups of both stages together stay within it
+        stages += [
+            Owners(options.filters, table, budget=budget),
+            TimeWait(options.filters, table, budget),
+        ]
     if options.metrics is not None and summaries is not None:
         from tcptrace.metrics import MetricsServer
 
@@ -125,6 +171,8 @@ def build_stages(
 
         clock = Clock.now(options.timestamp)
         stages.append(RecordOutput(options.format, out, err, clock, quiet=options.quiet))
+    elif options.lifetime:
+        stages.append(LifetimeOutput(out, options))
     else:
         stages.append(TextOutput(out, options))
     from tcptrace.pipes import PipeWatch, is_pipe
@@ -146,10 +194,29 @@ def _silence(stream: TextIO) -> None:
     os.close(devnull)
 
 
+def print_snapshot(options: Options, out: TextIO | None = None) -> int:
+    """--snapshot: the matching TCP sockets and their owners, once (no BPF needed)."""
+    from tcptrace import snapshot
+    from tcptrace.procs import ProcessIndex
+    from tcptrace.sockdiag import ALL_STATES, LISTEN_STATES
+
+    out = out or sys.stdout
+    states = LISTEN_STATES if options.listening else ALL_STATES
+    if options.filters.states:
+        states = states & options.filters.states
+    with SocketTable() as table:
+        snap = snapshot.take(table, ProcessIndex(), options.filters, states)
+    out.write(format_snapshot(snap.rows, numeric=options.numeric, extended=options.extended))
+    out.flush()
+    return 0
+
+
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Trace until a stop condition; return the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
+    if options.snapshot:
+        return print_snapshot(options, out)
     preflight.run_all()
     from tcptrace.loader import Probe, ProbeConfig
 
@@ -162,8 +229,9 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     )
     summaries = KernelStats(probe)
     stages: list[Stage] = []
+    table = SocketTable() if options.emit_events else None
     try:
-        stages = build_stages(options, out, err, summaries)
+        stages = build_stages(options, out, err, summaries, table)
         tracer = Tracer(probe, stages, StopConditions(options.count, options.duration))
         tracer.install_signals()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
@@ -187,4 +255,6 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             if close is not None:
                 close()  # servers and threads go before the program they read
         probe.close()
+        if table is not None:
+            table.close()
     return 0

@@ -93,6 +93,8 @@ class Summary:
     counters: list[int] = field(default_factory=lambda: [0] * NCOUNTERS)
     # perf records the kernel reported lost (lost callback)
     lost: int = 0
+    # one-line remarks the stages add (things not followed, limits reached)
+    notes: list[str] = field(default_factory=list)
 
     def state(self, state: int) -> StateStats:
         stats = self.states.get(state)

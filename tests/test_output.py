@@ -3,18 +3,24 @@ import socket
 
 import pytest
 
-from tcptrace.events import EVENT_STRUCT, F_DELTA_KNOWN, F_OWNER_KNOWN, decode
+from tcptrace.events import EVENT_STRUCT, F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, decode
+from tcptrace.lifetimes import Lifetime, StateTime
 from tcptrace.output import (
     TS_ISO,
     TS_NONE,
     TS_RELATIVE,
     Clock,
+    LifetimeFormatter,
     TextFormatter,
     endpoint,
     format_duration,
+    format_snapshot,
     format_summary,
     port_name,
 )
+from tcptrace.procs import Owner
+from tcptrace.snapshot import SnapshotRow
+from tcptrace.sockdiag import SockEntry
 from tcptrace.states import TcpState
 from tcptrace.stats import Summary
 
@@ -95,11 +101,71 @@ def test_unknown_owner_and_duration_are_dashes():
     assert parts[-1] == "-"
 
 
-def test_owner_resolver_used_for_unattributed_events():
-    fmt = TextFormatter(
-        io.StringIO(), Clock(TS_NONE), numeric=True, resolve_owner=lambda ev: (77, "nginx")
+def test_lower_bound_duration_is_marked():
+    fmt = TextFormatter(io.StringIO(), Clock(TS_NONE), numeric=True)
+    ev = make_event(delta=1_200_000_000, flags=F_OWNER_KNOWN | F_DELTA_LOWER)
+    assert fmt.line(ev).split()[-1] == ">=1.200s"
+    assert fmt.line(ev).split()[0:2] == ["2588", "curl"]
+
+
+def test_lifetime_line():
+    life = Lifetime(
+        start_ns=1_000_000_000,
+        end_ns=2_500_000_000,
+        pid=2590,
+        comm="client",
+        family=socket.AF_INET,
+        local_addr="127.0.0.1",
+        local_port=42374,
+        remote_addr="127.0.0.1",
+        remote_port=30123,
+        duration_ns=1_500_000_000,
+        complete=True,
+        states=[
+            StateTime("SYN_SENT", 210_000),
+            StateTime("ESTABLISHED", 1_200_000_000),
+            StateTime("TIME_WAIT", None),
+        ],
     )
-    assert fmt.line(make_event(flags=F_DELTA_KNOWN)).split()[0:2] == ["77", "nginx"]
+    fmt = LifetimeFormatter(io.StringIO(), Clock(TS_NONE), numeric=True)
+    assert fmt.line(life).split() == [
+        "2590",
+        "client",
+        "127.0.0.1:42374",
+        "127.0.0.1:30123",
+        "1.500s",
+        "SYN_SENT",
+        "210.0µs",
+        "ESTABLISHED",
+        "1.200s",
+        "TIME_WAIT",
+        "?",
+    ]
+    assert fmt.header().index("LIFETIME") < fmt.header().index("STATES")
+    life.complete, life.pid = False, 0
+    life.states[0] = StateTime("ESTABLISHED", 3_000_000_000, lower_bound=True)
+    parts = fmt.line(life).split()
+    assert parts[:2] == ["-", "-"] and parts[4] == ">=1.500s" and parts[6] == ">=3.000s"
+
+
+def test_snapshot_table_like_ss():
+    listener = SockEntry(socket.AF_INET6, TcpState.LISTEN, "::", 443, "::", 0, 4242, 33, 1, 0, 0)
+    conn = SockEntry(
+        socket.AF_INET, TcpState.ESTABLISHED, "10.0.0.1", 443, "10.0.0.2", 50000, 0, 0, 2, 0, 0
+    )
+    rows = [SnapshotRow(listener, Owner(77, "nginx")), SnapshotRow(conn, None)]
+    lines = format_snapshot(rows, numeric=True, extended=True).splitlines()
+    assert lines[0].split() == ["STATE", "LOCAL", "REMOTE", "PID", "COMM", "UID", "INODE"]
+    assert lines[1].split() == ["LISTEN", "[::]:443", "[::]:*", "77", "nginx", "33", "4242"]
+    assert lines[2].split() == ["ESTABLISHED", "10.0.0.1:443", "10.0.0.2:50000", "-", "-", "0", "0"]
+    short = format_snapshot(rows, numeric=True).splitlines()
+    assert short[0].split() == ["STATE", "LOCAL", "REMOTE", "PID", "COMM"]
+
+
+def test_summary_notes_follow_the_accounting():
+    s = Summary()
+    s.notes.append("TIME_WAIT: 3 closing sockets not followed")
+    assert format_summary(s).splitlines()[-1] == "TIME_WAIT: 3 closing sockets not followed"
 
 
 def test_ipv6_widens_columns_and_stays_aligned():

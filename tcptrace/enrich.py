@@ -1,0 +1,154 @@
+"""Enrichment: the right owner and honest durations on every event, before output.
+
+The kernel attributes most transitions itself (F_OWNER_KNOWN). The rest (the
+first transition of a socket older than tcptrace, a child of a listener opened
+before tcptrace, a socket evicted from the kernel's map) get their owner here,
+as `ss -p` finds it: from the start-up snapshot, or by asking sock_diag for the
+socket's inode and /proc for the process holding it. Events nobody can
+attribute get pid 0 and no command, and print "-".
+
+A socket that existed before tracing started has no start time in the kernel;
+when the snapshot saw it in the state it now leaves, the time since the
+snapshot is a lower bound on its stay, marked F_DELTA_LOWER.
+"""
+
+from __future__ import annotations
+
+import time
+
+from tcptrace.events import F_DELTA_LOWER, F_OWNER_KNOWN, Event
+from tcptrace.filters import Filters
+from tcptrace.procs import Owner, ProcessIndex
+from tcptrace.snapshot import Snapshot, single_owner
+from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTable
+from tcptrace.states import TcpState, is_birth
+from tcptrace.tracer import Stage
+
+CLOSE = int(TcpState.CLOSE)
+LISTEN = int(TcpState.LISTEN)
+SYN_RECV = int(TcpState.SYN_RECV)
+# Owners found in user space, by socket; bounded (oldest dropped first).
+MAX_CACHED = 65536
+# After a failed look-up, do not ask again for the same socket this soon (seconds).
+RETRY_AFTER = 1.0
+
+
+class Owners(Stage):
+    """Fills in pid/comm for events the kernel could not attribute; lower-bound durations."""
+
+    def __init__(
+        self,
+        filters: Filters,
+        table: SocketTable | None,
+        procs: ProcessIndex | None = None,
+        budget: Budget | None = None,
+        take_snapshot: bool = True,
+    ) -> None:
+        self.filters = filters
+        self.table = table
+        self.procs = procs or ProcessIndex()
+        self.budget = budget or Budget()
+        self.take_snapshot = take_snapshot
+        self.snapshot: Snapshot | None = None
+        self.found: dict[int, Owner] = {}  # skaddr -> owner
+        self.failed: dict[int, float] = {}  # skaddr -> monotonic time of the miss
+        self.resolved = 0
+        self.unresolved = 0
+
+    def on_start(self) -> None:
+        if self.table is not None and self.take_snapshot:
+            from tcptrace import snapshot
+
+            self.snapshot = snapshot.take(self.table, self.procs, self.filters)
+
+    def on_events(self, events: list[Event]) -> list[Event] | None:
+        out: list[Event] | None = None
+        for i, ev in enumerate(events):
+            new = ev
+            flags = ev.flags
+            if not flags & F_OWNER_KNOWN:
+                new = self._attribute(new)
+            if not ev.delta_known and not is_birth(ev.oldstate, ev.newstate):
+                new = self._lower_bound(new)
+            if ev.newstate == CLOSE:
+                self.found.pop(ev.skaddr, None)
+                self.failed.pop(ev.skaddr, None)
+            if new is not ev:
+                if out is None:
+                    out = list(events)
+                out[i] = new
+        return out
+
+    # ------------------------------------------------------------ owners
+
+    def _attribute(self, ev: Event) -> Event:
+        owner = self.found.get(ev.skaddr)
+        if owner is None:
+            owner = self._look_up(ev)
+        if owner is None:
+            self.unresolved += 1
+            return ev._replace(pid=0, comm=b"")
+        self.resolved += 1
+        return ev._replace(pid=owner.pid, comm=owner.comm.encode(), flags=ev.flags | F_OWNER_KNOWN)
+
+    def _look_up(self, ev: Event) -> Owner | None:
+        missed = self.failed.get(ev.skaddr)
+        if missed is not None and time.monotonic() - missed < RETRY_AFTER:
+            return None
+        key = (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
+        child = ev.oldstate == LISTEN and ev.newstate == SYN_RECV
+        owner = None
+        if self.snapshot is not None:
+            if child:
+                owner = self.snapshot.listener_owner(key[0], ev.sport)
+            else:
+                row = self.snapshot.get(key)
+                if row is not None:
+                    owner = row.owner or self.procs.owner(row.entry.inode)
+        if owner is None and self.table is not None and self.budget.allows():
+            owner = self._ask_kernel(key, child)
+        if owner is None:
+            self.failed[ev.skaddr] = time.monotonic()
+            _bound(self.failed)
+        else:
+            self.found[ev.skaddr] = owner
+            _bound(self.found)
+        return owner
+
+    def _ask_kernel(self, key: tuple[str, int, str, int], child: bool) -> Owner | None:
+        """sock_diag for this socket (or, for a new child, its listener), then /proc."""
+        assert self.table is not None
+        started = time.monotonic()
+        try:
+            local_addr, local_port, _, remote_port = key
+            if child:
+                rows = self.table.dump(
+                    LISTEN_STATES, self.filters, [[(LOCAL, (local_port, local_port))]]
+                )
+                rows = [r for r in rows if r.local_addr in (local_addr, "0.0.0.0", "::")]
+            else:
+                clauses = [
+                    [(LOCAL, (local_port, local_port))],
+                    [(REMOTE, (remote_port, remote_port))],
+                ]
+                rows = [r for r in self.table.dump(clauses=clauses) if r.key == key]
+            return single_owner(self.procs.owner(r.inode) for r in rows if r.inode)
+        finally:
+            self.budget.charge(started)
+
+    # ------------------------------------------------------------ durations
+
+    def _lower_bound(self, ev: Event) -> Event:
+        if self.snapshot is None:
+            return ev
+        row = self.snapshot.get((ev.local_addr, ev.sport, ev.remote_addr, ev.dport))
+        if row is None or row.entry.state != ev.oldstate or ev.ts_ns < self.snapshot.taken_ns:
+            return ev
+        return ev._replace(
+            delta_ns=ev.ts_ns - self.snapshot.taken_ns, flags=ev.flags | F_DELTA_LOWER
+        )
+
+
+def _bound(cache: dict) -> None:
+    while len(cache) > MAX_CACHED:
+        del cache[next(iter(cache))]

@@ -1,0 +1,87 @@
+"""Which process holds a socket: the inode to process map that `ss -p` builds from /proc.
+
+A full scan of /proc/*/fd costs milliseconds, so the map is cached and rebuilt
+at most every `min_interval` seconds, and only when a look-up misses. Only
+transitions the kernel could not attribute ever need it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import NamedTuple
+
+PROC = "/proc"
+# Rebuild the map at most this often (seconds): bounds the cost under churn.
+MIN_RESCAN_INTERVAL = 0.25
+
+
+class Owner(NamedTuple):
+    pid: int
+    comm: str
+
+
+def read_comm(pid: int, proc: str = PROC) -> str | None:
+    try:
+        with open(f"{proc}/{pid}/comm") as f:
+            return f.read().rstrip("\n")
+    except OSError:
+        return None
+
+
+def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
+    """socket inode -> first process (lowest pid) holding it, from /proc/*/fd."""
+    found: dict[int, Owner] = {}
+    comms: dict[int, str | None] = {}
+    try:
+        pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
+    except OSError:
+        return found
+    for pid in pids:
+        fd_dir = f"{proc}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # gone, or not ours to read
+            continue
+        for fd in fds:
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if not target.startswith("socket:["):
+                continue
+            inode = int(target[8:-1])
+            if inode in found:
+                continue
+            if pid not in comms:
+                comms[pid] = read_comm(pid, proc)
+            comm = comms[pid]
+            if comm is not None:
+                found[inode] = Owner(pid, comm)
+    return found
+
+
+class ProcessIndex:
+    """Cached inode -> Owner, rescanned lazily and at a bounded rate."""
+
+    def __init__(self, min_interval: float = MIN_RESCAN_INTERVAL, proc: str = PROC) -> None:
+        self.min_interval = min_interval
+        self.proc = proc
+        self.by_inode: dict[int, Owner] = {}
+        self.scanned_at = float("-inf")
+        self.scans = 0
+
+    def refresh(self) -> None:
+        self.by_inode = scan_sockets(self.proc)
+        self.scanned_at = time.monotonic()
+        self.scans += 1
+
+    def owner(self, inode: int) -> Owner | None:
+        """The process holding this socket inode, or None (gone, kernel-owned, unknown)."""
+        if inode == 0:
+            return None
+        found = self.by_inode.get(inode)
+        if found is None and time.monotonic() - self.scanned_at >= self.min_interval:
+            self.refresh()
+            found = self.by_inode.get(inode)
+        return found

@@ -1,0 +1,72 @@
+"""The TCP sockets that exist at one moment, with their owners: what `ss -tpe` shows.
+
+Taken once when tracing starts, so that sockets older than tcptrace get the
+right owner and an honest lower bound on the time spent in their first traced
+state; printed on its own by `tcptrace --snapshot`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from tcptrace.filters import Filters
+from tcptrace.procs import Owner, ProcessIndex
+from tcptrace.sockdiag import ALL_STATES, SockEntry, SocketTable
+
+Key = tuple[str, int, str, int]
+
+
+@dataclass(frozen=True)
+class SnapshotRow:
+    entry: SockEntry
+    owner: Owner | None
+
+
+@dataclass
+class Snapshot:
+    taken_ns: int  # CLOCK_MONOTONIC, the clock of the kernel's event timestamps
+    rows: list[SnapshotRow] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.by_key: dict[Key, SnapshotRow] = {row.entry.key: row for row in self.rows}
+        self.listeners: dict[int, list[SnapshotRow]] = {}
+        for row in self.rows:
+            if row.entry.state == _LISTEN:
+                self.listeners.setdefault(row.entry.local_port, []).append(row)
+
+    def get(self, key: Key) -> SnapshotRow | None:
+        return self.by_key.get(key)
+
+    def listener_owner(self, local_addr: str, local_port: int) -> Owner | None:
+        """Owner of the listener that accepts connections to this address and port."""
+        return single_owner(
+            row.owner
+            for row in self.listeners.get(local_port, ())
+            if row.entry.local_addr in (local_addr, "0.0.0.0", "::")
+        )
+
+
+_LISTEN = 10  # TcpState.LISTEN, kept as a plain int for the hot path
+
+
+def single_owner(owners: Iterable[Owner | None]) -> Owner | None:
+    """The one process behind these sockets; None when unknown or ambiguous (SO_REUSEPORT)."""
+    found = {owner.pid: owner for owner in owners if owner is not None}
+    return next(iter(found.values())) if len(found) == 1 else None
+
+
+def take(
+    table: SocketTable,
+    procs: ProcessIndex,
+    filters: Filters | None = None,
+    states: Iterable[int] = ALL_STATES,
+) -> Snapshot:
+    """Dump the matching sockets and find the process holding each one."""
+    taken_ns = time.monotonic_ns()
+    entries = table.dump(states, filters)
+    procs.refresh()
+    rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None) for e in entries]
+    rows.sort(key=lambda r: (r.entry.state, r.entry.local_port, r.entry.remote_port))
+    return Snapshot(taken_ns, rows)

@@ -1,0 +1,279 @@
+"""The kernel's socket table, read with sock_diag (NETLINK_SOCK_DIAG) through pyroute2.
+
+The only module that talks sock_diag. It answers "which TCP sockets exist right
+now" as plain Python values (DiagSocket rows become `SockEntry`), with the
+filtering done in the kernel: the request carries a state bitmask and an
+inet_diag bytecode program for the ports, so only matching sockets cross to
+user space. Used for the start-up snapshot, owner look-ups (the socket inode,
+as `ss -p`) and following timewait sockets, which the tracepoint cannot see.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import struct
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from tcptrace.errors import TcptraceError
+from tcptrace.filters import Filters
+from tcptrace.states import TcpState
+
+# inet_diag bytecode operations (include/uapi/linux/inet_diag.h).
+BC_JMP = 1
+BC_S_GE = 2
+BC_S_LE = 3
+BC_D_GE = 4
+BC_D_LE = 5
+# One operation: code (u8), yes (u8), no (u16): where to go on a match or a miss,
+# in bytes from this operation. Port comparisons take a second slot holding the port.
+_OP = struct.Struct("=BBH")
+OP_SIZE = _OP.size
+_PORT_OP_SIZE = 2 * OP_SIZE
+# The kernel accepts a socket when the program ends exactly at its length and
+# rejects it when a jump lands OP_SIZE past the end.
+INET_DIAG_REQ_BYTECODE = 1
+# Largest bytecode we build: jump offsets are u16, and the attribute length too.
+MAX_BYTECODE = 60000
+
+# idiag_timer value of a timewait socket (net/ipv4/inet_diag.c, inet_twsk_diag_fill).
+TIMER_TIMEWAIT = 3
+
+ALL_STATES = frozenset(s for s in TcpState if s is not TcpState.NEW_SYN_RECV)
+LISTEN_STATES = frozenset({TcpState.LISTEN})
+# What a timewait minisock can show: TIME_WAIT, or FIN_WAIT2 for an orphan
+# whose peer has not closed yet (tw_substate).
+TIMEWAIT_STATES = frozenset({TcpState.TIME_WAIT, TcpState.FIN_WAIT2})
+
+LOCAL = "local"
+REMOTE = "remote"
+
+
+@dataclass(frozen=True)
+class SockEntry:
+    """One row of the kernel's TCP socket table."""
+
+    family: int
+    state: int
+    local_addr: str  # IPv4-mapped IPv6 shown as IPv4, as in the event stream
+    local_port: int
+    remote_addr: str
+    remote_port: int
+    inode: int  # 0 for timewait sockets and sockets not yet accepted
+    uid: int
+    cookie: int
+    timer: int  # idiag_timer: 0 none, 1 retransmit, 2 keepalive, 3 timewait, 4 probe
+    expires_ms: int  # time left on that timer
+
+    @property
+    def key(self) -> tuple[str, int, str, int]:
+        return (self.local_addr, self.local_port, self.remote_addr, self.remote_port)
+
+    @property
+    def timewait(self) -> bool:
+        """A timewait minisock (TIME_WAIT, or an orphan's FIN_WAIT2 kept as one)."""
+        return self.timer == TIMER_TIMEWAIT
+
+
+def canonical_addr(text: str) -> str:
+    """IPv4-mapped IPv6 as IPv4 (as events.format_addr and ss show it)."""
+    if ":" not in text:
+        return text
+    mapped = ipaddress.IPv6Address(text).ipv4_mapped
+    return str(mapped) if mapped is not None else text
+
+
+# ---------------------------------------------------------------- bytecode
+
+
+PortRange = tuple[int, int]
+
+
+def port_ranges(ports: Iterable[int]) -> list[PortRange]:
+    """Collapse a set of ports into sorted inclusive ranges."""
+    ranges: list[PortRange] = []
+    for port in sorted(set(ports)):
+        if ranges and port == ranges[-1][1] + 1:
+            ranges[-1] = (ranges[-1][0], port)
+        else:
+            ranges.append((port, port))
+    return ranges
+
+
+def _clause(alternatives: Sequence[tuple[str, PortRange]], rejects_at: int) -> bytearray:
+    """Code for "any of these (side, range) tests", falling through on a match.
+
+    Laid out as ss does it: a failed test jumps to the next alternative, a
+    passed alternative ends with a JMP over the rest of the clause, so every
+    jump target lies on the chain of `yes` steps the kernel's checker walks.
+    `rejects_at` is how far past this clause's end a total miss must jump.
+    """
+    sizes = [
+        2 * _PORT_OP_SIZE + (OP_SIZE if i < len(alternatives) - 1 else 0)
+        for i in range(len(alternatives))
+    ]
+    total = sum(sizes)
+    code = bytearray()
+    for i, (side, (lo, hi)) in enumerate(alternatives):
+        start = len(code)
+        next_alt = start + sizes[i]
+        last = i == len(alternatives) - 1
+        ge, le = (BC_S_GE, BC_S_LE) if side == LOCAL else (BC_D_GE, BC_D_LE)
+        for j, (op, port) in enumerate(((ge, lo), (le, hi))):
+            here = start + j * _PORT_OP_SIZE
+            miss = (total + rejects_at if last else next_alt) - here
+            code += _OP.pack(op, _PORT_OP_SIZE, miss) + _OP.pack(0, 0, port)
+        if not last:
+            here = len(code)
+            # JMP never "matches": its `no` skips the other alternatives
+            code += _OP.pack(BC_JMP, OP_SIZE, total - here)
+    return code
+
+
+def port_bytecode(clauses: Sequence[Sequence[tuple[str, PortRange]]]) -> bytes:
+    """An inet_diag program accepting sockets for which every clause has a match."""
+    sized = [bytes(_clause(c, 0)) for c in clauses if c]
+    total = sum(len(c) for c in sized)
+    code = bytearray()
+    for clause in clauses:
+        if not clause:
+            continue
+        rest = total - len(code) - len(_clause(clause, 0))
+        # a miss jumps OP_SIZE past the end of the whole program
+        code += _clause(clause, rest + OP_SIZE)
+    if len(code) > MAX_BYTECODE:
+        raise ValueError("port filter too large for an inet_diag request")
+    return bytes(code)
+
+
+def filter_clauses(filters: Filters) -> list[list[tuple[str, PortRange]]]:
+    """The kernel's port filter (bpf/tcptrace.bpf.c port_match) as bytecode clauses."""
+    clauses = []
+    if filters.ports:
+        ranges = port_ranges(filters.ports)
+        clauses.append([(LOCAL, r) for r in ranges] + [(REMOTE, r) for r in ranges])
+    if filters.local_ports:
+        clauses.append([(LOCAL, r) for r in port_ranges(filters.local_ports)])
+    if filters.remote_ports:
+        clauses.append([(REMOTE, r) for r in port_ranges(filters.remote_ports)])
+    return clauses
+
+
+def state_bits(states: Iterable[int]) -> int:
+    bits = 0
+    for state in states:
+        bits |= 1 << int(state)
+    return bits
+
+
+# ---------------------------------------------------------------- requests
+
+
+def _families(filters: Filters) -> tuple[int, ...]:
+    return (filters.family,) if filters.family else (socket.AF_INET, socket.AF_INET6)
+
+
+class SocketTable:
+    """An open sock_diag socket: dump the TCP table, filtered in the kernel."""
+
+    def __init__(self) -> None:
+        try:
+            from pyroute2 import DiagSocket
+            from pyroute2.netlink.diag import inet_diag_req
+        except ImportError as exc:
+            raise TcptraceError(f"pyroute2 is not importable: {exc}") from exc
+
+        class Request(inet_diag_req):
+            # inet_diag_req_v2 followed by the optional bytecode attribute
+            nla_map = ((0, "INET_DIAG_REQ_NONE", "none"), (1, "INET_DIAG_REQ_BYTECODE", "cdata"))
+
+        self._request_class = Request
+        try:
+            self._sock = DiagSocket()
+            self._sock.bind()
+        except OSError as exc:
+            raise TcptraceError(f"cannot open a sock_diag socket: {exc}") from exc
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> SocketTable:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def dump(
+        self,
+        states: Iterable[int] = ALL_STATES,
+        filters: Filters | None = None,
+        clauses: Sequence[Sequence[tuple[str, PortRange]]] | None = None,
+    ) -> list[SockEntry]:
+        """TCP sockets in these states matching the filters' family and ports.
+
+        `clauses` adds port tests (AND) to those of `filters`.
+        """
+        from pyroute2.netlink import NLM_F_DUMP, NLM_F_REQUEST
+        from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY
+
+        filters = filters or Filters()
+        program = port_bytecode([*filter_clauses(filters), *(clauses or [])])
+        bits = state_bits(states)
+        rows: list[SockEntry] = []
+        for family in _families(filters):
+            req = self._request_class()
+            req["sdiag_family"] = family
+            req["sdiag_protocol"] = socket.IPPROTO_TCP
+            req["idiag_states"] = bits
+            req["idiag_src"] = 0
+            req["idiag_dst"] = 0
+            if program:
+                req["attrs"] = [("INET_DIAG_REQ_BYTECODE", program)]
+            try:
+                answer = self._sock.nlm_request(
+                    req, SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP
+                )
+            except OSError as exc:
+                raise TcptraceError(f"sock_diag request failed: {exc}") from exc
+            rows.extend(_entry(msg) for msg in answer)
+        return rows
+
+
+def _entry(msg: dict) -> SockEntry:
+    return SockEntry(
+        family=msg["idiag_family"],
+        state=msg["idiag_state"],
+        local_addr=canonical_addr(msg["idiag_src"]),
+        local_port=msg["idiag_sport"],
+        remote_addr=canonical_addr(msg["idiag_dst"]),
+        remote_port=msg["idiag_dport"],
+        inode=msg["idiag_inode"],
+        uid=msg["idiag_uid"],
+        cookie=msg["idiag_cookie"],
+        timer=msg["idiag_timer"],
+        expires_ms=msg["idiag_expires"],
+    )
+
+
+class Budget:
+    """Caps the share of wall time the tracer spends asking sock_diag and /proc.
+
+    Look-ups serve rare events (sockets the kernel could not attribute, timewait
+    sockets); under heavy churn they must never slow the event stream, so each
+    caller checks `allows()` first and skips (and counts) what it cannot afford.
+    """
+
+    def __init__(self, fraction: float = 0.05, burst: float = 0.2) -> None:
+        self.fraction = fraction
+        self.burst = burst
+        self.started = time.monotonic()
+        self.spent = 0.0
+
+    def allows(self) -> bool:
+        return self.spent <= self.fraction * (time.monotonic() - self.started) + self.burst
+
+    def charge(self, since: float) -> None:
+        """Account the time from `since` (a time.monotonic() value) to now."""
+        self.spent += time.monotonic() - since

@@ -1,0 +1,313 @@
+"""TIME_WAIT made visible: follow timewait sockets, which the tracepoint cannot see.
+
+When a socket enters TIME_WAIT, Linux frees it and keeps a small timewait
+socket in its place; the tracepoint only reports the full socket's end,
+FIN_WAIT2 -> CLOSE (or CLOSING -> CLOSE). For each such event this stage asks
+sock_diag whether a timewait socket now holds that 4-tuple:
+
+- it is in TIME_WAIT: the event becomes FIN_WAIT2 -> TIME_WAIT;
+- it is still in FIN_WAIT2 (an orphaned socket whose peer has not closed: the
+  kernel keeps it as a timewait socket too): the event is held back, because
+  the socket has not closed; FIN_WAIT2 -> TIME_WAIT follows when the peer's
+  FIN arrives;
+- there is none (the timewait table was full, another network namespace): the
+  event stays as the kernel reported it.
+
+Followed sockets are polled (one sock_diag dump, filtered in the kernel by
+state and by their local ports) every POLL_INTERVAL seconds, and every
+FAST_POLL_INTERVAL while one waits in FIN_WAIT2. When one disappears, a
+synthetic TIME_WAIT -> CLOSE (or FIN_WAIT2 -> CLOSE) carries the time spent.
+Times come from the socket's own timer when it fits (sock_diag reports when it
+expires, and TIME_WAIT lasts a fixed TCP_TIMEWAIT_LEN), so the resolution is
+the poll interval at worst. Synthetic events carry F_POLLED.
+
+The kernel's statistics are corrected in on_finish: the relabelled transitions,
+TIME_WAIT as a state of its own, FIN_WAIT2 durations of held-back sockets.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from tcptrace.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event
+from tcptrace.filters import Filters
+from tcptrace.sockdiag import (
+    LOCAL,
+    TIMEWAIT_STATES,
+    Budget,
+    SockEntry,
+    SocketTable,
+    port_ranges,
+)
+from tcptrace.states import TcpState
+from tcptrace.stats import StateStats, Summary, hist_slot
+from tcptrace.tracer import Stage
+
+FIN_WAIT2 = int(TcpState.FIN_WAIT2)
+CLOSING = int(TcpState.CLOSING)
+TIME_WAIT = int(TcpState.TIME_WAIT)
+CLOSE = int(TcpState.CLOSE)
+
+NS_PER_MS = 1_000_000
+# TCP_TIMEWAIT_LEN (include/net/tcp.h): fixed at 60 s, no sysctl changes it.
+TIME_WAIT_LEN_NS = 60_000 * NS_PER_MS
+# Seconds between polls while timewait sockets are followed: the documented resolution.
+POLL_INTERVAL = 1.0
+# Faster while a socket waits in FIN_WAIT2 for its peer, so FIN_WAIT2 -> TIME_WAIT is prompt.
+FAST_POLL_INTERVAL = 0.1
+# At most this many timewait sockets are followed; more are counted and left as traced.
+MAX_FOLLOWED = 16384
+# Beyond this many local port ranges, the request filters on the user's ports only.
+MAX_RANGES = 256
+
+Key = tuple[str, int, str, int]
+
+
+def key_of(ev: Event) -> Key:
+    return (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
+
+
+def is_candidate(ev: Event) -> bool:
+    """The full socket's end that may hide a new timewait socket."""
+    return ev.newstate == CLOSE and (ev.oldstate == FIN_WAIT2 or ev.oldstate == CLOSING)
+
+
+@dataclass
+class Followed:
+    template: Event  # addresses, owner and socket of the traced socket
+    cookie: int
+    state: int  # TIME_WAIT, or FIN_WAIT2 while the peer has not closed
+    since_ns: int  # when it entered `state`
+    since_flags: int  # F_DELTA_KNOWN or F_DELTA_LOWER for that start, or 0 if unknown
+    last_seen_ns: int
+    due_ns: int  # when its timer expires, as of the last poll
+    # FIN_WAIT2 time the kernel recorded when it saw the full socket go (held back)
+    kernel_partial_ns: int | None = None
+
+
+@dataclass
+class Corrections:
+    """What on_finish changes in the kernel's summary."""
+
+    transitions: dict[tuple[int, int], int] = field(default_factory=dict)
+    added: dict[int, list[int]] = field(default_factory=dict)  # state -> durations
+    removed: dict[int, list[int]] = field(default_factory=dict)  # state -> kernel's durations
+    synthetic: int = 0
+
+    def move(self, old: int, new: int, n: int = 1) -> None:
+        self.transitions[(old, new)] = self.transitions.get((old, new), 0) + n
+
+
+class TimeWait(Stage):
+    def __init__(
+        self,
+        filters: Filters,
+        table: SocketTable,
+        budget: Budget | None = None,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self.filters = filters
+        self.table = table
+        self.budget = budget or Budget()
+        self.poll_interval = poll_interval
+        self.followed: dict[Key, Followed] = {}
+        self.last_poll_ns = 0
+        self.fixes = Corrections()
+        self.unfollowed = 0  # candidates not checked (limit or budget)
+        self.polls = 0
+
+    # ------------------------------------------------------------ events
+
+    def on_events(self, events: list[Event]) -> list[Event] | None:
+        candidates = [ev for ev in events if is_candidate(ev)]
+        if not candidates:
+            return None
+        found = self._look_up(candidates)
+        out: list[Event] = []
+        for ev in events:
+            if not is_candidate(ev):
+                out.append(ev)
+                continue
+            entry = found.get(key_of(ev)) if found is not None else None
+            if found is None:
+                self.unfollowed += 1
+            if entry is None:
+                self._keep(out, ev)
+                continue
+            self._replace_previous(out, key_of(ev), entry, ev.ts_ns)
+            if entry.state == TIME_WAIT:
+                new = ev._replace(newstate=TIME_WAIT)
+                self.fixes.move(ev.oldstate, CLOSE, -1)
+                self.fixes.move(ev.oldstate, TIME_WAIT)
+                self._follow(new, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
+                self._keep(out, new)
+            else:
+                # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
+                self.fixes.move(ev.oldstate, CLOSE, -1)
+                since, flags = _start_of(ev)
+                f = self._follow(ev, entry, FIN_WAIT2, since, flags)
+                if ev.delta_known:
+                    f.kernel_partial_ns = ev.delta_ns
+                    self.fixes.removed.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+        return out
+
+    def _keep(self, out: list[Event], ev: Event) -> None:
+        if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate):
+            out.append(ev)
+
+    def _look_up(self, candidates: list[Event]) -> dict[Key, SockEntry] | None:
+        """Timewait sockets for these 4-tuples, or None when we cannot afford to ask."""
+        if len(self.followed) + len(candidates) > MAX_FOLLOWED or not self.budget.allows():
+            return None
+        started = time.monotonic()
+        try:
+            rows = self._dump(ev.sport for ev in candidates)
+        finally:
+            self.budget.charge(started)
+        return {r.key: r for r in rows if r.timewait}
+
+    def _dump(self, local_ports) -> list[SockEntry]:
+        ranges = port_ranges(local_ports)
+        clauses = [[(LOCAL, r) for r in ranges]] if len(ranges) <= MAX_RANGES else []
+        return self.table.dump(TIMEWAIT_STATES, self.filters, clauses)
+
+    def _follow(
+        self, template: Event, entry: SockEntry, state: int, since: int, flags: int
+    ) -> Followed:
+        now = time.monotonic_ns()
+        f = Followed(
+            template=template,
+            cookie=entry.cookie,
+            state=state,
+            since_ns=since,
+            since_flags=flags,
+            last_seen_ns=now,
+            due_ns=now + entry.expires_ms * NS_PER_MS,
+        )
+        self.followed[entry.key] = f
+        return f
+
+    def _replace_previous(self, out: list[Event], key: Key, entry: SockEntry, ts: int) -> None:
+        """A new timewait socket on a followed 4-tuple: the old one has gone."""
+        old = self.followed.get(key)
+        if old is not None and old.cookie != entry.cookie:
+            del self.followed[key]
+            self._keep(out, self._closed(old, min(ts, max(old.due_ns, old.last_seen_ns))))
+
+    # ------------------------------------------------------------ polling
+
+    def on_tick(self, now_ns: int) -> list[Event] | None:
+        if not self.followed:
+            return None
+        waiting = any(f.state == FIN_WAIT2 for f in self.followed.values())
+        interval = min(self.poll_interval, FAST_POLL_INTERVAL) if waiting else self.poll_interval
+        if now_ns - self.last_poll_ns < interval * 1e9 or not self.budget.allows():
+            return None
+        return self.poll()
+
+    def poll(self) -> list[Event]:
+        """One sock_diag dump of the followed sockets; events for what changed."""
+        started = time.monotonic()
+        try:
+            rows = self._dump(key[1] for key in self.followed)
+        finally:
+            self.budget.charge(started)
+        now = time.monotonic_ns()
+        self.last_poll_ns = now
+        self.polls += 1
+        seen = {r.key: r for r in rows if r.timewait}
+        made: list[Event] = []
+        for key, f in list(self.followed.items()):
+            entry = seen.get(key)
+            if entry is not None and entry.cookie == f.cookie:
+                if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
+                    made.append(self._entered_time_wait(f, entry, now))
+                f.last_seen_ns = now
+                f.due_ns = now + entry.expires_ms * NS_PER_MS
+            else:
+                del self.followed[key]
+                made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
+        made.sort(key=lambda ev: ev.ts_ns)
+        return [
+            ev
+            for ev in made
+            if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
+        ]
+
+    def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
+        # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came
+        at = _clamp(now + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, f.last_seen_ns, now)
+        ev = self._synthetic(f, at, FIN_WAIT2, TIME_WAIT)
+        if f.kernel_partial_ns is not None and ev.delta_known:
+            self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+        self.fixes.move(FIN_WAIT2, TIME_WAIT)
+        f.state, f.since_ns, f.since_flags = TIME_WAIT, at, F_DELTA_KNOWN
+        return ev
+
+    def _closed(self, f: Followed, at: int) -> Event:
+        ev = self._synthetic(f, at, f.state, CLOSE)
+        self.fixes.move(f.state, CLOSE)
+        if f.state == TIME_WAIT:
+            self.fixes.synthetic += 1
+            if ev.delta_known:
+                self.fixes.added.setdefault(TIME_WAIT, []).append(ev.delta_ns)
+        elif f.kernel_partial_ns is not None and ev.delta_known:
+            self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+        return ev
+
+    def _synthetic(self, f: Followed, at: int, old: int, new: int) -> Event:
+        keep = f.template.flags & ~(F_DELTA_KNOWN | F_DELTA_LOWER)
+        return f.template._replace(
+            ts_ns=at,
+            delta_ns=max(0, at - f.since_ns) if f.since_flags else 0,
+            oldstate=old,
+            newstate=new,
+            flags=keep | f.since_flags | F_POLLED,
+        )
+
+    # ------------------------------------------------------------ summary
+
+    def on_finish(self, summary: Summary) -> None:
+        fixes = self.fixes
+        for key, n in fixes.transitions.items():
+            total = summary.transitions.get(key, 0) + n
+            if total > 0:
+                summary.transitions[key] = total
+            else:
+                summary.transitions.pop(key, None)
+        for state, durations in fixes.removed.items():
+            _remove(summary.state(state), durations)
+        for state, durations in fixes.added.items():
+            stats = summary.state(state)
+            for d in durations:
+                stats.add(d)
+        summary.counters[C_SEEN] += fixes.synthetic
+        if self.unfollowed:
+            summary.notes.append(
+                f"TIME_WAIT: {self.unfollowed} closing sockets not followed "
+                f"(over {MAX_FOLLOWED} followed, or sock_diag budget spent)"
+            )
+
+
+def _start_of(ev: Event) -> tuple[int, int]:
+    """When the event's socket entered the state it leaves, and how well that is known."""
+    if ev.delta_known:
+        return ev.ts_ns - ev.delta_ns, F_DELTA_KNOWN
+    if ev.delta_lower:
+        return ev.ts_ns - ev.delta_ns, F_DELTA_LOWER
+    return ev.ts_ns, 0
+
+
+def _clamp(value: int, lo: int, hi: int) -> int:
+    return max(lo, min(value, hi))
+
+
+def _remove(stats: StateStats, durations: list[int]) -> None:
+    """Take back durations the kernel recorded (its max cannot be undone: a later add covers it)."""
+    for d in durations:
+        slot = hist_slot(d)
+        if stats.count and stats.hist[slot]:
+            stats.hist[slot] -= 1
+            stats.count -= 1
+            stats.total_ns -= d
