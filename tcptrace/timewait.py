@@ -17,6 +17,9 @@ Followed sockets are polled (one sock_diag dump, filtered in the kernel by
 state and by their local ports) every POLL_INTERVAL seconds, and every
 FAST_POLL_INTERVAL while one waits in FIN_WAIT2. When one disappears, a
 synthetic TIME_WAIT -> CLOSE (or FIN_WAIT2 -> CLOSE) carries the time spent.
+A new connection on the same 4-tuple ends a TIME_WAIT at once (the kernel lets
+a new SYN, or tcp_tw_reuse, replace it): its first event closes the followed
+socket, with an exact time.
 Times come from the socket's own timer when it fits (sock_diag reports when it
 expires, and TIME_WAIT lasts a fixed TCP_TIMEWAIT_LEN), so the resolution is
 the poll interval at worst. Synthetic events carry F_POLLED.
@@ -62,6 +65,8 @@ MAX_FOLLOWED = 16384
 MAX_RANGES = 256
 
 Key = tuple[str, int, str, int]
+# A new socket in these states on a followed 4-tuple means its timewait socket is gone.
+_OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
 
 
 def key_of(ev: Event) -> Key:
@@ -122,11 +127,15 @@ class TimeWait(Stage):
     def on_events(self, events: list[Event]) -> list[Event] | None:
         candidates = [ev for ev in events if is_candidate(ev)]
         if not candidates:
+            if self.followed and any(ev.newstate in _OPENING for ev in events):
+                return self._reused(events)
             return None
         found = self._look_up(candidates)
         out: list[Event] = []
         for ev in events:
             if not is_candidate(ev):
+                if ev.newstate in _OPENING and self.followed:
+                    self._end_if_reused(out, ev)
                 out.append(ev)
                 continue
             entry = found.get(key_of(ev)) if found is not None else None
@@ -151,6 +160,23 @@ class TimeWait(Stage):
                     f.kernel_partial_ns = ev.delta_ns
                     self.fixes.removed.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
         return out
+
+    def _reused(self, events: list[Event]) -> list[Event]:
+        out: list[Event] = []
+        for ev in events:
+            if ev.newstate in _OPENING:
+                self._end_if_reused(out, ev)
+            out.append(ev)
+        return out
+
+    def _end_if_reused(self, out: list[Event], ev: Event) -> None:
+        """A new connection on a followed 4-tuple: the kernel ended that TIME_WAIT for it
+
+        (a SYN the timewait socket accepted, or tcp_tw_reuse for a connect()).
+        """
+        f = self.followed.pop(key_of(ev), None)
+        if f is not None:
+            self._keep(out, self._closed(f, max(ev.ts_ns, f.since_ns), polled=False))
 
     def _keep(self, out: list[Event], ev: Event) -> None:
         if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate):
@@ -245,8 +271,8 @@ class TimeWait(Stage):
         f.state, f.since_ns, f.since_flags = TIME_WAIT, at, F_DELTA_KNOWN
         return ev
 
-    def _closed(self, f: Followed, at: int) -> Event:
-        ev = self._synthetic(f, at, f.state, CLOSE)
+    def _closed(self, f: Followed, at: int, polled: bool = True) -> Event:
+        ev = self._synthetic(f, at, f.state, CLOSE, polled)
         self.fixes.move(f.state, CLOSE)
         if f.state == TIME_WAIT:
             self.fixes.synthetic += 1
@@ -256,14 +282,14 @@ class TimeWait(Stage):
             self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
         return ev
 
-    def _synthetic(self, f: Followed, at: int, old: int, new: int) -> Event:
-        keep = f.template.flags & ~(F_DELTA_KNOWN | F_DELTA_LOWER)
+    def _synthetic(self, f: Followed, at: int, old: int, new: int, polled: bool = True) -> Event:
+        keep = f.template.flags & ~(F_DELTA_KNOWN | F_DELTA_LOWER | F_POLLED)
         return f.template._replace(
             ts_ns=at,
             delta_ns=max(0, at - f.since_ns) if f.since_flags else 0,
             oldstate=old,
             newstate=new,
-            flags=keep | f.since_flags | F_POLLED,
+            flags=keep | f.since_flags | (F_POLLED if polled else 0),
         )
 
     # ------------------------------------------------------------ summary

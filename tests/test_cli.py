@@ -33,6 +33,14 @@ from tcptrace.cli import main
         (["--interval", "1", "--csv"], "excludes --csv"),
         (["--interval", "1", "--count", "5"], "--interval shows none"),
         (["--quiet", "--count", "5"], "--quiet shows none"),
+        (["-l"], "--listening goes with --snapshot"),
+        (["-e"], "--extended goes with --snapshot"),
+        (["--snapshot", "--lifetime"], "exclude each other"),
+        (["--snapshot", "--quiet"], "exclude each other"),
+        (["--lifetime", "--quiet"], "exclude each other"),
+        (["--snapshot", "--json"], "exclude each other"),
+        (["--lifetime", "--csv"], "exclude each other"),
+        (["--lifetime", "--interval", "1"], "exclude each other"),
     ],
 )
 def test_usage_errors(args, message):

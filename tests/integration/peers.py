@@ -1,10 +1,11 @@
 """Two real processes with their own names, for owner attribution tests and demos.
 
-    python peers.py server PORT NAME   listen, accept one, wait for the peer to close, close
-    python peers.py client PORT NAME   connect, wait HOLD seconds, close (the active close)
+    python peers.py server PORT NAME   listen; accept one; when the peer closes, close
+    python peers.py client PORT NAME   connect; close after a line on stdin (or HOLD s)
 
-The name is set through /proc/self/comm, as prctl(PR_SET_NAME) would, so the
-kernel's `current->comm` and /proc both show it.
+Each prints "ready" once its socket is set up. The name is set through
+/proc/self/comm, as prctl(PR_SET_NAME) does, so both the kernel's
+`current->comm` and /proc show it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,16 @@ def set_name(name: str) -> None:
         f.write(name)
 
 
+def ready() -> None:
+    print("ready", flush=True)
+
+
 def server(port: int) -> None:
     srv = socket.socket()
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("127.0.0.1", port))
     srv.listen(16)
-    print("ready", flush=True)
+    ready()
     conn, _ = srv.accept()
     while conn.recv(4096):
         pass
@@ -35,14 +40,22 @@ def server(port: int) -> None:
     srv.close()
 
 
-def client(port: int) -> None:
+def client(port: int, wait: bool) -> None:
     cli = socket.create_connection(("127.0.0.1", port))
     cli.sendall(b"hello")
-    time.sleep(HOLD)
+    print(cli.getsockname()[1], flush=True)
+    ready()
+    if wait:
+        sys.stdin.readline()
+    else:
+        time.sleep(HOLD)
     cli.close()
 
 
 if __name__ == "__main__":
     role, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     set_name(name)
-    {"server": server, "client": client}[role](port)
+    if role == "server":
+        server(port)
+    else:
+        client(port, wait="--wait" in sys.argv)

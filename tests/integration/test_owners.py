@@ -1,0 +1,144 @@
+"""The right process on every line: two named processes, sockets older than tcptrace."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from .cmd import Running
+from .netutil import free_port
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+PEERS = Path(__file__).with_name("peers.py")
+
+
+class Peer:
+    """peers.py in its own process, named `name`, once its socket is ready."""
+
+    def __init__(self, role: str, port: int, name: str, *extra: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PEERS), role, str(port), name, *extra],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.said: list[str] = []
+        while True:
+            line = self.proc.stdout.readline()
+            assert line, f"{role} exited early"
+            if line.strip() == "ready":
+                break
+            self.said.append(line.strip())
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def go(self) -> None:
+        self.proc.stdin.write("\n")
+        self.proc.stdin.flush()
+
+    def wait(self) -> None:
+        assert self.proc.wait(timeout=10) == 0
+
+
+def transitions(out: str) -> list[list[str]]:
+    """Lines of `tcptrace -n -T none` as [pid, comm, local, remote, old, new, duration]."""
+    rows = []
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if len(parts) == 8 and parts[5] == "->":
+            rows.append([*parts[:5], parts[6], parts[7]])
+    return rows
+
+
+def owner_by_port(rows: list[list[str]], port: int) -> dict[str, set[tuple[str, str]]]:
+    """For each line, who owns it according to its local port: the server's or not."""
+    found: dict[str, set[tuple[str, str]]] = {"server": set(), "client": set()}
+    for pid, comm, local, *_ in rows:
+        side = "server" if local.endswith(f":{port}") else "client"
+        found[side].add((pid, comm))
+    return found
+
+
+def test_two_named_processes_each_line_names_its_owner():
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    server = Peer("server", port, "tt-server")
+    client = Peer("client", port, "tt-client")
+    client.wait()
+    server.wait()
+    time.sleep(0.5)  # the FIN_WAIT2 -> TIME_WAIT poll
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    rows = transitions(out)
+    got = [(r[4], r[5]) for r in rows]
+    # listener 2, accepted socket 5, client 5 (its end relabelled as TIME_WAIT)
+    assert len(rows) == 12, out
+    assert ("FIN_WAIT2", "TIME_WAIT") in got and ("FIN_WAIT2", "CLOSE") not in got
+    owners = owner_by_port(rows, port)
+    assert owners["server"] == {(str(server.pid), "tt-server")}, out
+    assert owners["client"] == {(str(client.pid), "tt-client")}, out
+
+
+def test_sockets_older_than_tcptrace_get_owner_and_lower_bound():
+    """A connection made before start: the server's ESTABLISHED -> CLOSE_WAIT runs in
+    softirq while the client process is current; the snapshot names the server."""
+    port = free_port()
+    server = Peer("server", port, "tt-server")
+    client = Peer("client", port, "tt-client", "--wait")
+    client_port = client.said[0]
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    held = 0.5
+    time.sleep(held)
+    client.go()
+    client.wait()
+    server.wait()
+    time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    rows = transitions(out)
+    owners = owner_by_port(rows, port)
+    assert owners["server"] == {(str(server.pid), "tt-server")}, out
+    assert owners["client"] == {(str(client.pid), "tt-client")}, out
+    first = {(r[2], r[4]): r for r in rows}
+    # both sides were ESTABLISHED before tracing began: at least `held`, marked ">="
+    for local in (f"127.0.0.1:{port}", f"127.0.0.1:{client_port}"):
+        duration = first[(local, "ESTABLISHED")][6]
+        assert duration.startswith(">="), out
+        assert parse_duration(duration[2:]) >= held * 0.9
+    # the listener too, and its close is the server's own
+    assert first[(f"127.0.0.1:{port}", "LISTEN")][6].startswith(">=")
+
+
+def parse_duration(text: str) -> float:
+    for unit, scale in (("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)):
+        if text.endswith(unit):
+            return float(text[: -len(unit)]) * scale
+    raise ValueError(text)
+
+
+def test_child_of_a_listener_older_than_tcptrace_is_the_listeners():
+    port = free_port()
+    server = Peer("server", port, "tt-server")
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    client = Peer("client", port, "tt-client")
+    client.wait()
+    server.wait()
+    time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    rows = transitions(out)
+    assert ("LISTEN", "SYN_RECV") in [(r[4], r[5]) for r in rows]
+    owners = owner_by_port(rows, port)
+    assert owners["server"] == {(str(server.pid), "tt-server")}, out
+    assert owners["client"] == {(str(client.pid), "tt-client")}, out
