@@ -62,11 +62,12 @@ class Lifetimes(Stage):
                 continue
             if ev.owner_known and not life.pid:
                 life.pid, life.comm = ev.pid, ev.command
+            if self.open.get(ev.skaddr) is life and ev.newstate in (TIME_WAIT, CLOSE):
+                # (a socket leaving TIME_WAIT is long gone: its address may be another's)
+                del self.open[ev.skaddr]
             if ev.newstate == TIME_WAIT:
-                self.open.pop(ev.skaddr, None)
                 self.waiting[_key(ev)] = life
             elif ev.newstate == CLOSE:
-                self.open.pop(ev.skaddr, None)
                 life.end_ns = ev.ts_ns
                 life.duration_ns = max(0, ev.ts_ns - life.start_ns)
                 done.append(life)

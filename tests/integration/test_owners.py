@@ -120,6 +120,10 @@ def test_sockets_older_than_tcptrace_get_owner_and_lower_bound():
 
 
 def parse_duration(text: str) -> float:
+    """Seconds from output.format_duration's text: 850ns, 12.3µs, 1.23ms, 4.560s, 2m03s."""
+    if "m" in text and text.endswith("s") and not text.endswith("ms"):
+        minutes, _, seconds = text[:-1].partition("m")
+        return int(minutes) * 60 + float(seconds)
     for unit, scale in (("ns", 1e-9), ("µs", 1e-6), ("ms", 1e-3), ("s", 1.0)):
         if text.endswith(unit):
             return float(text[: -len(unit)]) * scale

@@ -1,0 +1,124 @@
+"""TIME_WAIT made visible on real active closes: relabelled, followed, timed, summarised."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import time
+
+import pytest
+
+from .cmd import Running
+from .netutil import free_port, listener
+from .test_owners import parse_duration, transitions
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+
+def bound_client(port: int, client_port: int) -> socket.socket:
+    cli = socket.socket()
+    cli.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    cli.bind(("127.0.0.1", client_port))
+    cli.connect(("127.0.0.1", port))
+    return cli
+
+
+def server_closes_first(srv: socket.socket, port: int, client_port: int) -> None:
+    """The server makes the active close: its side of the 4-tuple goes to TIME_WAIT."""
+    cli = bound_client(port, client_port)
+    conn, _ = srv.accept()
+    conn.close()
+    time.sleep(0.05)
+    cli.close()
+
+
+def test_time_wait_ended_by_a_new_connection_on_the_same_4_tuple():
+    """Linux lets a new SYN for the same 4-tuple end a TIME_WAIT early: a real end, fast."""
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    gap = 1.5
+    with listener(port=port) as srv:
+        server_closes_first(srv, port, client_port)
+        time.sleep(gap)
+        server_closes_first(srv, port, client_port)  # its SYN ends the first TIME_WAIT
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    server_side = [
+        r for r in transitions(out) if r[2] == f"127.0.0.1:{port}" and r[3] != "0.0.0.0:*"
+    ]
+    moves = [(r[4], r[5]) for r in server_side]
+    assert moves.count(("FIN_WAIT2", "TIME_WAIT")) == 2, out
+    assert ("FIN_WAIT2", "CLOSE") not in moves, out
+    ended = [r for r in server_side if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")]
+    assert len(ended) == 1, out
+    # in TIME_WAIT from the first close until the second connection's SYN
+    assert gap <= parse_duration(ended[0][6]) < gap + 1.0, out
+    # the summary counts TIME_WAIT like any other state
+    row = next(line for line in out.splitlines() if line.startswith("TIME_WAIT"))
+    assert row.split()[1] == "1"
+
+
+def test_state_filter_time_wait_shows_only_time_wait():
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "-T", "none", "--state", "TIME_WAIT")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.2)
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    moves = [(r[4], r[5]) for r in transitions(out)]
+    assert moves == [
+        ("FIN_WAIT2", "TIME_WAIT"),
+        ("TIME_WAIT", "CLOSE"),
+        ("FIN_WAIT2", "TIME_WAIT"),
+    ], out
+
+
+def test_lifetime_lines_include_time_wait():
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "-T", "none", "--lifetime")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.5)
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    lines = [line.split() for line in out.splitlines()[1:] if "ESTABLISHED" in line]
+    # two client connections (passive close) and the server's first one (ended by the reuse)
+    clients = [p for p in lines if p[2] == f"127.0.0.1:{client_port}"]
+    servers = [p for p in lines if p[2] == f"127.0.0.1:{port}"]
+    assert len(clients) == 2 and len(servers) == 1, out
+    assert clients[0][5::2] == ["SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"], out
+    names = servers[0][5::2]
+    assert names == ["SYN_RECV", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"], out
+    total = parse_duration(servers[0][4])
+    assert sum(parse_duration(d) for d in servers[0][6::2]) == pytest.approx(total, rel=0.01)
+    assert total >= 0.5
+
+
+@pytest.mark.slow
+def test_time_wait_lasts_the_kernels_60_seconds():
+    """The natural end of TIME_WAIT: the kernel's fixed 60 s (no sysctl shortens it),
+    rounded up by the timer wheel (up to 2 s at HZ=250), seen by a poll every second."""
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        cli.close()  # the client's active close
+        time.sleep(0.05)
+        conn.close()
+    time.sleep(65)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    ended = [r for r in transitions(out) if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")]
+    assert len(ended) == 1, out
+    assert 59.5 <= parse_duration(ended[0][6]) <= 64.0, out

@@ -1,0 +1,137 @@
+"""sock_diag through pyroute2 on real loopback sockets: the kernel applies our port bytecode
+exactly as Filters.matches_socket (the BPF program's rule) does. Needs no privilege."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from tcptrace.filters import Filters
+from tcptrace.procs import ProcessIndex
+from tcptrace.sockdiag import (
+    ALL_STATES,
+    LISTEN_STATES,
+    LOCAL,
+    REMOTE,
+    SocketTable,
+    canonical_addr,
+    port_bytecode,
+    port_ranges,
+)
+from tcptrace.states import TcpState
+
+
+@pytest.fixture(scope="module")
+def scene():
+    """Listeners on three ports (the last IPv6) and one connection to the first."""
+    ports, opened = [], []
+    for family, host in [(socket.AF_INET, "127.0.0.1")] * 2 + [(socket.AF_INET6, "::1")]:
+        srv = socket.socket(family, socket.SOCK_STREAM)
+        srv.bind((host, 0))  # the kernel picks distinct free ports
+        srv.listen()
+        ports.append(srv.getsockname()[1])
+        opened.append(srv)
+    cli = socket.create_connection(("127.0.0.1", ports[0]))
+    accepted, _ = opened[0].accept()
+    opened += [cli, accepted]
+    yield ports, cli, accepted
+    for sock in opened:
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def table():
+    with SocketTable() as t:
+        yield t
+
+
+def ours(rows, ports):
+    return sorted(
+        (r.family, r.state, r.local_port, r.remote_port)
+        for r in rows
+        if r.local_port in ports or r.remote_port in ports
+    )
+
+
+def test_the_table_shows_our_sockets(scene, table):
+    ports, cli, _ = scene
+    client_port = cli.getsockname()[1]
+    rows = ours(table.dump(), set(ports))
+    assert (socket.AF_INET, TcpState.LISTEN, ports[0], 0) in rows
+    assert (socket.AF_INET6, TcpState.LISTEN, ports[2], 0) in rows
+    assert (socket.AF_INET, TcpState.ESTABLISHED, client_port, ports[0]) in rows
+    assert (socket.AF_INET, TcpState.ESTABLISHED, ports[0], client_port) in rows
+
+
+def test_inode_leads_to_this_process(scene, table):
+    _, cli, _ = scene
+    owner = ProcessIndex().owner(
+        next(r.inode for r in table.dump() if r.local_port == cli.getsockname()[1])
+    )
+    assert owner is not None and owner.pid == os.getpid()
+    with open("/proc/self/comm") as f:
+        assert owner.comm == f.read().strip()
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p, c: Filters(ports=frozenset({p[0]})),
+        lambda p, c: Filters(ports=frozenset({p[1], p[2]})),
+        lambda p, c: Filters(local_ports=frozenset({p[0]})),
+        lambda p, c: Filters(remote_ports=frozenset({p[0]})),
+        lambda p, c: Filters(local_ports=frozenset({c}), remote_ports=frozenset({p[0]})),
+        # nothing has the client's port locally and the second listener's remotely
+        lambda p, c: Filters(local_ports=frozenset({c}), remote_ports=frozenset({p[1]})),
+        lambda p, c: Filters(ports=frozenset(range(min(p), max(p) + 1))),
+        lambda p, c: Filters(ports=frozenset(p), family=socket.AF_INET6),
+        lambda p, c: Filters(ports=frozenset({p[0], c}), local_ports=frozenset({p[0]})),
+    ],
+)
+def test_kernel_bytecode_matches_the_python_rule(scene, table, make):
+    ports, cli, _ = scene
+    client_port = cli.getsockname()[1]
+    filters = make(ports, client_port)
+    mine = set(ports) | {client_port}
+    everything = [r for r in table.dump() if r.local_port in mine or r.remote_port in mine]
+    expected = ours(
+        [r for r in everything if filters.matches_socket(r.family, r.local_port, r.remote_port)],
+        mine,
+    )
+    assert ours(table.dump(ALL_STATES, filters), mine) == expected
+    assert bool(expected) == (filters.remote_ports != frozenset({ports[1]}))
+
+
+def test_state_mask_is_applied_in_the_kernel(scene, table):
+    ports, _, _ = scene
+    rows = table.dump(LISTEN_STATES, Filters(ports=frozenset(ports)))
+    assert {r.state for r in rows} == {TcpState.LISTEN}
+    assert sorted(r.local_port for r in rows) == sorted(ports)
+
+
+def test_extra_clauses_narrow_the_filter(scene, table):
+    ports, cli, _ = scene
+    client_port = cli.getsockname()[1]
+    rows = table.dump(
+        ALL_STATES,
+        Filters(ports=frozenset({ports[0]})),
+        [[(LOCAL, (client_port, client_port))]],
+    )
+    assert [(r.local_port, r.remote_port) for r in rows] == [(client_port, ports[0])]
+
+
+def test_bytecode_layout():
+    assert port_bytecode([]) == b""
+    one = port_bytecode([[(LOCAL, (80, 80))]])
+    assert len(one) == 16  # two port comparisons, each an op and a port slot
+    two = port_bytecode([[(LOCAL, (80, 80)), (REMOTE, (443, 443))]])
+    assert len(two) == 16 + 4 + 16  # a JMP over the second alternative
+    assert port_ranges([5, 3, 4, 9]) == [(3, 5), (9, 9)]
+
+
+def test_canonical_addr():
+    assert canonical_addr("::ffff:127.0.0.1") == "127.0.0.1"
+    assert canonical_addr("::1") == "::1"
+    assert canonical_addr("10.0.0.1") == "10.0.0.1"
