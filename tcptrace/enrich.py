@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 
-from tcptrace.events import F_DELTA_LOWER, F_OWNER_KNOWN, Event
+from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
 from tcptrace.filters import Filters
 from tcptrace.procs import Owner, ProcessIndex
 from tcptrace.snapshot import Snapshot, single_owner
@@ -27,6 +27,7 @@ from tcptrace.tracer import Stage
 CLOSE = int(TcpState.CLOSE)
 LISTEN = int(TcpState.LISTEN)
 SYN_RECV = int(TcpState.SYN_RECV)
+_BOTH_KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
 # Owners found in user space, by socket; bounded (oldest dropped first).
 MAX_CACHED = 65536
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
@@ -63,16 +64,19 @@ class Owners(Stage):
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         out: list[Event] | None = None
+        found, failed = self.found, self.failed
         for i, ev in enumerate(events):
-            new = ev
             flags = ev.flags
+            if ev.newstate == CLOSE and (found or failed):
+                found.pop(ev.skaddr, None)
+                failed.pop(ev.skaddr, None)
+            if flags & _BOTH_KNOWN == _BOTH_KNOWN:
+                continue  # the hot path: the kernel knew everything
+            new = ev
             if not flags & F_OWNER_KNOWN:
-                new = self._attribute(new)
-            if not ev.delta_known and not is_birth(ev.oldstate, ev.newstate):
+                new = self._attribute(ev)
+            if not flags & F_DELTA_KNOWN and not is_birth(ev.oldstate, ev.newstate):
                 new = self._lower_bound(new)
-            if ev.newstate == CLOSE:
-                self.found.pop(ev.skaddr, None)
-                self.failed.pop(ev.skaddr, None)
             if new is not ev:
                 if out is None:
                     out = list(events)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from tcptrace.filters import Filters
 from tcptrace.procs import Owner, ProcessIndex
 from tcptrace.sockdiag import ALL_STATES, SockEntry, SocketTable
+from tcptrace.states import LIFECYCLE_ORDER
 
 Key = tuple[str, int, str, int]
 
@@ -68,5 +69,6 @@ def take(
     entries = table.dump(states, filters)
     procs.refresh()
     rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None) for e in entries]
-    rows.sort(key=lambda r: (r.entry.state, r.entry.local_port, r.entry.remote_port))
+    order = {int(state): i for i, state in enumerate(LIFECYCLE_ORDER)}
+    rows.sort(key=lambda r: (order.get(r.entry.state, 99), r.entry.local_port, r.entry.remote_port))
     return Snapshot(taken_ns, rows)

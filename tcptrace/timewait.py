@@ -65,6 +65,7 @@ MAX_FOLLOWED = 16384
 MAX_RANGES = 256
 
 Key = tuple[str, int, str, int]
+_ENDS_IN_TIMEWAIT = frozenset({FIN_WAIT2, CLOSING})
 # A new socket in these states on a followed 4-tuple means its timewait socket is gone.
 _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
 
@@ -75,7 +76,7 @@ def key_of(ev: Event) -> Key:
 
 def is_candidate(ev: Event) -> bool:
     """The full socket's end that may hide a new timewait socket."""
-    return ev.newstate == CLOSE and (ev.oldstate == FIN_WAIT2 or ev.oldstate == CLOSING)
+    return ev.newstate == CLOSE and ev.oldstate in _ENDS_IN_TIMEWAIT
 
 
 @dataclass
@@ -125,7 +126,9 @@ class TimeWait(Stage):
     # ------------------------------------------------------------ events
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
-        candidates = [ev for ev in events if is_candidate(ev)]
+        candidates = [
+            ev for ev in events if ev.newstate == CLOSE and ev.oldstate in _ENDS_IN_TIMEWAIT
+        ]
         if not candidates:
             if self.followed and any(ev.newstate in _OPENING for ev in events):
                 return self._reused(events)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -122,3 +123,41 @@ def test_time_wait_lasts_the_kernels_60_seconds():
     ended = [r for r in transitions(out) if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")]
     assert len(ended) == 1, out
     assert 59.5 <= parse_duration(ended[0][6]) <= 64.0, out
+
+
+@pytest.fixture
+def no_timewait_namespace():
+    """A fresh network namespace whose timewait table holds nothing
+    (net.ipv4.tcp_max_tw_buckets=0): closing sockets skip TIME_WAIT there."""
+    from pyroute2 import IPRoute, netns
+
+    name = f"tcptrace-test-{os.getpid()}"
+    netns.create(name)
+    netns.pushns(name)
+    try:
+        with IPRoute() as ipr:
+            ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+        with open("/proc/sys/net/ipv4/tcp_max_tw_buckets", "w") as f:
+            f.write("0")
+        yield name
+    finally:
+        netns.popns()
+        netns.remove(name)
+
+
+def test_without_a_timewait_socket_the_kernels_event_stays(no_timewait_namespace):
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        conn.close()
+        time.sleep(0.05)
+        cli.close()
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    moves = [(r[4], r[5]) for r in transitions(out)]
+    assert ("FIN_WAIT2", "CLOSE") in moves, out
+    assert not any("TIME_WAIT" in m for m in moves), out
