@@ -21,8 +21,8 @@ A new connection on the same 4-tuple ends a TIME_WAIT at once (the kernel lets
 a new SYN, or tcp_tw_reuse, replace it): its first event closes the followed
 socket, with an exact time.
 Times come from the socket's own timer when it fits (sock_diag reports when it
-expires, and TIME_WAIT lasts a fixed TCP_TIMEWAIT_LEN), so the resolution is
-the poll interval at worst. Synthetic events carry F_POLLED.
+expires, and TIME_WAIT lasts a fixed TCP_TIMEWAIT_LEN): exact to a jiffy or two
+(4 ms at HZ=250); otherwise the resolution is the poll interval. Synthetic events carry F_POLLED.
 
 The kernel's statistics are corrected in on_finish: the relabelled transitions,
 TIME_WAIT as a state of its own, FIN_WAIT2 durations of held-back sockets.
@@ -121,6 +121,7 @@ class TimeWait(Stage):
         self.last_poll_ns = 0
         self.fixes = Corrections()
         self.unfollowed = 0  # candidates not checked (limit or budget)
+        self.asked_ns = 0  # when the last look-up was sent
         self.polls = 0
 
     # ------------------------------------------------------------ events
@@ -178,8 +179,14 @@ class TimeWait(Stage):
         (a SYN the timewait socket accepted, or tcp_tw_reuse for a connect()).
         """
         f = self.followed.pop(key_of(ev), None)
-        if f is not None:
-            self._keep(out, self._closed(f, max(ev.ts_ns, f.since_ns), polled=False))
+        if f is None:
+            return
+        if f.state == FIN_WAIT2:
+            # only a TIME_WAIT socket gives way to a new connection (a FIN_WAIT2 one
+            # answers with a reset): the peer's FIN came after our last poll
+            at = _clamp(f.last_seen_ns, f.since_ns, ev.ts_ns)
+            self._keep(out, self._entered_time_wait_at(f, at))
+        self._keep(out, self._closed(f, max(ev.ts_ns, f.since_ns), polled=False))
 
     def _keep(self, out: list[Event], ev: Event) -> None:
         if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate):
@@ -190,6 +197,7 @@ class TimeWait(Stage):
         if len(self.followed) + len(candidates) > MAX_FOLLOWED or not self.budget.allows():
             return None
         started = time.monotonic()
+        self.asked_ns = time.monotonic_ns()
         try:
             rows = self._dump(ev.sport for ev in candidates)
         finally:
@@ -204,15 +212,16 @@ class TimeWait(Stage):
     def _follow(
         self, template: Event, entry: SockEntry, state: int, since: int, flags: int
     ) -> Followed:
-        now = time.monotonic_ns()
+        # timer arithmetic uses the moment the kernel was asked, not the parse's end
+        asked = self.asked_ns
         f = Followed(
             template=template,
             cookie=entry.cookie,
             state=state,
             since_ns=since,
             since_flags=flags,
-            last_seen_ns=now,
-            due_ns=now + entry.expires_ms * NS_PER_MS,
+            last_seen_ns=asked,
+            due_ns=asked + entry.expires_ms * NS_PER_MS,
         )
         self.followed[entry.key] = f
         return f
@@ -238,12 +247,14 @@ class TimeWait(Stage):
     def poll(self) -> list[Event]:
         """One sock_diag dump of the followed sockets; events for what changed."""
         started = time.monotonic()
+        asked = time.monotonic_ns()
         try:
             rows = self._dump(key[1] for key in self.followed)
         finally:
             self.budget.charge(started)
+        # the kernel looked at its table between `asked` and `now`
         now = time.monotonic_ns()
-        self.last_poll_ns = now
+        self.last_poll_ns = asked
         self.polls += 1
         seen = {r.key: r for r in rows if r.timewait}
         made: list[Event] = []
@@ -251,9 +262,9 @@ class TimeWait(Stage):
             entry = seen.get(key)
             if entry is not None and entry.cookie == f.cookie:
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
-                    made.append(self._entered_time_wait(f, entry, now))
-                f.last_seen_ns = now
-                f.due_ns = now + entry.expires_ms * NS_PER_MS
+                    made.append(self._entered_time_wait(f, entry, asked))
+                f.last_seen_ns = asked
+                f.due_ns = asked + entry.expires_ms * NS_PER_MS
             else:
                 del self.followed[key]
                 made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
@@ -267,6 +278,9 @@ class TimeWait(Stage):
     def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
         # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came
         at = _clamp(now + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, f.last_seen_ns, now)
+        return self._entered_time_wait_at(f, at)
+
+    def _entered_time_wait_at(self, f: Followed, at: int) -> Event:
         ev = self._synthetic(f, at, FIN_WAIT2, TIME_WAIT)
         if f.kernel_partial_ns is not None and ev.delta_known:
             self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)

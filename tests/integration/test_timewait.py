@@ -54,8 +54,9 @@ def test_time_wait_ended_by_a_new_connection_on_the_same_4_tuple():
     assert ("FIN_WAIT2", "CLOSE") not in moves, out
     ended = [r for r in server_side if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")]
     assert len(ended) == 1, out
-    # in TIME_WAIT from the first close until the second connection's SYN
-    assert gap <= parse_duration(ended[0][6]) < gap + 1.0, out
+    # in TIME_WAIT from the first close until the second connection's SYN; the entry
+    # time comes from the socket's timer, exact to a couple of jiffies (4 ms at HZ=250)
+    assert gap - 0.01 <= parse_duration(ended[0][6]) < gap + 1.0, out
     # the summary counts TIME_WAIT like any other state
     row = next(line for line in out.splitlines() if line.startswith("TIME_WAIT"))
     assert row.split()[1] == "1"
