@@ -83,7 +83,7 @@ Examples:
   tcptrace --interval 2               a per-state table every 2 s, like top
   tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
-  tcptrace --snapshot -lne            listening sockets now, with owners (like ss -tlpen)
+  tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
 
 \b
 Shell completion (bash; zsh and fish alike):

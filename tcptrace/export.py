@@ -21,7 +21,7 @@ from typing import Any, TextIO
 
 from tcptrace.events import AF_INET, C_SEEN, Event, format_addr
 from tcptrace.flows import lost_events
-from tcptrace.output import NS_PER_S, NS_PER_US, Clock, OwnerResolver, format_summary
+from tcptrace.output import NS_PER_S, NS_PER_US, Clock, format_summary
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 from tcptrace.tracer import Stage
@@ -191,13 +191,11 @@ class RecordOutput(Stage):
         err: TextIO,
         clock: Clock,
         quiet: bool = False,
-        resolve_owner: OwnerResolver | None = None,
     ) -> None:
         self.fmt = fmt
         self.err = err
         self.quiet = quiet
         self.iso = IsoClock(clock)
-        self.resolve_owner = resolve_owner
         self.written = 0
         if fmt == FORMAT_JSON:
             self.writer: JsonLinesWriter | CsvWriter = JsonLinesWriter(out)
@@ -209,12 +207,9 @@ class RecordOutput(Stage):
     # -- record builders: one small method per record type --------------------
 
     def owner(self, ev: Event) -> tuple[int | None, str | None]:
+        # enrich.Owners has already looked up what the kernel could not attribute
         if ev.owner_known:
             return ev.pid, ev.command
-        if self.resolve_owner is not None:
-            found = self.resolve_owner(ev)
-            if found is not None:
-                return found
         return None, None
 
     def transition(self, ev: Event) -> Record:

@@ -7,7 +7,6 @@ import socket
 
 from test_output import make_event
 
-from tcptrace.events import F_DELTA_KNOWN
 from tcptrace.export import (
     FORMAT_CSV,
     FORMAT_JSON,
@@ -56,13 +55,6 @@ def test_unknown_duration_and_owner_are_null():
     record = stage.transition(make_event(TcpState.CLOSE, TcpState.SYN_SENT, flags=0))
     assert record["duration_ns"] is None
     assert record["pid"] is None and record["comm"] is None
-
-
-def test_owner_resolver_fills_unattributed_events():
-    out = io.StringIO()
-    stage = RecordOutput(FORMAT_JSON, out, io.StringIO(), CLOCK, resolve_owner=lambda ev: (7, "x"))
-    record = stage.transition(make_event(flags=F_DELTA_KNOWN))
-    assert (record["pid"], record["comm"]) == (7, "x")
 
 
 def test_ipv6_and_mapped_addresses():
