@@ -39,7 +39,8 @@ def collect(probe, action: Callable[[], None], settle: float = 0.1) -> list[Even
     raw: list[bytes] = []
     for _ in range(5):
         raw += probe.poll(20)
-    return list(decode_many(raw))
+    # per-CPU buffers deliver out of order: time order, as a socket lived it
+    return sorted(decode_many(raw), key=lambda e: e.ts_ns)
 
 
 def seq(events: list[Event], local_port: int | None = None) -> list[tuple[int, int]]:
