@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import sys
 
 import click
 
 from tcptrace import __version__
-from tcptrace.errors import TcptraceError
+from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import Filters, parse_ports, parse_states
 from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
 from tcptrace.states import TcpState
+
+# Perf buffer pages per CPU: 65536 pages is 256 MiB per CPU, far past any need.
+MAX_BUFFER_PAGES = 1 << 16
+DEFAULT_MAX_SOCKETS = 65536
+MIN_SOCKETS = 64
+# The per-socket map is an LRU hash that preallocates every entry (~100 bytes each).
+MAX_SOCKETS_LIMIT = 1 << 22
+# Set to get Python's traceback instead of the one-line internal error.
+DEBUG_ENV = "TCPTRACE_DEBUG"
 
 
 class PortsType(click.ParamType):
@@ -61,6 +72,23 @@ class ListenAddressType(click.ParamType):
             return parse_listen_address(str(value))
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class FiniteSeconds(click.ParamType):
+    """A positive, finite number of seconds ('inf' and 'nan' are floats, not durations)."""
+
+    name = "SECONDS"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
 
 
 def _union(values: tuple[frozenset, ...]) -> frozenset:
@@ -145,7 +173,7 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "-d",
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteSeconds(),
     default=None,
     help="Stop after this many seconds.",
 )
@@ -157,7 +185,7 @@ Shell completion (bash; zsh and fish alike):
 )
 @click.option(
     "--buffer-pages",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_BUFFER_PAGES),
     default=1024,
     show_default=True,
     help="Perf buffer size per CPU, in pages (rounded up to a power of two).",
@@ -208,6 +236,14 @@ Shell completion (bash; zsh and fish alike):
 )
 @click.option(
     "-e", "--extended", is_flag=True, help="With --snapshot: add uid and inode columns (ss -e)."
+)
+@click.option(
+    "--max-sockets",
+    type=click.IntRange(min=MIN_SOCKETS, max=MAX_SOCKETS_LIMIT),
+    default=DEFAULT_MAX_SOCKETS,
+    show_default=True,
+    help="Capacity of the kernel's per-socket map (LRU: beyond it the least recently "
+    "active sockets are evicted, counted in the summary, and their next transition is UNTIMED).",
 )
 @click.version_option(__version__)
 def main(**opts: object) -> None:
@@ -266,12 +302,27 @@ def main(**opts: object) -> None:
         snapshot=bool(opts["snapshot"]),
         listening=bool(opts["listening"]),
         extended=bool(opts["extended"]),
+        max_sockets=int(opts["max_sockets"]),
     )
     try:
         code = run(options)
     except TcptraceError as exc:
         click.echo(f"tcptrace: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C before tracing started (while the program compiles): nothing to summarise
+        click.echo("tcptrace: interrupted before tracing started", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        # a bug: still one line, and the traceback on demand
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(
+            f"tcptrace: internal error: {type(exc).__name__}: {exc} "
+            f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
+            err=True,
+        )
+        sys.exit(1)
     sys.exit(code)
 
 

@@ -12,13 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tcptrace.errors import TcptraceError
-from tcptrace.events import HIST_SLOTS, NCOUNTERS
+from tcptrace.events import C_DROPPED, C_SHED, C_SUBMITTED, HIST_SLOTS, NCOUNTERS
 from tcptrace.filters import Filters
+from tcptrace.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
 from tcptrace.states import NSTATES
 from tcptrace.stats import Summary
 
 TRACEPOINT = "sock:inet_sock_set_state"
 PROGRAM = "tcptrace.bpf.c"
+# Load this C file instead of bpf/tcptrace.bpf.c: for tests that need a program
+# the compiler or the verifier refuses, and for debugging (README, "Environment").
+PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 
 
 def bpf_dir() -> Path:
@@ -55,21 +59,32 @@ class Probe:
     def __init__(self, config: ProbeConfig) -> None:
         try:
             from bcc import BPF
-        except ImportError as exc:  # preflight says how to fix it
-            raise TcptraceError(f"bcc is not importable: {exc}") from exc
+        except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
+            raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
         self.config = config
         self.raw: list[bytes] = []
         self.lost = 0
-        source = (bpf_dir() / PROGRAM).read_text()
+        # records read from the perf buffer, to count those left unread at exit
+        self.received = 0
+        path = program_path()
         try:
-            self.bpf = BPF(text=source.encode(), cflags=config.cflags())
-        except Exception as exc:  # bcc raises bare Exception on compile/verify failure
+            source = path.read_bytes()
+        except OSError as exc:
+            raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
+        try:
+            self.bpf = BPF(text=source, cflags=config.cflags())
+        except Exception as exc:  # bcc raises bare Exception for every failure
+            raise load_error(exc, path) from None
+        try:
+            self._fill_ports()
+            if config.emit_events:
+                self._open_buffer()
+        except Exception as exc:
+            self.bpf.cleanup()
             raise TcptraceError(
-                f"the kernel refused the BPF program ({exc}); the verifier log is above"
-            ) from exc
-        self._fill_ports()
-        if config.emit_events:
-            self._open_buffer()
+                f"could not set up the perf buffer ({exc}): try a smaller --buffer-pages "
+                f"than {config.buffer_pages}"
+            ) from None
 
     def _fill_ports(self) -> None:
         table = self.bpf[b"ports"]
@@ -103,6 +118,7 @@ class Probe:
             return []
         out = self.raw[:]
         del self.raw[:]
+        self.received += len(out)
         return out
 
     def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
@@ -122,10 +138,48 @@ class Probe:
             counters=self._sum_percpu("counters", NCOUNTERS),
         )
         summary.lost = self.lost
+        summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
+        summary.sockets_tracked = self.sockets_tracked()
         return summary
+
+    def lost_so_far(self) -> int:
+        """Events lost until now (cheap: two per-CPU counters), for live reports."""
+        table = self.bpf[b"counters"]
+        dropped, shed = (sum(table[table.Key(i)]) for i in (C_DROPPED, C_SHED))
+        return max(dropped, self.lost) + shed
+
+    def sockets_tracked(self) -> int:
+        """Entries in the per-socket map now (LRU evictions are inferred from it)."""
+        return sum(1 for _ in self.bpf[b"sockets"])
 
     def close(self) -> None:
         self.bpf.cleanup()
+
+
+def program_path() -> Path:
+    override = os.environ.get(PROGRAM_ENV)
+    return Path(override) if override else bpf_dir() / PROGRAM
+
+
+def load_error(exc: Exception, path: Path) -> TcptraceError:
+    """bcc's bare Exception, by its message, as the step that failed and its fix."""
+    text = str(exc)
+    if text.startswith("Failed to compile"):
+        return TcptraceError(
+            f"could not compile {path} (the compiler's messages are above): check the kernel "
+            f"headers at {headers_dir()}; {SETUP_HINT}"
+        )
+    if text.startswith("Failed to load BPF program"):
+        return TcptraceError(
+            f"the kernel's BPF verifier refused {path.name} ({text.split(': ')[-1]}; its log "
+            f"is above): this kernel ({os.uname().release}) is not supported yet, please "
+            "report it with that log"
+        )
+    if "tracepoint" in text:
+        return TcptraceError(
+            f"could not attach to the tracepoint {TRACEPOINT} ({text}): {ROOT_HINT}"
+        )
+    return TcptraceError(f"could not load the BPF program: {text}")
 
 
 def possible_cpus() -> int:
