@@ -82,8 +82,9 @@ class Probe:
         except Exception as exc:
             self.bpf.cleanup()
             raise TcptraceError(
-                f"could not set up the perf buffer ({exc}): try a smaller --buffer-pages "
-                f"than {config.buffer_pages}"
+                f"could not set up the perf buffer of {config.buffer_pages} pages per CPU "
+                f"({exc}): without CAP_IPC_LOCK it must fit the locked-memory limit "
+                "(ulimit -l, LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
             ) from None
 
     def _fill_ports(self) -> None:
