@@ -42,6 +42,12 @@ class LossReport(Stage):
     def on_finish(self, summary: Summary) -> None:
         if summary.lost_total:
             self._say(f"{summary.lost_total} events lost in all: {ADVICE}")
+        if summary.missed:
+            self._say(
+                f"up to {summary.missed} transitions were never seen: the kernel skips a "
+                "tracepoint hit while a BPF program already runs on that CPU "
+                "(bpftool prog show: recursion_misses)"
+            )
 
     def _say(self, text: str) -> None:
         self.err.write(f"tcptrace: {text}\n")

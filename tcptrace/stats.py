@@ -107,6 +107,9 @@ class Summary:
     unread: int = 0
     # entries in the kernel's per-socket map when the summary was taken
     sockets_tracked: int = 0
+    # tracepoint hits the kernel skipped: a BPF program was already running on that CPU
+    # (every TCP socket's, not only the filtered ones: an upper bound)
+    missed: int = 0
 
     def state(self, state: int) -> StateStats:
         stats = self.states.get(state)

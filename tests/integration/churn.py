@@ -6,6 +6,9 @@ connects and closes first, the server reads the EOF and then closes (no simultan
 close). The listener adds LISTENER_TRANSITIONS. Prints the number of connections.
 
     python churn.py PORT SECONDS RATE
+
+It runs over IPv6 (::1), so that tracing with -6 leaves out the IPv4 loopback
+churn other programs on the machine may make on the same port numbers.
 """
 
 from __future__ import annotations
@@ -32,9 +35,9 @@ def serve(srv: socket.socket) -> None:
 
 
 def churn(port: int, seconds: float, rate: float) -> int:
-    srv = socket.socket()
+    srv = socket.socket(socket.AF_INET6)
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind(("127.0.0.1", port))
+    srv.bind(("::1", port))
     srv.listen(1024)
     server = threading.Thread(target=serve, args=(srv,), daemon=True)
     server.start()
@@ -43,7 +46,7 @@ def churn(port: int, seconds: float, rate: float) -> int:
     while (now := time.monotonic()) - start < seconds:
         due = int((now - start) * rate) + 1
         while done < due:
-            cli = socket.create_connection(("127.0.0.1", port))
+            cli = socket.create_connection(("::1", port))
             cli.close()
             done += 1
         time.sleep(0.005)

@@ -80,6 +80,21 @@ def summary_numbers(last_line: str) -> tuple[int, int, int]:
     return int(parts[0].split()[0]), int(parts[1].split()[0]), int(parts[2].split()[0])
 
 
+def missed(last_line: str) -> int:
+    """Transitions the kernel skipped (', K missed by the kernel ...'), 0 if none."""
+    for part in last_line.split(", "):
+        if "missed by the kernel" in part:
+            return int(part.split()[0])
+    return 0
+
+
+def assert_all_accounted(last_line: str, expected: int) -> None:
+    """Every transition the workload made is traced, or was missed by the kernel and
+    counted (misses count every TCP socket's, so they may exceed the shortfall)."""
+    traced, _, _ = summary_numbers(last_line)
+    assert traced <= expected <= traced + missed(last_line), (last_line, expected)
+
+
 @contextlib.contextmanager
 def open_files(n: int):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -147,7 +162,7 @@ def test_half_open_flood_keeps_the_map_bounded_and_counts_evictions():
     last = lines[-1]
     traced, shown, lost = summary_numbers(last)
     assert lost == 0 and traced == shown
-    evicted = int(last.split(", ")[3].split()[0])
+    evicted = int(next(p for p in last.split(", ") if "evicted" in p).split()[0])
     assert evicted >= half_open - max_sockets, last
     assert last.endswith("evicted from the full socket map (raise --max-sockets)")
     syn_row = next(line for line in lines if line.startswith("SYN_SENT")).split()
@@ -168,7 +183,7 @@ def wait_blocked_in_write(pid: int, timeout: float = 20.0) -> None:
 def test_slow_reader_loses_counted_events_and_stays_responsive():
     port = free_port()
     # a small perf buffer so that a stuck reader makes the kernel side drop, not wait
-    run = Running("--port", str(port), "-n", "--buffer-pages", "4")
+    run = Running("-6", "--port", str(port), "-n", "--buffer-pages", "4")
     run.wait_ready()
     seconds, rate = 4.0, 500.0
     churn = run_in_netns(port, seconds, rate)
@@ -196,7 +211,7 @@ def test_slow_reader_loses_counted_events_and_stays_responsive():
     assert code == 0, err
     assert took < 30, took
     traced, shown, lost = summary_numbers(lines[-1])
-    assert traced == connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS
+    assert_all_accounted(lines[-1], connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS)
     assert lost > 0 and shown + lost == traced, lines[-1]
     # reported on stderr, where a person notices, not only in the summary
     assert f"tcptrace: {lost} events lost in all: the output did not keep up" in err
@@ -232,15 +247,19 @@ def test_two_tracers_work_independently():
     time.sleep(0.3)
     code, out_both, _ = both.stop()
     assert code == 0
-    assert out_one.splitlines()[-1] == "12 transitions traced, 12 shown, 0 lost"
     assert all(f":{p2} " not in line for line in out_one.splitlines())
-    assert out_both.splitlines()[-1] == "36 transitions traced, 36 shown, 0 lost"
+    assert len([line for line in out_one.splitlines() if f":{p1} " in line]) >= 10
+    assert len([line for line in out_both.splitlines() if f":{p2} " in line]) >= 20
+    for out, expected in ((out_one, 12), (out_both, 36)):
+        traced, shown, lost = summary_numbers(out.splitlines()[-1])
+        assert shown == traced and lost == 0
+        assert_all_accounted(out.splitlines()[-1], expected)
 
 
 @pytest.mark.slow  # SOAK_SECONDS (120 s by default) of churn: growth shows only over time
 def test_soak_steady_churn_no_growth_every_event_accounted():
     port = free_port()
-    run = Running("--port", str(port), "-n")
+    run = Running("-6", "--port", str(port), "-n")
     run.wait_ready()
     drain = Drain(run.proc.stdout)
     drain.start()
@@ -264,9 +283,10 @@ def test_soak_steady_churn_no_growth_every_event_accounted():
     assert connections >= 0.8 * SOAK_SECONDS * rate
     # every transition of the workload traced, and each one shown or counted lost
     traced, shown, lost = summary_numbers(drain.lines[-1])
-    assert traced == connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS
+    expected = connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS
+    assert_all_accounted(drain.lines[-1], expected)
     assert shown + lost == traced
-    assert len([line for line in drain.lines if " -> " in line]) == shown
+    assert len([line for line in drain.lines[1:] if " -> " in line]) == shown  # [0]: header
     # no growth: memory after warm-up stays within 10% (+1 MiB slack for the allocator),
     # the socket map holds only the few connections open at a time
     warm = samples[1][1]
