@@ -112,6 +112,7 @@ Examples:
   tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
   tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
+  tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -212,7 +213,7 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "-i",
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteSeconds(),
     default=None,
     help="Instead of lines, a per-state table every this many seconds: 2 or 0.5.",
 )

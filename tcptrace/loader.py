@@ -145,10 +145,15 @@ class Probe:
             counters=self._sum_percpu("counters", NCOUNTERS),
         )
         summary.lost = self.lost
-        summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
-        summary.sockets_tracked = self.sockets_tracked()
         summary.missed = self.missed()
         return summary
+
+    def finish_accounting(self, summary: Summary) -> None:
+        """Add what only the final summary needs: events never read (counted lost) and
+        the map's entries, from which evictions follow. Too costly or too transient for
+        the summaries live views take while tracing."""
+        summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
+        summary.sockets_tracked = self.sockets_tracked()
 
     def missed(self) -> int:
         """Tracepoint hits the kernel skipped without running the program.

@@ -6,7 +6,7 @@ caused them: stderr is where a person or a supervisor notices.
 
 from __future__ import annotations
 
-from typing import Callable, TextIO
+from typing import Protocol, TextIO
 
 from tcptrace.stats import Summary
 from tcptrace.tracer import Stage
@@ -20,11 +20,22 @@ ADVICE = (
 )
 
 
-class LossReport(Stage):
-    """Reports lost events on stderr: live (throttled) and once at exit."""
+class LossSource(Protocol):
+    def lost_so_far(self) -> int: ...
 
-    def __init__(self, lost_so_far: Callable[[], int], err: TextIO) -> None:
-        self.lost_so_far = lost_so_far
+    def finish_accounting(self, summary: Summary) -> None: ...
+
+
+class LossReport(Stage):
+    """Reports lost events on stderr: live (throttled) and once at exit.
+
+    It goes first among the stages: its on_finish completes the final summary's
+    accounting (unread events, map evictions) before the outputs print it.
+    """
+
+    def __init__(self, source: LossSource, err: TextIO) -> None:
+        self.lost_so_far = source.lost_so_far
+        self.finish_accounting = source.finish_accounting
         self.err = err
         self.reported = 0
         self.next_check_ns = 0
@@ -40,6 +51,7 @@ class LossReport(Stage):
         return None
 
     def on_finish(self, summary: Summary) -> None:
+        self.finish_accounting(summary)
         if summary.lost_total:
             self._say(f"{summary.lost_total} events lost in all: {ADVICE}")
         if summary.missed:

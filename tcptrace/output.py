@@ -209,8 +209,6 @@ def format_accounting(summary: Summary, printed: int | None) -> str:
     if printed is not None:
         text += f", {printed} shown"
     text += f", {summary.lost_total} lost"
-    if summary.missed:
-        text += f", {summary.missed} missed by the kernel (BPF busy on that CPU)"
     if summary.evicted:
         text += f", {summary.evicted} evicted from the full socket map (raise --max-sockets)"
     return text

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, TextIO
 from tcptrace import preflight
 from tcptrace.events import Event
 from tcptrace.filters import Filters
+from tcptrace.losses import LossReport
 from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
 from tcptrace.sockdiag import Budget, SocketTable
-from tcptrace.losses import LossReport
 from tcptrace.stats import Summary
 from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
 
@@ -244,8 +244,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     table = SocketTable() if options.emit_events else None
     try:
         stages = build_stages(options, out, err, summaries, table)
-        if options.emit_events:
-            stages.append(LossReport(probe.lost_so_far, err))
+        # first: its on_finish completes the final accounting the outputs print
+        stages.insert(0, LossReport(probe, err))
         tracer = Tracer(probe, stages, StopConditions(options.count, options.duration))
         tracer.install_signals()
         if early_sigterm:

@@ -37,6 +37,12 @@ BAD = [
     (["--buffer-pages", "65537"], "not in the range"),
     (["--max-sockets", "10"], "10 is not in the range 64<=x<=4194304"),
     (["--max-sockets", "lots"], "'lots' is not a valid integer"),
+    (["--interval", "0"], "not a positive, finite number of seconds"),
+    (["-i", "nan"], "'nan' is not a positive, finite number of seconds"),
+    (["--interval", "inf"], "'inf' is not a positive, finite number of seconds"),
+    (["--metrics", "70000"], "port 70000 out of range 1-65535"),
+    (["--metrics", "nothere:9876"], "'nothere' is not an IP address"),
+    (["--metrics", "127.0.0.1:"], "'' is not a port number"),
     (["--bogus"], "No such option '--bogus'"),
     (["extra"], "unexpected extra argument (extra)"),
     (["--port"], "Option '--port' requires an argument"),
@@ -69,6 +75,6 @@ def test_every_option_has_a_bad_value_here():
     }
     covered = {arg for args, _ in BAD for arg in args if arg.startswith("--")}
     short = {"-p": "--port", "-L": "--local-port", "-D": "--remote-port", "-s": "--state"}
-    short |= {"-c": "--count", "-d": "--duration", "-T": "--timestamp"}
+    short |= {"-c": "--count", "-d": "--duration", "-T": "--timestamp", "-i": "--interval"}
     covered |= {short[arg] for args, _ in BAD for arg in args if arg in short}
     assert takes_value <= covered, takes_value - covered
