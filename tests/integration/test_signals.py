@@ -51,14 +51,14 @@ def test_stop_signal_prints_summary_and_exits_0(sig):
 
 def fill_stdout_pipe(port: int) -> None:
     """Make tcptrace block writing: the test never reads its stdout (64 KiB pipe)."""
-    connections(port, 200)  # 2,000 lines, ~200 KiB
+    connections(port, 400)  # 4,000 lines, ~400 KiB
 
 
 def wait_blocked_in_write(pid: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         wchan = Path(f"/proc/{pid}/wchan").read_text()
-        if "pipe" in wchan:
+        if wchan == "pipe_write":  # blocked writing stdout
             return
         time.sleep(0.05)
     raise AssertionError(f"tcptrace never blocked on its output pipe (wchan {wchan!r})")
