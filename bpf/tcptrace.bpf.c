@@ -179,7 +179,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			struct sk_info pending = {.ts = now, .pid = bpf_get_current_pid_tgid() >> 32,
 						  .flags = TCPTRACE_F_OWNER_KNOWN};
 			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
-			sockets.update(&sk, &pending);
+			if (sockets.update(&sk, &pending) == 0)
+				count(TCPTRACE_C_INSERTED);
 		}
 #endif
 		return 0;
@@ -187,7 +188,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #if FILTER_PORTS & PORT_LOCAL
 	if (info && sport != 0 && !port_match(sport, dport)) {
 		/* a pending connect() whose chosen port does not match */
-		sockets.delete(&sk);
+		if (sockets.delete(&sk) == 0)
+			count(TCPTRACE_C_DELETED);
 		return 0;
 	}
 #endif
@@ -250,12 +252,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		listeners.delete(&sport);
 	}
 
+	/* Count the map's inserts and deletes: LRU evictions are invisible here,
+	 * user space infers them from these and the entries left. */
 	if (new == TT_CLOSE) {
-		sockets.delete(&sk);
+		if (sockets.delete(&sk) == 0)
+			count(TCPTRACE_C_DELETED);
 	} else {
 		struct sk_info next = {.ts = now, .pid = ev.pid, .flags = ev.flags & TCPTRACE_F_OWNER_KNOWN};
 		__builtin_memcpy(next.comm, ev.comm, sizeof(next.comm));
-		sockets.update(&sk, &next);
+		if (sockets.update(&sk, &next) == 0 && !info)
+			count(TCPTRACE_C_INSERTED);
 	}
 
 	count(TCPTRACE_C_SEEN);

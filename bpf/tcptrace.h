@@ -25,6 +25,9 @@
 #define TCPTRACE_C_DROPPED 2    /* perf buffer full: event not delivered */
 #define TCPTRACE_C_SHED 3       /* event not submitted on purpose (consumer lagging) */
 #define TCPTRACE_C_NO_START 4   /* first transition of a socket seen mid-life */
+/* Per-socket map traffic: entries evicted by the LRU = INSERTED - DELETED - entries left. */
+#define TCPTRACE_C_INSERTED 5   /* sockets added to the per-socket map */
+#define TCPTRACE_C_DELETED 6    /* sockets removed from it (CLOSE, or filtered out) */
 #define TCPTRACE_NCOUNTERS 8
 
 struct tcptrace_event {

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
+import os
 import socket
 import sys
 
 import click
 
 from tcptrace import __version__
-from tcptrace.errors import TcptraceError
+from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import Filters, parse_ports, parse_states
 from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
 from tcptrace.states import TcpState
+
+# Perf buffer pages per CPU: 65536 pages is 256 MiB per CPU, far past any need.
+MAX_BUFFER_PAGES = 1 << 16
+DEFAULT_MAX_SOCKETS = 65536
+MIN_SOCKETS = 64
+# The per-socket map is an LRU hash that preallocates every entry (~100 bytes each).
+MAX_SOCKETS_LIMIT = 1 << 22
+# Set to get Python's traceback instead of the one-line internal error.
+DEBUG_ENV = "TCPTRACE_DEBUG"
 
 
 class PortsType(click.ParamType):
@@ -63,6 +74,23 @@ class ListenAddressType(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class FiniteSeconds(click.ParamType):
+    """A positive, finite number of seconds ('inf' and 'nan' are floats, not durations)."""
+
+    name = "SECONDS"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        return seconds
+
+
 def _union(values: tuple[frozenset, ...]) -> frozenset:
     return frozenset().union(*values) if values else frozenset()
 
@@ -84,6 +112,7 @@ Examples:
   tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
   tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
+  tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -145,7 +174,7 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "-d",
     "--duration",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteSeconds(),
     default=None,
     help="Stop after this many seconds.",
 )
@@ -157,7 +186,7 @@ Shell completion (bash; zsh and fish alike):
 )
 @click.option(
     "--buffer-pages",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=MAX_BUFFER_PAGES),
     default=1024,
     show_default=True,
     help="Perf buffer size per CPU, in pages (rounded up to a power of two).",
@@ -184,7 +213,7 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "-i",
     "--interval",
-    type=click.FloatRange(min=0, min_open=True),
+    type=FiniteSeconds(),
     default=None,
     help="Instead of lines, a per-state table every this many seconds: 2 or 0.5.",
 )
@@ -208,6 +237,14 @@ Shell completion (bash; zsh and fish alike):
 )
 @click.option(
     "-e", "--extended", is_flag=True, help="With --snapshot: add uid and inode columns (ss -e)."
+)
+@click.option(
+    "--max-sockets",
+    type=click.IntRange(min=MIN_SOCKETS, max=MAX_SOCKETS_LIMIT),
+    default=DEFAULT_MAX_SOCKETS,
+    show_default=True,
+    help="Capacity of the kernel's per-socket map (LRU: beyond it the least recently "
+    "active sockets are evicted, counted in the summary, and their next transition is UNTIMED).",
 )
 @click.version_option(__version__)
 def main(**opts: object) -> None:
@@ -266,12 +303,27 @@ def main(**opts: object) -> None:
         snapshot=bool(opts["snapshot"]),
         listening=bool(opts["listening"]),
         extended=bool(opts["extended"]),
+        max_sockets=int(opts["max_sockets"]),
     )
     try:
         code = run(options)
     except TcptraceError as exc:
         click.echo(f"tcptrace: {exc}", err=True)
         sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        # Ctrl-C before tracing started (while the program compiles): nothing to summarise
+        click.echo("tcptrace: interrupted before tracing started", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        # a bug: still one line, and the traceback on demand
+        if os.environ.get(DEBUG_ENV):
+            raise
+        click.echo(
+            f"tcptrace: internal error: {type(exc).__name__}: {exc} "
+            f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
+            err=True,
+        )
+        sys.exit(1)
     sys.exit(code)
 
 

@@ -49,7 +49,11 @@ def parse_ports(text: str) -> frozenset[int]:
 
 def parse_states(text: str) -> frozenset[TcpState]:
     """Parse 'SYN_SENT,TIME-WAIT' into states."""
-    return frozenset(parse_state(item) for item in text.split(",") if item.strip())
+    states = frozenset(parse_state(item) for item in text.split(",") if item.strip())
+    if not states:
+        # an empty list must not silently mean "every state"
+        raise ValueError(f"no TCP state named in {text!r}")
+    return states
 
 
 @dataclass(frozen=True)

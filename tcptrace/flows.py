@@ -6,7 +6,6 @@ stats.Summary, so the numbers are exact even when per-event output loses events.
 
 from __future__ import annotations
 
-from tcptrace.events import C_DROPPED, C_SHED
 from tcptrace.states import LIFECYCLE_ORDER, TcpState
 from tcptrace.stats import Summary
 
@@ -41,5 +40,5 @@ def sockets_in_states(summary: Summary) -> dict[int, int]:
 
 
 def lost_events(summary: Summary) -> int:
-    """Events not delivered to user space: perf buffer full, shed on purpose, or lost."""
-    return summary.counters[C_DROPPED] + summary.counters[C_SHED] + summary.lost
+    """Events not delivered to user space: perf buffer full or shed (each counted once)."""
+    return summary.lost_total

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import TextIO
 
-from tcptrace.events import C_DROPPED, C_SEEN, C_SHED, F_DELTA_LOWER, Event, format_addr
+from tcptrace.events import C_SEEN, F_DELTA_LOWER, Event, format_addr
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 
@@ -205,11 +205,13 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
 
 def format_accounting(summary: Summary, printed: int | None) -> str:
     seen = summary.counters[C_SEEN]
-    lost = summary.counters[C_DROPPED] + summary.counters[C_SHED] + summary.lost
     text = f"{seen} transitions traced"
     if printed is not None:
         text += f", {printed} shown"
-    return text + f", {lost} lost"
+    text += f", {summary.lost_total} lost"
+    if summary.evicted:
+        text += f", {summary.evicted} evicted from the full socket map (raise --max-sockets)"
+    return text
 
 
 def endpoint_text(addr: str, port: int, numeric: bool) -> str:

@@ -1,6 +1,10 @@
 """Checks made before loading the BPF program, each with its own message and fix.
 
 Nothing here imports bcc: a missing bcc is one of the things it reports.
+
+For tests and debugging, two environment variables point the checks elsewhere
+(see README, "Environment"): TCPTRACE_TRACEFS (a tracefs root; never mounted)
+and TCPTRACE_HEADERS (a kernel build tree).
 """
 
 from __future__ import annotations
@@ -16,11 +20,21 @@ TRACEPOINT = "sock/inet_sock_set_state"
 TRACEFS_MOUNTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
 # Capability bits (include/uapi/linux/capability.h).
+CAP_DAC_OVERRIDE = 1
+CAP_DAC_READ_SEARCH = 2
 CAP_SYS_ADMIN = 21
 CAP_PERFMON = 38
 CAP_BPF = 39
 
 SETUP_HINT = "run scripts/setup.sh from the tcptrace source tree"
+ROOT_HINT = "run it as root (sudo tcptrace ...)"
+
+# Shared with loader.py, which reports a bcc that is found but fails to import.
+BCC_FIX = (
+    "install the distribution's package (Debian/Ubuntu: apt-get install python3-bpfcc; "
+    "Fedora: dnf install python3-bcc) and run tcptrace with /usr/bin/python3 or a venv "
+    "made with --system-site-packages (the PyPI package named 'bcc' is unrelated)"
+)
 
 
 def effective_caps() -> int:
@@ -30,27 +44,36 @@ def effective_caps() -> int:
     return 0
 
 
+def missing_caps(caps: int) -> list[str]:
+    """The capabilities, among those loading and attaching need, that caps lacks."""
+    if caps >> CAP_SYS_ADMIN & 1:
+        return []  # CAP_SYS_ADMIN covers BPF and perf on every kernel
+    return [
+        name
+        for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
+        if not caps >> bit & 1
+    ]
+
+
 def check_privileges() -> None:
     if os.geteuid() == 0:
         return
-    caps = effective_caps()
-    has = lambda bit: bool(caps >> bit & 1)  # noqa: E731
-    if has(CAP_SYS_ADMIN) or (has(CAP_BPF) and has(CAP_PERFMON)):
-        return
-    raise TcptraceError(
-        "tcptrace needs root (or CAP_BPF and CAP_PERFMON) to load its eBPF program: "
-        "run it with sudo"
-    )
+    missing = missing_caps(effective_caps())
+    if missing:
+        raise TcptraceError(
+            f"loading the eBPF program needs root; this process (uid {os.geteuid()}) lacks "
+            f"{' and '.join(missing)}: {ROOT_HINT}, or grant it CAP_BPF, CAP_PERFMON "
+            "and CAP_DAC_READ_SEARCH"
+        )
 
 
 def check_bcc() -> None:
-    if importlib.util.find_spec("bcc") is None:
-        raise TcptraceError(
-            "bcc is not importable: install the distribution's package "
-            "(Debian/Ubuntu: apt-get install python3-bpfcc; Fedora: dnf install python3-bcc) "
-            "and run tcptrace with /usr/bin/python3 or a venv made with --system-site-packages "
-            "(the PyPI package named 'bcc' is unrelated)"
-        )
+    try:
+        found = importlib.util.find_spec("bcc") is not None
+    except (ImportError, ValueError):  # a broken or blocked entry in sys.modules
+        found = False
+    if not found:
+        raise TcptraceError(f"bcc is not importable: {BCC_FIX}")
 
 
 def headers_dir() -> Path:
@@ -62,7 +85,7 @@ def headers_dir() -> Path:
 
 def check_headers() -> None:
     path = headers_dir()
-    if (path / "include").is_dir():
+    if _is_dir(path / "include", path):
         return
     if "TCPTRACE_HEADERS" not in os.environ and Path("/sys/kernel/kheaders.tar.xz").exists():
         return  # bcc unpacks the kernel's own headers (CONFIG_IKHEADERS)
@@ -72,34 +95,52 @@ def check_headers() -> None:
     )
 
 
+def _is_dir(path: Path, root: Path) -> bool:
+    """Path.is_dir, but a directory we may not search is an error that says so."""
+    try:
+        return path.is_dir()
+    except PermissionError:
+        raise TcptraceError(
+            f"permission denied reading {root}: {ROOT_HINT}, or grant it CAP_DAC_READ_SEARCH"
+        ) from None
+
+
 def tracefs_root() -> Path:
-    """Find tracefs, mounting it if needed."""
+    """Find tracefs, mounting it if needed (never when TCPTRACE_TRACEFS names it)."""
     override = os.environ.get("TCPTRACE_TRACEFS")
     candidates = (override,) if override else TRACEFS_MOUNTS
     for root in candidates:
-        if Path(root, "events").is_dir():
+        if _is_dir(Path(root, "events"), Path(root)):
             return Path(root)
-    if not override:
+    if not override and _mount_tracefs(TRACEFS_MOUNTS[0]):
+        return Path(TRACEFS_MOUNTS[0])
+    where = override or " or ".join(TRACEFS_MOUNTS)
+    raise TcptraceError(
+        f"tracefs is not mounted at {where} and could not be mounted: "
+        "run 'mount -t tracefs nodev /sys/kernel/tracing' as root "
+        "(the kernel needs CONFIG_TRACING)"
+    )
+
+
+def _mount_tracefs(target: str) -> bool:
+    try:
         mount = subprocess.run(
-            ["mount", "-t", "tracefs", "nodev", TRACEFS_MOUNTS[0]],
+            ["mount", "-t", "tracefs", "nodev", target],
             capture_output=True,
             text=True,
             check=False,
         )
-        if mount.returncode == 0 and Path(TRACEFS_MOUNTS[0], "events").is_dir():
-            return Path(TRACEFS_MOUNTS[0])
-    where = override or " or ".join(TRACEFS_MOUNTS)
-    raise TcptraceError(
-        f"tracefs is not mounted at {where} and could not be mounted: "
-        "run 'mount -t tracefs nodev /sys/kernel/tracing' (needs CONFIG_TRACING)"
-    )
+    except OSError:  # no mount(8) at all
+        return False
+    return mount.returncode == 0 and _is_dir(Path(target, "events"), Path(target))
 
 
 def check_tracepoint(root: Path) -> None:
-    if not (root / "events" / TRACEPOINT).is_dir():
+    if not _is_dir(root / "events" / TRACEPOINT, root):
         raise TcptraceError(
             f"this kernel has no tracepoint {TRACEPOINT.replace('/', ':')} "
-            f"(looked in {root}/events): tcptrace needs Linux 4.16 or newer"
+            f"(looked in {root}/events): tcptrace needs Linux 4.16 or newer "
+            "built with CONFIG_INET and tracepoints"
         )
 
 

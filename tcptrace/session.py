@@ -3,15 +3,16 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
 from tcptrace import preflight
-from tcptrace.errors import TcptraceError
 from tcptrace.events import Event
 from tcptrace.filters import Filters
+from tcptrace.losses import LossReport
 from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
 from tcptrace.sockdiag import Budget, SocketTable
 from tcptrace.stats import Summary
@@ -52,6 +53,8 @@ class Options:
     snapshot: bool = False
     listening: bool = False
     extended: bool = False
+    # --max-sockets: capacity of the kernel's per-socket LRU map
+    max_sockets: int = 65536
 
 
 class TextOutput(Stage):
@@ -211,10 +214,18 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     return 0
 
 
+def _stop_on_early_sigterm() -> list[int]:
+    """SIGTERM while the program loads is a stop request, honoured once tracing starts."""
+    received: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
+    return received
+
+
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
     """Trace until a stop condition; return the exit code."""
     out = out or sys.stdout
     err = err or sys.stderr
+    early_sigterm = _stop_on_early_sigterm()
     if options.snapshot:
         return print_snapshot(options, out)
     preflight.run_all()
@@ -225,6 +236,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             filters=options.filters,
             emit_events=options.emit_events,
             buffer_pages=options.buffer_pages,
+            max_sockets=options.max_sockets,
         )
     )
     summaries = KernelStats(probe)
@@ -232,8 +244,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     table = SocketTable() if options.emit_events else None
     try:
         stages = build_stages(options, out, err, summaries, table)
+        # first: its on_finish completes the final accounting the outputs print
+        stages.insert(0, LossReport(probe, err))
         tracer = Tracer(probe, stages, StopConditions(options.count, options.duration))
         tracer.install_signals()
+        if early_sigterm:
+            tracer.request_stop()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()
@@ -246,8 +262,6 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             except OSError:
                 _silence(stream)
         return 0
-    except KeyboardInterrupt:
-        raise TcptraceError("interrupted twice: stopped without a summary") from None
     finally:
         summaries.close()
         for stage in stages:

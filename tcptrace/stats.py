@@ -10,7 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tcptrace.events import HIST_SLOTS, HIST_SUB_BITS, NCOUNTERS
+from tcptrace.events import (
+    C_DELETED,
+    C_DROPPED,
+    C_INSERTED,
+    C_SHED,
+    HIST_SLOTS,
+    HIST_SUB_BITS,
+    NCOUNTERS,
+)
 from tcptrace.states import NSTATES, is_birth
 
 _SUB = 1 << HIST_SUB_BITS
@@ -95,6 +103,13 @@ class Summary:
     lost: int = 0
     # one-line remarks the stages add (things not followed, limits reached)
     notes: list[str] = field(default_factory=list)
+    # events handed to the perf buffer but not read when the summary was taken
+    unread: int = 0
+    # entries in the kernel's per-socket map when the summary was taken
+    sockets_tracked: int = 0
+    # tracepoint hits the kernel skipped: a BPF program was already running on that CPU
+    # (every TCP socket's, not only the filtered ones: an upper bound)
+    missed: int = 0
 
     def state(self, state: int) -> StateStats:
         stats = self.states.get(state)
@@ -144,6 +159,23 @@ class Summary:
             if n > timed:
                 summary.state(old).unknown = n - timed
         return summary
+
+    @property
+    def lost_total(self) -> int:
+        """Every event that passed the filters and was not delivered to the output.
+
+        The kernel counts a failed perf submission (DROPPED) and perf reports the same
+        loss again through its lost records, late: take the larger, never the sum.
+        """
+        dropped = max(self.counters[C_DROPPED], self.lost)
+        return dropped + self.counters[C_SHED] + self.unread
+
+    @property
+    def evicted(self) -> int:
+        """Sockets the full LRU map dropped: what went in, minus what left by CLOSE, minus what is
+        still there (a race between CPUs can make the raw difference slightly negative)."""
+        inserted, deleted = self.counters[C_INSERTED], self.counters[C_DELETED]
+        return max(0, inserted - deleted - self.sockets_tracked)
 
     @property
     def total_transitions(self) -> int:

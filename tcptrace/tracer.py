@@ -1,17 +1,20 @@
 """The data path's loop: poll the perf buffer, decode, hand batches to the stages.
 
 bpf -> perf buffer (loader.Probe) -> decode (events) -> stages (tracking, output).
-Stops on --count, --duration, SIGTERM or Ctrl-C; a second Ctrl-C exits at once.
+Stops on --count, --duration, SIGTERM or Ctrl-C; a second Ctrl-C exits at once (130).
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from tcptrace.errors import EXIT_INTERRUPTED
 from tcptrace.events import Event, decode_many
 from tcptrace.stats import Summary
 
@@ -24,6 +27,18 @@ class EventSource(Protocol):
     def poll(self, timeout_ms: int) -> list[bytes]: ...
 
     def summary(self) -> Summary: ...
+
+
+def leave_now() -> None:
+    """Second Ctrl-C: exit at once with 130, even from a write blocked on a full pipe.
+
+    No unwinding (an exception could surface anywhere, even in clean-up) and no
+    flushing (stdout may be the pipe that blocks): the kernel detaches the program
+    and frees its maps when the process's descriptors close.
+    """
+    with contextlib.suppress(OSError):
+        os.write(2, b"tcptrace: interrupted twice: exiting without the summary\n")
+    os._exit(EXIT_INTERRUPTED)
 
 
 class Stage:
@@ -74,7 +89,7 @@ class Tracer:
     def install_signals(self) -> None:
         def on_sigint(_signum: int, _frame: object) -> None:
             if self.stopping.is_set():
-                raise KeyboardInterrupt  # second Ctrl-C: leave now
+                leave_now()
             self.stopping.set()
 
         signal.signal(signal.SIGINT, on_sigint)

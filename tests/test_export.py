@@ -160,7 +160,8 @@ def test_summary_record_numbers():
     s.lost = 2
     record = summary_record(s, written=1)
     assert record["transitions_traced"] == 4
-    assert record["lost"] == 3
+    # the kernel's drop count and perf's lost records count the same events: the larger
+    assert record["lost"] == 2
     syn = record["states"]["SYN_SENT"]
     assert syn["left"] == 2 and syn["timed"] == 2 and syn["untimed"] == 0
     assert syn["mean_ns"] == 2_000_000 and syn["max_ns"] == 3_000_000

@@ -1,0 +1,81 @@
+"""Steady loopback connection churn at a fixed rate, as a script run in its own network
+namespace (see run_in_netns) so that runs compare and the host's tables stay clean.
+
+Each connection makes exactly TRANSITIONS_PER_CONNECTION transitions: the client
+connects and closes first, the server reads the EOF and then closes (no simultaneous
+close). The listener adds LISTENER_TRANSITIONS. Prints the number of connections.
+
+    python churn.py PORT SECONDS RATE
+
+It runs over IPv6 (::1), so that tracing with -6 leaves out the IPv4 loopback
+churn other programs on the machine may make on the same port numbers.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+TRANSITIONS_PER_CONNECTION = 10  # client 5, accepted socket 5
+LISTENER_TRANSITIONS = 2  # CLOSE -> LISTEN, LISTEN -> CLOSE
+
+
+def serve(srv: socket.socket) -> None:
+    while True:
+        try:
+            conn, _ = srv.accept()
+        except OSError:
+            return
+        while conn.recv(4096):
+            pass  # until the client's FIN
+        conn.close()
+
+
+def churn(port: int, seconds: float, rate: float) -> int:
+    srv = socket.socket(socket.AF_INET6)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("::1", port))
+    srv.listen(1024)
+    server = threading.Thread(target=serve, args=(srv,), daemon=True)
+    server.start()
+    done = 0
+    start = time.monotonic()
+    while (now := time.monotonic()) - start < seconds:
+        due = int((now - start) * rate) + 1
+        while done < due:
+            cli = socket.create_connection(("::1", port))
+            cli.close()
+            done += 1
+        time.sleep(0.005)
+    time.sleep(0.3)  # the last server-side closes
+    srv.shutdown(socket.SHUT_RDWR)
+    srv.close()
+    server.join(5)
+    return done
+
+
+def run_in_netns(port: int, seconds: float, rate: float) -> subprocess.Popen:
+    """Start the churn in a fresh network namespace (unshare -n, loopback up)."""
+    return subprocess.Popen(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" "$@"',
+            sys.executable,
+            __file__,
+            str(port),
+            str(seconds),
+            str(rate),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+if __name__ == "__main__":
+    print(churn(int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])))

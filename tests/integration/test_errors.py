@@ -1,0 +1,218 @@
+"""Every broken environment is one line naming the problem and its fix, exit 1, no traceback.
+
+Each case is made real for the real command (python -m tcptrace): an unprivileged
+user (setpriv), a module path without bcc or with a broken one, and the test hooks
+README "Environment" documents: TCPTRACE_HEADERS, TCPTRACE_TRACEFS (a root that is
+never mounted) and TCPTRACE_BPF_PROGRAM (a program the compiler or verifier refuses).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pyroute2
+import pytest
+
+import tcptrace
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+DATA = Path(__file__).resolve().parent.parent / "data"
+NOBODY = "65534"
+# The real interpreter (the venv's python is a symlink to it): readable by any user.
+PYTHON = os.path.realpath(sys.executable)
+
+
+def tcptrace_cmd(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "tcptrace", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=60,
+    )
+
+
+def assert_one_line_error(result, *fragments: str) -> str:
+    """Exit 1, the last stderr line is 'tcptrace: ...' with the fragments, no traceback."""
+    assert result.returncode == 1, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stdout == ""
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("tcptrace: "), result.stderr
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+# --- privileges -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def readable_tree() -> Iterator[Path]:
+    """tcptrace (with bpf/) and its dependencies copied where an unprivileged user can read them:
+    the checkout or the venv may live under a private home."""
+    root = Path(tempfile.mkdtemp(prefix="tcptrace-nobody-"))
+    try:
+        source = Path(tcptrace.__file__).resolve().parent
+        shutil.copytree(source, root / "tcptrace", ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(source.parent / "bpf", root / "bpf")
+        for package in (click, pyroute2):  # the dependencies the command imports
+            shutil.copytree(
+                Path(package.__file__).parent,
+                root / package.__name__,
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
+        for path in [root, *root.rglob("*")]:
+            mode = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
+            if path.is_dir():
+                mode |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH | stat.S_IWUSR
+            path.chmod(mode)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+def as_nobody(tree: Path, caps: str, *args: str):
+    """Run tcptrace as uid/gid 65534 with only the given capabilities ('' for none)."""
+    prefix = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    if caps:
+        prefix += [f"--inh-caps={caps}", f"--ambient-caps={caps}"]
+    return subprocess.run(
+        [*prefix, PYTHON, "-m", "tcptrace", *args],
+        capture_output=True,
+        text=True,
+        cwd=tree,
+        env={"PATH": os.environ["PATH"], "PYTHONPATH": str(tree), "HOME": "/"},
+        timeout=60,
+    )
+
+
+def test_not_root(readable_tree):
+    result = as_nobody(readable_tree, "", "--port", "80")
+    assert_one_line_error(
+        result, "needs root", "uid 65534", "lacks CAP_BPF and CAP_PERFMON", "sudo tcptrace"
+    )
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_not_root_with_cap_bpf_only_names_the_missing_one(readable_tree):
+    result = as_nobody(readable_tree, "+bpf", "--port", "80")
+    last = assert_one_line_error(result, "lacks CAP_PERFMON")
+    assert "CAP_BPF and" not in last
+
+
+def test_capabilities_without_access_to_tracefs(readable_tree):
+    # tracefs is root-only (mode 700): CAP_BPF and CAP_PERFMON alone are not enough
+    result = as_nobody(readable_tree, "+bpf,+perfmon", "--port", "80")
+    assert_one_line_error(
+        result, "permission denied reading /sys/kernel/tracing", "CAP_DAC_READ_SEARCH"
+    )
+
+
+def test_the_capabilities_the_message_names_are_enough(readable_tree):
+    # the advice is right: with exactly these three, an unprivileged user traces
+    result = as_nobody(
+        readable_tree, "+bpf,+perfmon,+dac_read_search", "--port", "80", "--duration", "0.5"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Ctrl-C to stop" in result.stderr
+    assert "0 transitions traced, 0 shown, 0 lost" in result.stdout.splitlines()
+
+
+# --- bcc ----------------------------------------------------------------------------------
+
+
+def test_bcc_not_on_the_module_path(tmp_path):
+    # a module search path without the distribution's bcc (as in a venv made without
+    # --system-site-packages, or a Python other than the distribution's)
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, 'bcc'))]\n"
+    )
+    result = tcptrace_cmd("--port", "80", env={"PYTHONPATH": str(tmp_path)})
+    assert_one_line_error(result, "bcc is not importable", "apt-get install python3-bpfcc")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_bcc_found_but_broken(tmp_path):
+    # the Python part of bcc present, its shared library not (a half-removed install)
+    (tmp_path / "bcc").mkdir()
+    (tmp_path / "bcc" / "__init__.py").write_text(
+        "raise OSError('libbcc.so.0: cannot open shared object file: No such file or directory')\n"
+    )
+    result = tcptrace_cmd("--port", "80", env={"PYTHONPATH": str(tmp_path)})
+    assert_one_line_error(
+        result, "bcc is not importable (libbcc.so.0: cannot open", "python3-bpfcc"
+    )
+
+
+# --- kernel headers, tracefs, tracepoint --------------------------------------------------
+
+
+def test_kernel_headers_missing():
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_HEADERS": "/nonexistent"})
+    assert_one_line_error(
+        result, "kernel headers not found at /nonexistent", "linux-headers-$(uname -r)"
+    )
+
+
+def test_tracefs_not_mounted_and_not_mountable(tmp_path):
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_TRACEFS": str(tmp_path)})
+    assert_one_line_error(result, f"tracefs is not mounted at {tmp_path}", "mount -t tracefs nodev")
+
+
+def test_tracepoint_absent(tmp_path):
+    (tmp_path / "events" / "sock").mkdir(parents=True)  # a kernel without the tracepoint
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_TRACEFS": str(tmp_path)})
+    assert_one_line_error(result, "no tracepoint sock:inet_sock_set_state", "Linux 4.16 or newer")
+
+
+# --- the program itself -------------------------------------------------------------------
+
+
+def test_verifier_refuses_the_program():
+    program = DATA / "verifier_refuses.bpf.c"
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_BPF_PROGRAM": str(program)})
+    last = assert_one_line_error(
+        result, "the kernel's BPF verifier refused verifier_refuses.bpf.c", "please report it"
+    )
+    assert "Permission denied" in last
+    # the verifier's own log stays visible above the message, for the report
+    assert "invalid mem access" in result.stderr
+
+
+def test_program_that_does_not_compile():
+    program = DATA / "does_not_compile.bpf.c"
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_BPF_PROGRAM": str(program)})
+    assert_one_line_error(result, "could not compile", "kernel headers")
+    assert "undeclared_variable" in result.stderr
+
+
+def test_program_file_missing(tmp_path):
+    missing = tmp_path / "gone.bpf.c"
+    result = tcptrace_cmd("--port", "80", env={"TCPTRACE_BPF_PROGRAM": str(missing)})
+    assert_one_line_error(result, f"cannot read the BPF program {missing}")
+
+
+def test_perf_buffer_over_the_locked_memory_limit():
+    # root without CAP_IPC_LOCK and a 64 KiB memlock limit, as in a locked-down
+    # systemd unit: the kernel refuses to map a 4 MiB-per-CPU perf buffer
+    prefix = ("setpriv", "--bounding-set=-ipc_lock", "prlimit", "--memlock=65536")
+    result = tcptrace_cmd("--port", "80", "--buffer-pages", "1024", prefix=prefix)
+    assert_one_line_error(
+        result, "could not set up the perf buffer of 1024 pages per CPU", "ulimit -l"
+    )
+    # a limit the buffer fits in (the per-user perf allowance may be used up by
+    # other tracers, so the whole buffer must fit the process's own limit): it traces
+    fits = ("setpriv", "--bounding-set=-ipc_lock", "prlimit", "--memlock=1048576")
+    result = tcptrace_cmd("--port", "80", "--buffer-pages", "16", "--duration", "0.5", prefix=fits)
+    assert result.returncode == 0, result.stderr

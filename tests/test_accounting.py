@@ -1,0 +1,95 @@
+"""Where every event went: lost (never counted twice), evicted, missed; and the stderr report."""
+
+import io
+
+from tcptrace import events
+from tcptrace.losses import LossReport
+from tcptrace.output import format_accounting
+from tcptrace.stats import Summary
+
+
+class Source:
+    """What LossReport reads from the probe: live losses, and the final accounting."""
+
+    def __init__(self, lost_so_far):
+        self.lost_so_far = lost_so_far
+        self.finished = []
+
+    def finish_accounting(self, summary):
+        self.finished.append(summary)
+
+
+def summary(**counters: int) -> Summary:
+    s = Summary()
+    for name, value in counters.items():
+        s.counters[getattr(events, name)] = value
+    return s
+
+
+def test_a_dropped_event_is_lost_once_not_twice():
+    # the kernel counts the failed submission, perf reports the same loss later
+    s = summary(C_SEEN=100, C_DROPPED=30)
+    s.lost = 30
+    assert s.lost_total == 30
+    s.lost = 12  # perf's lost records not all read yet
+    assert s.lost_total == 30
+
+
+def test_lost_adds_shed_and_unread():
+    s = summary(C_SEEN=100, C_DROPPED=5, C_SHED=7)
+    s.unread = 3
+    assert s.lost_total == 15
+    assert format_accounting(s, printed=85) == "100 transitions traced, 85 shown, 15 lost"
+
+
+def test_evictions_are_inserts_minus_deletes_minus_entries_left():
+    s = summary(C_SEEN=10, C_INSERTED=5000, C_DELETED=600)
+    s.sockets_tracked = 256
+    assert s.evicted == 4144
+    assert format_accounting(s, printed=10).endswith(
+        ", 4144 evicted from the full socket map (raise --max-sockets)"
+    )
+
+
+def test_no_evictions_no_noise_and_races_never_negative():
+    s = summary(C_SEEN=12, C_INSERTED=6, C_DELETED=6)
+    assert format_accounting(s, printed=12) == "12 transitions traced, 12 shown, 0 lost"
+    s.sockets_tracked = 2  # a delete and an insert racing on two CPUs
+    assert s.evicted == 0
+
+
+def test_kernel_misses_stay_off_the_accounting_line():
+    # they count every TCP socket's hits, not only the traced ones: stderr says so
+    s = summary(C_SEEN=59902)
+    s.missed = 30
+    assert format_accounting(s, printed=59902) == "59902 transitions traced, 59902 shown, 0 lost"
+
+
+def test_loss_report_live_is_throttled_and_final_goes_to_stderr():
+    lost = [0]
+    err = io.StringIO()
+    source = Source(lambda: lost[0])
+    report = LossReport(source, err)
+    report.on_tick(1)
+    assert err.getvalue() == ""  # nothing lost, nothing said
+    lost[0] = 40
+    report.on_tick(2)  # within the second after the last check
+    assert err.getvalue() == ""
+    report.on_tick(1_000_000_002)
+    assert err.getvalue().startswith("tcptrace: 40 events lost so far: the output did not keep up")
+    lost[0] = 45
+    report.on_tick(1_500_000_000)  # throttled
+    assert err.getvalue().count("\n") == 1
+    final = summary(C_SEEN=100, C_DROPPED=45)
+    final.missed = 3
+    report.on_finish(final)
+    assert source.finished == [final]  # the final accounting is completed first
+    lines = err.getvalue().splitlines()
+    assert lines[1].startswith("tcptrace: 45 events lost in all")
+    assert lines[2].startswith("tcptrace: up to 3 transitions were never seen")
+
+
+def test_loss_report_silent_when_nothing_lost():
+    err = io.StringIO()
+    LossReport(Source(lambda: 0), err).on_finish(summary(C_SEEN=5))
+    assert err.getvalue() == ""

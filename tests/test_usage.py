@@ -1,0 +1,80 @@
+"""Every option's bad values through the real command: click's usage error, exit 2,
+no traceback, nothing loaded (these run without root)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+BAD = [
+    # (arguments, what the one-line error says)
+    (["--port", "0"], "port 0 is out of range 1-65535"),
+    (["--port", "65536"], "out of range"),
+    (["--port", "90-80"], "reversed port range '90-80'"),
+    (["--port", "80-"], "'' is not a port number"),
+    (["--port", ""], "empty item in port list"),
+    (["-p", "http"], "'http' is not a port number"),
+    (["--local-port", "abc"], "'abc' is not a port number"),
+    (["-L", "70000"], "out of range"),
+    (["--remote-port", "1,,2"], "empty item"),
+    (["-D", "5-3"], "reversed port range"),
+    (["--state", "LISTENING"], "unknown TCP state 'LISTENING' (known: ESTABLISHED"),
+    (["--state", ""], "no TCP state named in ''"),
+    (["-s", ","], "no TCP state named"),
+    (["--count", "0"], "0 is not in the range x>=1"),
+    (["--count", "-3"], "not in the range"),
+    (["-c", "1.5"], "'1.5' is not a valid integer"),
+    (["--duration", "0"], "not a positive, finite number of seconds"),
+    (["--duration", "-1"], "not a positive, finite number of seconds"),
+    (["--duration", "inf"], "'inf' is not a positive, finite number of seconds"),
+    (["--duration", "nan"], "'nan' is not a positive, finite number of seconds"),
+    (["-d", "soon"], "'soon' is not a number of seconds"),
+    (["--timestamp", "yesterday"], "'yesterday' is not one of 'wall', 'relative', 'iso', 'none'"),
+    (["-4", "-6"], "-4 and -6 exclude each other"),
+    (["--buffer-pages", "0"], "0 is not in the range 1<=x<=65536"),
+    (["--buffer-pages", "65537"], "not in the range"),
+    (["--max-sockets", "10"], "10 is not in the range 64<=x<=4194304"),
+    (["--max-sockets", "lots"], "'lots' is not a valid integer"),
+    (["--interval", "0"], "not a positive, finite number of seconds"),
+    (["-i", "nan"], "'nan' is not a positive, finite number of seconds"),
+    (["--interval", "inf"], "'inf' is not a positive, finite number of seconds"),
+    (["--metrics", "70000"], "port 70000 out of range 1-65535"),
+    (["--metrics", "nothere:9876"], "'nothere' is not an IP address"),
+    (["--metrics", "127.0.0.1:"], "'' is not a port number"),
+    (["--bogus"], "No such option '--bogus'"),
+    (["extra"], "unexpected extra argument (extra)"),
+    (["--port"], "Option '--port' requires an argument"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) or "''" for a, _ in BAD])
+def test_usage_error_exit_2(args, message):
+    result = subprocess.run(
+        [sys.executable, "-m", "tcptrace", *args], capture_output=True, text=True, timeout=30
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(("Usage: ", "Error: "))
+    assert lines[-1].startswith("Error: ") and message in lines[-1], lines[-1]
+
+
+def test_every_option_has_a_bad_value_here():
+    # a new option must bring its usage errors to this table
+    from tcptrace.cli import main
+
+    takes_value = {
+        name
+        for param in main.params
+        if not getattr(param, "is_flag", False) and param.name not in ("version", "help")
+        for name in param.opts
+        if name.startswith("--")
+    }
+    covered = {arg for args, _ in BAD for arg in args if arg.startswith("--")}
+    short = {"-p": "--port", "-L": "--local-port", "-D": "--remote-port", "-s": "--state"}
+    short |= {"-c": "--count", "-d": "--duration", "-T": "--timestamp", "-i": "--interval"}
+    covered |= {short[arg] for args, _ in BAD for arg in args if arg in short}
+    assert takes_value <= covered, takes_value - covered
