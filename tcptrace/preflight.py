@@ -44,10 +44,25 @@ def effective_caps() -> int:
     return 0
 
 
-def missing_caps(caps: int) -> list[str]:
+# Debian and Ubuntu kernels add a level 3 to kernel.perf_event_paranoid: then
+# perf_event_open (how a tracepoint program is attached) needs CAP_SYS_ADMIN.
+PERF_PARANOID = Path("/proc/sys/kernel/perf_event_paranoid")
+PARANOID_ADMIN_ONLY = 3
+
+
+def perf_paranoid() -> int:
+    try:
+        return int(PERF_PARANOID.read_text())
+    except (OSError, ValueError):
+        return 2  # the upstream default
+
+
+def missing_caps(caps: int, paranoid: int = 2) -> list[str]:
     """The capabilities, among those loading and attaching need, that caps lacks."""
     if caps >> CAP_SYS_ADMIN & 1:
         return []  # CAP_SYS_ADMIN covers BPF and perf on every kernel
+    if paranoid >= PARANOID_ADMIN_ONLY:
+        return ["CAP_SYS_ADMIN"]
     return [
         name
         for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
@@ -58,13 +73,22 @@ def missing_caps(caps: int) -> list[str]:
 def check_privileges() -> None:
     if os.geteuid() == 0:
         return
-    missing = missing_caps(effective_caps())
-    if missing:
+    paranoid = perf_paranoid()
+    missing = missing_caps(effective_caps(), paranoid)
+    if not missing:
+        return
+    if paranoid >= PARANOID_ADMIN_ONLY:
         raise TcptraceError(
             f"loading the eBPF program needs root; this process (uid {os.geteuid()}) lacks "
-            f"{' and '.join(missing)}: {ROOT_HINT}, or grant it CAP_BPF, CAP_PERFMON "
-            "and CAP_DAC_READ_SEARCH"
+            f"CAP_SYS_ADMIN, which this kernel requires for perf events while "
+            f"kernel.perf_event_paranoid={paranoid}: {ROOT_HINT}, grant it CAP_SYS_ADMIN, "
+            "or set kernel.perf_event_paranoid=2"
         )
+    raise TcptraceError(
+        f"loading the eBPF program needs root; this process (uid {os.geteuid()}) lacks "
+        f"{' and '.join(missing)}: {ROOT_HINT}, or grant it CAP_BPF, CAP_PERFMON "
+        "and CAP_DAC_READ_SEARCH"
+    )
 
 
 def check_bcc() -> None:

@@ -15,6 +15,12 @@ def test_missing_caps_names_what_is_missing():
     assert missing_caps(1 << CAP_SYS_ADMIN) == []
 
 
+def test_paranoid_3_needs_cap_sys_admin():
+    # Debian's kernels: perf_event_open needs CAP_SYS_ADMIN at perf_event_paranoid=3
+    assert missing_caps(1 << CAP_BPF | 1 << CAP_PERFMON, paranoid=3) == ["CAP_SYS_ADMIN"]
+    assert missing_caps(1 << CAP_SYS_ADMIN, paranoid=3) == []
+
+
 def test_tracefs_override_is_never_mounted(tmp_path, monkeypatch):
     monkeypatch.setenv("TCPTRACE_TRACEFS", str(tmp_path))
     with pytest.raises(TcptraceError, match=f"tracefs is not mounted at {tmp_path}"):

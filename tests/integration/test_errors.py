@@ -123,6 +123,12 @@ def test_the_capabilities_the_message_names_are_enough(readable_tree):
     result = as_nobody(
         readable_tree, "+bpf,+perfmon,+dac_read_search", "--port", "80", "--duration", "0.5"
     )
+    from tcptrace.preflight import PARANOID_ADMIN_ONLY, perf_paranoid
+
+    if perf_paranoid() >= PARANOID_ADMIN_ONLY:
+        # Debian's kernels (the VM's 6.1) then demand CAP_SYS_ADMIN: the message says so
+        assert_one_line_error(result, "lacks CAP_SYS_ADMIN", "kernel.perf_event_paranoid=2")
+        return
     assert result.returncode == 0, result.stderr
     assert "Ctrl-C to stop" in result.stderr
     assert "0 transitions traced, 0 shown, 0 lost" in result.stdout.splitlines()
