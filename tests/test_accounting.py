@@ -93,3 +93,11 @@ def test_loss_report_silent_when_nothing_lost():
     err = io.StringIO()
     LossReport(Source(lambda: 0), err).on_finish(summary(C_SEEN=5))
     assert err.getvalue() == ""
+
+
+def test_which_kernels_count_skipped_tracepoint_hits():
+    from tests.integration.accounting import kernel_counts_misses
+
+    assert kernel_counts_misses("6.18.44-fc-v669")
+    assert kernel_counts_misses("6.7.0")
+    assert not kernel_counts_misses("6.1.0-56-amd64")

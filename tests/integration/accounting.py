@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def accounting_line(lines: list[str]) -> str:
     """The summary's 'N transitions traced, ...' line (notes may follow it)."""
@@ -22,8 +24,28 @@ def missed(err: str) -> int:
     return 0
 
 
+# Linux counts the tracepoint hits it skips while another BPF program runs on the CPU
+# (bpf_prog_info.recursion_misses for tracepoints) only since 6.7; before, such a
+# skip leaves no trace anywhere, so a shortfall can only be bounded.
+MISSES_COUNTED_SINCE = (6, 7)
+UNCOUNTED_MISS_BOUND = 0.01
+
+
+def kernel_counts_misses(release: str | None = None) -> bool:
+    release = release or os.uname().release
+    major, minor = (int(part) for part in release.split(".")[:2])
+    return (major, minor) >= MISSES_COUNTED_SINCE
+
+
 def assert_all_accounted(last_line: str, err: str, expected: int) -> None:
     """Every transition the workload made is traced, or was missed by the kernel and
     counted (misses count every TCP socket's, so they may exceed the shortfall)."""
     traced, _, _ = summary_numbers(last_line)
-    assert traced <= expected <= traced + missed(err), (last_line, err, expected)
+    if kernel_counts_misses():
+        assert traced <= expected <= traced + missed(err), (last_line, err, expected)
+    else:
+        assert expected * (1 - UNCOUNTED_MISS_BOUND) <= traced <= expected, (
+            last_line,
+            err,
+            expected,
+        )
