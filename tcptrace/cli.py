@@ -273,8 +273,8 @@ def main(**opts: object) -> None:
     for flag, given in streams.items():
         if given and opts["snapshot"]:
             raise click.UsageError(f"--{flag} and --snapshot exclude each other")
-    for flag in ("quiet", "json", "csv", "interval"):
-        # lifetimes are text lines for now (JSON/CSV lifetime records: to come)
+    for flag in ("quiet", "csv", "interval"):
+        # lifetimes are text lines or JSON records; a CSV table has transition columns
         if opts["lifetime"] and streams[flag]:
             raise click.UsageError(f"--lifetime and --{flag} exclude each other")
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0

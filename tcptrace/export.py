@@ -16,11 +16,13 @@ from __future__ import annotations
 import csv
 import json
 import time
+from dataclasses import asdict
 from functools import lru_cache
 from typing import Any, TextIO
 
 from tcptrace.events import AF_INET, C_SEEN, Event, format_addr
 from tcptrace.flows import lost_events
+from tcptrace.lifetimes import Lifetime, Lifetimes
 from tcptrace.output import NS_PER_S, NS_PER_US, Clock, format_summary
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
@@ -28,6 +30,7 @@ from tcptrace.tracer import Stage
 
 KIND_TRANSITION = "transition"
 KIND_SUMMARY = "summary"
+KIND_LIFETIME = "lifetime"
 
 FORMAT_JSON = "json"
 FORMAT_CSV = "csv"
@@ -156,6 +159,18 @@ class CsvWriter:
             self._writer.writerow(self.columns)
             self._header_done = True
 
+    def lifetime(self, life: Lifetime) -> Record:
+        record = asdict(life)
+        record["family"] = family_name(life.family)
+        record["start"] = self.iso.format(life.start_ns)
+        record["end"] = self.iso.format(life.end_ns)
+        return record
+
+    def _write_lifetimes(self, lives: list[Lifetime]) -> None:
+        for life in lives:
+            self.write_record(KIND_LIFETIME, self.lifetime(life))
+        self.written += len(lives)
+
     def write_record(self, kind: str, record: Record) -> bool:
         return self.write_records(kind, (record,))
 
@@ -191,12 +206,15 @@ class RecordOutput(Stage):
         err: TextIO,
         clock: Clock,
         quiet: bool = False,
+        lifetimes: bool = False,
     ) -> None:
         self.fmt = fmt
         self.err = err
         self.quiet = quiet
         self.iso = IsoClock(clock)
         self.written = 0
+        # --lifetime: one record per finished connection instead of per transition
+        self.lifetimes = Lifetimes(self._write_lifetimes) if lifetimes else None
         if fmt == FORMAT_JSON:
             self.writer: JsonLinesWriter | CsvWriter = JsonLinesWriter(out)
         elif fmt == FORMAT_CSV:
@@ -228,6 +246,18 @@ class RecordOutput(Stage):
             "new": state_name(ev.newstate),
             "duration_ns": ev.delta_ns if ev.delta_known else None,
         }
+
+    def lifetime(self, life: Lifetime) -> Record:
+        record = asdict(life)
+        record["family"] = family_name(life.family)
+        record["start"] = self.iso.format(life.start_ns)
+        record["end"] = self.iso.format(life.end_ns)
+        return record
+
+    def _write_lifetimes(self, lives: list[Lifetime]) -> None:
+        for life in lives:
+            self.write_record(KIND_LIFETIME, self.lifetime(life))
+        self.written += len(lives)
 
     def write_record(self, kind: str, record: Record) -> bool:
         """Write one record of any kind; False when the format has no place for it."""
@@ -283,6 +313,9 @@ class RecordOutput(Stage):
 
     def on_events(self, events: list[Event]) -> None:
         if self.quiet or not events:
+            return
+        if self.lifetimes is not None:
+            self.lifetimes.on_events(events)
             return
         writer = self.writer
         if isinstance(writer, JsonLinesWriter):

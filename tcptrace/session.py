@@ -173,7 +173,11 @@ def build_stages(
         from tcptrace.export import RecordOutput
 
         clock = Clock.now(options.timestamp)
-        stages.append(RecordOutput(options.format, out, err, clock, quiet=options.quiet))
+        stages.append(
+            RecordOutput(
+                options.format, out, err, clock, quiet=options.quiet, lifetimes=options.lifetime
+            )
+        )
     elif options.lifetime:
         stages.append(LifetimeOutput(out, options))
     else:

@@ -40,6 +40,7 @@ from tcptrace.cli import main
         (["--lifetime", "--quiet"], "exclude each other"),
         (["--snapshot", "--json"], "exclude each other"),
         (["--lifetime", "--csv"], "exclude each other"),
+        (["--lifetime", "--json", "--csv"], "exclude"),
         (["--lifetime", "--interval", "1"], "exclude each other"),
     ],
 )

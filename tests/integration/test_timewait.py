@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -103,6 +104,32 @@ def test_lifetime_lines_include_time_wait():
     total = parse_duration(servers[0][4])
     assert sum(parse_duration(d) for d in servers[0][6::2]) == pytest.approx(total, rel=0.01)
     assert total >= 0.5
+
+
+def test_lifetime_json_records():
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "--lifetime", "--json")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    assert [r["type"] for r in records] == ["lifetime", "summary"], out
+    life = records[0]
+    # the client's connection (passive close): its socket is gone, no TIME_WAIT to wait for
+    assert (life["local_port"], life["remote_port"]) == (client_port, port)
+    assert life["family"] == "ipv4" and life["complete"] is True
+    assert [s["state"] for s in life["states"]] == [
+        "SYN_SENT",
+        "ESTABLISHED",
+        "CLOSE_WAIT",
+        "LAST_ACK",
+    ]
+    assert sum(s["duration_ns"] for s in life["states"]) == life["duration_ns"]
+    assert life["end_ns"] - life["start_ns"] == life["duration_ns"]
+    assert life["start"].endswith("Z") and life["pid"] == os.getpid()
 
 
 @pytest.mark.slow
