@@ -113,6 +113,8 @@ Examples:
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
   tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
   tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
+  tcptrace --max-cpu 20 > t.log       at most a fifth of a CPU; the kernel sheds the rest
+  tcptrace --nice 0 --port 443        keep your own scheduling priority
 
 \b
 Shell completion (bash; zsh and fish alike):
