@@ -286,9 +286,28 @@ def stop_tracer(tracer: subprocess.Popen, result: Result) -> None:
             result.note += f" did not stop on {sig.name};"
 
 
+def parse_json_summary(result: Result, text: str) -> bool:
+    """--json output: a summary object last, one transition object a line before it."""
+    tail = text.rstrip("\n").rsplit("\n", 1)[-1]
+    if not tail.startswith("{"):
+        return False
+    summary = json.loads(tail)
+    if summary.get("type") != "summary":
+        return False
+    result.seen = summary["transitions_traced"]
+    result.printed = summary["written"]
+    result.lost = summary["lost"]
+    lines = text.count('{"type":"transition"')
+    if lines != result.printed:
+        result.note += f" {lines} lines in the file"
+    return True
+
+
 def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Path, port: int):
     if mode.kind == "tcptrace":
         text = out_path.read_text(errors="replace")
+        if parse_json_summary(result, text):
+            return
         found = SUMMARY_RE.findall(text)
         if not found:
             result.note = "no summary line: " + err_path.read_text()[-300:]
