@@ -7,10 +7,11 @@ values: raw event records (bytes) and the kernel's statistics as a Summary.
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tcptrace import perfbuf
@@ -63,6 +64,8 @@ class ProbeConfig:
     max_sockets: int = 65536
     # perf buffer pages per CPU (power of two); default_buffer_pages() by default
     buffer_pages: int = field(default_factory=lambda: default_buffer_pages())
+    # buffer_pages is the default, not the user's: halve it while the kernel refuses it
+    shrink_buffer: bool = False
     # shed events (counted) once a CPU's ring holds this share of its capacity unread;
     # 0 lets the ring overflow instead (counted as dropped)
     shed_fraction: float = 0.75
@@ -95,7 +98,6 @@ class Probe:
             from bcc import BPF
         except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
-        self.config = config
         self.reader: perfbuf.PerfReader | None = None
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
@@ -104,9 +106,16 @@ class Probe:
             source = path.read_bytes()
         except OSError as exc:
             raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
+        if config.emit_events:
+            # the rings first: their real size sets the kernel's shedding threshold
+            self.reader = self._open_reader(config)
+            config = replace(config, buffer_pages=self.reader.pages)
+        self.config = config
         try:
             self.bpf = BPF(text=source, cflags=config.cflags())
         except Exception as exc:  # bcc raises bare Exception for every failure
+            if self.reader is not None:
+                self.reader.close()
             raise load_error(exc, path) from None
         try:
             self._fill_ports()
@@ -121,9 +130,7 @@ class Probe:
             if self.reader is not None:
                 self.reader.close()
             raise TcptraceError(
-                f"could not set up the perf buffer of {config.buffer_pages} pages per CPU "
-                f"({exc}): without CAP_IPC_LOCK it must fit the locked-memory limit "
-                "(ulimit -l, LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
+                f"could not connect the perf buffer to the BPF program ({exc})"
             ) from None
 
     def _fill_ports(self) -> None:
@@ -131,12 +138,26 @@ class Probe:
         for port, bits in self.config.filters.port_flags().items():
             table[table.Key(port)] = table.Leaf(bits)
 
+    @staticmethod
+    def _open_reader(config: ProbeConfig) -> perfbuf.PerfReader:
+        """The per-CPU rings; the default size halves while the memory-lock limit refuses it."""
+        pages = config.buffer_pages
+        while True:
+            try:
+                return perfbuf.PerfReader(EVENT_STRUCT, pages)
+            except OSError as exc:
+                if config.shrink_buffer and exc.errno in (errno.EPERM, errno.ENOMEM) and pages > 1:
+                    pages //= 2
+                    continue
+                raise TcptraceError(
+                    f"could not set up the perf buffer of {pages} pages per CPU ({exc}): without "
+                    "CAP_IPC_LOCK it must fit the locked-memory limit (ulimit -l, "
+                    "LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
+                ) from None
+
     def _open_buffer(self) -> None:
-        """Our own rings (perfbuf), registered in the program's perf event array."""
-        try:
-            self.reader = perfbuf.PerfReader(EVENT_STRUCT, self.config.buffer_pages)
-        except OSError as exc:
-            raise TcptraceError(f"cannot open the perf buffer: {exc}") from exc
+        """Register our rings (perfbuf) in the program's perf event array."""
+        assert self.reader is not None
         events = self.bpf[b"events"]
         for cpu, fd in self.reader.fds().items():
             events[ctypes.c_int(cpu)] = ctypes.c_int(fd)

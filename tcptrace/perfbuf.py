@@ -244,6 +244,7 @@ class PerfReader:
     def __init__(self, sample: struct.Struct, pages: int, cpus: list[int] | None = None) -> None:
         if pages <= 0 or pages & (pages - 1):
             raise ValueError(f"perf buffer pages must be a power of two, not {pages}")
+        self.pages = pages
         self.sample_size = sample.size
         self.record = record_struct(sample)
         self.rings: list[Ring] = []

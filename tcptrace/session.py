@@ -243,6 +243,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     )
     if options.buffer_pages is not None:
         config = replace(config, buffer_pages=options.buffer_pages)
+    else:
+        config = replace(config, shrink_buffer=True)
     probe = Probe(config)
     if options.emit_events and options.nice is not None:
         _raise_priority(options.nice)
