@@ -14,6 +14,10 @@
  *   FILTER_PORTS    bitmask of PORT_ANY/PORT_LOCAL/PORT_REMOTE checks to apply
  *   SHOW_STATES     bitmask of states: emit transitions into or out of them
  *   EMIT_EVENTS     0 for summary-only mode (no per-event stream)
+ *   MAX_CPUS        possible CPUs (size of the consumed map)
+ *   SHED_LAG        0, or how many unread events a CPU's perf ring may hold
+ *                   before new ones are shed (counted, not submitted)
+ * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
 
@@ -61,12 +65,58 @@ BPF_PERCPU_ARRAY(dsum, u64, TCPTRACE_NSTATES);
 BPF_PERCPU_ARRAY(dmax, u64, TCPTRACE_NSTATES);
 BPF_PERCPU_ARRAY(trans, u64, TCPTRACE_NSTATES * TCPTRACE_NSTATES);
 BPF_PERF_OUTPUT(events);
+/* Events user space has read from each CPU's perf ring, published after each
+ * read: submitted minus consumed is how far the consumer lags on this CPU. */
+BPF_ARRAY(consumed, u64, MAX_CPUS);
 
 static __always_inline void count(u32 idx)
 {
 	u64 *v = counters.lookup(&idx);
 	if (v)
 		(*v)++;
+}
+
+/* Per-CPU submission budget set by user space (--max-cpu): at most
+ * rate_limit[0] events per RATE_WINDOW_NS on each CPU, 0 for no limit. */
+#define RATE_WINDOW_NS 10000000ULL
+struct window {
+	u64 start;
+	u64 n;
+};
+BPF_ARRAY(rate_limit, u64, 1);
+BPF_PERCPU_ARRAY(windows, struct window, 1);
+
+static __always_inline int over_budget(u64 now)
+{
+	u32 zero = 0;
+	u64 *limit = rate_limit.lookup(&zero);
+	if (!limit || !*limit)
+		return 0;
+	struct window *w = windows.lookup(&zero);
+	if (!w)
+		return 0;
+	if (now - w->start >= RATE_WINDOW_NS) {
+		w->start = now;
+		w->n = 0;
+	}
+	if (w->n >= *limit)
+		return 1;
+	w->n++;
+	return 0;
+}
+
+/* The consumer lags too far behind on this CPU: shed rather than overflow. */
+static __always_inline int lagging(void)
+{
+#if SHED_LAG
+	u32 cpu = bpf_get_smp_processor_id();
+	u32 idx = TCPTRACE_C_SUBMITTED;
+	u64 *read = consumed.lookup(&cpu);
+	u64 *sent = counters.lookup(&idx);
+	if (read && sent && *sent - *read >= SHED_LAG)
+		return 1;
+#endif
+	return 0;
 }
 
 static __always_inline u32 log2_u64(u64 v)
@@ -277,7 +327,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		show = 1;
 #endif
 	if (show) {
-		if (events.perf_submit(args, &ev, sizeof(ev)) == 0)
+		if (lagging() || over_budget(now))
+			count(TCPTRACE_C_SHED);
+		else if (events.perf_submit(args, &ev, sizeof(ev)) == 0)
 			count(TCPTRACE_C_SUBMITTED);
 		else
 			count(TCPTRACE_C_DROPPED);

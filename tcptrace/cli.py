@@ -113,6 +113,8 @@ Examples:
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
   tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
   tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
+  tcptrace --max-cpu 20 > t.log       at most a fifth of a CPU; the kernel sheds the rest
+  tcptrace --nice 0 --port 443        keep your own scheduling priority
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -187,9 +189,25 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "--buffer-pages",
     type=click.IntRange(min=1, max=MAX_BUFFER_PAGES),
-    default=1024,
+    default=None,
+    help="Perf buffer size per CPU, in pages (rounded up to a power of two). "
+    "Default: 64 MiB shared by the CPUs, 1 to 16 MiB each.",
+)
+@click.option(
+    "--nice",
+    type=click.IntRange(-20, 19),
+    default=-10,
     show_default=True,
-    help="Perf buffer size per CPU, in pages (rounded up to a power of two).",
+    help="Scheduling priority while printing events, so a busy machine cannot starve "
+    "the reader into losing events (never lowers the current priority).",
+)
+@click.option(
+    "--max-cpu",
+    type=click.FloatRange(1, 100),
+    default=None,
+    metavar="PERCENT",
+    help="Cap the reader at this share of one CPU; events that do not fit are shed "
+    "in the kernel and counted as lost (statistics stay exact). Default: no cap.",
 )
 @click.option(
     "--json",
@@ -294,7 +312,11 @@ def main(**opts: object) -> None:
         count=opts["count"],
         duration=opts["duration"],
         quiet=bool(opts["quiet"]),
-        buffer_pages=_power_of_two(int(opts["buffer_pages"])),
+        buffer_pages=None
+        if opts["buffer_pages"] is None
+        else _power_of_two(int(opts["buffer_pages"])),
+        nice=int(opts["nice"]),
+        max_cpu=None if opts["max_cpu"] is None else float(opts["max_cpu"]) / 100,
         format=fmt,
         interval=opts["interval"],
         metrics=opts["metrics"],

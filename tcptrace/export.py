@@ -23,7 +23,7 @@ from typing import Any, TextIO
 from tcptrace.events import AF_INET, C_SEEN, Event, format_addr
 from tcptrace.flows import lost_events
 from tcptrace.lifetimes import Lifetime, Lifetimes
-from tcptrace.output import NS_PER_S, NS_PER_US, Clock, format_summary
+from tcptrace.output import NS_PER_S, NS_PER_US, Clock, format_summary, write_all
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 from tcptrace.tracer import Stage
@@ -131,7 +131,7 @@ class JsonLinesWriter:
         lines = [encode({"type": kind, **record}) for record in records]
         if lines:
             lines.append("")
-            self.out.write("\n".join(lines))
+            write_all(self.out, "\n".join(lines))
 
     def flush(self) -> None:
         self.out.flush()
@@ -321,7 +321,7 @@ class RecordOutput(Stage):
         if isinstance(writer, JsonLinesWriter):
             lines = [self.transition_json(ev) for ev in events]
             lines.append("")
-            writer.out.write("\n".join(lines))
+            write_all(writer.out, "\n".join(lines))
         else:
             writer.write_rows([self.transition_row(ev) for ev in events])
         self.written += len(events)

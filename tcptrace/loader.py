@@ -7,12 +7,25 @@ values: raw event records (bytes) and the kernel's statistics as a Summary.
 from __future__ import annotations
 
 import ctypes
+import errno
+import mmap
 import os
-from dataclasses import dataclass, field
+import struct
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from tcptrace import perfbuf
 from tcptrace.errors import TcptraceError
-from tcptrace.events import C_DROPPED, C_SHED, C_SUBMITTED, HIST_SLOTS, NCOUNTERS
+from tcptrace.events import (
+    C_DROPPED,
+    C_SHED,
+    C_SUBMITTED,
+    EVENT_SIZE,
+    EVENT_STRUCT,
+    HIST_SLOTS,
+    NCOUNTERS,
+    Event,
+)
 from tcptrace.filters import Filters
 from tcptrace.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
 from tcptrace.states import NSTATES
@@ -20,6 +33,10 @@ from tcptrace.stats import Summary
 
 TRACEPOINT = "sock:inet_sock_set_state"
 PROGRAM = "tcptrace.bpf.c"
+# the function bcc's TRACEPOINT_PROBE(sock, inet_sock_set_state) defines
+PROBE_FN = b"tracepoint__sock__inet_sock_set_state"
+# RATE_WINDOW_NS in bpf/tcptrace.bpf.c: the window of the kernel's rate limit
+RATE_WINDOW_NS = 10_000_000
 # Load this C file instead of bpf/tcptrace.bpf.c: for tests that need a program
 # the compiler or the verifier refuses, and for debugging (README, "Environment").
 PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
@@ -45,8 +62,20 @@ class ProbeConfig:
     filters: Filters = field(default_factory=Filters)
     emit_events: bool = True
     max_sockets: int = 65536
-    # perf buffer pages per CPU (power of two)
-    buffer_pages: int = 1024
+    # perf buffer pages per CPU (power of two); default_buffer_pages() by default
+    buffer_pages: int = field(default_factory=lambda: default_buffer_pages())
+    # buffer_pages is the default, not the user's: halve it while the kernel refuses it
+    shrink_buffer: bool = False
+    # shed events (counted) once a CPU's ring holds this share of its capacity unread;
+    # 0 lets the ring overflow instead (counted as dropped)
+    shed_fraction: float = 0.75
+
+    def shed_lag(self) -> int:
+        """Unread events per CPU at which the kernel starts shedding (0: never)."""
+        if not self.shed_fraction:
+            return 0
+        capacity = self.buffer_pages * mmap.PAGESIZE // perfbuf.record_size(EVENT_SIZE)
+        return max(1, int(capacity * self.shed_fraction))
 
     def cflags(self) -> list[str]:
         return [
@@ -56,6 +85,8 @@ class ProbeConfig:
             f"-DFILTER_PORTS={self.filters.port_checks}",
             f"-DSHOW_STATES={self.filters.show_mask:#x}",
             f"-DEMIT_EVENTS={int(self.emit_events)}",
+            f"-DMAX_CPUS={possible_cpus()}",
+            f"-DSHED_LAG={self.shed_lag()}",
         ]
 
 
@@ -67,9 +98,7 @@ class Probe:
             from bcc import BPF
         except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
-        self.config = config
-        self.raw: list[bytes] = []
-        self.lost = 0
+        self.reader: perfbuf.PerfReader | None = None
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
         path = program_path()
@@ -77,20 +106,31 @@ class Probe:
             source = path.read_bytes()
         except OSError as exc:
             raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
+        if config.emit_events:
+            # the rings first: their real size sets the kernel's shedding threshold
+            self.reader = self._open_reader(config)
+            config = replace(config, buffer_pages=self.reader.pages)
+        self.config = config
         try:
             self.bpf = BPF(text=source, cflags=config.cflags())
         except Exception as exc:  # bcc raises bare Exception for every failure
+            if self.reader is not None:
+                self.reader.close()
             raise load_error(exc, path) from None
         try:
             self._fill_ports()
             if config.emit_events:
+                # bcc attached the program while compiling it; until the rings are in
+                # the perf event array every submission would fail (counted dropped)
+                self.detach()
                 self._open_buffer()
+                self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=PROBE_FN)
         except Exception as exc:
             self.bpf.cleanup()
+            if self.reader is not None:
+                self.reader.close()
             raise TcptraceError(
-                f"could not set up the perf buffer of {config.buffer_pages} pages per CPU "
-                f"({exc}): without CAP_IPC_LOCK it must fit the locked-memory limit "
-                "(ulimit -l, LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
+                f"could not connect the perf buffer to the BPF program ({exc})"
             ) from None
 
     def _fill_ports(self) -> None:
@@ -98,35 +138,105 @@ class Probe:
         for port, bits in self.config.filters.port_flags().items():
             table[table.Key(port)] = table.Leaf(bits)
 
+    @staticmethod
+    def _open_reader(config: ProbeConfig) -> perfbuf.PerfReader:
+        """The per-CPU rings; the default size halves while the memory-lock limit refuses it."""
+        pages = config.buffer_pages
+        while True:
+            try:
+                return perfbuf.PerfReader(EVENT_STRUCT, pages)
+            except OSError as exc:
+                if config.shrink_buffer and exc.errno in (errno.EPERM, errno.ENOMEM) and pages > 1:
+                    pages //= 2
+                    continue
+                raise TcptraceError(
+                    f"could not set up the perf buffer of {pages} pages per CPU ({exc}): without "
+                    "CAP_IPC_LOCK it must fit the locked-memory limit (ulimit -l, "
+                    "LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
+                ) from None
+
     def _open_buffer(self) -> None:
-        raw = self.raw
-        string_at = ctypes.string_at
+        """Register our rings (perfbuf) in the program's perf event array."""
+        assert self.reader is not None
+        events = self.bpf[b"events"]
+        for cpu, fd in self.reader.fds().items():
+            events[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+        self._consumed = self.bpf[b"consumed"]
+        self._published = {ring.cpu: 0 for ring in self.reader.rings}
 
-        # Copy only; decoding happens in batches outside the callback.
-        def on_event(_cpu: int, data: int, size: int) -> None:
-            raw.append(string_at(data, size))
+    def _publish_progress(self) -> None:
+        """Tell the kernel how far each ring has been read (its shedding rule)."""
+        reader = self.reader
+        assert reader is not None
+        for ring in reader.rings:
+            if ring.samples != self._published[ring.cpu]:
+                self._consumed[ctypes.c_int(ring.cpu)] = ctypes.c_uint64(ring.samples)
+                self._published[ring.cpu] = ring.samples
 
-        def on_lost(count: int) -> None:
-            self.lost += count
+    def _wait(self, timeout_ms: int) -> bool:
+        """Sleep up to timeout_ms for events; False in summary-only mode."""
+        if self.reader is None:
+            if timeout_ms > 0:
+                import time
 
-        self.bpf[b"events"].open_perf_buffer(
-            on_event, page_cnt=self.config.buffer_pages, lost_cb=on_lost
-        )
+                time.sleep(timeout_ms / 1000)
+            return False
+        self.reader.wait(timeout_ms)
+        return True
+
+    def poll_events(self, timeout_ms: int) -> list[Event]:
+        """Wait up to timeout_ms; return the events that arrived, decoded, in time order."""
+        if not self._wait(timeout_ms):
+            return []
+        assert self.reader is not None
+        unpack = self.reader.record.iter_unpack
+        make = Event._make
+        events: list[Event] = []
+        for run in self.reader.read_runs():
+            events.extend(map(make, unpack(run)))
+        self.received += len(events)
+        self._publish_progress()
+        # each CPU's ring is in order; interleave the CPUs by time
+        if len(self.reader.rings) > 1:
+            events.sort(key=_ts)
+        return events
 
     def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms for events; return (and forget) what arrived."""
-        if self.config.emit_events:
-            self.bpf.perf_buffer_poll(timeout_ms)
-        elif timeout_ms > 0:
-            import time
-
-            time.sleep(timeout_ms / 1000)
-        if not self.raw:
+        """Wait up to timeout_ms for events; return the raw records that arrived."""
+        if not self._wait(timeout_ms):
             return []
-        out = self.raw[:]
-        del self.raw[:]
-        self.received += len(out)
-        return out
+        assert self.reader is not None
+        raw: list[bytes] = []
+        for run in self.reader.read_runs():
+            raw.extend(perfbuf.iter_samples(run, EVENT_SIZE))
+        self.received += len(raw)
+        self._publish_progress()
+        if len(self.reader.rings) > 1:
+            raw.sort(key=_raw_ts)
+        return raw
+
+    def set_rate_limit(self, events_per_s: float | None) -> None:
+        """Let the kernel submit at most this many events a second (None: no limit).
+
+        Split evenly over the CPUs; the rest is shed in the kernel and counted.
+        """
+        if self.reader is None:
+            return
+        per_window = 0
+        if events_per_s is not None:
+            share = events_per_s / max(1, len(self.reader.rings))
+            per_window = max(1, int(share * RATE_WINDOW_NS / 1e9))
+        self.bpf[b"rate_limit"][ctypes.c_int(0)] = ctypes.c_uint64(per_window)
+
+    def detach(self) -> None:
+        """Stop tracing: no new events or counts after this; buffered events stay readable."""
+        if TRACEPOINT.encode() in self.bpf.tracepoint_fds:
+            self.bpf.detach_tracepoint(TRACEPOINT.encode())
+
+    @property
+    def lost(self) -> int:
+        """Events the perf rings reported lost (the kernel also counts them as dropped)."""
+        return self.reader.lost if self.reader is not None else 0
 
     def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
         table = self.bpf[name.encode()]
@@ -188,6 +298,9 @@ class Probe:
 
     def close(self) -> None:
         self.bpf.cleanup()
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
 
 
 def program_path() -> Path:
@@ -216,5 +329,38 @@ def load_error(exc: Exception, path: Path) -> TcptraceError:
     return TcptraceError(f"could not load the BPF program: {text}")
 
 
-def possible_cpus() -> int:
-    return os.cpu_count() or 1
+# Perf ring memory for all CPUs together, and the bounds per CPU, in pages.
+BUFFER_TOTAL_BYTES = 64 << 20
+MIN_BUFFER_PAGES = 256
+MAX_BUFFER_PAGES = 4096
+
+
+def default_buffer_pages(cpus: int | None = None) -> int:
+    """Pages per CPU: 64 MiB shared by the CPUs, 1 to 16 MiB each (power of two).
+
+    A few busy CPUs need deep rings (the reader may get no CPU for a few hundred
+    ms while the workload saturates them); many CPUs share the load.
+    """
+    cpus = cpus or possible_cpus()
+    pages = BUFFER_TOTAL_BYTES // mmap.PAGESIZE // max(1, cpus)
+    pages = 1 << max(0, pages.bit_length() - 1)  # round down to a power of two
+    return max(MIN_BUFFER_PAGES, min(MAX_BUFFER_PAGES, pages))
+
+
+def _ts(event: Event) -> int:
+    return event.ts_ns
+
+
+_TS = struct.Struct("=Q")  # ts_ns leads struct tcptrace_event
+
+
+def _raw_ts(raw: bytes) -> int:
+    return _TS.unpack_from(raw)[0]
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Highest possible CPU number plus one (the size of per-CPU arrays)."""
+    try:
+        return max(perfbuf.online_cpus(path)) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1

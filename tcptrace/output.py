@@ -5,14 +5,24 @@ Works on plain Event values; knows nothing of bcc or sock_diag.
 
 from __future__ import annotations
 
+import io
+import os
 import socket
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TextIO
 
-from tcptrace.events import C_SEEN, F_DELTA_LOWER, Event, format_addr
+from tcptrace.events import (
+    C_SEEN,
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    Event,
+    decode_comm,
+    format_addr,
+)
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 
@@ -59,6 +69,32 @@ def event_duration(ev: Event) -> str:
     return "-"
 
 
+SERVICES_FILE = "/etc/services"
+
+
+@lru_cache(maxsize=1)
+def _services(path: str = SERVICES_FILE) -> dict[int, str] | None:
+    """TCP port -> service name from the services file, read once.
+
+    getservbyport re-reads the file on every call (tens of µs); churned ephemeral
+    ports would each pay that. None when the file is unreadable (then getservbyport).
+    """
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+    except OSError:
+        return None
+    names: dict[int, str] = {}
+    for line in text.splitlines():
+        fields = line.split("#", 1)[0].split()
+        if len(fields) < 2 or "/" not in fields[1]:
+            continue
+        number, _, proto = fields[1].partition("/")
+        if proto == "tcp" and number.isdigit():
+            names.setdefault(int(number), fields[0])  # the first entry wins, as getservbyport
+    return names
+
+
 @lru_cache(maxsize=65536)
 def port_name(port: int, numeric: bool) -> str:
     """Port as a service name unless numeric (as ss -n); 0 (not yet chosen) is '*', as in ss."""
@@ -66,6 +102,9 @@ def port_name(port: int, numeric: bool) -> str:
         return "*"
     if numeric:
         return str(port)
+    names = _services()
+    if names is not None:
+        return names.get(port, str(port))
     try:
         return socket.getservbyport(port, "tcp")
     except OSError:
@@ -87,6 +126,8 @@ class Clock:
     start_mono_ns: int = 0
     # wall clock minus monotonic clock, taken once at start
     offset_ns: int = 0
+    _sec: int = field(default=-1, repr=False, compare=False)
+    _sec_text: str = field(default="", repr=False, compare=False)
 
     @classmethod
     def now(cls, style: str) -> Clock:
@@ -96,6 +137,13 @@ class Clock:
         return mono_ns + self.offset_ns
 
     def format(self, mono_ns: int) -> str:
+        if self.style == TS_WALL:
+            # the seconds part changes rarely: format it once per second
+            secs, frac = divmod(mono_ns + self.offset_ns, NS_PER_S)
+            if secs != self._sec:
+                self._sec = secs
+                self._sec_text = time.strftime("%H:%M:%S", time.localtime(secs))
+            return f"{self._sec_text}.{frac // NS_PER_US:06d}"
         if self.style == TS_RELATIVE:
             return f"{(mono_ns - self.start_mono_ns) / NS_PER_S:10.6f}"
         if self.style == TS_NONE:
@@ -119,8 +167,36 @@ def time_header(style: str) -> str:
     return f"{'TIME':<15} "
 
 
+def write_all(out: TextIO, text: str) -> None:
+    """Write all of text to out, even when a signal interrupts a blocked write.
+
+    CPython's text and buffered writers can silently drop the rest of a write to
+    a full pipe when a signal (our Ctrl-C/SIGTERM handler) interrupts it half way;
+    on a real file descriptor the bytes go out through os.write in a loop instead.
+    """
+    try:
+        fd = out.fileno()
+    except (AttributeError, OSError, io.UnsupportedOperation):
+        out.write(text)
+        return
+    out.flush()  # whatever the stream still buffers goes first
+    view = memoryview(text.encode(getattr(out, "encoding", None) or "utf-8", "replace"))
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+# Caches of formatted columns are dropped whole when they grow past this.
+_CACHE_MAX = 65536
+_NO_OWNER = f"{'-':>7} {'-':<15}"
+
+
 class TextFormatter:
-    """One aligned line per transition."""
+    """One aligned line per transition.
+
+    Built for wire speed: every column that repeats (endpoints, owner, the
+    OLD -> NEW pair, the seconds of the time) is formatted once and cached, and
+    a batch becomes one write.
+    """
 
     def __init__(
         self,
@@ -133,6 +209,12 @@ class TextFormatter:
         self.numeric = numeric
         self.width = _ENDPOINT_WIDTH
         self.printed = 0
+        # (family, address, port) -> endpoint padded to self.width
+        self._endpoints: dict[tuple[int, bytes, int], str] = {}
+        # (pid, comm) -> "    PID COMM           "
+        self._owners: dict[tuple[int, bytes], str] = {}
+        # (old, new) -> "   OLD -> NEW        "
+        self._transitions: dict[tuple[int, int], str] = {}
 
     def header(self) -> str:
         w = self.width
@@ -151,31 +233,79 @@ class TextFormatter:
             return str(ev.pid), ev.command
         return "-", "-"
 
+    def _owner_column(self, ev: Event) -> str:
+        if ev.flags & F_OWNER_KNOWN:
+            key = (ev.pid, ev.comm)
+            col = self._owners.get(key)
+            if col is None:
+                if len(self._owners) > _CACHE_MAX:
+                    self._owners.clear()
+                col = self._owners[key] = f"{ev.pid:>7} {decode_comm(ev.comm):<15.15}"
+            return col
+        return _NO_OWNER  # enrich.Owners has already filled in what it could find
+
+    def _endpoint(self, family: int, raw: bytes, port: int) -> str:
+        key = (family, raw, port)
+        col = self._endpoints.get(key)
+        if col is None:
+            text = endpoint(family, raw, port, self.numeric)
+            if len(text) > self.width:
+                # a wider address (IPv6): widen the column, re-pad what was cached
+                self.width = len(text)
+                self._endpoints.clear()
+            if len(self._endpoints) > _CACHE_MAX:
+                self._endpoints.clear()
+            col = self._endpoints[key] = f"{text:<{self.width}}"
+        return col
+
+    def _transition(self, old: int, new: int) -> str:
+        col = self._transitions.get((old, new))
+        if col is None:
+            col = self._transitions[(old, new)] = (
+                f"{state_name(old):>{_STATE_WIDTH}} -> {state_name(new):<{_STATE_WIDTH}}"
+            )
+        return col
+
+    def lines(self, events: Iterable[Event]) -> list[str]:
+        """The text lines of a batch (no newlines)."""
+        fmt_time = self.clock.format
+        timed = self.clock.style != TS_NONE
+        endpoint_col = self._endpoint
+        owner_col = self._owner_column
+        transition = self._transition
+        out = []
+        for ev in events:
+            local = endpoint_col(ev.family, ev.saddr, ev.sport)
+            remote = endpoint_col(ev.family, ev.daddr, ev.dport)
+            if len(local) < self.width or len(remote) < self.width:
+                # the column widened during this batch: pad to the new width
+                local = endpoint_col(ev.family, ev.saddr, ev.sport)
+                remote = endpoint_col(ev.family, ev.daddr, ev.dport)
+            flags = ev.flags
+            if flags & F_DELTA_KNOWN:
+                duration = format_duration(ev.delta_ns)
+            elif flags & F_DELTA_LOWER:
+                duration = ">=" + format_duration(ev.delta_ns)  # as event_duration()
+            else:
+                duration = "-"
+            stamp = f"{fmt_time(ev.ts_ns)} " if timed else ""
+            out.append(
+                f"{stamp}{owner_col(ev)} {local} {remote} "
+                f"{transition(ev.oldstate, ev.newstate)} {duration:>9}"
+            )
+        return out
+
     def line(self, ev: Event) -> str:
-        local = endpoint(ev.family, ev.saddr, ev.sport, self.numeric)
-        remote = endpoint(ev.family, ev.daddr, ev.dport, self.numeric)
-        longest = max(len(local), len(remote))
-        if longest > self.width:
-            self.width = longest
-        w = self.width
-        pid, comm = self.owner(ev)
-        stamp = self.clock.format(ev.ts_ns)
-        stamp = f"{stamp} " if stamp else ""
-        duration = event_duration(ev)
-        return (
-            f"{stamp}{pid:>7} {comm:<15.15} {local:<{w}} {remote:<{w}} "
-            f"{state_name(ev.oldstate):>{_STATE_WIDTH}} -> "
-            f"{state_name(ev.newstate):<{_STATE_WIDTH}} {duration:>9}"
-        )
+        return self.lines((ev,))[0]
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
 
     def write(self, events: Iterable[Event]) -> None:
-        lines = [self.line(ev) for ev in events]
+        lines = self.lines(events)
         if lines:
             lines.append("")
-            self.out.write("\n".join(lines))
+            write_all(self.out, "\n".join(lines))
             self.printed += len(lines) - 1
 
 

@@ -33,7 +33,12 @@ class Options:
     count: int | None = None
     duration: float | None = None
     quiet: bool = False
-    buffer_pages: int = 1024
+    buffer_pages: int | None = None  # per CPU; None: loader.default_buffer_pages()
+    # scheduling priority while printing events: a busy machine must not starve
+    # the consumer into losing events (None leaves it unchanged)
+    nice: int | None = -10
+    # share of one CPU the reader may use for per-event output (None: unlimited)
+    max_cpu: float | None = None
     # per-transition output: text, json (export.FORMAT_JSON) or csv (export.FORMAT_CSV)
     format: str = FORMAT_TEXT
     # --interval: seconds between live tables (no per-transition output then)
@@ -235,14 +240,18 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     preflight.run_all()
     from tcptrace.loader import Probe, ProbeConfig
 
-    probe = Probe(
-        ProbeConfig(
-            filters=options.filters,
-            emit_events=options.emit_events,
-            buffer_pages=options.buffer_pages,
-            max_sockets=options.max_sockets,
-        )
+    config = ProbeConfig(
+        filters=options.filters,
+        emit_events=options.emit_events,
+        max_sockets=options.max_sockets,
     )
+    if options.buffer_pages is not None:
+        config = replace(config, buffer_pages=options.buffer_pages)
+    else:
+        config = replace(config, shrink_buffer=True)
+    probe = Probe(config)
+    if options.emit_events and options.nice is not None:
+        _raise_priority(options.nice)
     summaries = KernelStats(probe)
     stages: list[Stage] = []
     table = SocketTable() if options.emit_events else None
@@ -250,7 +259,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         stages = build_stages(options, out, err, summaries, table)
         # first: its on_finish completes the final accounting the outputs print
         stages.insert(0, LossReport(probe, err))
-        tracer = Tracer(probe, stages, StopConditions(options.count, options.duration))
+        tracer = Tracer(
+            probe,
+            stages,
+            StopConditions(options.count, options.duration),
+            cpu_budget=options.max_cpu if options.emit_events else None,
+        )
         tracer.install_signals()
         if early_sigterm:
             tracer.request_stop()
@@ -276,3 +290,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if table is not None:
             table.close()
     return 0
+
+
+def _raise_priority(nice: int) -> None:
+    """Run at this nice value; never lower the priority we were given."""
+    try:
+        if nice < os.getpriority(os.PRIO_PROCESS, 0):
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError:
+        pass  # not permitted (no CAP_SYS_NICE): keep the priority we have

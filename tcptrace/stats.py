@@ -99,7 +99,8 @@ class Summary:
     states: dict[int, StateStats] = field(default_factory=dict)
     transitions: dict[tuple[int, int], int] = field(default_factory=dict)
     counters: list[int] = field(default_factory=lambda: [0] * NCOUNTERS)
-    # perf records the kernel reported lost (lost callback)
+    # events the perf rings reported lost (PERF_RECORD_LOST; the same events the
+    # program counts as dropped)
     lost: int = 0
     # one-line remarks the stages add (things not followed, limits reached)
     notes: list[str] = field(default_factory=list)

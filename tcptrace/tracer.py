@@ -21,9 +21,17 @@ from tcptrace.stats import Summary
 # Longest wait for events before the loop looks at its stop conditions again;
 # also the bound on how late a transition is printed at low rates.
 POLL_MS = 50
+# Reads of the buffers after detaching: each empties them, so a second finds them empty.
+DRAIN_ROUNDS = 4
+# Longest rest the CPU budget imposes between reads.
+MAX_REST_S = 0.05
+# Events in one batch before its CPU time is trusted as a cost per event.
+MIN_COST_SAMPLE = 500
 
 
 class EventSource(Protocol):
+    """Raw records from poll(); a source may also offer poll_events() -> list[Event]."""
+
     def poll(self, timeout_ms: int) -> list[bytes]: ...
 
     def summary(self) -> Summary: ...
@@ -76,12 +84,22 @@ class StopConditions:
 
 
 class Tracer:
-    def __init__(self, source: EventSource, stages: list[Stage], stop: StopConditions) -> None:
+    def __init__(
+        self,
+        source: EventSource,
+        stages: list[Stage],
+        stop: StopConditions,
+        cpu_budget: float | None = None,
+    ) -> None:
         self.source = source
         self.stages = stages
         self.conditions = stop
         self.stopping = threading.Event()
         self.handled = 0
+        # share of one CPU the loop may use (None: as much as it needs); above it
+        # the loop rests, the kernel sheds what does not fit and counts it
+        self.cpu_budget = cpu_budget
+        self._cost: float | None = None  # CPU seconds per handled event (moving average)
 
     def request_stop(self, *_args: object) -> None:
         self.stopping.set()
@@ -108,12 +126,69 @@ class Tracer:
             if made:
                 self._dispatch(made, index + 1)
 
+    def _poll(self, timeout_ms: int) -> list[Event]:
+        # a source that decodes whole batches itself (loader.Probe) skips decode_many
+        poll_events = getattr(self.source, "poll_events", None)
+        if poll_events is not None:
+            return poll_events(timeout_ms)
+        raw = self.source.poll(timeout_ms)
+        return list(decode_many(raw)) if raw else []
+
+    def _handle(self, events: list[Event]) -> None:
+        if not events:
+            return
+        limit = self.conditions.count
+        if limit is not None and self.handled + len(events) >= limit:
+            events = events[: limit - self.handled]
+            self.stopping.set()
+        self.handled += len(events)
+        self._dispatch(events)
+
+    def _drain(self) -> None:
+        """Stop the kernel side, then hand on what is still buffered.
+
+        Afterwards every traced transition was either handled or counted lost,
+        so the summary's accounting adds up (traced == shown + lost).
+        """
+        detach = getattr(self.source, "detach", None)
+        if detach is None:
+            return
+        detach()
+        for _ in range(DRAIN_ROUNDS):
+            events = self._poll(0)
+            if not events:
+                break
+            if self.conditions.count is not None and self.handled >= self.conditions.count:
+                continue  # --count reached: read what is left, show none of it
+            self._handle(events)
+
+    def _rest(self, cpu_used: float, handled: int) -> None:
+        """Keep the loop within its CPU budget.
+
+        A source that can limit its rate (loader.Probe: the kernel sheds the
+        excess and counts it) is told how many events a second the budget pays
+        for, from the measured CPU cost per event. Otherwise, or while the cost
+        is still unknown, the loop rests, at most MAX_REST_S so that printing
+        stays within about 100 ms of the transitions.
+        """
+        if not self.cpu_budget or cpu_used <= 0:
+            return
+        set_rate = getattr(self.source, "set_rate_limit", None)
+        if handled >= MIN_COST_SAMPLE:
+            cost = cpu_used / handled
+            self._cost = cost if self._cost is None else 0.8 * self._cost + 0.2 * cost
+            if set_rate is not None:
+                set_rate(self.cpu_budget / self._cost)
+                return
+        if set_rate is None or self._cost is None:
+            rest = min(cpu_used * (1 / self.cpu_budget - 1), MAX_REST_S)
+            self.stopping.wait(rest)
+
     def run(self) -> Summary:
         """Trace until a stop condition, then finish every stage; return the summary."""
         for stage in self.stages:
             stage.on_start()
         deadline = time.monotonic() + self.conditions.duration if self.conditions.duration else None
-        limit = self.conditions.count
         while not self.stopping.is_set():
             timeout = POLL_MS
             if deadline is not None:
@@ -121,15 +196,12 @@ class Tracer:
                 if left <= 0:
                     break
                 timeout = max(1, min(timeout, int(left * 1000)))
-            raw = self.source.poll(timeout)
-            if raw:
-                events = list(decode_many(raw))
-                if limit is not None and self.handled + len(events) >= limit:
-                    events = events[: limit - self.handled]
-                    self.stopping.set()
-                self.handled += len(events)
-                self._dispatch(events)
+            cpu_before = time.process_time()
+            handled_before = self.handled
+            self._handle(self._poll(timeout))
             self._tick()
+            self._rest(time.process_time() - cpu_before, self.handled - handled_before)
+        self._drain()
         summary = self.source.summary()
         for stage in self.stages:
             stage.on_finish(summary)

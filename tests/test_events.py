@@ -65,3 +65,18 @@ def test_comm_with_garbage_after_nul():
 
 def test_size():
     assert EVENT_SIZE == 88
+
+
+def test_default_buffer_pages_share_64_mib_within_bounds():
+    import mmap
+
+    from tcptrace.loader import MAX_BUFFER_PAGES, MIN_BUFFER_PAGES, default_buffer_pages
+
+    for cpus in (1, 2, 3, 16, 64, 1024):
+        pages = default_buffer_pages(cpus)
+        assert pages & (pages - 1) == 0
+        assert MIN_BUFFER_PAGES <= pages <= MAX_BUFFER_PAGES
+        if pages > MIN_BUFFER_PAGES:
+            assert pages * cpus * mmap.PAGESIZE <= 64 << 20
+    assert default_buffer_pages(2) == MAX_BUFFER_PAGES
+    assert default_buffer_pages(1024) == MIN_BUFFER_PAGES

@@ -201,3 +201,57 @@ def test_summary_table():
 
 def test_summary_empty():
     assert "(no transitions)" in format_summary(Summary())
+
+
+def test_write_all_delivers_everything_through_a_full_pipe_and_a_signal():
+    """Lines reach a slow reader intact although the pipe fills and a signal arrives.
+
+    (The failure this guards against, sys.stdout dropping the rest of a blocked
+    write when tcptrace's SIGINT handler runs, is reproduced end to end by
+    tests/integration/test_wire_speed.py.)
+    """
+    import os
+    import signal
+    import subprocess
+    import tempfile
+
+    from tcptrace.output import write_all
+
+    rfd, wfd = os.pipe()
+    text = "".join(f"line {i:07d}\n" for i in range(100_000))  # far beyond a pipe's 64 KiB
+    old = signal.signal(signal.SIGUSR1, lambda *_: None)
+    with tempfile.TemporaryFile() as sink:
+        reader = subprocess.Popen(
+            ["sh", "-c", f"sleep 0.2; kill -USR1 {os.getpid()}; sleep 0.2; exec cat"],
+            stdin=rfd,
+            stdout=sink,
+        )
+        os.close(rfd)
+        try:
+            with os.fdopen(wfd, "w") as out:
+                write_all(out, text)
+        finally:
+            reader.wait(timeout=10)
+            signal.signal(signal.SIGUSR1, old)
+        sink.seek(0)
+        assert sink.read().decode() == text
+
+
+def test_write_all_to_a_stream_without_a_file():
+    from tcptrace.output import write_all
+
+    out = io.StringIO()
+    write_all(out, "a\nb\n")
+    assert out.getvalue() == "a\nb\n"
+
+
+def test_accounting_counts_drops_once_and_shed_events():
+    from tcptrace.events import C_DROPPED, C_SEEN, C_SHED
+    from tcptrace.output import format_accounting
+
+    s = Summary()
+    s.counters[C_SEEN] = 100
+    s.counters[C_DROPPED] = 7
+    s.counters[C_SHED] = 20
+    s.lost = 7  # the ring's report of the same 7 dropped events
+    assert format_accounting(s, 73) == "100 transitions traced, 73 shown, 27 lost"

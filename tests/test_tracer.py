@@ -92,3 +92,24 @@ def test_tick_events_go_to_later_stages_only():
     Tracer(FakeSource([]), stages, StopConditions(duration=0.15)).run()
     assert ("print", [7]) in log
     assert ("poll", [7]) not in log
+
+
+class Busy(Stage):
+    """Burns CPU on every batch, as formatting does."""
+
+    def __init__(self, cpu_s: float) -> None:
+        self.cpu_s = cpu_s
+
+    def on_events(self, events):
+        end = time.process_time() + self.cpu_s
+        while time.process_time() < end:
+            pass
+
+
+def test_cpu_budget_makes_the_loop_rest():
+    batches = [[raw(i)] for i in range(10)]
+    start = time.monotonic()
+    Tracer(FakeSource(batches), [Busy(0.01)], StopConditions(count=10), cpu_budget=0.25).run()
+    elapsed = time.monotonic() - start
+    # 10 batches of >= 10 ms CPU at 25% of a CPU: >= 30 ms of rest after each
+    assert elapsed >= 10 * 0.01 / 0.25 * 0.9
