@@ -61,13 +61,14 @@ def missing_caps(caps: int, paranoid: int = 2) -> list[str]:
     """The capabilities, among those loading and attaching need, that caps lacks."""
     if caps >> CAP_SYS_ADMIN & 1:
         return []  # CAP_SYS_ADMIN covers BPF and perf on every kernel
-    if paranoid >= PARANOID_ADMIN_ONLY:
-        return ["CAP_SYS_ADMIN"]
-    return [
+    missing = [
         name
         for bit, name in ((CAP_BPF, "CAP_BPF"), (CAP_PERFMON, "CAP_PERFMON"))
         if not caps >> bit & 1
     ]
+    if not missing and paranoid >= PARANOID_ADMIN_ONLY:
+        return ["CAP_SYS_ADMIN"]
+    return missing
 
 
 def check_privileges() -> None:
@@ -77,7 +78,7 @@ def check_privileges() -> None:
     missing = missing_caps(effective_caps(), paranoid)
     if not missing:
         return
-    if paranoid >= PARANOID_ADMIN_ONLY:
+    if missing == ["CAP_SYS_ADMIN"]:
         raise TcptraceError(
             f"loading the eBPF program needs root; this process (uid {os.geteuid()}) lacks "
             f"CAP_SYS_ADMIN, which this kernel requires for perf events while "
