@@ -159,18 +159,6 @@ class CsvWriter:
             self._writer.writerow(self.columns)
             self._header_done = True
 
-    def lifetime(self, life: Lifetime) -> Record:
-        record = asdict(life)
-        record["family"] = family_name(life.family)
-        record["start"] = self.iso.format(life.start_ns)
-        record["end"] = self.iso.format(life.end_ns)
-        return record
-
-    def _write_lifetimes(self, lives: list[Lifetime]) -> None:
-        for life in lives:
-            self.write_record(KIND_LIFETIME, self.lifetime(life))
-        self.written += len(lives)
-
     def write_record(self, kind: str, record: Record) -> bool:
         return self.write_records(kind, (record,))
 
