@@ -67,8 +67,14 @@ def test_the_table_shows_our_sockets(scene, table):
 
 def test_inode_leads_to_this_process(scene, table):
     _, cli, _ = scene
+    # the whole 4-tuple: an older TIME_WAIT socket (inode 0) may share the local port
+    local, remote = cli.getsockname()[1], cli.getpeername()[1]
     owner = ProcessIndex().owner(
-        next(r.inode for r in table.dump() if r.local_port == cli.getsockname()[1])
+        next(
+            r.inode
+            for r in table.dump()
+            if (r.local_port, r.remote_port) == (local, remote) and r.state != TcpState.TIME_WAIT
+        )
     )
     assert owner is not None and owner.pid == os.getpid()
     with open("/proc/self/comm") as f:
