@@ -150,7 +150,7 @@ class Counter:
 @dataclass
 class Mode:
     name: str
-    kind: str  # "untraced", "counter", "tcptrace", "tcpstates"
+    kind: str  # "untraced", "counter", "tcptrace", "tcpstates", "busy"
     args: list[str] = field(default_factory=list)
 
 
@@ -218,7 +218,24 @@ DETAIL_RE = re.compile(r"lost \((\d+) shed, (\d+) dropped\)")
 TCPSTATES_LOST_RE = re.compile(r"Possibly lost (\d+) samples")
 
 
+# A process that keeps one CPU busy for a share of each 10 ms: what any consumer
+# of that much CPU costs the workload, whatever it does with it.
+BUSY_LOOP = """
+import signal, sys, time
+signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+share = float(sys.argv[1]) / 100
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < 0.01 * share:
+        pass
+    if share < 1:
+        time.sleep(0.01 * (1 - share))
+"""
+
+
 def tracer_command(mode: Mode, port: int) -> list[str]:
+    if mode.kind == "busy":
+        return [sys.executable, "-c", BUSY_LOOP, *mode.args]
     if mode.kind == "tcptrace":
         return [sys.executable, "-m", "tcptrace", "--port", str(port), *mode.args]
     return [find_tcpstates(), *mode.args]
@@ -238,7 +255,7 @@ def run_one(
     ns = Netns(REGIMES[regime])
     tracer = None
     try:
-        counter.attach(mode.kind != "untraced")
+        counter.attach(mode.kind not in ("untraced", "busy"))
         out_path = workdir / f"{regime}-{mode.name}.out"
         err_path = workdir / f"{regime}-{mode.name}.err"
         if mode.kind in ("tcptrace", "tcpstates"):
@@ -248,6 +265,8 @@ def run_one(
                     tracer_command(mode, port), stdout=out, stderr=err, env=env, cwd=REPO
                 )
             result.ready_s = wait_ready(tracer, mode.kind, err_path)
+        elif mode.kind == "busy":
+            tracer = subprocess.Popen(tracer_command(mode, port))
         before = counter.value()
         cpu0 = proc_cpu_s(tracer.pid) if tracer else 0.0
         churn_cmd = [str(churn), "-p", str(port), "-d", str(args.seconds)]
@@ -263,9 +282,9 @@ def run_one(
             result.cpu_pct = 100 * result.cpu_s / (float(fields["seconds"]) + args.drain)
             result.rss_mb = proc_hwm_mb(tracer.pid)
             stop_tracer(tracer, result)
-        if mode.kind != "untraced":
+        if mode.kind not in ("untraced", "busy"):
             result.produced = counter.value() - before
-        if tracer:
+        if tracer and mode.kind != "busy":
             parse_tracer_output(mode, result, out_path, err_path, port)
     finally:
         if tracer and tracer.poll() is None:
@@ -556,6 +575,14 @@ def main() -> int:
     )
     ap.add_argument("--only", action="append", default=[], help="run only modes named so")
     ap.add_argument(
+        "--busy",
+        action="append",
+        default=[],
+        type=int,
+        metavar="PCT",
+        help="also run the churn beside a busy loop using PCT%% of one CPU (repeatable)",
+    )
+    ap.add_argument(
         "--repeat", type=int, default=1, help="rounds over all modes; the median run is shown"
     )
     ap.add_argument("--clients", type=int, default=2)
@@ -577,6 +604,7 @@ def main() -> int:
     modes = default_modes() + [parse_mode(m) for m in args.mode]
     if args.only:
         modes = [m for m in modes if m.name in args.only or m.name == "untraced"]
+    modes += [Mode(f"busy loop {pct}%", "busy", [str(pct)]) for pct in args.busy]
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
     workdir = Path(tempfile.mkdtemp(prefix="tcptrace-bench-"))
     print(f"machine: {machine()}")

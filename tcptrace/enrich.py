@@ -14,6 +14,7 @@ snapshot is a lower bound on its stay, marked F_DELTA_LOWER.
 
 from __future__ import annotations
 
+import operator
 import time
 
 from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
@@ -28,6 +29,11 @@ CLOSE = int(TcpState.CLOSE)
 LISTEN = int(TcpState.LISTEN)
 SYN_RECV = int(TcpState.SYN_RECV)
 _BOTH_KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
+# Positions in an Event tuple, for the per-event checks (C-level indexing).
+_NEW = Event._fields.index("newstate")
+_SKADDR = Event._fields.index("skaddr")
+_skaddr = operator.itemgetter(_SKADDR)
+_flags = operator.itemgetter(Event._fields.index("flags"))
 # Owners found in user space, by socket; bounded (oldest dropped first).
 MAX_CACHED = 65536
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
@@ -63,15 +69,22 @@ class Owners(Stage):
             self.snapshot = snapshot.take(self.table, self.procs, self.filters)
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
-        out: list[Event] | None = None
         found, failed = self.found, self.failed
-        for i, ev in enumerate(events):
+        if found or failed:
+            for ev in events:
+                if ev[_NEW] == CLOSE:  # the socket is gone: its address may be reused
+                    found.pop(ev[_SKADDR], None)
+                    failed.pop(ev[_SKADDR], None)
+        # the hot path: the kernel knew everything (one C-level pass over the flags)
+        needy = [
+            i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN
+        ]
+        if not needy:
+            return None
+        out: list[Event] | None = None
+        for i in needy:
+            ev = events[i]
             flags = ev.flags
-            if ev.newstate == CLOSE and (found or failed):
-                found.pop(ev.skaddr, None)
-                failed.pop(ev.skaddr, None)
-            if flags & _BOTH_KNOWN == _BOTH_KNOWN:
-                continue  # the hot path: the kernel knew everything
             new = ev
             if not flags & F_OWNER_KNOWN:
                 new = self._attribute(ev)

@@ -8,11 +8,12 @@ perf buffer callback, so the hot path is a memcpy per event.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
+import operator
 import socket
 import struct
 from collections.abc import Iterable, Iterator
-from functools import lru_cache
 from typing import NamedTuple
 
 # (field name, C type, array length) in the order of struct tcptrace_event.
@@ -117,20 +118,26 @@ class Event(NamedTuple):
         return decode_comm(self.comm)
 
 
+# Event from a tuple of its fields: Event._make without its Python-level frame
+# (the decode loop makes one per transition).
+make_event = functools.partial(tuple.__new__, Event)
+# An Event's time (ts_ns leads it), as a C-level sort key.
+event_time = operator.itemgetter(0)
+
+
 def decode(raw: bytes) -> Event:
     """Decode one raw perf sample (which the kernel pads past EVENT_SIZE)."""
-    return Event._make(EVENT_STRUCT.unpack_from(raw))
+    return make_event(EVENT_STRUCT.unpack_from(raw))
 
 
 def decode_many(raws: Iterable[bytes]) -> Iterator[Event]:
     """Decode a batch of raw samples."""
     unpack = EVENT_STRUCT.unpack_from
-    make = Event._make
     for raw in raws:
-        yield make(unpack(raw))
+        yield make_event(unpack(raw))
 
 
-@lru_cache(maxsize=65536)
+@functools.lru_cache(maxsize=65536)
 def format_addr(family: int, raw: bytes) -> str:
     """Address as text; IPv4-mapped IPv6 (::ffff:a.b.c.d) shows as IPv4, like ss."""
     if family == AF_INET:
@@ -140,6 +147,6 @@ def format_addr(family: int, raw: bytes) -> str:
     return str(mapped) if mapped is not None else str(addr)
 
 
-@lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=4096)
 def decode_comm(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

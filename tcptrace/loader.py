@@ -25,6 +25,8 @@ from tcptrace.events import (
     HIST_SLOTS,
     NCOUNTERS,
     Event,
+    event_time,
+    make_event,
 )
 from tcptrace.filters import Filters
 from tcptrace.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
@@ -190,15 +192,14 @@ class Probe:
             return []
         assert self.reader is not None
         unpack = self.reader.record.iter_unpack
-        make = Event._make
         events: list[Event] = []
         for run in self.reader.read_runs():
-            events.extend(map(make, unpack(run)))
+            events.extend(map(make_event, unpack(run)))
         self.received += len(events)
         self._publish_progress()
         # each CPU's ring is in order; interleave the CPUs by time
         if len(self.reader.rings) > 1:
-            events.sort(key=_ts)
+            events.sort(key=event_time)
         return events
 
     def poll(self, timeout_ms: int) -> list[bytes]:
@@ -345,10 +346,6 @@ def default_buffer_pages(cpus: int | None = None) -> int:
     pages = BUFFER_TOTAL_BYTES // mmap.PAGESIZE // max(1, cpus)
     pages = 1 << max(0, pages.bit_length() - 1)  # round down to a power of two
     return max(MIN_BUFFER_PAGES, min(MAX_BUFFER_PAGES, pages))
-
-
-def _ts(event: Event) -> int:
-    return event.ts_ns
 
 
 _TS = struct.Struct("=Q")  # ts_ns leads struct tcptrace_event

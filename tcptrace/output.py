@@ -188,6 +188,7 @@ def write_all(out: TextIO, text: str) -> None:
 # Caches of formatted columns are dropped whole when they grow past this.
 _CACHE_MAX = 65536
 _NO_OWNER = f"{'-':>7} {'-':<15}"
+_NO_DURATION = f"{'-':>9}"
 
 
 class TextFormatter:
@@ -215,6 +216,8 @@ class TextFormatter:
         self._owners: dict[tuple[int, bytes], str] = {}
         # (old, new) -> "   OLD -> NEW        "
         self._transitions: dict[tuple[int, int], str] = {}
+        # tenths of a µs -> IN OLD column (below 1 ms: at most 10,000 entries)
+        self._micros_text: dict[int, str] = {}
 
     def header(self) -> str:
         w = self.width
@@ -266,33 +269,68 @@ class TextFormatter:
             )
         return col
 
+    def _micros(self, delta: int, tenths: int) -> str:
+        """The IN OLD column of a duration below 1 ms, cached by its tenths of a µs."""
+        text = self._micros_text[tenths] = f"{tenths / 10:7.1f}µs"
+        return text
+
     def lines(self, events: Iterable[Event]) -> list[str]:
-        """The text lines of a batch (no newlines)."""
-        fmt_time = self.clock.format
-        timed = self.clock.style != TS_NONE
-        endpoint_col = self._endpoint
-        owner_col = self._owner_column
-        transition = self._transition
+        """The text lines of a batch (no newlines).
+
+        The hot loop of the whole tool: one tuple unpacking, dictionary look-ups
+        for the cached columns, the common duration units inline, one f-string a line.
+        """
+        width = self.width
+        clock = self.clock
+        wall = clock.style == TS_WALL
+        timed = clock.style != TS_NONE
+        offset = clock.offset_ns
+        sec, sec_text = clock._sec, clock._sec_text
+        endpoints = self._endpoints
+        owners = self._owners
+        transitions = self._transitions
+        micros = self._micros_text
         out = []
+        append = out.append
         for ev in events:
-            local = endpoint_col(ev.family, ev.saddr, ev.sport)
-            remote = endpoint_col(ev.family, ev.daddr, ev.dport)
-            if len(local) < self.width or len(remote) < self.width:
-                # the column widened during this batch: pad to the new width
-                local = endpoint_col(ev.family, ev.saddr, ev.sport)
-                remote = endpoint_col(ev.family, ev.daddr, ev.dport)
-            flags = ev.flags
-            if flags & F_DELTA_KNOWN:
-                duration = format_duration(ev.delta_ns)
-            elif flags & F_DELTA_LOWER:
-                duration = ">=" + format_duration(ev.delta_ns)  # as event_duration()
+            ts, delta, _sk, pid, flags, saddr, daddr, sport, dport, family, old, new, comm = ev
+            local = endpoints.get((family, saddr, sport)) or self._endpoint(family, saddr, sport)
+            remote = endpoints.get((family, daddr, dport)) or self._endpoint(family, daddr, dport)
+            if flags & F_OWNER_KNOWN:
+                owner = owners.get((pid, comm)) or self._owner_column(ev)
             else:
-                duration = "-"
-            stamp = f"{fmt_time(ev.ts_ns)} " if timed else ""
-            out.append(
-                f"{stamp}{owner_col(ev)} {local} {remote} "
-                f"{transition(ev.oldstate, ev.newstate)} {duration:>9}"
-            )
+                owner = _NO_OWNER  # enrich.Owners has already filled in what it could find
+            change = transitions.get((old, new)) or self._transition(old, new)
+            if flags & F_DELTA_KNOWN:
+                if delta < NS_PER_US:
+                    duration = f"{delta:7d}ns"
+                elif delta < NS_PER_MS:
+                    # in tenths of a µs, as shown (the ns below 1µs are few)
+                    tenths = (delta + 50) // 100
+                    duration = micros.get(tenths) or self._micros(delta, tenths)
+                elif delta < NS_PER_S:
+                    duration = f"{delta / NS_PER_MS:7.2f}ms"
+                else:
+                    duration = f"{format_duration(delta):>9}"
+            elif flags & F_DELTA_LOWER:
+                duration = f"{'>=' + format_duration(delta):>9}"  # as event_duration()
+            else:
+                duration = _NO_DURATION
+            if wall:
+                # the seconds part changes rarely: format it once per second
+                secs, frac = divmod(ts + offset, NS_PER_S)
+                if secs != sec:
+                    sec, sec_text = secs, time.strftime("%H:%M:%S", time.localtime(secs))
+                    clock._sec, clock._sec_text = sec, sec_text
+                micro = frac // NS_PER_US
+                append(f"{sec_text}.{micro:06d} {owner} {local} {remote} {change} {duration}")
+            elif timed:
+                append(f"{clock.format(ts)} {owner} {local} {remote} {change} {duration}")
+            else:
+                append(f"{owner} {local} {remote} {change} {duration}")
+        if self.width != width:
+            # an address widened the endpoint columns during this batch: pad anew
+            return self.lines(events)
         return out
 
     def line(self, ev: Event) -> str:

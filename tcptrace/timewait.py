@@ -30,6 +30,7 @@ TIME_WAIT as a state of its own, FIN_WAIT2 durations of held-back sockets.
 
 from __future__ import annotations
 
+import operator
 import time
 from dataclasses import dataclass, field
 
@@ -68,6 +69,13 @@ Key = tuple[str, int, str, int]
 _ENDS_IN_TIMEWAIT = frozenset({FIN_WAIT2, CLOSING})
 # A new socket in these states on a followed 4-tuple means its timewait socket is gone.
 _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
+
+
+# Positions in an Event tuple, for the per-event checks (C-level indexing).
+_OLD = Event._fields.index("oldstate")
+_NEW = Event._fields.index("newstate")
+_new_state = operator.itemgetter(_NEW)
+_NONE: frozenset[int] = frozenset()
 
 
 def key_of(ev: Event) -> Key:
@@ -127,34 +135,36 @@ class TimeWait(Stage):
     # ------------------------------------------------------------ events
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
-        candidates = [
-            ev for ev in events if ev.newstate == CLOSE and ev.oldstate in _ENDS_IN_TIMEWAIT
-        ]
-        if not candidates:
-            if self.followed and any(ev.newstate in _OPENING for ev in events):
-                return self._reused(events)
-            return None
-        found = self._look_up(candidates)
+        # one C-level pass tells whether the batch needs the per-event loop at all
+        news = set(map(_new_state, events))
+        opening = _OPENING if self.followed and not news.isdisjoint(_OPENING) else _NONE
+        candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
+        found = self._look_up(candidates) if candidates else None
+        if found is None:
+            self.unfollowed += len(candidates)
+        if not found:
+            # no timewait socket behind these ends: the kernel's events stand
+            return self._reused(events) if opening else None
         out: list[Event] = []
+        keep = out.append
         for ev in events:
-            if not is_candidate(ev):
-                if ev.newstate in _OPENING and self.followed:
-                    self._end_if_reused(out, ev)
-                out.append(ev)
+            new = ev[_NEW]
+            if new in opening:
+                self._end_if_reused(out, ev)
+            if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
+                keep(ev)
                 continue
-            entry = found.get(key_of(ev)) if found is not None else None
-            if found is None:
-                self.unfollowed += 1
+            entry = found.get(key_of(ev))
             if entry is None:
                 self._keep(out, ev)
                 continue
             self._replace_previous(out, key_of(ev), entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
-                new = ev._replace(newstate=TIME_WAIT)
+                new_ev = ev._replace(newstate=TIME_WAIT)
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
-                self._follow(new, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
-                self._keep(out, new)
+                self._follow(new_ev, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
+                self._keep(out, new_ev)
             else:
                 # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
                 self.fixes.move(ev.oldstate, CLOSE, -1)
@@ -167,10 +177,11 @@ class TimeWait(Stage):
 
     def _reused(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
+        keep = out.append
         for ev in events:
-            if ev.newstate in _OPENING:
+            if ev[_NEW] in _OPENING:
                 self._end_if_reused(out, ev)
-            out.append(ev)
+            keep(ev)
         return out
 
     def _end_if_reused(self, out: list[Event], ev: Event) -> None:

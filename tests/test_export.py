@@ -201,6 +201,14 @@ def test_fast_json_line_equals_the_record():
         }
 
 
+def test_json_batch_lines_equal_the_records_with_warm_caches():
+    stage, _, _ = output(FORMAT_JSON)
+    events = list(varied_events())
+    stage.transition_lines(events)  # fill the fragment caches
+    for ev, line in zip(events, stage.transition_lines(events + events)):
+        assert json.loads(line) == {"type": "transition", **stage.transition(ev)}
+
+
 def test_fast_csv_row_equals_the_record():
     stage, _, _ = output(FORMAT_CSV)
     for ev in varied_events():

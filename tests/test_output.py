@@ -1,5 +1,6 @@
 import io
 import socket
+import time
 
 import pytest
 
@@ -9,6 +10,7 @@ from tcptrace.output import (
     TS_ISO,
     TS_NONE,
     TS_RELATIVE,
+    TS_WALL,
     Clock,
     LifetimeFormatter,
     TextFormatter,
@@ -255,3 +257,22 @@ def test_accounting_counts_drops_once_and_shed_events():
     s.counters[C_SHED] = 20
     s.lost = 7  # the ring's report of the same 7 dropped events
     assert format_accounting(s, 73) == "100 transitions traced, 73 shown, 27 lost"
+
+
+@pytest.mark.parametrize("style", [TS_WALL, TS_RELATIVE, TS_NONE])
+def test_batch_durations_match_format_duration_with_warm_caches(style):
+    deltas = [0, 999, 1_000, 1_049, 1_050, 45_300, 999_949, 999_950, 1_000_000, 2_500_000_000]
+    deltas += [960, 1_040]  # around the first µs: the µs cache must not answer for ns
+    fmt = TextFormatter(io.StringIO(), Clock(style), numeric=True)
+    events = [make_event(delta=d) for d in deltas]
+    fmt.lines(events)  # fill the caches
+    for delta, line in zip(deltas, fmt.lines(events)):
+        assert line.endswith(f" {format_duration(delta):>9}"), (delta, line)
+
+
+def test_wall_time_column():
+    clock = Clock(TS_WALL, offset_ns=0)
+    fmt = TextFormatter(io.StringIO(), clock, numeric=True)
+    ev = make_event(ts_ns=3_600_000_000_000 + 1_234_567_890)
+    stamp = time.strftime("%H:%M:%S", time.localtime(3_601)) + ".234567"
+    assert fmt.line(ev).split()[0] == stamp
