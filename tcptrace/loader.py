@@ -6,6 +6,7 @@ values: raw event records (bytes) and the kernel's statistics as a Summary.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import mmap
@@ -119,6 +120,7 @@ class Probe:
             if self.reader is not None:
                 self.reader.close()
             raise load_error(exc, path) from None
+        _return_freed_memory()
         try:
             self._fill_ports()
             if config.emit_events:
@@ -186,6 +188,14 @@ class Probe:
         self.reader.wait(timeout_ms)
         return True
 
+    def _read_runs(self) -> list[bytes]:
+        """The next bounded batch of sample runs; empty only when the rings are."""
+        assert self.reader is not None
+        while True:
+            runs = self.reader.read_runs()
+            if runs or not self.reader.more:  # a batch of lost records only: read on
+                return runs
+
     def poll_events(self, timeout_ms: int) -> list[Event]:
         """Wait up to timeout_ms; return the events that arrived, decoded, in time order."""
         if not self._wait(timeout_ms):
@@ -193,7 +203,7 @@ class Probe:
         assert self.reader is not None
         unpack = self.reader.record.iter_unpack
         events: list[Event] = []
-        for run in self.reader.read_runs():
+        for run in self._read_runs():
             events.extend(map(make_event, unpack(run)))
         self.received += len(events)
         self._publish_progress()
@@ -208,7 +218,7 @@ class Probe:
             return []
         assert self.reader is not None
         raw: list[bytes] = []
-        for run in self.reader.read_runs():
+        for run in self._read_runs():
             raw.extend(perfbuf.iter_samples(run, EVENT_SIZE))
         self.received += len(raw)
         self._publish_progress()
@@ -302,6 +312,16 @@ class Probe:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+
+
+def _return_freed_memory() -> None:
+    """Give back the heap clang and LLVM freed after compiling (about 25 MB).
+
+    glibc keeps freed memory for reuse; malloc_trim returns it to the system.
+    Elsewhere (musl) there is no such call, and nothing to do.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
 
 
 def program_path() -> Path:

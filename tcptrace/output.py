@@ -95,7 +95,7 @@ def _services(path: str = SERVICES_FILE) -> dict[int, str] | None:
     return names
 
 
-@lru_cache(maxsize=65536)
+@lru_cache(maxsize=1024)  # the formatters cache whole endpoints; this serves their misses
 def port_name(port: int, numeric: bool) -> str:
     """Port as a service name unless numeric (as ss -n); 0 (not yet chosen) is '*', as in ss."""
     if port == 0:
@@ -212,6 +212,7 @@ class TextFormatter:
         self.printed = 0
         # (family, address, port) -> endpoint padded to self.width
         self._endpoints: dict[tuple[int, bytes, int], str] = {}
+        self._addresses: dict[bytes, bytes] = {}
         # (pid, comm) -> "    PID COMM           "
         self._owners: dict[tuple[int, bytes], str] = {}
         # (old, new) -> "   OLD -> NEW        "
@@ -248,6 +249,8 @@ class TextFormatter:
         return _NO_OWNER  # enrich.Owners has already filled in what it could find
 
     def _endpoint(self, family: int, raw: bytes, port: int) -> str:
+        # each event brings its own copy of the address: keep one per address
+        raw = self._addresses.setdefault(raw, raw)
         key = (family, raw, port)
         col = self._endpoints.get(key)
         if col is None:
@@ -258,6 +261,7 @@ class TextFormatter:
                 self._endpoints.clear()
             if len(self._endpoints) > _CACHE_MAX:
                 self._endpoints.clear()
+                self._addresses.clear()
             col = self._endpoints[key] = f"{text:<{self.width}}"
         return col
 

@@ -46,6 +46,9 @@ HEADER = struct.Struct("=IHH")  # type, misc, size
 SAMPLE_PREFIX = HEADER.size + 4  # header, then u32 raw_size
 LOST = struct.Struct("=QQ")  # id, lost
 U64 = struct.Struct("=Q")
+# Records read from one ring at a time (about 200 KB): a batch's objects on
+# their way to the output stay a few MB however far the reader lags.
+READ_RECORDS = 2048
 # struct perf_event_mmap_page: the ring's control page
 DATA_HEAD_OFFSET = 1024
 DATA_TAIL_OFFSET = 1032
@@ -109,6 +112,7 @@ class Parsed:
     lost: int = 0  # events the kernel reported lost (PERF_RECORD_LOST)
     samples: int = 0
     skipped: int = 0  # records of other types or sizes
+    consumed: int = 0  # bytes of the chunk's whole records (a chunk may end mid-record)
 
 
 def parse(chunk: bytes, sample_size: int) -> Parsed:
@@ -128,6 +132,7 @@ def parse(chunk: bytes, sample_size: int) -> Parsed:
     ):
         out.runs.append(chunk)
         out.samples = n
+        out.consumed = len(chunk)
         return out
     # Slow path (after overflow, or a foreign record): walk record by record.
     pos = 0
@@ -136,7 +141,7 @@ def parse(chunk: bytes, sample_size: int) -> Parsed:
     while pos + HEADER.size <= end:
         rtype, _misc, size = HEADER.unpack_from(chunk, pos)
         if size < HEADER.size or pos + size > end:
-            break  # a torn record cannot happen in a complete chunk: stop, never loop
+            break  # the chunk ends mid-record, or a corrupt size: stop, never loop
         if rtype == PERF_RECORD_SAMPLE and size == rsize:
             if run_start is None:
                 run_start = pos
@@ -152,6 +157,7 @@ def parse(chunk: bytes, sample_size: int) -> Parsed:
         pos += size
     if run_start is not None:
         out.runs.append(chunk[run_start:pos])
+    out.consumed = pos
     return out
 
 
@@ -178,29 +184,54 @@ class Ring:
         self.tail = U64.unpack_from(self.map, DATA_TAIL_OFFSET)[0]
         self.samples = 0  # sample records consumed so far
 
-    def read(self) -> bytes:
-        """Everything the kernel wrote since the last read, as one bytes object."""
-        head = U64.unpack_from(self.map, DATA_HEAD_OFFSET)[0]
-        tail = self.tail
-        if head == tail:
+    def pending(self) -> int:
+        """Bytes the kernel has written that were not released yet."""
+        return U64.unpack_from(self.map, DATA_HEAD_OFFSET)[0] - self.tail
+
+    def peek(self, limit: int | None = None) -> bytes:
+        """Up to `limit` bytes of what the kernel wrote since the tail, copied out.
+
+        The space stays the kernel's until release(): the copy may end mid-record.
+        """
+        length = self.pending()
+        if limit is not None:
+            length = min(length, limit)
+        if length <= 0:
             return b""
         size = self.data_size
         base = self.data_offset
-        start = tail % size
-        length = head - tail
+        start = self.tail % size
         if start + length <= size:
-            chunk = self.map[base + start : base + start + length]
-        else:
-            first = size - start
-            chunk = self.map[base + start : base + size] + self.map[base : base + length - first]
-        # the copy is complete: hand the space back to the kernel
-        U64.pack_into(self.map, DATA_TAIL_OFFSET, head)
-        self.tail = head
+            return self.map[base + start : base + start + length]
+        first = size - start
+        return self.map[base + start : base + size] + self.map[base : base + length - first]
+
+    def release(self, nbytes: int) -> None:
+        """Hand the first nbytes after the tail back to the kernel (they were copied)."""
+        self.tail += nbytes
+        U64.pack_into(self.map, DATA_TAIL_OFFSET, self.tail)
+
+    def read(self) -> bytes:
+        """Everything the kernel wrote since the last read, as one bytes object."""
+        chunk = self.peek()
+        if chunk:
+            self.release(len(chunk))
         return chunk
 
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)
+
+
+def read_bounded(ring: Ring, sample_size: int, limit: int) -> tuple[Parsed, bool]:
+    """Up to `limit` bytes of a ring, parsed and released; and whether more is left."""
+    chunk = ring.peek(limit)
+    parsed = parse(chunk, sample_size)
+    truncated = len(chunk) == limit
+    # a complete chunk goes back whole (even past a corrupt record); a truncated
+    # one up to its last whole record: the rest is read next time
+    ring.release(parsed.consumed if truncated and parsed.consumed else len(chunk))
+    return parsed, truncated
 
 
 def perf_event_open(attr: PerfEventAttr, cpu: int) -> int:
@@ -253,6 +284,7 @@ class PerfReader:
         self.rings: list[Ring] = []
         self.lost = 0  # events the kernel reported lost (PERF_RECORD_LOST)
         self.skipped = 0
+        self.more = False  # the last read_runs() left records in a ring
         self.epoll = select.epoll()
         try:
             for cpu in online_cpus() if cpus is None else cpus:
@@ -281,18 +313,26 @@ class PerfReader:
         return {ring.cpu: ring.fd for ring in self.rings}
 
     def wait(self, timeout_ms: int) -> None:
-        """Sleep until a ring passes its watermark or the timeout ends."""
-        if timeout_ms > 0:
+        """Sleep until a ring passes its watermark or the timeout ends.
+
+        No sleep while the last read left records behind.
+        """
+        if timeout_ms > 0 and not self.more:
             self.epoll.poll(timeout_ms / 1000)
 
     def read_runs(self) -> list[bytes]:
-        """Drain every ring; runs of sample records (see parse)."""
+        """Read every ring, at most READ_RECORDS records each; runs of sample records.
+
+        The bound keeps a batch, and the memory it takes on its way to the output,
+        the same size however far the reader has fallen behind; `more` tells
+        whether a ring still holds records.
+        """
         runs: list[bytes] = []
+        limit = READ_RECORDS * record_size(self.sample_size)
+        self.more = False
         for ring in self.rings:
-            chunk = ring.read()
-            if not chunk:
-                continue
-            parsed = parse(chunk, self.sample_size)
+            parsed, truncated = read_bounded(ring, self.sample_size, limit)
+            self.more = self.more or truncated
             ring.samples += parsed.samples
             self.lost += parsed.lost
             self.skipped += parsed.skipped

@@ -51,7 +51,7 @@ LOCAL = "local"
 REMOTE = "remote"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SockEntry:
     """One row of the kernel's TCP socket table."""
 

@@ -32,12 +32,14 @@ from __future__ import annotations
 
 import operator
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 from tcptrace.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event
 from tcptrace.filters import Filters
 from tcptrace.sockdiag import (
     LOCAL,
+    REMOTE,
     TIMEWAIT_STATES,
     Budget,
     SockEntry,
@@ -45,7 +47,7 @@ from tcptrace.sockdiag import (
     port_ranges,
 )
 from tcptrace.states import TcpState
-from tcptrace.stats import StateStats, Summary, hist_slot
+from tcptrace.stats import StateStats, Summary
 from tcptrace.tracer import Stage
 
 FIN_WAIT2 = int(TcpState.FIN_WAIT2)
@@ -61,8 +63,10 @@ POLL_INTERVAL = 1.0
 # Faster while a socket waits in FIN_WAIT2 for its peer, so FIN_WAIT2 -> TIME_WAIT is prompt.
 FAST_POLL_INTERVAL = 0.1
 # At most this many timewait sockets are followed; more are counted and left as traced.
-MAX_FOLLOWED = 16384
-# Beyond this many local port ranges, the request filters on the user's ports only.
+# A poll parses a row per followed socket (~30 µs each in pyroute2): 4096 take
+# about 0.1 s, and about 3 MB to keep.
+MAX_FOLLOWED = 4096
+# Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
 Key = tuple[str, int, str, int]
@@ -87,7 +91,7 @@ def is_candidate(ev: Event) -> bool:
     return ev.newstate == CLOSE and ev.oldstate in _ENDS_IN_TIMEWAIT
 
 
-@dataclass
+@dataclass(slots=True)
 class Followed:
     template: Event  # addresses, owner and socket of the traced socket
     cookie: int
@@ -105,12 +109,20 @@ class Corrections:
     """What on_finish changes in the kernel's summary."""
 
     transitions: dict[tuple[int, int], int] = field(default_factory=dict)
-    added: dict[int, list[int]] = field(default_factory=dict)  # state -> durations
-    removed: dict[int, list[int]] = field(default_factory=dict)  # state -> kernel's durations
+    # state -> durations to add, and the kernel's durations to take back (aggregated:
+    # a long trace follows millions of sockets)
+    added: dict[int, StateStats] = field(default_factory=dict)
+    removed: dict[int, StateStats] = field(default_factory=dict)
     synthetic: int = 0
 
     def move(self, old: int, new: int, n: int = 1) -> None:
         self.transitions[(old, new)] = self.transitions.get((old, new), 0) + n
+
+    def add(self, state: int, duration_ns: int) -> None:
+        self.added.setdefault(state, StateStats()).add(duration_ns)
+
+    def remove(self, state: int, duration_ns: int) -> None:
+        self.removed.setdefault(state, StateStats()).add(duration_ns)
 
 
 class TimeWait(Stage):
@@ -172,7 +184,7 @@ class TimeWait(Stage):
                 f = self._follow(ev, entry, FIN_WAIT2, since, flags)
                 if ev.delta_known:
                     f.kernel_partial_ns = ev.delta_ns
-                    self.fixes.removed.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+                    self.fixes.remove(FIN_WAIT2, ev.delta_ns)
         return out
 
     def _reused(self, events: list[Event]) -> list[Event]:
@@ -210,15 +222,30 @@ class TimeWait(Stage):
         started = time.monotonic()
         self.asked_ns = time.monotonic_ns()
         try:
-            rows = self._dump(ev.sport for ev in candidates)
+            rows = self._dump([key_of(ev) for ev in candidates])
         finally:
             self.budget.charge(started)
         return {r.key: r for r in rows if r.timewait}
 
-    def _dump(self, local_ports) -> list[SockEntry]:
-        ranges = port_ranges(local_ports)
-        clauses = [[(LOCAL, r) for r in ranges]] if len(ranges) <= MAX_RANGES else []
-        return self.table.dump(TIMEWAIT_STATES, self.filters, clauses)
+    def _dump(self, keys: list[Key]) -> list[SockEntry]:
+        """The timewait sockets of these 4-tuples (and a few more), from sock_diag.
+
+        Each 4-tuple is asked for by its own port: the local one, unless other
+        4-tuples share it (the server's port when the server closed first), then
+        the remote one. Filtering in the kernel keeps the rows, each of which costs
+        ~30 µs to parse, near one per 4-tuple even when thousands of timewait
+        sockets share the server's port.
+        """
+        shared = Counter(key[1] for key in keys)
+        local = {key[1] for key in keys if shared[key[1]] == 1}
+        remote = {key[3] for key in keys if shared[key[1]] > 1}
+        rows: list[SockEntry] = []
+        for side, ports in ((LOCAL, local), (REMOTE, remote)):
+            ranges = port_ranges(ports)
+            for start in range(0, len(ranges), MAX_RANGES):
+                clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
+                rows += self.table.dump(TIMEWAIT_STATES, self.filters, [clause])
+        return rows
 
     def _follow(
         self, template: Event, entry: SockEntry, state: int, since: int, flags: int
@@ -260,7 +287,7 @@ class TimeWait(Stage):
         started = time.monotonic()
         asked = time.monotonic_ns()
         try:
-            rows = self._dump(key[1] for key in self.followed)
+            rows = self._dump(list(self.followed))
         finally:
             self.budget.charge(started)
         # the kernel looked at its table between `asked` and `now`
@@ -294,7 +321,7 @@ class TimeWait(Stage):
     def _entered_time_wait_at(self, f: Followed, at: int) -> Event:
         ev = self._synthetic(f, at, FIN_WAIT2, TIME_WAIT)
         if f.kernel_partial_ns is not None and ev.delta_known:
-            self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+            self.fixes.add(FIN_WAIT2, ev.delta_ns)
         self.fixes.move(FIN_WAIT2, TIME_WAIT)
         f.state, f.since_ns, f.since_flags = TIME_WAIT, at, F_DELTA_KNOWN
         return ev
@@ -305,9 +332,9 @@ class TimeWait(Stage):
         if f.state == TIME_WAIT:
             self.fixes.synthetic += 1
             if ev.delta_known:
-                self.fixes.added.setdefault(TIME_WAIT, []).append(ev.delta_ns)
+                self.fixes.add(TIME_WAIT, ev.delta_ns)
         elif f.kernel_partial_ns is not None and ev.delta_known:
-            self.fixes.added.setdefault(FIN_WAIT2, []).append(ev.delta_ns)
+            self.fixes.add(FIN_WAIT2, ev.delta_ns)
         return ev
 
     def _synthetic(self, f: Followed, at: int, old: int, new: int, polled: bool = True) -> Event:
@@ -330,12 +357,10 @@ class TimeWait(Stage):
                 summary.transitions[key] = total
             else:
                 summary.transitions.pop(key, None)
-        for state, durations in fixes.removed.items():
-            _remove(summary.state(state), durations)
-        for state, durations in fixes.added.items():
-            stats = summary.state(state)
-            for d in durations:
-                stats.add(d)
+        for state, taken in fixes.removed.items():
+            _remove(summary.state(state), taken)
+        for state, added in fixes.added.items():
+            summary.state(state).merge(added)
         summary.counters[C_SEEN] += fixes.synthetic
         if self.unfollowed:
             summary.notes.append(
@@ -357,11 +382,11 @@ def _clamp(value: int, lo: int, hi: int) -> int:
     return max(lo, min(value, hi))
 
 
-def _remove(stats: StateStats, durations: list[int]) -> None:
+def _remove(stats: StateStats, taken: StateStats) -> None:
     """Take back durations the kernel recorded (its max cannot be undone: a later add covers it)."""
-    for d in durations:
-        slot = hist_slot(d)
-        if stats.count and stats.hist[slot]:
-            stats.hist[slot] -= 1
-            stats.count -= 1
-            stats.total_ns -= d
+    for slot, n in enumerate(taken.hist):
+        n = min(n, stats.hist[slot])
+        if n:
+            stats.hist[slot] -= n
+            stats.count -= n
+    stats.total_ns = max(0, stats.total_ns - taken.total_ns)

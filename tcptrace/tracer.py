@@ -23,8 +23,6 @@ from tcptrace.stats import Summary
 # Longest wait for events before the loop looks at its stop conditions again;
 # also the bound on how late a transition is printed at low rates.
 POLL_MS = 50
-# Reads of the buffers after detaching: each empties them, so a second finds them empty.
-DRAIN_ROUNDS = 4
 # Longest rest the CPU budget imposes between reads.
 MAX_REST_S = 0.05
 # Events in one batch before its CPU time is trusted as a cost per event.
@@ -176,7 +174,7 @@ class Tracer:
         if detach is None:
             return
         detach()
-        for _ in range(DRAIN_ROUNDS):
+        while True:  # each read takes a bounded batch; nothing new arrives now
             events = self._poll(0)
             if not events:
                 break

@@ -160,3 +160,42 @@ def test_online_cpus_parses_ranges(tmp_path):
 def test_pages_must_be_a_power_of_two():
     with pytest.raises(ValueError):
         perfbuf.PerfReader(EVENT_STRUCT, pages=3, cpus=[])
+
+
+def test_bounded_reads_take_whole_records_and_leave_the_rest():
+    ring = FileRing(data_pages=4)
+    try:
+        rsize = perfbuf.record_size(EVENT_SIZE)
+        for pid in range(10):
+            ring.kernel_write(sample_record(event(pid)))
+        ring.kernel_write(lost_record(7))  # shifts the records off the rsize grid
+        for pid in range(10, 30):
+            ring.kernel_write(sample_record(event(pid)))
+        limit = 4 * rsize + rsize // 2  # ends mid-record
+        seen: list[int] = []
+        lost = 0
+        truncated = True
+        reads = 0
+        while truncated:
+            parsed, truncated = perfbuf.read_bounded(ring, EVENT_SIZE, limit)
+            assert parsed.consumed <= limit
+            seen += [e.pid for e in unpack_all(parsed)]
+            lost += parsed.lost
+            reads += 1
+        assert seen == list(range(30)) and lost == 7
+        assert reads > 30 // 4
+        assert ring.pending() == 0
+    finally:
+        ring.close()
+
+
+def test_a_bounded_read_of_a_complete_chunk_releases_it_all():
+    ring = FileRing(data_pages=1)
+    try:
+        ring.kernel_write(sample_record(event(1)))
+        ring.kernel_write(HEADER.pack(perfbuf.PERF_RECORD_LOST, 0, 0) + b"\0" * 16)  # corrupt
+        parsed, truncated = perfbuf.read_bounded(ring, EVENT_SIZE, 1 << 20)
+        assert not truncated and [e.pid for e in unpack_all(parsed)] == [1]
+        assert ring.pending() == 0  # never stuck on the corrupt record
+    finally:
+        ring.close()
