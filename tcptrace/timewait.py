@@ -79,6 +79,8 @@ _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpSta
 _OLD = Event._fields.index("oldstate")
 _NEW = Event._fields.index("newstate")
 _new_state = operator.itemgetter(_NEW)
+_SPORT = Event._fields.index("sport")
+_DPORT = Event._fields.index("dport")
 _NONE: frozenset[int] = frozenset()
 
 
@@ -138,6 +140,9 @@ class TimeWait(Stage):
         self.budget = budget or Budget()
         self.poll_interval = poll_interval
         self.followed: dict[Key, Followed] = {}
+        # (local port, remote port) of every followed socket and maybe a few gone
+        # since the last poll: a cheap test before an event's 4-tuple is looked up
+        self.port_pairs: set[tuple[int, int]] = set()
         self.last_poll_ns = 0
         self.fixes = Corrections()
         self.unfollowed = 0  # candidates not checked (limit or budget)
@@ -161,7 +166,7 @@ class TimeWait(Stage):
         keep = out.append
         for ev in events:
             new = ev[_NEW]
-            if new in opening:
+            if new in opening and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
                 self._end_if_reused(out, ev)
             if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
                 keep(ev)
@@ -190,8 +195,9 @@ class TimeWait(Stage):
     def _reused(self, events: list[Event]) -> list[Event]:
         out: list[Event] = []
         keep = out.append
+        pairs = self.port_pairs
         for ev in events:
-            if ev[_NEW] in _OPENING:
+            if ev[_NEW] in _OPENING and (ev[_SPORT], ev[_DPORT]) in pairs:
                 self._end_if_reused(out, ev)
             keep(ev)
         return out
@@ -262,6 +268,7 @@ class TimeWait(Stage):
             due_ns=asked + entry.expires_ms * NS_PER_MS,
         )
         self.followed[entry.key] = f
+        self.port_pairs.add((entry.local_port, entry.remote_port))
         return f
 
     def _replace_previous(self, out: list[Event], key: Key, entry: SockEntry, ts: int) -> None:
@@ -306,6 +313,7 @@ class TimeWait(Stage):
             else:
                 del self.followed[key]
                 made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
+        self.port_pairs = {(key[1], key[3]) for key in self.followed}
         made.sort(key=lambda ev: ev.ts_ns)
         return [
             ev
