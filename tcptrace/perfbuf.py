@@ -176,10 +176,7 @@ class Ring:
         self.cpu = cpu
         page = mmap.PAGESIZE
         self.data_size = pages * page
-        # populated now: the kernel allocated the pages at mmap anyway, so the
-        # resident size shows them from the start instead of growing as they fill
-        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
-        self.map = mmap.mmap(fd, page + self.data_size, flags)
+        self.map = mmap.mmap(fd, page + self.data_size, mmap.MAP_SHARED)
         self.data_offset = page
         self.tail = U64.unpack_from(self.map, DATA_TAIL_OFFSET)[0]
         self.samples = 0  # sample records consumed so far
