@@ -23,6 +23,8 @@ MIN_SOCKETS = 64
 MAX_SOCKETS_LIMIT = 1 << 22
 # Set to get Python's traceback instead of the one-line internal error.
 DEBUG_ENV = "TCPTRACE_DEBUG"
+# Scheduling priority while printing events, unless --nice or --max-cpu says otherwise.
+DEFAULT_NICE = -10
 
 
 class PortsType(click.ParamType):
@@ -122,6 +124,18 @@ Shell completion (bash; zsh and fish alike):
 """
 
 
+def _nice(nice: object, max_cpu: object) -> int | None:
+    """The priority to print at: --nice, else DEFAULT_NICE unless --max-cpu caps the reader.
+
+    A capped reader puts the workload first: raised above it, the reader's every
+    wake-up preempts the workload's threads, maybe one holding a socket's lock,
+    which cost a lock-bound churn up to 30% even at 10% of a CPU (BENCHMARKS.md).
+    """
+    if nice is not None:
+        return int(nice)
+    return None if max_cpu is not None else DEFAULT_NICE
+
+
 @click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-p",
@@ -196,10 +210,10 @@ Shell completion (bash; zsh and fish alike):
 @click.option(
     "--nice",
     type=click.IntRange(-20, 19),
-    default=-10,
-    show_default=True,
+    default=None,
     help="Scheduling priority while printing events, so a busy machine cannot starve "
-    "the reader into losing events (never lowers the current priority).",
+    f"the reader into losing events (never lowers the current priority). Default: "
+    f"{DEFAULT_NICE}, or unchanged with --max-cpu.",
 )
 @click.option(
     "--max-cpu",
@@ -315,7 +329,7 @@ def main(**opts: object) -> None:
         buffer_pages=None
         if opts["buffer_pages"] is None
         else _power_of_two(int(opts["buffer_pages"])),
-        nice=int(opts["nice"]),
+        nice=_nice(opts["nice"], opts["max_cpu"]),
         max_cpu=None if opts["max_cpu"] is None else float(opts["max_cpu"]) / 100,
         format=fmt,
         interval=opts["interval"],

@@ -141,3 +141,12 @@ def test_library_errors_are_one_line_exit_1(monkeypatch):
     result = CliRunner().invoke(main, ["-p", "80"])
     assert result.exit_code == 1
     assert result.output == "tcptrace: kernel headers not found at /nowhere\n"
+
+
+def test_priority_is_raised_unless_the_reader_is_capped(monkeypatch):
+    seen = []
+    monkeypatch.setattr("tcptrace.session.run", lambda options: seen.append(options) or 0)
+    runner = CliRunner()
+    for args in ([], ["--max-cpu", "25"], ["--max-cpu", "25", "--nice", "-5"], ["--nice", "0"]):
+        assert runner.invoke(main, args).exit_code == 0
+    assert [o.nice for o in seen] == [-10, None, -5, 0]
