@@ -71,10 +71,12 @@ class Owners(Stage):
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
         if found or failed:
-            for ev in events:
-                if ev[_NEW] == CLOSE:  # the socket is gone: its address may be reused
-                    found.pop(ev[_SKADDR], None)
-                    failed.pop(ev[_SKADDR], None)
+            sockets = set(map(_skaddr, events))
+            if not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
+                for ev in events:
+                    if ev[_NEW] == CLOSE:  # the socket is gone: its address may be reused
+                        found.pop(ev[_SKADDR], None)
+                        failed.pop(ev[_SKADDR], None)
         # the hot path: the kernel knew everything (one C-level pass over the flags)
         needy = [
             i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN

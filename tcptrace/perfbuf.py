@@ -2,9 +2,10 @@
 
 bcc's perf reader calls back into Python once per event (about 3 µs each); at a
 few hundred thousand transitions a second that alone eats a core. Here each
-CPU's ring is mmapped, everything between the consumer's tail and the kernel's
-head is copied out in one slice, and the fixed-size sample records in it are
-unpacked in one struct.iter_unpack call. The kernel wakes us only when a ring
+CPU's ring is mmapped, what lies between the consumer's tail and the kernel's
+head is copied out in one slice (at most READ_RECORDS records, so a batch stays
+small however far the reader lags), and the fixed-size sample records in it
+are unpacked in one struct.iter_unpack call. The kernel wakes us only when a ring
 is a quarter full (a watermark), so at high rates one wake-up serves thousands
 of events; the caller's poll timeout bounds the delay at low rates.
 
