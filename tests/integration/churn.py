@@ -23,7 +23,11 @@ TRANSITIONS_PER_CONNECTION = 10  # client 5, accepted socket 5
 LISTENER_TRANSITIONS = 2  # CLOSE -> LISTEN, LISTEN -> CLOSE
 
 
-def serve(srv: socket.socket) -> None:
+# Longest wait for the server to close its side of the last connections.
+SERVER_DRAIN_S = 30.0
+
+
+def serve(srv: socket.socket, served: list[int]) -> None:
     while True:
         try:
             conn, _ = srv.accept()
@@ -32,6 +36,7 @@ def serve(srv: socket.socket) -> None:
         while conn.recv(4096):
             pass  # until the client's FIN
         conn.close()
+        served[0] += 1
 
 
 def churn(port: int, seconds: float, rate: float) -> int:
@@ -39,7 +44,8 @@ def churn(port: int, seconds: float, rate: float) -> int:
     srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     srv.bind(("::1", port))
     srv.listen(1024)
-    server = threading.Thread(target=serve, args=(srv,), daemon=True)
+    served = [0]
+    server = threading.Thread(target=serve, args=(srv, served), daemon=True)
     server.start()
     done = 0
     start = time.monotonic()
@@ -50,7 +56,13 @@ def churn(port: int, seconds: float, rate: float) -> int:
             cli.close()
             done += 1
         time.sleep(0.005)
-    time.sleep(0.3)  # the last server-side closes
+    # Close the listener only once every connection was accepted and closed: one
+    # still queued would be reset with it and make fewer transitions (a loaded
+    # machine can keep the server thread seconds behind).
+    deadline = time.monotonic() + SERVER_DRAIN_S
+    while served[0] < done and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)  # the last close's own transitions
     srv.shutdown(socket.SHUT_RDWR)
     srv.close()
     server.join(5)
