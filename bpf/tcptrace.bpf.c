@@ -307,17 +307,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (new == TT_CLOSE) {
 		if (sockets.delete(&sk) == 0)
 			count(TCPTRACE_C_DELETED);
-	} else if (info) {
-		/* in place: the socket's transitions are serialised by its lock, and
-		 * an LRU update would take a new element and the bucket lock */
-		info->ts = now;
-		info->pid = ev.pid;
-		info->flags = ev.flags & TCPTRACE_F_OWNER_KNOWN;
-		__builtin_memcpy(info->comm, ev.comm, sizeof(info->comm));
 	} else {
 		struct sk_info next = {.ts = now, .pid = ev.pid, .flags = ev.flags & TCPTRACE_F_OWNER_KNOWN};
 		__builtin_memcpy(next.comm, ev.comm, sizeof(next.comm));
-		if (sockets.update(&sk, &next) == 0)
+		if (info)
+			/* in place: the socket's transitions are serialised by its lock,
+			 * and an LRU update would take a new element and the bucket lock */
+			*info = next;
+		else if (sockets.update(&sk, &next) == 0)
 			count(TCPTRACE_C_INSERTED);
 	}
 

@@ -136,14 +136,18 @@ class Clock:
     def wall_ns(self, mono_ns: int) -> int:
         return mono_ns + self.offset_ns
 
+    def seconds_text(self, secs: int) -> str:
+        """HH:MM:SS (local time) of a wall-clock second: it changes rarely, so it is
+        formatted once per second."""
+        if secs != self._sec:
+            self._sec = secs
+            self._sec_text = time.strftime("%H:%M:%S", time.localtime(secs))
+        return self._sec_text
+
     def format(self, mono_ns: int) -> str:
         if self.style == TS_WALL:
-            # the seconds part changes rarely: format it once per second
             secs, frac = divmod(mono_ns + self.offset_ns, NS_PER_S)
-            if secs != self._sec:
-                self._sec = secs
-                self._sec_text = time.strftime("%H:%M:%S", time.localtime(secs))
-            return f"{self._sec_text}.{frac // NS_PER_US:06d}"
+            return f"{self.seconds_text(secs)}.{frac // NS_PER_US:06d}"
         if self.style == TS_RELATIVE:
             return f"{(mono_ns - self.start_mono_ns) / NS_PER_S:10.6f}"
         if self.style == TS_NONE:
@@ -273,7 +277,7 @@ class TextFormatter:
             )
         return col
 
-    def _micros(self, delta: int, tenths: int) -> str:
+    def _micros(self, tenths: int) -> str:
         """The IN OLD column of a duration below 1 ms, cached by its tenths of a µs."""
         text = self._micros_text[tenths] = f"{tenths / 10:7.1f}µs"
         return text
@@ -289,7 +293,7 @@ class TextFormatter:
         wall = clock.style == TS_WALL
         timed = clock.style != TS_NONE
         offset = clock.offset_ns
-        sec, sec_text = clock._sec, clock._sec_text
+        sec, sec_text = -1, ""
         endpoints = self._endpoints
         owners = self._owners
         transitions = self._transitions
@@ -311,7 +315,7 @@ class TextFormatter:
                 elif delta < NS_PER_MS:
                     # in tenths of a µs, as shown (the ns below 1µs are few)
                     tenths = (delta + 50) // 100
-                    duration = micros.get(tenths) or self._micros(delta, tenths)
+                    duration = micros.get(tenths) or self._micros(tenths)
                 elif delta < NS_PER_S:
                     duration = f"{delta / NS_PER_MS:7.2f}ms"
                 else:
@@ -321,11 +325,9 @@ class TextFormatter:
             else:
                 duration = _NO_DURATION
             if wall:
-                # the seconds part changes rarely: format it once per second
                 secs, frac = divmod(ts + offset, NS_PER_S)
                 if secs != sec:
-                    sec, sec_text = secs, time.strftime("%H:%M:%S", time.localtime(secs))
-                    clock._sec, clock._sec_text = sec, sec_text
+                    sec, sec_text = secs, clock.seconds_text(secs)
                 micro = frac // NS_PER_US
                 append(f"{sec_text}.{micro:06d} {owner} {local} {remote} {change} {duration}")
             elif timed:

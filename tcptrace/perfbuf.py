@@ -209,13 +209,6 @@ class Ring:
         self.tail += nbytes
         U64.pack_into(self.map, DATA_TAIL_OFFSET, self.tail)
 
-    def read(self) -> bytes:
-        """Everything the kernel wrote since the last read, as one bytes object."""
-        chunk = self.peek()
-        if chunk:
-            self.release(len(chunk))
-        return chunk
-
     def close(self) -> None:
         self.map.close()
         os.close(self.fd)

@@ -88,11 +88,6 @@ def key_of(ev: Event) -> Key:
     return (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
-def is_candidate(ev: Event) -> bool:
-    """The full socket's end that may hide a new timewait socket."""
-    return ev.newstate == CLOSE and ev.oldstate in _ENDS_IN_TIMEWAIT
-
-
 @dataclass(slots=True)
 class Followed:
     template: Event  # addresses, owner and socket of the traced socket
@@ -155,6 +150,7 @@ class TimeWait(Stage):
         # one C-level pass tells whether the batch needs the per-event loop at all
         news = set(map(_new_state, events))
         opening = _OPENING if self.followed and not news.isdisjoint(_OPENING) else _NONE
+        # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
         found = self._look_up(candidates) if candidates else None
         if found is None:
@@ -171,11 +167,12 @@ class TimeWait(Stage):
             if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
                 keep(ev)
                 continue
-            entry = found.get(key_of(ev))
+            key = key_of(ev)
+            entry = found.get(key)
             if entry is None:
                 self._keep(out, ev)
                 continue
-            self._replace_previous(out, key_of(ev), entry, ev.ts_ns)
+            self._replace_previous(out, key, entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
                 new_ev = ev._replace(newstate=TIME_WAIT)
                 self.fixes.move(ev.oldstate, CLOSE, -1)
