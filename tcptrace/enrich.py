@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import operator
 import time
+from collections.abc import Iterable
 
 from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
 from tcptrace.filters import Filters
@@ -35,7 +36,7 @@ _SKADDR = Event._fields.index("skaddr")
 _skaddr = operator.itemgetter(_SKADDR)
 _flags = operator.itemgetter(Event._fields.index("flags"))
 # Owners found in user space, by socket; bounded (oldest dropped first).
-MAX_CACHED = 65536
+MAX_CACHED = 16384
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
 RETRY_AFTER = 1.0
 
@@ -70,32 +71,38 @@ class Owners(Stage):
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
-        if found or failed:
-            sockets = set(map(_skaddr, events))
-            if not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
-                for ev in events:
-                    if ev[_NEW] == CLOSE:  # the socket is gone: its address may be reused
-                        found.pop(ev[_SKADDR], None)
-                        failed.pop(ev[_SKADDR], None)
         # the hot path: the kernel knew everything (one C-level pass over the flags)
         needy = [
             i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN
         ]
-        if not needy:
-            return None
+        if found or failed:
+            sockets = set(map(_skaddr, events))
+            if not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
+                # a cached socket may close in this batch: every event, in order
+                return self._enrich(events, range(len(events)))
+        return self._enrich(events, needy) if needy else None
+
+    def _enrich(self, events: list[Event], which: Iterable[int]) -> list[Event] | None:
+        """Fill in what the kernel did not know; a socket's CLOSE (its own owner found
+        first) drops it from the caches, as its address may be reused."""
         out: list[Event] | None = None
-        for i in needy:
+        found, failed = self.found, self.failed
+        for i in which:
             ev = events[i]
             flags = ev.flags
             new = ev
-            if not flags & F_OWNER_KNOWN:
-                new = self._attribute(ev)
-            if not flags & F_DELTA_KNOWN and not is_birth(ev.oldstate, ev.newstate):
-                new = self._lower_bound(new)
-            if new is not ev:
-                if out is None:
-                    out = list(events)
-                out[i] = new
+            if flags & _BOTH_KNOWN != _BOTH_KNOWN:
+                if not flags & F_OWNER_KNOWN:
+                    new = self._attribute(ev)
+                if not flags & F_DELTA_KNOWN and not is_birth(ev.oldstate, ev.newstate):
+                    new = self._lower_bound(new)
+                if new is not ev:
+                    if out is None:
+                        out = list(events)
+                    out[i] = new
+            if ev.newstate == CLOSE and (found or failed):
+                found.pop(ev.skaddr, None)
+                failed.pop(ev.skaddr, None)
         return out
 
     # ------------------------------------------------------------ owners
@@ -124,6 +131,10 @@ class Owners(Stage):
                 row = self.snapshot.get(key)
                 if row is not None:
                     owner = row.owner or self.procs.owner(row.entry.inode)
+        if ev.newstate == CLOSE:
+            # gone: the kernel's table no longer holds it (a timewait socket has no
+            # inode), and a cached answer would outlive it (its address is reused)
+            return owner
         if owner is None and self.table is not None and self.budget.allows():
             owner = self._ask_kernel(key, child)
         if owner is None:
