@@ -32,7 +32,7 @@ def read_comm(pid: int, proc: str = PROC) -> str | None:
 def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
     """socket inode -> first process (lowest pid) holding it, from /proc/*/fd."""
     found: dict[int, Owner] = {}
-    comms: dict[int, str | None] = {}
+    owners: dict[int, Owner | None] = {}  # one per process: a server may hold thousands
     try:
         pids = sorted(int(name) for name in os.listdir(proc) if name.isdigit())
     except OSError:
@@ -53,11 +53,12 @@ def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
             inode = int(target[8:-1])
             if inode in found:
                 continue
-            if pid not in comms:
-                comms[pid] = read_comm(pid, proc)
-            comm = comms[pid]
-            if comm is not None:
-                found[inode] = Owner(pid, comm)
+            if pid not in owners:
+                comm = read_comm(pid, proc)
+                owners[pid] = None if comm is None else Owner(pid, comm)
+            owner = owners[pid]
+            if owner is not None:
+                found[inode] = owner
     return found
 
 

@@ -67,7 +67,8 @@ def take(
     """Dump the matching sockets and find the process holding each one."""
     taken_ns = time.monotonic_ns()
     entries = table.dump(states, filters)
-    procs.refresh()
+    if any(e.inode for e in entries):  # else the /proc walk (ms per thousand fds) finds nothing
+        procs.refresh()
     rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None) for e in entries]
     order = {int(state): i for i, state in enumerate(LIFECYCLE_ORDER)}
     rows.sort(key=lambda r: (order.get(r.entry.state, 99), r.entry.local_port, r.entry.remote_port))
