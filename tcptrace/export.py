@@ -67,7 +67,7 @@ def _json_text(text: str | None) -> str:
 
 _STATE_NAMES = {n: state_name(n) for n in range(256)}
 # Caches of formatted fragments are dropped whole when they grow past this.
-_CACHE_MAX = 65536
+_CACHE_MAX = 16384
 
 
 class IsoClock:

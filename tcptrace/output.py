@@ -190,7 +190,7 @@ def write_all(out: TextIO, text: str) -> None:
 
 
 # Caches of formatted columns are dropped whole when they grow past this.
-_CACHE_MAX = 65536
+_CACHE_MAX = 16384
 _NO_OWNER = f"{'-':>7} {'-':<15}"
 _NO_DURATION = f"{'-':>9}"
 
