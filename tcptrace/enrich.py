@@ -17,6 +17,7 @@ from __future__ import annotations
 import operator
 import time
 from collections.abc import Iterable
+from dataclasses import replace
 
 from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
 from tcptrace.filters import Filters
@@ -136,7 +137,7 @@ class Owners(Stage):
             # inode), and a cached answer would outlive it (its address is reused)
             return owner
         if owner is None and self.table is not None and self.budget.allows():
-            owner = self._ask_kernel(key, child)
+            owner = self._ask_kernel(key, child, ev.family)
         if owner is None:
             self.failed[ev.skaddr] = time.monotonic()
             _bound(self.failed)
@@ -145,15 +146,19 @@ class Owners(Stage):
             _bound(self.found)
         return owner
 
-    def _ask_kernel(self, key: tuple[str, int, str, int], child: bool) -> Owner | None:
-        """sock_diag for this socket (or, for a new child, its listener), then /proc."""
+    def _ask_kernel(self, key: tuple[str, int, str, int], child: bool, family: int) -> Owner | None:
+        """sock_diag for this socket (or, for a new child, its listener), then /proc.
+
+        Asked in the socket's family only (a child has its listener's): one request."""
         assert self.table is not None
         started = time.monotonic()
         try:
             local_addr, local_port, _, remote_port = key
             if child:
                 rows = self.table.dump(
-                    LISTEN_STATES, self.filters, [[(LOCAL, (local_port, local_port))]]
+                    LISTEN_STATES,
+                    replace(self.filters, family=family),
+                    [[(LOCAL, (local_port, local_port))]],
                 )
                 rows = [r for r in rows if r.local_addr in (local_addr, "0.0.0.0", "::")]
             else:
@@ -161,7 +166,8 @@ class Owners(Stage):
                     [(LOCAL, (local_port, local_port))],
                     [(REMOTE, (remote_port, remote_port))],
                 ]
-                rows = [r for r in self.table.dump(clauses=clauses) if r.key == key]
+                rows = self.table.dump(filters=Filters(family=family), clauses=clauses)
+                rows = [r for r in rows if r.key == key]
             return single_owner(self.procs.owner(r.inode) for r in rows if r.inode)
         finally:
             self.budget.charge(started)

@@ -20,11 +20,13 @@ class FakeTable:
 
     def __init__(self) -> None:
         self.dumps = 0
+        self.families: list[int] = []
         self.rows = [SockEntry(2, int(S.ESTABLISHED), "127.0.0.1", 80, "127.0.0.1", 40000,
                                1001, 0, 0, 0, 0)]  # fmt: skip
 
     def dump(self, states=None, filters=None, clauses=None) -> list[SockEntry]:
         self.dumps += 1
+        self.families.append(filters.family)
         return list(self.rows)
 
 
@@ -59,6 +61,7 @@ def test_softirq_transition_is_looked_up_once_and_cached() -> None:
     (again,) = stage.on_events([event(S.ESTABLISHED, S.CLOSE_WAIT)])
     assert again.pid == 300
     assert table.dumps == 1
+    assert table.families == [socket.AF_INET]  # one request: the socket's own family
     # its CLOSE still gets the owner from the cache, then the cache forgets the socket
     (last,) = stage.on_events([event(S.LAST_ACK, S.CLOSE)])
     assert last.pid == 300

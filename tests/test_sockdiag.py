@@ -128,6 +128,52 @@ def test_extra_clauses_narrow_the_filter(scene, table):
     assert [(r.local_port, r.remote_port) for r in rows] == [(client_port, ports[0])]
 
 
+def test_rows_agree_with_pyroute2s_own_decoder(scene, table):
+    """decode_answer (struct) reads every field as pyroute2's generic decoder does."""
+    from pyroute2 import DiagSocket
+
+    ports, cli, _ = scene
+    # an IPv4-mapped connection too: a dual-stack listener, a client over IPv4
+    dual = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    dual.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    dual.bind(("::", 0))
+    dual.listen()
+    mapped_cli = socket.create_connection(("127.0.0.1", dual.getsockname()[1]))
+    mapped_srv, _ = dual.accept()
+    mine = {*ports, cli.getsockname()[1], dual.getsockname()[1], mapped_cli.getsockname()[1]}
+
+    names = ("family", "state", "src", "sport", "dst", "dport", "inode", "uid", "cookie", "timer")
+
+    def fields(values: tuple) -> tuple | None:
+        row = dict(zip(names, values, strict=True))
+        if (row["sport"] not in mine and row["dport"] not in mine) or row["timer"] == 3:
+            return None  # not ours, or a timewait socket that may come and go between dumps
+        return (*values[:2], canonical_addr(row["src"]), row["sport"],
+                canonical_addr(row["dst"]), *values[5:])  # fmt: skip
+
+    try:
+        with DiagSocket() as plain:
+            plain.bind()
+            theirs = {
+                fields(tuple(m[f"idiag_{n}"] for n in names))
+                for family in (socket.AF_INET, socket.AF_INET6)
+                for m in plain.get_sock_stats(family=family, states=0xFFF)
+            }
+        attrs = ("family", "state", "local_addr", "local_port", "remote_addr", "remote_port")
+        attrs += ("inode", "uid", "cookie", "timer")
+        ours_ = {fields(tuple(getattr(r, a) for a in attrs)) for r in table.dump()}
+    finally:
+        for sock in (mapped_cli, mapped_srv, dual):
+            sock.close()
+    theirs.discard(None)
+    ours_.discard(None)
+    assert ours_ == theirs
+    assert len(ours_) >= 8
+    mapped_rows = [r for r in ours_ if r[0] == socket.AF_INET6 and r[2] == "127.0.0.1"]
+    assert len(mapped_rows) == 1  # the server's end of the mapped connection, shown as IPv4
+    assert all(r[6] and r[8] for r in ours_)  # inode and cookie read
+
+
 def test_bytecode_layout():
     assert port_bytecode([]) == b""
     one = port_bytecode([[(LOCAL, (80, 80))]])
