@@ -32,7 +32,6 @@ LISTEN = int(TcpState.LISTEN)
 SYN_RECV = int(TcpState.SYN_RECV)
 _BOTH_KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
 # Positions in an Event tuple, for the per-event checks (C-level indexing).
-_NEW = Event._fields.index("newstate")
 _SKADDR = Event._fields.index("skaddr")
 _skaddr = operator.itemgetter(_SKADDR)
 _flags = operator.itemgetter(Event._fields.index("flags"))

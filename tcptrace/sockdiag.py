@@ -1,7 +1,7 @@
 """The kernel's socket table, read with sock_diag (NETLINK_SOCK_DIAG) through pyroute2.
 
 The only module that talks sock_diag. It answers "which TCP sockets exist right
-now" as plain Python values (DiagSocket rows become `SockEntry`), with the
+now" as plain Python values (each answered row becomes a `SockEntry`), with the
 filtering done in the kernel: the request carries a state bitmask and an
 inet_diag bytecode program for the ports, so only matching sockets cross to
 user space. Used for the start-up snapshot, owner look-ups (the socket inode,

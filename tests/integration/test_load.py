@@ -231,21 +231,12 @@ def test_two_tracers_work_independently():
     progs = {p["prog_id"] for p in bpftool("perf") if p["pid"] in (one.proc.pid, both.proc.pid)}
     assert len(progs) == 2  # each its own program and maps
 
-    def connect(port: int) -> None:
-        with listener(port=port) as srv:
-            cli = socket.create_connection(("127.0.0.1", port))
-            conn, _ = srv.accept()
-            cli.close()
-            time.sleep(0.02)
-            conn.close()
-            time.sleep(0.02)
-
-    connect(p1)
-    connect(p2)
+    one_connection(p1)
+    one_connection(p2)
     time.sleep(0.3)
     code, out_one, err_one = one.stop()
     assert code == 0
-    connect(p2)  # the second keeps tracing after the first stopped
+    one_connection(p2)  # the second keeps tracing after the first stopped
     time.sleep(0.3)
     code, out_both, err_both = both.stop()
     assert code == 0
