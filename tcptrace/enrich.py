@@ -32,6 +32,7 @@ LISTEN = int(TcpState.LISTEN)
 SYN_RECV = int(TcpState.SYN_RECV)
 _BOTH_KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
 # Positions in an Event tuple, for the per-event checks (C-level indexing).
+_NEW = Event._fields.index("newstate")
 _SKADDR = Event._fields.index("skaddr")
 _skaddr = operator.itemgetter(_SKADDR)
 _flags = operator.itemgetter(Event._fields.index("flags"))
@@ -71,16 +72,26 @@ class Owners(Stage):
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
-        # the hot path: the kernel knew everything (one C-level pass over the flags)
-        needy = [
-            i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN
-        ]
         if found or failed:
             sockets = set(map(_skaddr, events))
             if not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
                 # a cached socket may close in this batch: every event, in order
                 return self._enrich(events, range(len(events)))
-        return self._enrich(events, needy) if needy else None
+        # the hot path: the kernel knew everything (one C-level pass over the flags)
+        needy = [
+            i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN
+        ]
+        if not needy:
+            return None
+        out = self._enrich(events, needy)
+        if found or failed:
+            # a socket looked up just now may have closed later in the batch, in an
+            # event the kernel knew all of (so not among the needy)
+            for ev in events:
+                if ev[_NEW] == CLOSE:
+                    found.pop(ev[_SKADDR], None)
+                    failed.pop(ev[_SKADDR], None)
+        return out
 
     def _enrich(self, events: list[Event], which: Iterable[int]) -> list[Event] | None:
         """Fill in what the kernel did not know; a socket's CLOSE (its own owner found

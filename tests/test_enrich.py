@@ -99,3 +99,19 @@ def test_caches_stay_bounded() -> None:
     batch = [event(S.SYN_RECV, S.ESTABLISHED, skaddr=i) for i in range(MAX_CACHED + 10)]
     stage.on_events(batch)
     assert len(stage.failed) == MAX_CACHED
+
+
+def test_a_socket_looked_up_and_closed_in_one_batch_is_forgotten() -> None:
+    # its CLOSE came with everything known (the kernel had the owner by then), so
+    # the batch's needy events alone do not include it
+    stage, table = owners()
+    known = F_OWNER_KNOWN | F_DELTA_KNOWN
+    first, *_ = stage.on_events(
+        [
+            event(S.SYN_RECV, S.ESTABLISHED),
+            event(S.ESTABLISHED, S.FIN_WAIT1, flags=known),
+            event(S.FIN_WAIT2, S.CLOSE, flags=known),
+        ]
+    )
+    assert first.pid == 300 and table.dumps == 1
+    assert not stage.found and not stage.failed
