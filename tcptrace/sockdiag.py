@@ -248,8 +248,7 @@ class SocketTable:
             return
         try:
             self._sock.close()
-            # the transport finishes closing on the loop's next turns
-            self._loop.run_until_complete(asyncio.sleep(0))
+            # the transport finishes closing on the loop's next turn
             self._loop.run_until_complete(asyncio.sleep(0))
         finally:
             self._loop.close()
