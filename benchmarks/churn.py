@@ -153,6 +153,11 @@ class Mode:
     kind: str  # "untraced", "counter", "tcptrace", "tcpstates", "busy"
     args: list[str] = field(default_factory=list)
 
+    @property
+    def counted(self) -> bool:
+        """The independent counter is attached (not with the workload alone or busy)."""
+        return self.kind not in ("untraced", "busy")
+
 
 @dataclass
 class Result:
@@ -255,7 +260,7 @@ def run_one(
     ns = Netns(REGIMES[regime])
     tracer = None
     try:
-        counter.attach(mode.kind not in ("untraced", "busy"))
+        counter.attach(mode.counted)
         out_path = workdir / f"{regime}-{mode.name}.out"
         err_path = workdir / f"{regime}-{mode.name}.err"
         if mode.kind in ("tcptrace", "tcpstates"):
@@ -282,7 +287,7 @@ def run_one(
             result.cpu_pct = 100 * result.cpu_s / (float(fields["seconds"]) + args.drain)
             result.rss_mb = proc_hwm_mb(tracer.pid)
             stop_tracer(tracer, result)
-        if mode.kind not in ("untraced", "busy"):
+        if mode.counted:
             result.produced = counter.value() - before
         if tracer and mode.kind != "busy":
             parse_tracer_output(mode, result, out_path, err_path, port)
