@@ -11,7 +11,6 @@ import ctypes
 import errno
 import mmap
 import os
-import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -43,6 +42,13 @@ RATE_WINDOW_NS = 10_000_000
 # Load this C file instead of bpf/tcptrace.bpf.c: for tests that need a program
 # the compiler or the verifier refuses, and for debugging (README, "Environment").
 PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
+
+
+# How long after its time stamp a transition may still be written to its CPU's ring:
+# the program stamps it, then submits it, with preemption off; an interrupt or, in a
+# virtual machine, the host descheduling the vCPU may come between. Events stamped
+# this close to a read wait for the next one, so that batches stay in time order.
+WRITE_SLACK_NS = 10_000_000
 
 
 # struct bpf_prog_info (include/uapi/linux/bpf.h): its size in Linux 6.1 and the
@@ -102,6 +108,7 @@ class Probe:
         except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
         self.reader: perfbuf.PerfReader | None = None
+        self.detached = False
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
         path = program_path()
@@ -126,7 +133,7 @@ class Probe:
             if config.emit_events:
                 # bcc attached the program while compiling it; until the rings are in
                 # the perf event array every submission would fail (counted dropped)
-                self.detach()
+                self._detach_tracepoint()
                 self._open_buffer()
                 self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=PROBE_FN)
         except Exception as exc:
@@ -189,15 +196,18 @@ class Probe:
         return True
 
     def _read_runs(self) -> list[bytes]:
-        """The next bounded batch of sample runs; empty only when the rings are."""
+        """The next bounded batch of sample runs, in time order after the last batch;
+        empty only when the rings hold nothing that can go now."""
         assert self.reader is not None
+        hold = None if self.detached else WRITE_SLACK_NS
         while True:
-            runs = self.reader.read_runs()
+            runs = self.reader.read_runs(hold)
             if runs or not self.reader.more:  # a batch of lost records only: read on
                 return runs
 
     def poll_events(self, timeout_ms: int) -> list[Event]:
-        """Wait up to timeout_ms; return the events that arrived, decoded, in time order."""
+        """Wait up to timeout_ms; return the events that arrived, decoded, in time order
+        (each batch after the one before, across CPUs: perfbuf.PerfReader.read_runs)."""
         if not self._wait(timeout_ms):
             return []
         assert self.reader is not None
@@ -211,20 +221,6 @@ class Probe:
         if len(self.reader.rings) > 1:
             events.sort(key=event_time)
         return events
-
-    def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms for events; return the raw records that arrived."""
-        if not self._wait(timeout_ms):
-            return []
-        assert self.reader is not None
-        raw: list[bytes] = []
-        for run in self._read_runs():
-            raw.extend(perfbuf.iter_samples(run, EVENT_SIZE))
-        self.received += len(raw)
-        self._publish_progress()
-        if len(self.reader.rings) > 1:
-            raw.sort(key=_raw_ts)
-        return raw
 
     def set_rate_limit(self, events_per_s: float | None) -> None:
         """Let the kernel submit at most this many events a second (None: no limit).
@@ -240,7 +236,12 @@ class Probe:
         self.bpf[b"rate_limit"][ctypes.c_int(0)] = ctypes.c_uint64(per_window)
 
     def detach(self) -> None:
-        """Stop tracing: no new events or counts after this; buffered events stay readable."""
+        """Stop tracing: no new events or counts after this; buffered events stay readable,
+        all of them at once (nothing can precede them any more)."""
+        self.detached = True
+        self._detach_tracepoint()
+
+    def _detach_tracepoint(self) -> None:
         if TRACEPOINT.encode() in self.bpf.tracepoint_fds:
             self.bpf.detach_tracepoint(TRACEPOINT.encode())
 
@@ -366,13 +367,6 @@ def default_buffer_pages(cpus: int | None = None) -> int:
     pages = BUFFER_TOTAL_BYTES // mmap.PAGESIZE // max(1, cpus)
     pages = 1 << max(0, pages.bit_length() - 1)  # round down to a power of two
     return max(MIN_BUFFER_PAGES, min(MAX_BUFFER_PAGES, pages))
-
-
-_TS = struct.Struct("=Q")  # ts_ns leads struct tcptrace_event
-
-
-def _raw_ts(raw: bytes) -> int:
-    return _TS.unpack_from(raw)[0]
 
 
 def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:

@@ -26,12 +26,14 @@ of 8 bytes}, for PERF_RECORD_LOST {u64 id; u64 lost}.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import mmap
 import os
 import platform
 import select
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -53,6 +55,7 @@ READ_RECORDS = 2048
 # struct perf_event_mmap_page: the ring's control page
 DATA_HEAD_OFFSET = 1024
 DATA_TAIL_OFFSET = 1032
+NS_PER_MS = 1_000_000
 
 # perf_event_open(2) by architecture (the syscall has no libc wrapper)
 _SYSCALL_NR = {
@@ -122,44 +125,100 @@ def parse(chunk: bytes, sample_size: int) -> Parsed:
     if not chunk:
         return out
     rsize = record_size(sample_size)
+    n = _regular(chunk, rsize)
+    if n is not None:
+        out.runs.append(chunk)
+        out.samples = n
+        out.consumed = len(chunk)
+        return out
+    # Slow path (after overflow, or a foreign record): walk record by record.
+    run_start = None
+    end = 0  # after the last whole record
+    for pos, rtype, size in _walk(chunk):
+        end = pos + size
+        if rtype == PERF_RECORD_SAMPLE and size == rsize:
+            if run_start is None:
+                run_start = pos
+            out.samples += 1
+            continue
+        if run_start is not None:
+            out.runs.append(chunk[run_start:pos])
+            run_start = None
+        if rtype == PERF_RECORD_LOST and size >= HEADER.size + LOST.size:
+            out.lost += LOST.unpack_from(chunk, pos + HEADER.size)[1]
+        else:
+            out.skipped += 1
+    if run_start is not None:
+        out.runs.append(chunk[run_start:end])
+    out.consumed = end
+    return out
+
+
+def _walk(chunk: bytes) -> Iterator[tuple[int, int, int]]:
+    """(offset, type, size) of each whole record; stops at a partial or corrupt one."""
+    pos = 0
+    end = len(chunk)
+    while pos + HEADER.size <= end:
+        rtype, _misc, size = HEADER.unpack_from(chunk, pos)
+        if size < HEADER.size or pos + size > end:
+            return  # the chunk ends mid-record, or a corrupt size: stop, never loop
+        yield pos, rtype, size
+        pos += size
+
+
+def _regular(chunk: bytes, rsize: int) -> int | None:
+    """How many records the chunk holds when every one is a sample of rsize bytes, else None.
+
+    Checking the type and size bytes at each multiple of rsize (C-speed slices)
+    proves the walk is regular.
+    """
     n, rest = divmod(len(chunk), rsize)
-    # Fast path: every record is a sample of our size. Checking the type and size
-    # bytes at each multiple of rsize (C-speed slices) proves the walk is regular.
     if (
         not rest
         and chunk[0::rsize] == bytes((PERF_RECORD_SAMPLE,)) * n
         and chunk[6::rsize] == bytes((rsize & 0xFF,)) * n
         and chunk[7::rsize] == bytes((rsize >> 8,)) * n
     ):
-        out.runs.append(chunk)
-        out.samples = n
-        out.consumed = len(chunk)
-        return out
-    # Slow path (after overflow, or a foreign record): walk record by record.
-    pos = 0
-    run_start = None
-    end = len(chunk)
-    while pos + HEADER.size <= end:
-        rtype, _misc, size = HEADER.unpack_from(chunk, pos)
-        if size < HEADER.size or pos + size > end:
-            break  # the chunk ends mid-record, or a corrupt size: stop, never loop
+        return n
+    return None
+
+
+def _stamp(chunk: bytes, pos: int) -> int:
+    """The time stamp of the sample record at pos: the sample's leading u64."""
+    return U64.unpack_from(chunk, pos + SAMPLE_PREFIX)[0]
+
+
+def last_stamp(chunk: bytes, sample_size: int) -> int | None:
+    """Time stamp of the chunk's last whole sample record (None if it holds none)."""
+    rsize = record_size(sample_size)
+    n = _regular(chunk, rsize)
+    if n is not None:
+        return _stamp(chunk, (n - 1) * rsize) if n else None
+    last = None
+    for pos, rtype, size in _walk(chunk):
         if rtype == PERF_RECORD_SAMPLE and size == rsize:
-            if run_start is None:
-                run_start = pos
-            out.samples += 1
-        else:
-            if run_start is not None:
-                out.runs.append(chunk[run_start:pos])
-                run_start = None
-            if rtype == PERF_RECORD_LOST and size >= HEADER.size + LOST.size:
-                out.lost += LOST.unpack_from(chunk, pos + HEADER.size)[1]
-            else:
-                out.skipped += 1
-        pos += size
-    if run_start is not None:
-        out.runs.append(chunk[run_start:pos])
-    out.consumed = pos
-    return out
+            last = pos
+    return None if last is None else _stamp(chunk, last)
+
+
+def cut_before(chunk: bytes, sample_size: int, frontier_ns: int) -> tuple[int, int | None]:
+    """Where the first sample stamped after frontier_ns starts, and its stamp.
+
+    (len(chunk), None) when there is none: everything may go on.
+    """
+    rsize = record_size(sample_size)
+    n = _regular(chunk, rsize)
+    if n is not None:
+        index = bisect.bisect_right(range(n), frontier_ns, key=lambda i: _stamp(chunk, i * rsize))
+        if index == n:
+            return len(chunk), None
+        return index * rsize, _stamp(chunk, index * rsize)
+    for pos, rtype, size in _walk(chunk):
+        if rtype == PERF_RECORD_SAMPLE and size == rsize:
+            stamp = _stamp(chunk, pos)
+            if stamp > frontier_ns:
+                return pos, stamp
+    return len(chunk), None
 
 
 def iter_samples(run: bytes, sample_size: int) -> Iterator[bytes]:
@@ -214,17 +273,6 @@ class Ring:
         os.close(self.fd)
 
 
-def read_bounded(ring: Ring, sample_size: int, limit: int) -> tuple[Parsed, bool]:
-    """Up to `limit` bytes of a ring, parsed and released; and whether more is left."""
-    chunk = ring.peek(limit)
-    parsed = parse(chunk, sample_size)
-    truncated = len(chunk) == limit
-    # a complete chunk goes back whole (even past a corrupt record); a truncated
-    # one up to its last whole record: the rest is read next time
-    ring.release(parsed.consumed if truncated and parsed.consumed else len(chunk))
-    return parsed, truncated
-
-
 def perf_event_open(attr: PerfEventAttr, cpu: int) -> int:
     nr = _SYSCALL_NR.get(platform.machine())
     if nr is None:
@@ -275,7 +323,9 @@ class PerfReader:
         self.rings: list[Ring] = []
         self.lost = 0  # events the kernel reported lost (PERF_RECORD_LOST)
         self.skipped = 0
-        self.more = False  # the last read_runs() left records in a ring
+        self.more = False  # the last read_runs() left records in a ring that can go now
+        # when records the last read_runs() held back for time order may go (monotonic ns)
+        self.release_at_ns: int | None = None
         self.epoll = select.epoll()
         try:
             for cpu in online_cpus() if cpus is None else cpus:
@@ -306,38 +356,69 @@ class PerfReader:
     def wait(self, timeout_ms: int) -> None:
         """Sleep until a ring passes its watermark or the timeout ends.
 
-        No sleep while the last read left records behind.
+        No sleep while the last read left records behind that can go now; no longer
+        than until held-back records may go (see read_runs).
         """
-        if timeout_ms > 0 and not self.more:
-            self.epoll.poll(timeout_ms / 1000)
+        if self.more or timeout_ms <= 0:
+            return
+        if self.release_at_ns is not None:
+            left_ms = -(-(self.release_at_ns - time.monotonic_ns()) // NS_PER_MS)
+            timeout_ms = min(timeout_ms, max(1, left_ms))
+        self.epoll.poll(timeout_ms / 1000)
 
-    def read_runs(self) -> list[bytes]:
+    def read_runs(self, hold_ns: int | None = None) -> list[bytes]:
         """Read every ring, at most READ_RECORDS records each; runs of sample records.
 
         The bound keeps a batch, and the memory it takes on its way to the output,
         the same size however far the reader has fallen behind; `more` tells
-        whether a ring still holds records.
+        whether a ring still holds records that can be read now.
+
+        Time order across CPUs: each ring is in order, and with hold_ns only the
+        samples that no ring can still precede are taken, so that one batch follows
+        the other in time. A ring read to its end can still receive samples stamped
+        up to hold_ns before the read began (stamped, not yet written); a ring read
+        up to the bound, nothing older than its last sample read. Later samples stay
+        in their ring for the next read; `release_at_ns` says when the first of them
+        may go. hold_ns None takes everything (nothing more will be written).
         """
+        started = time.monotonic_ns()
+        size = self.sample_size
+        limit = READ_RECORDS * record_size(size)
+        chunks = [ring.peek(limit) for ring in self.rings]
+        truncated = [len(chunk) == limit for chunk in chunks]
+        frontier = None
+        if hold_ns is not None:
+            frontier = started - hold_ns
+            for chunk, bounded in zip(chunks, truncated, strict=True):
+                last = last_stamp(chunk, size) if bounded else None
+                if last is not None:
+                    frontier = min(frontier, last)
         runs: list[bytes] = []
-        limit = READ_RECORDS * record_size(self.sample_size)
         self.more = False
-        for ring in self.rings:
-            parsed, truncated = read_bounded(ring, self.sample_size, limit)
-            self.more = self.more or truncated
+        self.release_at_ns = None
+        for ring, chunk, bounded in zip(self.rings, chunks, truncated, strict=True):
+            held = None
+            if frontier is not None:
+                end, held = cut_before(chunk, size, frontier)
+            if held is not None:
+                assert hold_ns is not None
+                parsed = parse(chunk[:end], size)
+                release = end  # whole records: the held ones are read again next time
+                due = held + hold_ns
+                if self.release_at_ns is None or due < self.release_at_ns:
+                    self.release_at_ns = due
+            else:
+                parsed = parse(chunk, size)
+                # a complete chunk goes back whole (even past a corrupt record); a
+                # truncated one up to its last whole record: the rest is read next time
+                release = parsed.consumed if bounded and parsed.consumed else len(chunk)
+                self.more = self.more or bounded
+            ring.release(release)
             ring.samples += parsed.samples
             self.lost += parsed.lost
             self.skipped += parsed.skipped
             runs.extend(parsed.runs)
         return runs
-
-    def read(self, timeout_ms: int) -> list[tuple]:
-        """Wait (see wait), drain, and unpack every sample to a tuple of its fields."""
-        self.wait(timeout_ms)
-        unpack = self.record.iter_unpack
-        out: list[tuple] = []
-        for run in self.read_runs():
-            out.extend(unpack(run))
-        return out
 
     def close(self) -> None:
         for ring in self.rings:

@@ -169,27 +169,34 @@ def test_pages_must_be_a_power_of_two():
         perfbuf.PerfReader(EVENT_STRUCT, pages=3, cpus=[])
 
 
-def test_bounded_reads_take_whole_records_and_leave_the_rest():
+def fake_reader(*rings: perfbuf.Ring) -> perfbuf.PerfReader:
+    """A PerfReader over fake rings (no perf events)."""
+    reader = perfbuf.PerfReader(EVENT_STRUCT, pages=1, cpus=[])
+    reader.rings = list(rings)
+    return reader
+
+
+def pids(reader: perfbuf.PerfReader, runs: list[bytes]) -> list[int]:
+    return [Event._make(t).pid for run in runs for t in reader.record.iter_unpack(run)]
+
+
+def test_bounded_reads_take_whole_records_and_leave_the_rest(monkeypatch):
+    monkeypatch.setattr(perfbuf, "READ_RECORDS", 4)
     ring = FileRing(data_pages=4)
     try:
-        rsize = perfbuf.record_size(EVENT_SIZE)
+        reader = fake_reader(ring)
         for pid in range(10):
             ring.kernel_write(sample_record(event(pid)))
         ring.kernel_write(lost_record(7))  # shifts the records off the rsize grid
         for pid in range(10, 30):
             ring.kernel_write(sample_record(event(pid)))
-        limit = 4 * rsize + rsize // 2  # ends mid-record
         seen: list[int] = []
-        lost = 0
-        truncated = True
         reads = 0
-        while truncated:
-            parsed, truncated = perfbuf.read_bounded(ring, EVENT_SIZE, limit)
-            assert parsed.consumed <= limit
-            seen += [e.pid for e in unpack_all(parsed)]
-            lost += parsed.lost
+        reader.more = True
+        while reader.more:
+            seen += pids(reader, reader.read_runs())
             reads += 1
-        assert seen == list(range(30)) and lost == 7
+        assert seen == list(range(30)) and reader.lost == 7
         assert reads > 30 // 4
         assert ring.pending() == 0
     finally:
@@ -199,10 +206,78 @@ def test_bounded_reads_take_whole_records_and_leave_the_rest():
 def test_a_bounded_read_of_a_complete_chunk_releases_it_all():
     ring = FileRing(data_pages=1)
     try:
+        reader = fake_reader(ring)
         ring.kernel_write(sample_record(event(1)))
         ring.kernel_write(HEADER.pack(perfbuf.PERF_RECORD_LOST, 0, 0) + b"\0" * 16)  # corrupt
-        parsed, truncated = perfbuf.read_bounded(ring, EVENT_SIZE, 1 << 20)
-        assert not truncated and [e.pid for e in unpack_all(parsed)] == [1]
+        runs = reader.read_runs()
+        assert not reader.more and pids(reader, runs) == [1]
         assert ring.pending() == 0  # never stuck on the corrupt record
+    finally:
+        ring.close()
+
+
+def stamped(pid: int, ts: int) -> bytes:
+    return sample_record(event(pid, ts))
+
+
+def test_a_ring_read_to_its_bound_holds_back_the_later_samples_of_the_others(monkeypatch):
+    """CPU 0 lags (its read stops at the bound, at t=40); CPU 1 was read to its end. What
+    CPU 1 stamped after t=40 waits: CPU 0 may still deliver t=41..60 before it."""
+    monkeypatch.setattr(perfbuf, "READ_RECORDS", 4)
+    lagging, drained = FileRing(data_pages=1), FileRing(data_pages=1)
+    try:
+        reader = fake_reader(lagging, drained)
+        for i, ts in enumerate((10, 20, 30, 40, 50, 60)):
+            lagging.kernel_write(stamped(i, ts))
+        for i, ts in enumerate((15, 35, 45, 55)):
+            drained.kernel_write(stamped(100 + i, ts))
+        first = pids(reader, reader.read_runs(hold_ns=0))
+        assert sorted(first) == [0, 1, 2, 3, 100, 101]
+        assert reader.more  # the lagging ring can go on at once
+        second = pids(reader, reader.read_runs(hold_ns=0))
+        assert sorted(second) == [4, 5, 102, 103]
+        assert lagging.pending() == drained.pending() == 0
+    finally:
+        lagging.close()
+        drained.close()
+
+
+def test_samples_stamped_just_before_the_read_wait_for_the_slack(monkeypatch):
+    """A sample stamped within hold_ns of the read may still have a twin on another
+    CPU that is stamped but not yet written: it stays in its ring, and the reader
+    knows when it may go."""
+    import time
+
+    ring = FileRing(data_pages=1)
+    try:
+        reader = fake_reader(ring)
+        now = time.monotonic_ns()
+        hold = 10_000_000_000  # 10 s: the recent sample is surely held
+        ring.kernel_write(stamped(1, now - 2 * hold))
+        ring.kernel_write(stamped(2, now))
+        assert pids(reader, reader.read_runs(hold_ns=hold)) == [1]
+        assert not reader.more and reader.release_at_ns == now + hold
+        assert ring.pending() > 0
+        # once nothing more can come (detached), everything goes
+        assert pids(reader, reader.read_runs(hold_ns=None)) == [2]
+        assert reader.release_at_ns is None and ring.pending() == 0
+    finally:
+        ring.close()
+
+
+def test_held_samples_after_a_lost_record_are_read_again_and_counted_once(monkeypatch):
+    ring = FileRing(data_pages=1)
+    try:
+        reader = fake_reader(ring)
+        ring.kernel_write(stamped(1, 10))
+        ring.kernel_write(lost_record(3))
+        ring.kernel_write(stamped(2, 30))
+        # frontier at 20: sample 2 stays; the lost record before it is counted now
+        monkeypatch.setattr(perfbuf.time, "monotonic_ns", lambda: 25)
+        assert pids(reader, reader.read_runs(hold_ns=5)) == [1]
+        assert reader.lost == 3
+        monkeypatch.setattr(perfbuf.time, "monotonic_ns", lambda: 100)
+        assert pids(reader, reader.read_runs(hold_ns=5)) == [2]
+        assert reader.lost == 3 and ring.pending() == 0
     finally:
         ring.close()

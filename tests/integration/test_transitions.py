@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 
-from tcptrace.events import Event, decode_many
+from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.states import TcpState as S
 
@@ -37,11 +37,11 @@ def probe_factory():
 def collect(probe, action: Callable[[], None], settle: float = 0.1) -> list[Event]:
     action()
     time.sleep(settle)
-    raw: list[bytes] = []
-    for _ in range(5):
-        raw += probe.poll(20)
-    # per-CPU buffers deliver out of order: time order, as a socket lived it
-    return sorted(decode_many(raw), key=lambda e: e.ts_ns)
+    probe.detach()
+    events: list[Event] = []
+    while batch := probe.poll_events(0):
+        events += batch
+    return events
 
 
 def kernel_version() -> tuple[int, int]:

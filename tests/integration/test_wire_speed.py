@@ -105,13 +105,11 @@ def test_events_from_both_cpus_come_out_in_time_order():
         churn(port, 200)
         time.sleep(0.1)
         events = probe.poll_events(0)
-        raw_ts = [int.from_bytes(r[:8], "little") for r in probe.poll(0)]
     finally:
         probe.close()
     assert len(events) >= 200 * 9
     stamps = [e.ts_ns for e in events]
     assert stamps == sorted(stamps)
-    assert raw_ts == sorted(raw_ts)
 
 
 def test_a_rate_limit_sheds_in_the_kernel_and_counts():
