@@ -117,6 +117,7 @@ def summary_record(summary: Summary, written: int | None) -> Record:
         "transitions_traced": summary.counters[C_SEEN],
         "written": written,
         "lost": lost_events(summary),
+        "held": summary.held,
         "states": states,
         "transitions": transitions,
     }

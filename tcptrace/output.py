@@ -383,6 +383,8 @@ def format_accounting(summary: Summary, printed: int | None) -> str:
     if printed is not None:
         text += f", {printed} shown"
     text += f", {summary.lost_total} lost"
+    if summary.held:
+        text += f", {summary.held} held: still in FIN_WAIT2 at exit"
     if summary.evicted:
         text += f", {summary.evicted} evicted from the full socket map (raise --max-sockets)"
     return text

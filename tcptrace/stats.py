@@ -108,6 +108,9 @@ class Summary:
     unread: int = 0
     # entries in the kernel's per-socket map when the summary was taken
     sockets_tracked: int = 0
+    # traced transitions held back at exit and never shown: FIN_WAIT2 -> CLOSE of
+    # sockets still waiting in FIN_WAIT2 for their peer (tcptrace/timewait.py)
+    held: int = 0
     # tracepoint hits the kernel skipped: a BPF program was already running on that CPU
     # (every TCP socket's, not only the filtered ones: an upper bound)
     missed: int = 0

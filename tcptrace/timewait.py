@@ -204,9 +204,11 @@ class TimeWait(Stage):
 
         (a SYN the timewait socket accepted, or tcp_tw_reuse for a connect()).
         """
-        f = self.followed.pop(key_of(ev), None)
-        if f is None:
-            return
+        key = key_of(ev)
+        f = self.followed.get(key)
+        if f is None or ev.ts_ns < f.since_ns:
+            return  # not followed, or an opening from before this TIME_WAIT began
+        del self.followed[key]
         if f.state == FIN_WAIT2:
             # only a TIME_WAIT socket gives way to a new connection (a FIN_WAIT2 one
             # answers with a reset): the peer's FIN came after our last poll
@@ -367,6 +369,8 @@ class TimeWait(Stage):
         for state, added in fixes.added.items():
             summary.state(state).merge(added)
         summary.counters[C_SEEN] += fixes.synthetic
+        # their kernel FIN_WAIT2 -> CLOSE was traced but not shown: they have not closed
+        summary.held = sum(1 for f in self.followed.values() if f.state == FIN_WAIT2)
         if self.unfollowed:
             summary.notes.append(
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "

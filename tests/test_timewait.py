@@ -70,3 +70,34 @@ def test_corrections_move_durations_between_states_in_the_summary():
     assert fin.count == 3 and fin.total_ns == 1_000 + 7_000_000 + 9_000_000
     timewait = summary.state(TIME_WAIT)
     assert timewait.count == 1000 and timewait.max_ns == 60_000_000_000
+
+
+def test_an_opening_from_before_a_time_wait_began_does_not_end_it():
+    """Only a connection that opens after the TIME_WAIT began can take its 4-tuple."""
+    from tcptrace.events import F_DELTA_KNOWN, Event
+    from tcptrace.timewait import CLOSE, TIME_WAIT, Followed, key_of
+
+    tw, _ = stage()
+    lo = b"\x7f\0\0\1" + bytes(12)
+    closed = Event(5_000, 10, 0xA, 7, F_DELTA_KNOWN, lo, lo, 40000, 8080, 2, 5, 6, b"cli")
+    key = key_of(closed)
+    tw.followed[key] = Followed(
+        template=closed,
+        cookie=1,
+        state=TIME_WAIT,
+        since_ns=5_000,
+        since_flags=F_DELTA_KNOWN,
+        last_seen_ns=5_000,
+        due_ns=60_000_005_000,
+    )
+    tw.port_pairs.add((40000, 8080))
+    earlier = closed._replace(ts_ns=4_000, oldstate=2, newstate=1)  # SYN_SENT -> ESTABLISHED
+    assert tw.on_events([earlier]) == [earlier]
+    assert key in tw.followed
+    later = earlier._replace(ts_ns=9_000)
+    out = tw.on_events([later])
+    assert [(e.oldstate, e.newstate, e.ts_ns, e.delta_ns) for e in out] == [
+        (TIME_WAIT, CLOSE, 9_000, 4_000),
+        (2, 1, 9_000, 10),
+    ]
+    assert key not in tw.followed
