@@ -8,7 +8,7 @@ builds its dict and calls write_record (see RecordOutput.transition/summary).
 Schema (README "Machine-readable output"):
   transition: time, ts_ns, pid, comm, family, local_addr, local_port,
               remote_addr, remote_port, old, new, duration_ns
-  summary:    transitions_traced, written, lost, states{...}, transitions[...]
+  summary:    transitions_traced, written, lost, held, states{...}, transitions[...]
 """
 
 from __future__ import annotations
