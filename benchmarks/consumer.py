@@ -34,7 +34,7 @@ from tcptrace.events import (
 )
 from tcptrace.filters import Filters
 from tcptrace.session import Options, build_stages
-from tcptrace.sockdiag import SocketTable
+from tcptrace.sockdiag import SocketTables
 from tcptrace.states import TcpState as S
 from tcptrace.tracer import fewer_collections
 
@@ -73,7 +73,7 @@ def rings(events: int, per_read: int) -> list[list[bytes]]:
             flags = F_OWNER_KNOWN | (F_DELTA_KNOWN if old not in (S.CLOSE, S.LISTEN) else 0)
             comm = (b"client" if client else b"server").ljust(16, b"\0")
             raw = EVENT_STRUCT.pack(
-                ts, rng.randint(2_000, 900_000), sk + client, 4242 + client, flags,
+                ts, rng.randint(2_000, 900_000), sk + client, 0, 4242 + client, flags, 0, 0,
                 LOOPBACK, LOOPBACK, sport, dport, socket.AF_INET, old, new, comm,
             )  # fmt: skip
             cpus[rng.randrange(2)].append(RECORD + raw + PAD)
@@ -92,8 +92,8 @@ def main() -> int:
     reads = rings(args.events, args.batch)
     n = sum(len(chunk) for read in reads for chunk in read) // perfbuf.record_size(EVENT_SIZE)
     options = Options(filters=Filters(ports=frozenset({PORT})), format=args.format)
-    with open("/dev/null", "w") as out, SocketTable() as table:
-        stages = build_stages(options, out, io.StringIO(), None, table)
+    with open("/dev/null", "w") as out, SocketTables() as tables:
+        stages = build_stages(options, out, io.StringIO(), None, tables)
         for stage in stages:
             stage.on_start()
         spent: dict[str, float] = {"parse": 0.0, "unpack": 0.0, "sort": 0.0}

@@ -17,6 +17,15 @@
  *   MAX_CPUS        possible CPUs (size of the consumed map)
  *   SHED_LAG        0, or how many unread events a CPU's perf ring may hold
  *                   before new ones are shed (counted, not submitted)
+ *   SK_NET_OFFSET, NET_INUM_OFFSET
+ *                   where a socket's network namespace inode is: the struct
+ *                   net pointer at sk + SK_NET_OFFSET, the inode at net +
+ *                   NET_INUM_OFFSET; from the running kernel's BTF
+ *                   (tcptrace/btf.py), -1 when unknown (then netns stays 0)
+ *   SELF_PID        tcptrace's own pid: its check socket is never traced
+ *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
+ *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
+ *                   only sockets whose owner the kernel knows and that match
  * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
@@ -43,16 +52,32 @@
 #define PORT_LOCAL 2
 #define PORT_REMOTE 4
 
+/* Bits of FILTER_OWNER. */
+#define OWNER_PID 1
+#define OWNER_COMM 2
+#define OWNER_CGROUP 4
+/* Entries of the cgroup filter: a cgroup and everything below it. */
+#define MAX_CGROUP_FILTERS 8
+
 struct sk_info {
 	u64 ts;   /* time of the socket's last transition */
+	u64 cgroup_id; /* owner's, valid with TCPTRACE_F_OWNER_KNOWN */
 	u32 pid;  /* owner, valid with TCPTRACE_F_OWNER_KNOWN */
 	u32 flags;
 	char comm[TCPTRACE_COMM_LEN];
 };
 
 struct owner {
+	u64 cgroup_id;
 	u32 pid;
+	u32 flags; /* OWNER_IN_CGROUP */
 	char comm[TCPTRACE_COMM_LEN];
+};
+
+struct cgroup_filter {
+	u64 id;    /* the cgroup's id (its directory's inode in cgroup2) */
+	u32 level; /* its depth below the root (the root is level 0) */
+	u32 used;
 };
 
 BPF_TABLE("lru_hash", u64, struct sk_info, sockets, MAX_SOCKETS);
@@ -68,6 +93,21 @@ BPF_PERF_OUTPUT(events);
 /* Events user space has read from each CPU's perf ring, published after each
  * read: submitted minus consumed is how far the consumer lags on this CPU. */
 BPF_ARRAY(consumed, u64, MAX_CPUS);
+/* Owner and namespace filters (filled by user space before attaching). */
+BPF_HASH(netns_filter, u32, u8, 1024);
+BPF_HASH(pid_filter, u32, u8, 1024);
+struct comm_key {
+	char comm[TCPTRACE_COMM_LEN];
+};
+BPF_HASH(comm_filter, struct comm_key, u8, 1024);
+BPF_ARRAY(cgroup_filters, struct cgroup_filter, MAX_CGROUP_FILTERS);
+/* The start-up check of the netns offsets: user space arms slot 0, then listens
+ * on a socket of its own; the program stores what it read in slot 1. */
+#define CHECK_ARMED 0
+#define CHECK_NETNS 1
+BPF_ARRAY(self_check, u32, 2);
+/* Set in sk_info.flags and owner.flags: the owner was in a filtered cgroup. */
+#define OWNER_IN_CGROUP 0x100
 
 static __always_inline void count(u32 idx)
 {
@@ -179,6 +219,61 @@ static __always_inline int port_match(u16 sport, u16 dport)
 	return 1;
 }
 
+/* The network namespace of the socket at sk, read through the BTF offsets. */
+static __always_inline u32 sock_netns(u64 sk)
+{
+#if SK_NET_OFFSET >= 0 && NET_INUM_OFFSET >= 0
+	u64 net = 0;
+	u32 inum = 0;
+	bpf_probe_read_kernel(&net, sizeof(net), (void *)(sk + SK_NET_OFFSET));
+	if (net)
+		bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFFSET));
+	return inum;
+#else
+	return 0;
+#endif
+}
+
+/* At a system call of the owner: is it in one of the filtered cgroups (or below)? */
+static __always_inline u32 current_in_cgroup(void)
+{
+#if FILTER_OWNER & OWNER_CGROUP
+	for (u32 i = 0; i < MAX_CGROUP_FILTERS; i++) {
+		u32 key = i;
+		struct cgroup_filter *f = cgroup_filters.lookup(&key);
+		if (!f || !f->used)
+			break;
+		if (bpf_get_current_ancestor_cgroup_id(f->level) == f->id)
+			return OWNER_IN_CGROUP;
+	}
+#endif
+	return 0;
+}
+
+/* Owner filters: only an owner the kernel knows can match. */
+static __always_inline int owner_match(struct tcptrace_event *ev, u32 owner_flags)
+{
+#if FILTER_OWNER
+	if (!(ev->flags & TCPTRACE_F_OWNER_KNOWN))
+		return 0;
+#if FILTER_OWNER & OWNER_PID
+	if (!pid_filter.lookup(&ev->pid))
+		return 0;
+#endif
+#if FILTER_OWNER & OWNER_COMM
+	struct comm_key key = {};
+	__builtin_memcpy(key.comm, ev->comm, sizeof(key.comm));
+	if (!comm_filter.lookup(&key))
+		return 0;
+#endif
+#if FILTER_OWNER & OWNER_CGROUP
+	if (!(owner_flags & OWNER_IN_CGROUP))
+		return 0;
+#endif
+#endif
+	return 1;
+}
+
 static __always_inline void record_stats(int old, int new, u64 delta, int known)
 {
 	u32 t = old * TCPTRACE_NSTATES + new;
@@ -219,6 +314,22 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u16 sport = args->sport, dport = args->dport;
 	u64 sk = (u64)args->skaddr;
 	u64 now = bpf_ktime_get_ns();
+	u32 netns = sock_netns(sk);
+
+	if ((old == TT_CLOSE && new == TT_LISTEN) || (old == TT_LISTEN && new == TT_CLOSE)) {
+		u32 armed_key = CHECK_ARMED;
+		u32 *armed = self_check.lookup(&armed_key);
+		if (armed && *armed && (bpf_get_current_pid_tgid() >> 32) == SELF_PID) {
+			/* tcptrace's own check socket: note its namespace, never trace it */
+			u32 slot = CHECK_NETNS;
+			self_check.update(&slot, &netns);
+			return 0;
+		}
+	}
+#if FILTER_NETNS
+	if (!netns_filter.lookup(&netns))
+		return 0;
+#endif
 
 	struct sk_info *info = sockets.lookup(&sk);
 	if (!info && !port_match(sport, dport)) {
@@ -227,7 +338,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		 * the socket's start time, decide when its port is known. */
 		if (sport == 0 && old == TT_CLOSE && new == TT_SYN_SENT) {
 			struct sk_info pending = {.ts = now, .pid = bpf_get_current_pid_tgid() >> 32,
-						  .flags = TCPTRACE_F_OWNER_KNOWN};
+						  .cgroup_id = bpf_get_current_cgroup_id(),
+						  .flags = TCPTRACE_F_OWNER_KNOWN | current_in_cgroup()};
 			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
@@ -252,6 +364,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	ev.dport = dport;
 	ev.oldstate = old;
 	ev.newstate = new;
+	ev.netns = netns;
+#if SK_NET_OFFSET >= 0 && NET_INUM_OFFSET >= 0
+	if (netns)
+		ev.flags |= TCPTRACE_F_NETNS_KNOWN;
+#endif
 	if (family == TT_AF_INET) {
 		bpf_probe_read_kernel(ev.saddr, 4, args->saddr);
 		bpf_probe_read_kernel(ev.daddr, 4, args->daddr);
@@ -261,6 +378,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 
 	int owner = by_owner(old, new);
+	u32 owner_flags = 0; /* OWNER_IN_CGROUP of the owner, carried like pid and comm */
 	if (info) {
 		ev.delta_ns = now - info->ts;
 		ev.flags |= TCPTRACE_F_DELTA_KNOWN;
@@ -273,11 +391,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (owner) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
 		bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+		ev.cgroup_id = bpf_get_current_cgroup_id();
 		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+		owner_flags = current_in_cgroup();
 	} else if (info && (info->flags & TCPTRACE_F_OWNER_KNOWN)) {
 		ev.pid = info->pid;
 		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
+		ev.cgroup_id = info->cgroup_id;
 		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+		owner_flags = info->flags & OWNER_IN_CGROUP;
 	} else {
 		struct owner *l = 0;
 		if (!info && old == TT_LISTEN)
@@ -285,7 +407,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (l) {
 			ev.pid = l->pid;
 			__builtin_memcpy(ev.comm, l->comm, sizeof(ev.comm));
+			ev.cgroup_id = l->cgroup_id;
 			ev.flags |= TCPTRACE_F_OWNER_KNOWN;
+			owner_flags = l->flags & OWNER_IN_CGROUP;
 		} else {
 			/* softirq context: current is whoever ran; user space looks
 			 * the owner up (sock_diag) */
@@ -294,8 +418,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		}
 	}
 
+#if FILTER_OWNER
+	if (!owner_match(&ev, owner_flags)) {
+		/* another owner's socket, or one whose owner the kernel does not know:
+		 * forget it, like a socket on another port */
+		if (info && sockets.delete(&sk) == 0)
+			count(TCPTRACE_C_DELETED);
+		return 0;
+	}
+#endif
+
 	if (new == TT_LISTEN) {
-		struct owner o = {.pid = ev.pid};
+		struct owner o = {.pid = ev.pid, .cgroup_id = ev.cgroup_id, .flags = owner_flags};
 		__builtin_memcpy(o.comm, ev.comm, sizeof(o.comm));
 		listeners.update(&sport, &o);
 	} else if (old == TT_LISTEN && new == TT_CLOSE) {
@@ -308,7 +442,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (sockets.delete(&sk) == 0)
 			count(TCPTRACE_C_DELETED);
 	} else {
-		struct sk_info next = {.ts = now, .pid = ev.pid, .flags = ev.flags & TCPTRACE_F_OWNER_KNOWN};
+		struct sk_info next = {.ts = now, .pid = ev.pid, .cgroup_id = ev.cgroup_id,
+				       .flags = (ev.flags & TCPTRACE_F_OWNER_KNOWN) | owner_flags};
 		__builtin_memcpy(next.comm, ev.comm, sizeof(next.comm));
 		if (info)
 			/* in place: the socket's transitions are serialised by its lock,

@@ -16,7 +16,8 @@
 
 /* event.flags */
 #define TCPTRACE_F_DELTA_KNOWN 0x1 /* delta_ns is measured from a traced transition */
-#define TCPTRACE_F_OWNER_KNOWN 0x2 /* pid/comm belong to the socket's owner */
+#define TCPTRACE_F_OWNER_KNOWN 0x2 /* pid/comm/cgroup_id belong to the socket's owner */
+#define TCPTRACE_F_NETNS_KNOWN 0x4 /* netns was read from the socket (BTF offsets) */
 /* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */
@@ -33,9 +34,12 @@
 struct tcptrace_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns() at the transition */
 	__u64 delta_ns; /* time spent in oldstate (valid with TCPTRACE_F_DELTA_KNOWN) */
-	__u64 skaddr;   /* kernel address of the socket: identity, never dereferenced */
+	__u64 skaddr;   /* kernel address of the socket: identity (read only for netns) */
+	__u64 cgroup_id; /* owner's cgroup v2 id (with TCPTRACE_F_OWNER_KNOWN), else 0 */
 	__u32 pid;      /* owner tgid (valid with TCPTRACE_F_OWNER_KNOWN), else current */
 	__u32 flags;
+	__u32 netns;    /* the socket's network namespace inode (TCPTRACE_F_NETNS_KNOWN) */
+	__u32 reserved; /* zero: keeps the struct free of padding */
 	__u8 saddr[16]; /* IPv4 uses the first 4 bytes */
 	__u8 daddr[16];
 	__u16 sport;    /* host byte order, as the tracepoint gives it */

@@ -11,7 +11,7 @@ import click
 
 from tcptrace import __version__
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
-from tcptrace.filters import Filters, parse_ports, parse_states
+from tcptrace.filters import Filters, parse_comm, parse_pid, parse_ports, parse_states
 from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
 from tcptrace.states import TcpState
 
@@ -23,6 +23,8 @@ MIN_SOCKETS = 64
 MAX_SOCKETS_LIMIT = 1 << 22
 # Set to get Python's traceback instead of the one-line internal error.
 DEBUG_ENV = "TCPTRACE_DEBUG"
+# The kernel checks at most this many --cgroup filters (MAX_CGROUP_FILTERS in the program).
+MAX_CGROUP_FILTERS = 8
 # Scheduling priority while printing events, unless --nice or --max-cpu says otherwise.
 DEFAULT_NICE = -10
 
@@ -60,6 +62,34 @@ class StatesType(click.ParamType):
             for state in TcpState
             if state.name.startswith(last.upper())
         ]
+
+
+class ParsedType(click.ParamType):
+    """A value checked by one of the library's parsers (ValueError: a usage error)."""
+
+    def __init__(self, name: str, parse) -> None:
+        self.name = name
+        self.parse = parse
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if not isinstance(value, str):
+            return value
+        try:
+            return self.parse(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _netns(text: str) -> int:
+    from tcptrace.namespaces import resolve
+
+    return resolve(text)
+
+
+def _cgroup(text: str):
+    from tcptrace.cgroups import resolve_filter
+
+    return resolve_filter(text)
 
 
 class ListenAddressType(click.ParamType):
@@ -117,6 +147,11 @@ Examples:
   tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
   tcptrace --max-cpu 20 > t.log       at most a fifth of a CPU; the kernel sheds the rest
   tcptrace --nice 0 --port 443        keep your own scheduling priority
+  tcptrace --netns blue -p 80         sockets of the ip netns "blue" only (name, path or inode)
+  tcptrace --cgroup /system.slice/nginx.service   sockets owned by nginx's unit and below
+  tcptrace --pid 4242                 sockets owned by process 4242
+  tcptrace --comm curl --comm wget    sockets owned by curl or wget processes
+  tcptrace -w --json | jq .netns_name   every line with its namespace and cgroup columns
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -163,6 +198,43 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 )
 @click.option("-4", "--ipv4", "ipv4", is_flag=True, help="IPv4 only.")
 @click.option("-6", "--ipv6", "ipv6", is_flag=True, help="IPv6 only.")
+@click.option(
+    "--netns",
+    "netns",
+    multiple=True,
+    type=ParsedType("NETNS", _netns),
+    help="Sockets of this network namespace: an ip netns name, a /proc/PID/ns/net path "
+    "or an inode number (lsns -t net). Repeatable.",
+)
+@click.option(
+    "--cgroup",
+    "cgroups",
+    multiple=True,
+    type=ParsedType("PATH", _cgroup),
+    help="Sockets whose owner runs in this cgroup v2 directory or below: "
+    "/system.slice/nginx.service. Repeatable.",
+)
+@click.option(
+    "--pid",
+    "pids",
+    multiple=True,
+    type=ParsedType("PID", parse_pid),
+    help="Sockets owned by this process. Repeatable.",
+)
+@click.option(
+    "--comm",
+    "comms",
+    multiple=True,
+    type=ParsedType("NAME", parse_comm),
+    help="Sockets owned by a process of this command name (ps -o comm). Repeatable.",
+)
+@click.option(
+    "-w",
+    "--wide",
+    is_flag=True,
+    help="Always show the NETNS and CGROUP columns (by default: when the host has "
+    "more than one network namespace).",
+)
 @click.option(
     "-s",
     "--state",
@@ -316,7 +388,13 @@ def main(**opts: object) -> None:
         remote_ports=_union(opts["remote_ports"]),
         family=family,
         states=_union(opts["states"]),
+        netns=frozenset(opts["netns"]),
+        pids=frozenset(opts["pids"]),
+        comms=frozenset(opts["comms"]),
+        cgroups=tuple(dict.fromkeys(opts["cgroups"])),
     )
+    if len(filters.cgroups) > MAX_CGROUP_FILTERS:
+        raise click.UsageError(f"at most {MAX_CGROUP_FILTERS} --cgroup filters")
     from tcptrace.session import Options, run
 
     options = Options(
@@ -340,6 +418,7 @@ def main(**opts: object) -> None:
         listening=bool(opts["listening"]),
         extended=bool(opts["extended"]),
         max_sockets=int(opts["max_sockets"]),
+        wide=bool(opts["wide"]),
     )
     try:
         code = run(options)

@@ -19,11 +19,12 @@ import time
 from collections.abc import Iterable
 from dataclasses import replace
 
-from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
+from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_NETNS_KNOWN, F_OWNER_KNOWN, Event
 from tcptrace.filters import Filters
+from tcptrace.namespaces import process_netns
 from tcptrace.procs import Owner, ProcessIndex
 from tcptrace.snapshot import Snapshot, single_owner
-from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTable
+from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTables
 from tcptrace.states import TcpState, is_birth
 from tcptrace.tracer import Stage
 
@@ -48,13 +49,17 @@ class Owners(Stage):
     def __init__(
         self,
         filters: Filters,
-        table: SocketTable | None,
+        tables: SocketTables | None,
         procs: ProcessIndex | None = None,
         budget: Budget | None = None,
         take_snapshot: bool = True,
+        netns_fallback: bool = False,
     ) -> None:
         self.filters = filters
-        self.table = table
+        self.tables = tables
+        # the kernel cannot read sockets' namespaces: take each owner's (/proc/PID/ns/net)
+        self.netns_fallback = netns_fallback
+        self.owner_netns: dict[int, int] = {}  # pid -> its namespace, for the fallback
         self.procs = procs or ProcessIndex()
         self.budget = budget or Budget()
         self.take_snapshot = take_snapshot
@@ -65,10 +70,10 @@ class Owners(Stage):
         self.unresolved = 0
 
     def on_start(self) -> None:
-        if self.table is not None and self.take_snapshot:
+        if self.tables is not None and self.take_snapshot:
             from tcptrace import snapshot
 
-            self.snapshot = snapshot.take(self.table, self.procs, self.filters)
+            self.snapshot = snapshot.take(self.tables, self.procs, self.filters)
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
@@ -78,9 +83,14 @@ class Owners(Stage):
                 # a cached socket may close in this batch: every event, in order
                 return self._enrich(events, range(len(events)))
         # the hot path: the kernel knew everything (one C-level pass over the flags)
-        needy = [
-            i for i, flags in enumerate(map(_flags, events)) if flags & _BOTH_KNOWN != _BOTH_KNOWN
-        ]
+        if self.netns_fallback:
+            needy = range(len(events))
+        else:
+            needy = [
+                i
+                for i, flags in enumerate(map(_flags, events))
+                if flags & _BOTH_KNOWN != _BOTH_KNOWN
+            ]
         if not needy:
             return None
         out = self._enrich(events, needy)
@@ -102,21 +112,34 @@ class Owners(Stage):
             ev = events[i]
             flags = ev.flags
             new = ev
+            if self.netns_fallback and not flags & F_NETNS_KNOWN:
+                new = self._owners_netns(new)
             if flags & _BOTH_KNOWN != _BOTH_KNOWN:
                 if not flags & F_OWNER_KNOWN:
-                    new = self._attribute(ev)
+                    new = self._attribute(new)
                 if not flags & F_DELTA_KNOWN and not is_birth(ev.oldstate, ev.newstate):
                     new = self._lower_bound(new)
-                if new is not ev:
-                    if out is None:
-                        out = list(events)
-                    out[i] = new
+            if new is not ev:
+                if out is None:
+                    out = list(events)
+                out[i] = new
             if ev.newstate == CLOSE and (found or failed):
                 found.pop(ev.skaddr, None)
                 failed.pop(ev.skaddr, None)
         return out
 
     # ------------------------------------------------------------ owners
+
+    def _owners_netns(self, ev: Event) -> Event:
+        """The namespace of the socket's owner (the kernel could not read the socket's)."""
+        if not ev.flags & F_OWNER_KNOWN:
+            return ev  # looked up in our own namespace; nothing better is known
+        netns = self.owner_netns.get(ev.pid)
+        if netns is None:
+            netns = process_netns(ev.pid) or 0
+            self.owner_netns[ev.pid] = netns
+            _bound(self.owner_netns)
+        return ev._replace(netns=netns)
 
     def _attribute(self, ev: Event) -> Event:
         owner = self.found.get(ev.skaddr)
@@ -132,12 +155,13 @@ class Owners(Stage):
         missed = self.failed.get(ev.skaddr)
         if missed is not None and time.monotonic() - missed < RETRY_AFTER:
             return None
-        key = (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
+        netns = ev.netns or (self.tables.own if self.tables is not None else 0)
+        key = (netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
         child = ev.oldstate == LISTEN and ev.newstate == SYN_RECV
         owner = None
         if self.snapshot is not None:
             if child:
-                owner = self.snapshot.listener_owner(key[0], ev.sport)
+                owner = self.snapshot.listener_owner(netns, ev.local_addr, ev.sport)
             else:
                 row = self.snapshot.get(key)
                 if row is not None:
@@ -146,7 +170,7 @@ class Owners(Stage):
             # gone: the kernel's table no longer holds it (a timewait socket has no
             # inode), and a cached answer would outlive it (its address is reused)
             return owner
-        if owner is None and self.table is not None and self.budget.allows():
+        if owner is None and self.tables is not None and self.budget.allows():
             owner = self._ask_kernel(key, child, ev.family)
         if owner is None:
             self.failed[ev.skaddr] = time.monotonic()
@@ -156,16 +180,22 @@ class Owners(Stage):
             _bound(self.found)
         return owner
 
-    def _ask_kernel(self, key: tuple[str, int, str, int], child: bool, family: int) -> Owner | None:
+    def _ask_kernel(
+        self, key: tuple[int, str, int, str, int], child: bool, family: int
+    ) -> Owner | None:
         """sock_diag for this socket (or, for a new child, its listener), then /proc.
 
-        Asked in the socket's family only (a child has its listener's): one request."""
-        assert self.table is not None
+        Asked in the socket's namespace and family only (a child has its listener's):
+        one request."""
+        assert self.tables is not None
         started = time.monotonic()
         try:
-            local_addr, local_port, _, remote_port = key
+            netns, local_addr, local_port, _, remote_port = key
+            table = self.tables.get(netns)
+            if table is None:
+                return None  # its namespace has gone, or nobody can enter it
             if child:
-                rows = self.table.dump(
+                rows = table.dump(
                     LISTEN_STATES,
                     replace(self.filters, family=family),
                     [[(LOCAL, (local_port, local_port))]],
@@ -176,8 +206,8 @@ class Owners(Stage):
                     [(LOCAL, (local_port, local_port))],
                     [(REMOTE, (remote_port, remote_port))],
                 ]
-                rows = self.table.dump(filters=Filters(family=family), clauses=clauses)
-                rows = [r for r in rows if r.key == key]
+                rows = table.dump(filters=Filters(family=family), clauses=clauses)
+                rows = [r for r in rows if r.key == key[1:]]
             return single_owner(self.procs.owner(r.inode) for r in rows if r.inode)
         finally:
             self.budget.charge(started)
@@ -187,7 +217,8 @@ class Owners(Stage):
     def _lower_bound(self, ev: Event) -> Event:
         if self.snapshot is None:
             return ev
-        row = self.snapshot.get((ev.local_addr, ev.sport, ev.remote_addr, ev.dport))
+        netns = ev.netns or (self.tables.own if self.tables is not None else 0)
+        row = self.snapshot.get((netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport))
         if row is None or row.entry.state != ev.oldstate or ev.ts_ns < self.snapshot.taken_ns:
             return ev
         return ev._replace(

@@ -21,8 +21,11 @@ EVENT_FIELDS: tuple[tuple[str, str, int], ...] = (
     ("ts_ns", "__u64", 1),
     ("delta_ns", "__u64", 1),
     ("skaddr", "__u64", 1),
+    ("cgroup_id", "__u64", 1),
     ("pid", "__u32", 1),
     ("flags", "__u32", 1),
+    ("netns", "__u32", 1),
+    ("reserved", "__u32", 1),
     ("saddr", "__u8", 16),
     ("daddr", "__u8", 16),
     ("sport", "__u16", 1),
@@ -55,6 +58,7 @@ EVENT_SIZE = EVENT_STRUCT.size
 COMM_LEN = 16
 F_DELTA_KNOWN = 0x1
 F_OWNER_KNOWN = 0x2
+F_NETNS_KNOWN = 0x4
 # Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
 # delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
 F_DELTA_LOWER = 0x10000
@@ -82,8 +86,11 @@ class Event(NamedTuple):
     ts_ns: int
     delta_ns: int
     skaddr: int
+    cgroup_id: int
     pid: int
     flags: int
+    netns: int
+    reserved: int
     saddr: bytes
     daddr: bytes
     sport: int

@@ -288,7 +288,24 @@ class RecordOutput(Stage):
         out: list[str] = []
         append = out.append
         for ev in events:
-            ts, delta, _sk, pid, flags, saddr, daddr, sport, dport, family, old, new, comm = ev
+            (
+                ts,
+                delta,
+                _sk,
+                _cg,
+                pid,
+                flags,
+                _ns,
+                _r,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                family,
+                old,
+                new,
+                comm,
+            ) = ev
             owner = owners.get((pid, comm, flags & F_OWNER_KNOWN, family)) or self._owner_part(ev)
             local = ends.get((family, saddr, sport)) or self._end_part(family, saddr, sport)
             remote = ends.get((family, daddr, dport)) or self._end_part(family, daddr, dport)

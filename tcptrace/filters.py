@@ -9,6 +9,7 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
+from tcptrace.cgroups import CgroupFilter
 from tcptrace.states import TcpState, parse_state, state_mask
 
 MIN_PORT = 1
@@ -18,6 +19,12 @@ MAX_PORT = 65535
 PORT_ANY = 1
 PORT_LOCAL = 2
 PORT_REMOTE = 4
+# Bits of the kernel's FILTER_OWNER define.
+OWNER_PID = 1
+OWNER_COMM = 2
+OWNER_CGROUP = 4
+# Longest command name the kernel keeps (TASK_COMM_LEN less the NUL).
+MAX_COMM = 15
 
 
 def parse_port(text: str) -> int:
@@ -63,6 +70,24 @@ class Filters:
     remote_ports: frozenset[int] = frozenset()
     family: int = 0  # 0 for both, else socket.AF_INET or socket.AF_INET6
     states: frozenset[TcpState] = field(default_factory=frozenset)
+    # sockets of these network namespaces (inode numbers)
+    netns: frozenset[int] = frozenset()
+    # owners: these processes, these command names, these cgroups (and below)
+    pids: frozenset[int] = frozenset()
+    comms: frozenset[str] = frozenset()
+    cgroups: tuple[CgroupFilter, ...] = ()
+
+    @property
+    def owner_checks(self) -> int:
+        """FILTER_OWNER: which owner checks the kernel applies."""
+        checks = 0
+        if self.pids:
+            checks |= OWNER_PID
+        if self.comms:
+            checks |= OWNER_COMM
+        if self.cgroups:
+            checks |= OWNER_CGROUP
+        return checks
 
     @property
     def port_checks(self) -> int:
@@ -122,6 +147,14 @@ class Filters:
             parts.append("IPv6")
         if self.states:
             parts.append("states " + ",".join(s.name for s in sorted(self.states)))
+        if self.netns:
+            parts.append("netns " + ",".join(str(n) for n in sorted(self.netns)))
+        if self.pids:
+            parts.append("pid " + ",".join(str(p) for p in sorted(self.pids)))
+        if self.comms:
+            parts.append("comm " + ",".join(sorted(self.comms)))
+        if self.cgroups:
+            parts.append("cgroup " + ",".join(c.path for c in self.cgroups))
         return ", ".join(parts) if parts else "all TCP sockets"
 
 
@@ -138,3 +171,19 @@ def describe_ports(ports: frozenset[int]) -> str:
         if port is not None:
             start = prev = port
     return ",".join(runs)
+
+
+def parse_pid(text: str) -> int:
+    text = text.strip()
+    if not text.isdigit() or int(text) == 0:
+        raise ValueError(f"{text!r} is not a process id (a positive number)")
+    return int(text)
+
+
+def parse_comm(text: str) -> str:
+    """A command name as the kernel keeps it: at most MAX_COMM bytes."""
+    if not text or len(text.encode()) > MAX_COMM:
+        raise ValueError(
+            f"{text!r} is not a command name (1 to {MAX_COMM} bytes, as in ps -o comm)"
+        )
+    return text

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tcptrace import perfbuf
+from tcptrace.btf import BtfError, NetnsOffsets, netns_offsets
 from tcptrace.errors import TcptraceError
 from tcptrace.events import (
     C_DROPPED,
@@ -51,6 +52,13 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 WRITE_SLACK_NS = 10_000_000
 
 
+# The program's netns read is off (it reports 0, user space falls back on the owner's).
+NO_OFFSETS = NetnsOffsets(sock_net=-1, net_inum=-1)
+# Slots of the program's self_check map (bpf/tcptrace.bpf.c CHECK_*).
+CHECK_ARMED = 0
+CHECK_NETNS = 1
+
+
 # struct bpf_prog_info (include/uapi/linux/bpf.h): its size in Linux 6.1 and the
 # offset of recursion_misses. A kernel without the field leaves it zero.
 PROG_INFO_SIZE = 232
@@ -78,6 +86,8 @@ class ProbeConfig:
     # shed events (counted) once a CPU's ring holds this share of its capacity unread;
     # 0 lets the ring overflow instead (counted as dropped)
     shed_fraction: float = 0.75
+    # where a socket's network namespace is, from the running kernel's BTF (None: unknown)
+    netns_offsets: NetnsOffsets | None = None
 
     def shed_lag(self) -> int:
         """Unread events per CPU at which the kernel starts shedding (0: never)."""
@@ -96,6 +106,10 @@ class ProbeConfig:
             f"-DEMIT_EVENTS={int(self.emit_events)}",
             f"-DMAX_CPUS={possible_cpus()}",
             f"-DSHED_LAG={self.shed_lag()}",
+            f"-DSELF_PID={os.getpid()}",
+            f"-DFILTER_NETNS={int(bool(self.filters.netns))}",
+            f"-DFILTER_OWNER={self.filters.owner_checks}",
+            *(self.netns_offsets or NO_OFFSETS).cflags(),
         ]
 
 
@@ -116,6 +130,13 @@ class Probe:
             source = path.read_bytes()
         except OSError as exc:
             raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
+        # why the kernel cannot tell a socket's namespace (None: it can)
+        self.netns_problem: str | None = None
+        if config.netns_offsets is None:
+            try:
+                config = replace(config, netns_offsets=netns_offsets())
+            except BtfError as exc:
+                self.netns_problem = f"no usable BTF ({exc})"
         if config.emit_events:
             # the rings first: their real size sets the kernel's shedding threshold
             self.reader = self._open_reader(config)
@@ -130,6 +151,7 @@ class Probe:
         _return_freed_memory()
         try:
             self._fill_ports()
+            self._fill_owner_filters()
             if config.emit_events:
                 # bcc attached the program while compiling it; until the rings are in
                 # the perf event array every submission would fail (counted dropped)
@@ -143,6 +165,52 @@ class Probe:
             raise TcptraceError(
                 f"could not connect the perf buffer to the BPF program ({exc})"
             ) from None
+
+    def check_netns(self) -> str | None:
+        """Check the namespace read on a socket of our own: a listener of tcptrace's must
+        read as tcptrace's namespace. Returns why it cannot be trusted, or None."""
+        if self.netns_problem is not None:
+            return self.netns_problem
+        import socket
+
+        from tcptrace.namespaces import own_netns
+
+        check = self.bpf[b"self_check"]
+        check[ctypes.c_int(CHECK_NETNS)] = ctypes.c_uint32(0)
+        check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(1)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as own:
+                own.bind(("127.0.0.1", 0))
+                own.listen(1)
+        finally:
+            check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(0)
+        read = check[ctypes.c_int(CHECK_NETNS)].value
+        expected = own_netns()
+        if read != expected:
+            self.netns_problem = (
+                f"the BTF offsets read namespace {read} for a socket in {expected}"
+            )
+        return self.netns_problem
+
+    def _fill_owner_filters(self) -> None:
+        filters = self.config.filters
+        for name, keys in (
+            (b"netns_filter", [ctypes.c_uint32(n) for n in filters.netns]),
+            (b"pid_filter", [ctypes.c_uint32(p) for p in filters.pids]),
+        ):
+            table = self.bpf[name]
+            for key in keys:
+                table[key] = table.Leaf(1)
+        comms = self.bpf[b"comm_filter"]
+        for comm in filters.comms:
+            key = comms.Key()
+            key.comm = comm.encode()
+            comms[key] = comms.Leaf(1)
+        cgroups = self.bpf[b"cgroup_filters"]
+        for index, cgroup in enumerate(filters.cgroups):
+            leaf = cgroups.Leaf()
+            leaf.id, leaf.level, leaf.used = cgroup.id, cgroup.level, 1
+            cgroups[ctypes.c_int(index)] = leaf
 
     def _fill_ports(self) -> None:
         table = self.bpf[b"ports"]

@@ -301,7 +301,24 @@ class TextFormatter:
         out = []
         append = out.append
         for ev in events:
-            ts, delta, _sk, pid, flags, saddr, daddr, sport, dport, family, old, new, comm = ev
+            (
+                ts,
+                delta,
+                _sk,
+                _cg,
+                pid,
+                flags,
+                _ns,
+                _r,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                family,
+                old,
+                new,
+                comm,
+            ) = ev
             local = endpoints.get((family, saddr, sport)) or self._endpoint(family, saddr, sport)
             remote = endpoints.get((family, daddr, dport)) or self._endpoint(family, daddr, dport)
             if flags & F_OWNER_KNOWN:

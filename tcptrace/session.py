@@ -10,11 +10,12 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
 from tcptrace import preflight
+from tcptrace.errors import TcptraceError
 from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.losses import LossReport
 from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
-from tcptrace.sockdiag import Budget, SocketTable
+from tcptrace.sockdiag import Budget, SocketTables
 from tcptrace.stats import Summary
 from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
 
@@ -60,6 +61,8 @@ class Options:
     extended: bool = False
     # --max-sockets: capacity of the kernel's per-socket LRU map
     max_sockets: int = 65536
+    # -w/--wide: the NETNS and CGROUP columns, whatever the host's namespaces
+    wide: bool = False
 
 
 class TextOutput(Stage):
@@ -145,20 +148,21 @@ def build_stages(
     out: TextIO,
     err: TextIO | None = None,
     summaries: KernelStats | None = None,
-    table: SocketTable | None = None,
+    tables: SocketTables | None = None,
+    netns_fallback: bool = False,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`."""
     err = err or sys.stderr
     stages: list[Stage] = []
-    if table is not None and options.emit_events:
+    if tables is not None and options.emit_events:
         from tcptrace.enrich import Owners
         from tcptrace.timewait import TimeWait
 
         budget = Budget()  # shared: look-ups of both stages together stay within it
         stages += [
-            Owners(options.filters, table, budget=budget),
-            TimeWait(options.filters, table, budget),
+            Owners(options.filters, tables, budget=budget, netns_fallback=netns_fallback),
+            TimeWait(options.filters, tables, budget),
         ]
     if options.metrics is not None and summaries is not None:
         from tcptrace.metrics import MetricsServer
@@ -216,8 +220,8 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     states = LISTEN_STATES if options.listening else ALL_STATES
     if options.filters.states:
         states = states & options.filters.states
-    with SocketTable() as table:
-        snap = snapshot.take(table, ProcessIndex(), options.filters, states)
+    with SocketTables() as tables:
+        snap = snapshot.take(tables, ProcessIndex(), options.filters, states)
     out.write(format_snapshot(snap.rows, numeric=options.numeric, extended=options.extended))
     out.flush()
     return 0
@@ -250,13 +254,27 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     else:
         config = replace(config, shrink_buffer=True)
     probe = Probe(config)
+    netns_problem = probe.check_netns()
+    if netns_problem is not None:
+        if options.filters.netns:
+            probe.close()
+            raise TcptraceError(
+                "--netns needs the kernel to read each socket's network namespace, "
+                f"and it cannot here: {netns_problem}"
+            )
+        err.write(
+            "tcptrace: the kernel cannot read sockets' network namespaces "
+            f"({netns_problem}): each socket's namespace is its owner's /proc/PID/ns/net\n"
+        )
     if options.emit_events and options.nice is not None:
         _raise_priority(options.nice)
     summaries = KernelStats(probe)
     stages: list[Stage] = []
-    table = SocketTable() if options.emit_events else None
+    tables = SocketTables() if options.emit_events else None
     try:
-        stages = build_stages(options, out, err, summaries, table)
+        stages = build_stages(
+            options, out, err, summaries, tables, netns_fallback=netns_problem is not None
+        )
         # first: its on_finish completes the final accounting the outputs print
         stages.insert(0, LossReport(probe, err))
         tracer = Tracer(
@@ -287,8 +305,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             if close is not None:
                 close()  # servers and threads go before the program they read
         probe.close()
-        if table is not None:
-            table.close()
+        if tables is not None:
+            tables.close()
     return 0
 
 

@@ -2,7 +2,9 @@
 
 Taken once when tracing starts, so that sockets older than tcptrace get the
 right owner and an honest lower bound on the time spent in their first traced
-state; printed on its own by `tcptrace --snapshot`.
+state; printed on its own by `tcptrace --snapshot`. It covers every network
+namespace that can be entered (or those of --netns), as
+`ip -all netns exec ss -tpen` would.
 """
 
 from __future__ import annotations
@@ -13,16 +15,22 @@ from dataclasses import dataclass, field
 
 from tcptrace.filters import Filters
 from tcptrace.procs import Owner, ProcessIndex
-from tcptrace.sockdiag import ALL_STATES, SockEntry, SocketTable
+from tcptrace.sockdiag import ALL_STATES, SockEntry, SocketTables
 from tcptrace.states import LIFECYCLE_ORDER
 
-Key = tuple[str, int, str, int]
+# (netns, local address, local port, remote address, remote port)
+Key = tuple[int, str, int, str, int]
 
 
 @dataclass(frozen=True)
 class SnapshotRow:
     entry: SockEntry
     owner: Owner | None
+    netns: int = 0  # the namespace's inode
+
+    @property
+    def key(self) -> Key:
+        return (self.netns, *self.entry.key)
 
 
 @dataclass
@@ -31,20 +39,20 @@ class Snapshot:
     rows: list[SnapshotRow] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.by_key: dict[Key, SnapshotRow] = {row.entry.key: row for row in self.rows}
-        self.listeners: dict[int, list[SnapshotRow]] = {}
+        self.by_key: dict[Key, SnapshotRow] = {row.key: row for row in self.rows}
+        self.listeners: dict[tuple[int, int], list[SnapshotRow]] = {}
         for row in self.rows:
             if row.entry.state == _LISTEN:
-                self.listeners.setdefault(row.entry.local_port, []).append(row)
+                self.listeners.setdefault((row.netns, row.entry.local_port), []).append(row)
 
     def get(self, key: Key) -> SnapshotRow | None:
         return self.by_key.get(key)
 
-    def listener_owner(self, local_addr: str, local_port: int) -> Owner | None:
+    def listener_owner(self, netns: int, local_addr: str, local_port: int) -> Owner | None:
         """Owner of the listener that accepts connections to this address and port."""
         return single_owner(
             row.owner
-            for row in self.listeners.get(local_port, ())
+            for row in self.listeners.get((netns, local_port), ())
             if row.entry.local_addr in (local_addr, "0.0.0.0", "::")
         )
 
@@ -59,17 +67,31 @@ def single_owner(owners: Iterable[Owner | None]) -> Owner | None:
 
 
 def take(
-    table: SocketTable,
+    tables: SocketTables,
     procs: ProcessIndex,
     filters: Filters | None = None,
     states: Iterable[int] = ALL_STATES,
 ) -> Snapshot:
-    """Dump the matching sockets and find the process holding each one."""
+    """Dump the matching sockets of every namespace (or of --netns) and find the
+    process holding each one."""
     taken_ns = time.monotonic_ns()
-    entries = table.dump(states, filters)
-    if any(e.inode for e in entries):  # else the /proc walk (ms per thousand fds) finds nothing
+    found: list[tuple[int, SockEntry]] = []
+    for netns in tables.namespaces(filters.netns if filters else ()):
+        table = tables.get(netns)
+        if table is not None:
+            found += [(netns, e) for e in table.dump(states, filters)]
+    if any(e.inode for _, e in found):  # else the /proc walk (ms per thousand fds) finds nothing
         procs.refresh()
-    rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None) for e in entries]
+    rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None, n) for n, e in found]
     order = {int(state): i for i, state in enumerate(LIFECYCLE_ORDER)}
-    rows.sort(key=lambda r: (order.get(r.entry.state, 99), r.entry.local_port, r.entry.remote_port))
+    own = tables.own
+    rows.sort(
+        key=lambda r: (
+            r.netns != own,
+            r.netns,
+            order.get(r.entry.state, 99),
+            r.entry.local_port,
+            r.entry.remote_port,
+        )
+    )
     return Snapshot(taken_ns, rows)

@@ -6,21 +6,29 @@ filtering done in the kernel: the request carries a state bitmask and an
 inet_diag bytecode program for the ports, so only matching sockets cross to
 user space. Used for the start-up snapshot, owner look-ups (the socket inode,
 as `ss -p`) and following timewait sockets, which the tracepoint cannot see.
+
+A netlink socket answers for the network namespace it was made in: `SocketTables`
+keeps one per namespace, made inside it (pyroute2's setns on this thread, then
+back), and lets one go when its namespace has gone (holding it would keep a
+deleted namespace alive).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import ipaddress
+import os
 import socket
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters
+from tcptrace.namespaces import NetnsIndex, own_netns
 from tcptrace.states import TcpState
 
 # inet_diag bytecode operations (include/uapi/linux/inet_diag.h).
@@ -221,7 +229,9 @@ class SocketTable:
     decoding itself (13 µs a row, against 5 µs here).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, netns_path: str | None = None) -> None:
+        """A table of this namespace, or of the one at netns_path (/run/netns/NAME,
+        /proc/PID/ns/net)."""
         try:
             from pyroute2.netlink import NETLINK_SOCK_DIAG
             from pyroute2.netlink.diag import inet_diag_req
@@ -236,12 +246,14 @@ class SocketTable:
         self._request_class = Request
         self._loop = asyncio.new_event_loop()
         try:
-            self._sock = AsyncNetlinkSocket(NETLINK_SOCK_DIAG)
-            self._sock.set_marshal(_fast_marshal())
-            self._loop.run_until_complete(self._sock.bind())
+            with _inside(netns_path):
+                self._sock = AsyncNetlinkSocket(NETLINK_SOCK_DIAG)
+                self._sock.set_marshal(_fast_marshal())
+                self._loop.run_until_complete(self._sock.bind())
         except OSError as exc:
             self._loop.close()
-            raise TcptraceError(f"cannot open a sock_diag socket: {exc}") from exc
+            where = f" in {netns_path}" if netns_path else ""
+            raise TcptraceError(f"cannot open a sock_diag socket{where}: {exc}") from exc
 
     def close(self) -> None:
         if self._loop.is_closed():
@@ -299,6 +311,89 @@ class SocketTable:
 
 
 _ENTRY = "tcptrace_entry"
+
+
+@contextlib.contextmanager
+def _inside(netns_path: str | None) -> Iterator[None]:
+    """Run the block in another network namespace (this thread only), then come back."""
+    if netns_path is None:
+        yield
+        return
+    from pyroute2.netns import setns
+
+    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
+    try:
+        target = os.open(netns_path, os.O_RDONLY)
+        try:
+            setns(target, flags=0)
+        finally:
+            os.close(target)
+        try:
+            yield
+        finally:
+            setns(home, flags=0)
+    finally:
+        os.close(home)
+
+
+class SocketTables:
+    """One sock_diag table per network namespace (by inode), opened on first use."""
+
+    def __init__(self, index: NetnsIndex | None = None) -> None:
+        self.own = own_netns()
+        self.index = index or NetnsIndex()
+        self.tables: dict[int, SocketTable] = {}
+        self.gone = 0  # namespaces let go because they went away
+        self.unreachable = 0  # look-ups in a namespace nobody can enter any more
+
+    def get(self, netns: int = 0) -> SocketTable | None:
+        """The table of this namespace (0: ours); None when it cannot be entered."""
+        netns = netns or self.own
+        table = self.tables.get(netns)
+        if table is not None:
+            return table
+        path = None
+        if netns != self.own:
+            found = self.index.get(netns)
+            if found is None:
+                self.unreachable += 1
+                return None
+            path = found.path
+        try:
+            table = SocketTable(path)
+        except TcptraceError:
+            if path is None:
+                raise
+            self.unreachable += 1  # its last process left between the scan and now
+            return None
+        self.tables[netns] = table
+        return table
+
+    def namespaces(self, only: Iterable[int] = ()) -> list[int]:
+        """Every namespace that can be entered now (or those of `only`), ours first."""
+        known = self.index.rescan()
+        wanted = set(only) or {self.own, *known}
+        return sorted(wanted & ({self.own} | set(known)), key=lambda n: n != self.own)
+
+    def prune(self) -> list[int]:
+        """Let go of the tables of namespaces that have gone (no name, no process)."""
+        known = self.index.rescan()
+        gone = [n for n in self.tables if n != self.own and n not in known]
+        for netns in gone:
+            self.tables.pop(netns).close()
+        self.gone += len(gone)
+        return gone
+
+    def close(self) -> None:
+        for table in self.tables.values():
+            table.close()
+        self.tables.clear()
+
+    def __enter__(self) -> SocketTables:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
 
 
 def _fast_marshal():

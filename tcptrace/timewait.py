@@ -43,7 +43,7 @@ from tcptrace.sockdiag import (
     TIMEWAIT_STATES,
     Budget,
     SockEntry,
-    SocketTable,
+    SocketTables,
     port_ranges,
 )
 from tcptrace.states import TcpState
@@ -66,10 +66,14 @@ FAST_POLL_INTERVAL = 0.1
 # A poll parses a row per followed socket (~5 µs each, sockdiag.decode_answer):
 # 4096 take about 20 ms, and about 3 MB to keep.
 MAX_FOLLOWED = 4096
+# How often namespaces that have gone are looked for (a /proc walk: a few ms).
+PRUNE_INTERVAL_NS = 1_000_000_000
 # Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
-Key = tuple[str, int, str, int]
+# (netns, local address, local port, remote address, remote port): two namespaces
+# can hold the same 4-tuple
+Key = tuple[int, str, int, str, int]
 _ENDS_IN_TIMEWAIT = frozenset({FIN_WAIT2, CLOSING})
 # A new socket in these states on a followed 4-tuple means its timewait socket is gone.
 _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
@@ -84,8 +88,8 @@ _DPORT = Event._fields.index("dport")
 _NONE: frozenset[int] = frozenset()
 
 
-def key_of(ev: Event) -> Key:
-    return (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
+def key_of(ev: Event, own_netns: int = 0) -> Key:
+    return (ev.netns or own_netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
 @dataclass(slots=True)
@@ -126,12 +130,12 @@ class TimeWait(Stage):
     def __init__(
         self,
         filters: Filters,
-        table: SocketTable,
+        tables: SocketTables,
         budget: Budget | None = None,
         poll_interval: float = POLL_INTERVAL,
     ) -> None:
         self.filters = filters
-        self.table = table
+        self.tables = tables
         self.budget = budget or Budget()
         self.poll_interval = poll_interval
         self.followed: dict[Key, Followed] = {}
@@ -143,6 +147,10 @@ class TimeWait(Stage):
         self.unfollowed = 0  # candidates not checked (limit or budget)
         self.asked_ns = 0  # when the last look-up was sent
         self.polls = 0
+        # followed sockets dropped because their namespace went away
+        self.dropped_with_netns = 0
+        self.own = tables.own
+        self.pruned_ns = 0
 
     # ------------------------------------------------------------ events
 
@@ -167,7 +175,7 @@ class TimeWait(Stage):
             if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
                 keep(ev)
                 continue
-            key = key_of(ev)
+            key = key_of(ev, self.own)
             entry = found.get(key)
             if entry is None:
                 self._keep(out, ev)
@@ -177,13 +185,13 @@ class TimeWait(Stage):
                 new_ev = ev._replace(newstate=TIME_WAIT)
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
-                self._follow(new_ev, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
+                self._follow(key, new_ev, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
                 self._keep(out, new_ev)
             else:
                 # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 since, flags = _start_of(ev)
-                f = self._follow(ev, entry, FIN_WAIT2, since, flags)
+                f = self._follow(key, ev, entry, FIN_WAIT2, since, flags)
                 if ev.delta_known:
                     f.kernel_partial_ns = ev.delta_ns
                     self.fixes.remove(FIN_WAIT2, ev.delta_ns)
@@ -204,7 +212,7 @@ class TimeWait(Stage):
 
         (a SYN the timewait socket accepted, or tcp_tw_reuse for a connect()).
         """
-        key = key_of(ev)
+        key = key_of(ev, self.own)
         f = self.followed.get(key)
         if f is None or ev.ts_ns < f.since_ns:
             return  # not followed, or an opening from before this TIME_WAIT began
@@ -227,13 +235,14 @@ class TimeWait(Stage):
         started = time.monotonic()
         self.asked_ns = time.monotonic_ns()
         try:
-            rows = self._dump([key_of(ev) for ev in candidates])
+            found, _unreachable = self._dump([key_of(ev, self.own) for ev in candidates])
         finally:
             self.budget.charge(started)
-        return {r.key: r for r in rows if r.timewait}
+        return found
 
-    def _dump(self, keys: list[Key]) -> list[SockEntry]:
-        """The timewait sockets of these 4-tuples (and a few more), from sock_diag.
+    def _dump(self, keys: list[Key]) -> tuple[dict[Key, SockEntry], set[int]]:
+        """The timewait sockets of these 4-tuples (and a few more), from sock_diag in
+        each one's namespace; and the namespaces that cannot be asked any more.
 
         Each 4-tuple is asked for by its own port: the local one, unless other
         4-tuples share it (the server's port when the server closed first), then
@@ -241,19 +250,30 @@ class TimeWait(Stage):
         ~5 µs to parse, near one per 4-tuple even when thousands of timewait
         sockets share the server's port.
         """
-        shared = Counter(key[1] for key in keys)
-        local = {key[1] for key in keys if shared[key[1]] == 1}
-        remote = {key[3] for key in keys if shared[key[1]] > 1}
-        rows: list[SockEntry] = []
-        for side, ports in ((LOCAL, local), (REMOTE, remote)):
-            ranges = port_ranges(ports)
-            for start in range(0, len(ranges), MAX_RANGES):
-                clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
-                rows += self.table.dump(TIMEWAIT_STATES, self.filters, [clause])
-        return rows
+        by_netns: dict[int, list[Key]] = {}
+        for key in keys:
+            by_netns.setdefault(key[0], []).append(key)
+        found: dict[Key, SockEntry] = {}
+        unreachable: set[int] = set()
+        for netns, ns_keys in by_netns.items():
+            table = self.tables.get(netns)
+            if table is None:
+                unreachable.add(netns)
+                continue
+            shared = Counter(key[2] for key in ns_keys)
+            local = {key[2] for key in ns_keys if shared[key[2]] == 1}
+            remote = {key[4] for key in ns_keys if shared[key[2]] > 1}
+            for side, ports in ((LOCAL, local), (REMOTE, remote)):
+                ranges = port_ranges(ports)
+                for start in range(0, len(ranges), MAX_RANGES):
+                    clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
+                    for row in table.dump(TIMEWAIT_STATES, self.filters, [clause]):
+                        if row.timewait:
+                            found[(netns, *row.key)] = row
+        return found, unreachable
 
     def _follow(
-        self, template: Event, entry: SockEntry, state: int, since: int, flags: int
+        self, key: Key, template: Event, entry: SockEntry, state: int, since: int, flags: int
     ) -> Followed:
         # timer arithmetic uses the moment the kernel was asked, not the parse's end
         asked = self.asked_ns
@@ -266,7 +286,7 @@ class TimeWait(Stage):
             last_seen_ns=asked,
             due_ns=asked + entry.expires_ms * NS_PER_MS,
         )
-        self.followed[entry.key] = f
+        self.followed[key] = f
         self.port_pairs.add((entry.local_port, entry.remote_port))
         return f
 
@@ -280,6 +300,12 @@ class TimeWait(Stage):
     # ------------------------------------------------------------ polling
 
     def on_tick(self, now_ns: int) -> list[Event] | None:
+        if len(self.tables.tables) > 1 and now_ns - self.pruned_ns >= PRUNE_INTERVAL_NS:
+            # let go of namespaces that have gone (a held socket keeps one alive)
+            self.pruned_ns = now_ns
+            gone = set(self.tables.prune())
+            if gone:
+                self._drop_followed(gone)
         if not self.followed:
             return None
         waiting = any(f.state == FIN_WAIT2 for f in self.followed.values())
@@ -293,14 +319,15 @@ class TimeWait(Stage):
         started = time.monotonic()
         asked = time.monotonic_ns()
         try:
-            rows = self._dump(list(self.followed))
+            seen, unreachable = self._dump(list(self.followed))
         finally:
             self.budget.charge(started)
         # the kernel looked at its table between `asked` and `now`
         now = time.monotonic_ns()
         self.last_poll_ns = asked
         self.polls += 1
-        seen = {r.key: r for r in rows if r.timewait}
+        if unreachable:
+            self._drop_followed(unreachable)
         made: list[Event] = []
         for key, f in list(self.followed.items()):
             entry = seen.get(key)
@@ -312,13 +339,19 @@ class TimeWait(Stage):
             else:
                 del self.followed[key]
                 made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
-        self.port_pairs = {(key[1], key[3]) for key in self.followed}
+        self.port_pairs = {(key[2], key[4]) for key in self.followed}
         made.sort(key=lambda ev: ev.ts_ns)
         return [
             ev
             for ev in made
             if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
         ]
+
+    def _drop_followed(self, namespaces: set[int]) -> None:
+        """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""
+        for key in [k for k in self.followed if k[0] in namespaces]:
+            del self.followed[key]
+            self.dropped_with_netns += 1
 
     def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
         # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came
@@ -371,6 +404,11 @@ class TimeWait(Stage):
         summary.counters[C_SEEN] += fixes.synthetic
         # their kernel FIN_WAIT2 -> CLOSE was traced but not shown: they have not closed
         summary.held = sum(1 for f in self.followed.values() if f.state == FIN_WAIT2)
+        if self.dropped_with_netns:
+            summary.notes.append(
+                f"TIME_WAIT: {self.dropped_with_netns} followed sockets dropped with their "
+                "network namespace (it was deleted: their end is not known)"
+            )
         if self.unfollowed:
             summary.notes.append(
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "

@@ -30,18 +30,28 @@ class FakeTable:
         return list(self.rows)
 
 
+class FakeTables(FakeTable):
+    """SocketTables of one namespace (ours), whose table is the fake above."""
+
+    own = 4026531840
+
+    def get(self, netns: int = 0):
+        assert netns in (0, self.own)
+        return self
+
+
 class FakeProcs:
     def owner(self, inode: int) -> Owner | None:
         return SERVER if inode == 1001 else None
 
 
 def event(old: S, new: S, skaddr: int = 0xFFFF0001, flags: int = F_DELTA_KNOWN) -> Event:
-    return Event(1, 5, skaddr, 0, flags, LOOPBACK, LOOPBACK, 80, 40000, socket.AF_INET,
+    return Event(1, 5, skaddr, 0, 0, flags, 0, 0, LOOPBACK, LOOPBACK, 80, 40000, socket.AF_INET,
                  int(old), int(new), b"")  # fmt: skip
 
 
 def owners() -> tuple[Owners, FakeTable]:
-    table = FakeTable()
+    table = FakeTables()
     stage = Owners(Filters(), table, FakeProcs(), take_snapshot=False)  # type: ignore[arg-type]
     stage.on_start()
     return stage, table

@@ -16,8 +16,11 @@ def raw_event(**kw) -> bytes:
         ts_ns=123,
         delta_ns=456,
         skaddr=0xFFFF888012345678,
+        cgroup_id=77,
         pid=42,
         flags=F_DELTA_KNOWN | F_OWNER_KNOWN,
+        netns=4026531840,
+        reserved=0,
         saddr=socket.inet_pton(socket.AF_INET, "10.0.0.1").ljust(16, b"\0"),
         daddr=socket.inet_pton(socket.AF_INET, "10.0.0.2").ljust(16, b"\0"),
         sport=40000,
@@ -64,7 +67,7 @@ def test_comm_with_garbage_after_nul():
 
 
 def test_size():
-    assert EVENT_SIZE == 88
+    assert EVENT_SIZE == 104
 
 
 def test_default_buffer_pages_share_64_mib_within_bounds():

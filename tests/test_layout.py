@@ -49,7 +49,7 @@ def test_size_matches_c_layout():
         assert offset % size == 0, f"padding before {_name}"
         offset += size * n
     assert offset % 8 == 0
-    assert events.EVENT_SIZE == offset == 88
+    assert events.EVENT_SIZE == offset == 104
 
 
 def test_constants_match_header():
@@ -60,6 +60,7 @@ def test_constants_match_header():
     assert consts["TCPTRACE_HIST_SLOTS"] == events.HIST_SLOTS
     assert consts["TCPTRACE_F_DELTA_KNOWN"] == events.F_DELTA_KNOWN
     assert consts["TCPTRACE_F_OWNER_KNOWN"] == events.F_OWNER_KNOWN
+    assert consts["TCPTRACE_F_NETNS_KNOWN"] == events.F_NETNS_KNOWN
     # every counter index, both ways: a counter added on one side only fails here
     c_counters = {
         k.removeprefix("TCPTRACE_C_"): v for k, v in consts.items() if k.startswith("TCPTRACE_C_")

@@ -25,8 +25,11 @@ def ev(old, new, ts_ms, delta_ms=None, sk=1, sport=40000, dport=443, pid=7, flag
         ts_ns=ts_ms * MS,
         delta_ns=(delta_ms or 0) * MS,
         skaddr=sk,
+        cgroup_id=0,
         pid=pid,
         flags=flags,
+        netns=0,
+        reserved=0,
         saddr=LO,
         daddr=LO,
         sport=sport,
@@ -98,7 +101,7 @@ def test_socket_older_than_tracing_is_a_lower_bound_and_listeners_are_not_connec
 
 
 def test_unattributed_event_gets_a_dash_not_the_current_task():
-    owners = Owners(Filters(), table=None)
+    owners = Owners(Filters(), tables=None)
     out = owners.on_events([ev(S.ESTABLISHED, S.CLOSE_WAIT, 10, 5, flags=F_DELTA_KNOWN)])
     assert out is not None
     assert (out[0].pid, out[0].command, out[0].owner_known) == (0, "", False)
@@ -108,7 +111,7 @@ def test_snapshot_gives_owner_and_lower_bound():
     entry = SockEntry(socket.AF_INET, S.ESTABLISHED, "127.0.0.1", 40000, "127.0.0.1", 443,
                       1234, 0, 1, 0, 0)  # fmt: skip
     listener = SockEntry(socket.AF_INET, S.LISTEN, "0.0.0.0", 443, "0.0.0.0", 0, 99, 0, 2, 0, 0)
-    owners = Owners(Filters(), table=None)
+    owners = Owners(Filters(), tables=None)
     owners.snapshot = Snapshot(
         taken_ns=1000 * MS,
         rows=[SnapshotRow(entry, Owner(55, "psql")), SnapshotRow(listener, Owner(66, "nginx"))],

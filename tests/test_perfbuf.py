@@ -30,7 +30,7 @@ def lost_record(count: int) -> bytes:
 
 def event(pid: int, ts: int = 1000) -> bytes:
     return EVENT_STRUCT.pack(
-        ts, 5, 0xFFFF0001, pid, 3, b"\x7f\0\0\1", b"\x7f\0\0\1", 1, 2, 2, 1, 4, b"x"
+        ts, 5, 0xFFFF0001, 0, pid, 3, 0, 0, b"\x7f\0\0\1", b"\x7f\0\0\1", 1, 2, 2, 1, 4, b"x"
     )
 
 

@@ -61,8 +61,18 @@ def test_index_rescans_on_a_miss_at_a_bounded_rate(proc: Path) -> None:
 
 
 class FakeTable:
+    """SocketTables of one namespace, OWN, holding these sockets."""
+
+    own = 4026531840
+
     def __init__(self, entries: list[SockEntry]) -> None:
         self.entries = entries
+
+    def namespaces(self, only=()) -> list[int]:
+        return [self.own]
+
+    def get(self, netns: int = 0) -> FakeTable:
+        return self
 
     def dump(self, states=None, filters=None, clauses=None) -> list[SockEntry]:
         return self.entries
@@ -89,8 +99,9 @@ def test_snapshot_names_owners_and_orders_by_lifecycle(proc: Path) -> None:
         TcpState.TIME_WAIT,
     ]
     assert [row.owner for row in snap.rows] == [Owner(300, "nginx"), Owner(41, "curl"), None]
-    assert snap.listener_owner("127.0.0.1", 80) == Owner(300, "nginx")
-    assert snap.get(("127.0.0.1", 40000, "127.0.0.1", 80)).owner == Owner(41, "curl")
+    assert snap.listener_owner(FakeTable.own, "127.0.0.1", 80) == Owner(300, "nginx")
+    assert snap.get((FakeTable.own, "127.0.0.1", 40000, "127.0.0.1", 80)).owner == Owner(41, "curl")
+    assert all(row.netns == FakeTable.own for row in snap.rows)
 
 
 def test_snapshot_without_owned_sockets_skips_the_proc_walk(proc: Path) -> None:

@@ -16,14 +16,30 @@ class RecordingTable:
         return []
 
 
+class RecordingTables:
+    """SocketTables of one namespace, OWN, with a RecordingTable."""
+
+    def __init__(self, table: RecordingTable) -> None:
+        self.table = table
+        self.own = OWN
+        self.tables = {OWN: table}
+
+    def get(self, netns: int = 0):
+        return self.table if netns in (0, OWN) else None
+
+
+OWN = 4026531840
+
+
 def stage() -> tuple[TimeWait, RecordingTable]:
     table = RecordingTable()
-    return TimeWait(Filters(ports=frozenset({8080})), table), table  # type: ignore[arg-type]
+    tables = RecordingTables(table)
+    return TimeWait(Filters(ports=frozenset({8080})), tables), table  # type: ignore[arg-type]
 
 
 def test_client_ends_are_asked_for_by_their_own_local_port():
     tw, table = stage()
-    keys = [("127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(3)]
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(3)]
     tw._dump(keys)
     assert len(table.requests) == 1
     states, clauses = table.requests[0]
@@ -33,8 +49,8 @@ def test_client_ends_are_asked_for_by_their_own_local_port():
 
 def test_ends_sharing_the_servers_port_are_asked_for_by_the_remote_port():
     tw, table = stage()
-    server = [("127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(3)]
-    client = [("127.0.0.1", 41000, "10.0.0.1", 443)]
+    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(3)]
+    client = [(OWN, "127.0.0.1", 41000, "10.0.0.1", 443)]
     tw._dump(server + client)
     assert [c for _, c in table.requests] == [
         [[(LOCAL, (41000, 41000))]],
@@ -44,7 +60,7 @@ def test_ends_sharing_the_servers_port_are_asked_for_by_the_remote_port():
 
 def test_many_scattered_ports_take_several_bounded_requests():
     tw, table = stage()
-    keys = [("127.0.0.1", 30000 + 2 * i, "127.0.0.1", 8080) for i in range(MAX_RANGES + 10)]
+    keys = [(OWN, "127.0.0.1", 30000 + 2 * i, "127.0.0.1", 8080) for i in range(MAX_RANGES + 10)]
     tw._dump(keys)
     sizes = [len(clauses[0]) for _, clauses in table.requests]
     assert sizes == [MAX_RANGES, 10]
@@ -79,7 +95,9 @@ def test_an_opening_from_before_a_time_wait_began_does_not_end_it():
 
     tw, _ = stage()
     lo = b"\x7f\0\0\1" + bytes(12)
-    closed = Event(5_000, 10, 0xA, 7, F_DELTA_KNOWN, lo, lo, 40000, 8080, 2, 5, 6, b"cli")
+    closed = Event(
+        5_000, 10, 0xA, 0, 7, F_DELTA_KNOWN, OWN, 0, lo, lo, 40000, 8080, 2, 5, 6, b"cli"
+    )
     key = key_of(closed)
     tw.followed[key] = Followed(
         template=closed,

@@ -8,7 +8,7 @@ from tcptrace.tracer import Stage, StopConditions, Tracer
 
 
 def raw(pid: int) -> bytes:
-    return EVENT_STRUCT.pack(1, 2, 3, pid, 0, b"", b"", 1, 2, 2, 7, 2, b"x")
+    return EVENT_STRUCT.pack(1, 2, 3, 0, pid, 0, 0, 0, b"", b"", 1, 2, 2, 7, 2, b"x")
 
 
 class FakeSource:

@@ -1,0 +1,191 @@
+"""Struct offsets of the running kernel, from its BTF (/sys/kernel/btf/vmlinux).
+
+The BPF program reads tracepoint fields, never struct sock, except for the one
+thing no tracepoint field says: the socket's network namespace. The offsets for
+that read come from here, never from the installed headers (which may belong to
+another kernel), and bcc compiles them in as -D constants. The loader checks
+them against a socket of tcptrace's own before it trusts what they read.
+
+BTF layout (Documentation/bpf/btf.rst): a header, a type section (records of
+struct btf_type, each followed by data whose size depends on its kind) and a
+string section. Parsing indexes the types once (~70 ms for vmlinux) and resolves
+only the structs asked for.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+VMLINUX = Path("/sys/kernel/btf/vmlinux")
+BTF_MAGIC = 0xEB9F
+
+_HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off+len
+_TYPE = struct.Struct("<III")  # name_off, info, size or type
+_MEMBER = struct.Struct("<III")  # name_off, type, offset
+
+# BTF kinds (include/uapi/linux/btf.h)
+KIND_INT = 1
+KIND_PTR = 2
+KIND_ARRAY = 3
+KIND_STRUCT = 4
+KIND_UNION = 5
+KIND_ENUM = 6
+KIND_TYPEDEF = 8
+KIND_VOLATILE = 9
+KIND_CONST = 10
+KIND_RESTRICT = 11
+KIND_FUNC_PROTO = 13
+KIND_VAR = 14
+KIND_DATASEC = 15
+KIND_DECL_TAG = 17
+KIND_TYPE_TAG = 18
+KIND_ENUM64 = 19
+# bytes after struct btf_type: fixed, and per vlen entry
+_EXTRA = {KIND_INT: 4, KIND_ARRAY: 12, KIND_VAR: 4, KIND_DECL_TAG: 4}
+_PER_ENTRY = {
+    KIND_STRUCT: 12,
+    KIND_UNION: 12,
+    KIND_ENUM: 8,
+    KIND_FUNC_PROTO: 8,
+    KIND_DATASEC: 12,
+    KIND_ENUM64: 12,
+}
+# kinds that only qualify or rename another type
+_MODIFIERS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})
+
+
+class BtfError(Exception):
+    """The BTF is missing, unreadable, or lacks what was asked for."""
+
+
+@dataclass(frozen=True)
+class _Type:
+    kind: int
+    name: str
+    vlen: int
+    kflag: bool
+    ref: int  # size for structs and unions, the referenced type otherwise
+    data_pos: int  # where the members start in the type section
+
+
+class Btf:
+    def __init__(self, data: bytes) -> None:
+        if len(data) < _HEADER.size:
+            raise BtfError("BTF too short")
+        magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = _HEADER.unpack_from(
+            data
+        )
+        if magic != BTF_MAGIC:
+            raise BtfError(f"bad BTF magic {magic:#x}")
+        self._types = data[hdr_len + type_off : hdr_len + type_off + type_len]
+        self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        self._offsets = self._index()
+
+    @classmethod
+    def load(cls, path: Path = VMLINUX) -> Btf:
+        try:
+            return cls(path.read_bytes())
+        except OSError as exc:
+            raise BtfError(f"cannot read {path}: {exc.strerror}") from None
+
+    def _index(self) -> list[int]:
+        """Where each type id's record starts (id 0 is void)."""
+        offsets = [0]
+        types = self._types
+        pos, end = 0, len(types)
+        unpack = _TYPE.unpack_from
+        while pos < end:
+            offsets.append(pos)
+            info = unpack(types, pos)[1]
+            kind = (info >> 24) & 0x1F
+            pos += _TYPE.size + _EXTRA.get(kind, 0) + _PER_ENTRY.get(kind, 0) * (info & 0xFFFF)
+        return offsets
+
+    def _name(self, off: int) -> str:
+        end = self._strings.index(b"\0", off)
+        return self._strings[off:end].decode()
+
+    def type(self, type_id: int) -> _Type:
+        pos = self._offsets[type_id]
+        name_off, info, ref = _TYPE.unpack_from(self._types, pos)
+        return _Type(
+            kind=(info >> 24) & 0x1F,
+            name=self._name(name_off),
+            vlen=info & 0xFFFF,
+            kflag=bool(info >> 31),
+            ref=ref,
+            data_pos=pos + _TYPE.size,
+        )
+
+    def find_struct(self, name: str) -> int:
+        """The id of the struct so named (the first with members, not a declaration)."""
+        wanted = self._strings.find(b"\0" + name.encode() + b"\0")
+        if wanted < 0:
+            raise BtfError(f"no struct {name} in the BTF")
+        name_off = wanted + 1
+        unpack = _TYPE.unpack_from
+        for type_id, pos in enumerate(self._offsets[1:], start=1):
+            off, info, _size = unpack(self._types, pos)
+            if off == name_off and (info >> 24) & 0x1F == KIND_STRUCT:
+                return type_id
+        raise BtfError(f"no struct {name} in the BTF")
+
+    def resolve(self, type_id: int) -> int:
+        """Skip typedefs and qualifiers."""
+        while self.type(type_id).kind in _MODIFIERS:
+            type_id = self.type(type_id).ref
+        return type_id
+
+    def member(self, type_id: int, name: str) -> tuple[int, int] | None:
+        """(byte offset, type id) of a member, looking into anonymous structs and unions."""
+        t = self.type(self.resolve(type_id))
+        if t.kind not in (KIND_STRUCT, KIND_UNION):
+            return None
+        for i in range(t.vlen):
+            name_off, member_type, offset = _MEMBER.unpack_from(
+                self._types, t.data_pos + i * _MEMBER.size
+            )
+            bits = offset & 0xFFFFFF if t.kflag else offset
+            member_name = self._name(name_off)
+            if member_name == name:
+                return bits // 8, member_type
+            if not member_name:  # anonymous: its members are the outer struct's
+                inner = self.member(member_type, name)
+                if inner is not None:
+                    return bits // 8 + inner[0], inner[1]
+        return None
+
+    def offset_of(self, struct_name: str, path: str) -> int:
+        """Byte offset of a dotted member path, as offsetof(struct NAME, a.b.c)."""
+        type_id = self.find_struct(struct_name)
+        total = 0
+        for part in path.split("."):
+            found = self.member(type_id, part)
+            if found is None:
+                raise BtfError(f"struct {struct_name} has no member {path}")
+            offset, type_id = found
+            total += offset
+        return total
+
+
+@dataclass(frozen=True)
+class NetnsOffsets:
+    """Where a socket's network namespace inode is: *(sk + sock_net) is the struct net,
+    and the inode is at net + net_inum."""
+
+    sock_net: int
+    net_inum: int
+
+    def cflags(self) -> list[str]:
+        return [f"-DSK_NET_OFFSET={self.sock_net}", f"-DNET_INUM_OFFSET={self.net_inum}"]
+
+
+def netns_offsets(btf: Btf | None = None) -> NetnsOffsets:
+    """offsetof(struct sock, __sk_common.skc_net.net) and offsetof(struct net, ns.inum)."""
+    btf = btf or Btf.load()
+    return NetnsOffsets(
+        sock_net=btf.offset_of("sock", "__sk_common.skc_net.net"),
+        net_inum=btf.offset_of("net", "ns.inum"),
+    )
