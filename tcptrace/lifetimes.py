@@ -62,6 +62,7 @@ class Lifetimes(Stage):
                 continue
             if ev.owner_known and not life.pid:
                 life.pid, life.comm = ev.pid, ev.command
+            _update_ends(life, ev)
             if self.open.get(ev.skaddr) is life and ev.newstate in (TIME_WAIT, CLOSE):
                 # (a socket leaving TIME_WAIT is long gone: its address may be another's)
                 del self.open[ev.skaddr]
@@ -113,6 +114,17 @@ def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:
         duration_ns=0,
         complete=complete,
     )
+
+
+def _update_ends(life: Lifetime, ev: Event) -> None:
+    """Each end as the latest event that knows it has it: connect() enters SYN_SENT
+    before the kernel chooses the local port (0 then), and before Linux 6.15 an
+    accepted socket's LISTEN -> SYN_RECV carries the listener's ends (remote port 0,
+    maybe local address 0.0.0.0)."""
+    if ev.sport:
+        life.local_addr, life.local_port = ev.local_addr, ev.sport
+    if ev.dport:
+        life.remote_addr, life.remote_port = ev.remote_addr, ev.dport
 
 
 def _state_time(ev: Event) -> StateTime:
