@@ -149,7 +149,7 @@ class StateCollector:
 
         sockets = GaugeMetricFamily(
             "tcptrace_sockets",
-            "Sockets in each state now, counted from transitions since tcptrace started",
+            "Sockets in each state now, among those that entered it since tcptrace started",
             labels=["state"],
         )
         for state, n in sockets_in_states(summary).items():
