@@ -60,6 +60,20 @@ def format_duration(ns: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+# What a character that cannot be printed shows as, as in ps.
+UNPRINTABLE = "?"
+
+
+def printable(text: str) -> str:
+    """A name anybody may choose (a process's comm) safe for a terminal: every control
+    or other non-printable character (line breaks, tabs, ESC, C1 controls, bidi
+    overrides) becomes '?', as ps shows it, so no name can forge a line or send an
+    escape sequence. JSON and CSV keep names exactly (they escape them their way)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else UNPRINTABLE for ch in text)
+
+
 def event_duration(ev: Event) -> str:
     """Time in the old state: measured, at least (">=", socket older than tracing), or "-"."""
     if ev.delta_known:
@@ -238,7 +252,7 @@ class TextFormatter:
     def owner(self, ev: Event) -> tuple[str, str]:
         # enrich.Owners has already looked up what the kernel could not attribute
         if ev.owner_known:
-            return str(ev.pid), ev.command
+            return str(ev.pid), printable(ev.command)
         return "-", "-"
 
     def _owner_column(self, ev: Event) -> str:
@@ -248,7 +262,8 @@ class TextFormatter:
             if col is None:
                 if len(self._owners) > _CACHE_MAX:
                     self._owners.clear()
-                col = self._owners[key] = f"{ev.pid:>7} {decode_comm(ev.comm):<15.15}"
+                comm = printable(decode_comm(ev.comm))
+                col = self._owners[key] = f"{ev.pid:>7} {comm:<15.15}"
             return col
         return _NO_OWNER  # enrich.Owners has already filled in what it could find
 
@@ -396,7 +411,7 @@ def endpoint_text(addr: str, port: int, numeric: bool) -> str:
 
 
 def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
-    return (str(pid), comm) if pid else ("-", "-")
+    return (str(pid), printable(comm)) if pid else ("-", "-")
 
 
 class LifetimeFormatter:

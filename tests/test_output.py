@@ -19,6 +19,7 @@ from tcptrace.output import (
     format_snapshot,
     format_summary,
     port_name,
+    printable,
 )
 from tcptrace.procs import Owner
 from tcptrace.snapshot import SnapshotRow
@@ -276,3 +277,25 @@ def test_wall_time_column():
     ev = make_event(ts_ns=3_600_000_000_000 + 1_234_567_890)
     stamp = time.strftime("%H:%M:%S", time.localtime(3_601)) + ".234567"
     assert fmt.line(ev).split()[0] == stamp
+
+
+@pytest.mark.parametrize(
+    "name,shown",
+    [
+        ("curl", "curl"),
+        ("t\tb\nn\x1b[31mR", "t?b?n?[31mR"),
+        ("a\x9bb\x7fc", "a?b?c"),  # C1 CSI and DEL
+        ("x\u202ey", "x?y"),  # a bidi override reorders what follows
+        ("café", "café"),
+    ],
+)
+def test_printable_names_as_ps_shows_them(name, shown):
+    assert printable(name) == shown
+
+
+def test_control_characters_in_a_comm_never_reach_the_text():
+    comm = "t\tb\nn\x1b[31mR".encode().ljust(16, b"\0")
+    fmt = TextFormatter(io.StringIO(), Clock(TS_NONE), numeric=True)
+    line = fmt.line(make_event(comm=comm))
+    assert line.split()[:2] == ["2588", "t?b?n?[31mR"]
+    assert fmt.header().index("->") == line.index("->")
