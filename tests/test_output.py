@@ -294,7 +294,7 @@ def test_printable_names_as_ps_shows_them(name, shown):
 
 
 def test_control_characters_in_a_comm_never_reach_the_text():
-    comm = "t\tb\nn\x1b[31mR".encode().ljust(16, b"\0")
+    comm = b"t\tb\nn\x1b[31mR".ljust(16, b"\0")
     fmt = TextFormatter(io.StringIO(), Clock(TS_NONE), numeric=True)
     line = fmt.line(make_event(comm=comm))
     assert line.split()[:2] == ["2588", "t?b?n?[31mR"]
