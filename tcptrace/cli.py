@@ -9,7 +9,7 @@ import sys
 
 import click
 
-from tcptrace import __version__
+from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import Filters, parse_ports, parse_states
 from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
@@ -348,19 +348,28 @@ def main(**opts: object) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         # Ctrl-C before tracing started (while the program compiles): nothing to summarise
-        click.echo("tcptrace: interrupted before tracing started", err=True)
+        # (the command's own handler, startup.install_early_signals, exits before this)
+        click.echo(startup.INTERRUPTED, err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        if exc.errno not in startup.OUTPUT_ERRNOS:
+            raise _internal_error(exc) from None
+        sys.exit(startup.output_failed(exc, sys.stdout, sys.stderr))
     except Exception as exc:
-        # a bug: still one line, and the traceback on demand
-        if os.environ.get(DEBUG_ENV):
-            raise
-        click.echo(
-            f"tcptrace: internal error: {type(exc).__name__}: {exc} "
-            f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
-            err=True,
-        )
-        sys.exit(1)
+        raise _internal_error(exc) from None
     sys.exit(code)
+
+
+def _internal_error(exc: Exception) -> BaseException:
+    """A bug: still one line, and the traceback on demand."""
+    if os.environ.get(DEBUG_ENV):
+        return exc
+    click.echo(
+        f"tcptrace: internal error: {type(exc).__name__}: {exc} "
+        f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
+        err=True,
+    )
+    return SystemExit(1)
 
 
 def _power_of_two(n: int) -> int:

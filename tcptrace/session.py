@@ -9,7 +9,7 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, TextIO
 
-from tcptrace import preflight
+from tcptrace import preflight, startup
 from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.losses import LossReport
@@ -194,18 +194,6 @@ def build_stages(
     return stages
 
 
-def _silence(stream: TextIO) -> None:
-    """Point a stream whose reader went away at /dev/null, so that Python's final
-    flush at exit finds nothing to complain about."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     """--snapshot: the matching TCP sockets and their owners, once (no BPF needed)."""
     from tcptrace import snapshot
@@ -224,10 +212,13 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
 
 
 def _stop_on_early_sigterm() -> list[int]:
-    """SIGTERM while the program loads is a stop request, honoured once tracing starts."""
-    received: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
-    return received
+    """SIGTERM while the program loads is a stop request, honoured once tracing starts.
+
+    The command installs the handler first thing (startup.install_early_signals); a
+    caller of run() gets it here.
+    """
+    signal.signal(signal.SIGTERM, startup.record_sigterm)
+    return startup.early_sigterms
 
 
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -267,6 +258,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         )
         tracer.install_signals()
         if early_sigterm:
+            early_sigterm.clear()
             tracer.request_stop()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
@@ -278,7 +270,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             try:
                 stream.flush()
             except OSError:
-                _silence(stream)
+                startup.silence(stream)
         return 0
     finally:
         summaries.close()

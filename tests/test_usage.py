@@ -81,3 +81,20 @@ def test_every_option_has_a_bad_value_here():
     short |= {"-c": "--count", "-d": "--duration", "-T": "--timestamp", "-i": "--interval"}
     covered |= {short[arg] for args, _ in BAD for arg in args if arg in short}
     assert takes_value <= covered, takes_value - covered
+
+
+FULL = "tcptrace: cannot write output: No space left on device"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_a_full_disk_is_one_line_exit_1(args):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "tcptrace", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert result.stderr == FULL + "\n"
