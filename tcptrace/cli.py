@@ -8,6 +8,7 @@ import socket
 import sys
 
 import click
+from click.core import ParameterSource
 
 from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
@@ -25,6 +26,9 @@ MAX_SOCKETS_LIMIT = 1 << 22
 DEBUG_ENV = "TCPTRACE_DEBUG"
 # Scheduling priority while printing events, unless --nice or --max-cpu says otherwise.
 DEFAULT_NICE = -10
+# Shortest --interval: each frame reads every kernel map (NSTATES x 512 histogram
+# slots per CPU); shorter intervals would spin the CPU and starve signal handling.
+MIN_INTERVAL = 0.05
 
 
 class PortsType(click.ParamType):
@@ -81,6 +85,9 @@ class FiniteSeconds(click.ParamType):
 
     name = "SECONDS"
 
+    def __init__(self, minimum: float = 0.0) -> None:
+        self.minimum = minimum  # smallest value allowed (> 0 when set)
+
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
         if isinstance(value, float):
             return value
@@ -90,7 +97,29 @@ class FiniteSeconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        if seconds < self.minimum:
+            self.fail(f"{value!r} is below the shortest interval, {self.minimum:g} s", param, ctx)
         return seconds
+
+
+class Percent(click.ParamType):
+    """A finite share of one CPU, in percent (click's FloatRange lets 'nan' through)."""
+
+    name = "PERCENT"
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, float):
+            return value
+        try:
+            percent = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a number (a percentage)", param, ctx)
+        if not self.low <= percent <= self.high:  # False for nan too
+            self.fail(f"{value!r} is not in the range {self.low:g}-{self.high:g}", param, ctx)
+        return percent
 
 
 def _union(values: tuple[frozenset, ...]) -> frozenset:
@@ -217,7 +246,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 )
 @click.option(
     "--max-cpu",
-    type=click.FloatRange(1, 100),
+    type=Percent(1, 100),
     default=None,
     metavar="PERCENT",
     help="Cap the reader at this share of one CPU; events that do not fit are shed "
@@ -245,9 +274,10 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 @click.option(
     "-i",
     "--interval",
-    type=FiniteSeconds(),
+    type=FiniteSeconds(minimum=MIN_INTERVAL),
     default=None,
-    help="Instead of lines, a per-state table every this many seconds: 2 or 0.5.",
+    help=f"Instead of lines, a per-state table every this many seconds: 2 or 0.5 "
+    f"(at least {MIN_INTERVAL:g}).",
 )
 @click.option(
     "--no-color",
@@ -296,6 +326,7 @@ def main(**opts: object) -> None:
         # no per-transition stream to count: the run would never stop by itself
         which = "--quiet" if opts["quiet"] else "--interval"
         raise click.UsageError(f"--count counts transitions shown: {which} shows none")
+    _refuse_ignored(opts)
     for flag in ("listening", "extended"):
         if opts[flag] and not opts["snapshot"]:
             raise click.UsageError(f"--{flag} goes with --snapshot")
@@ -370,6 +401,31 @@ def _internal_error(exc: Exception) -> BaseException:
         err=True,
     )
     return SystemExit(1)
+
+
+def _given(name: str) -> bool:
+    """Whether an option was on the command line (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT)
+
+
+# Options that have no effect in a mode, refused rather than silently ignored:
+# (mode's option name, option's parameter name, how it is written)
+_NO_EFFECT = (
+    ("snapshot", "count", "--count"),
+    ("snapshot", "duration", "--duration"),
+    ("snapshot", "timestamp", "--timestamp"),
+    ("interval", "states", "--state"),
+    ("interval", "numeric", "--numeric"),
+    ("interval", "timestamp", "--timestamp"),
+)
+
+
+def _refuse_ignored(opts: dict[str, object]) -> None:
+    modes = {"snapshot": bool(opts["snapshot"]), "interval": opts["interval"] is not None}
+    for mode, name, flag in _NO_EFFECT:
+        if modes[mode] and _given(name):
+            raise click.UsageError(f"{flag} has no effect with --{mode}")
 
 
 def _power_of_two(n: int) -> int:
