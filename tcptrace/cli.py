@@ -214,7 +214,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "--count",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many transitions.",
+    help="Stop after this many transitions (with --lifetime: finished connections).",
 )
 @click.option(
     "-d",

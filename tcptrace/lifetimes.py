@@ -53,8 +53,17 @@ class Lifetimes(Stage):
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
+        # --count with --lifetime: connections still to hand on, then stop is called
+        self.remaining: int | None = None
+        self.stop: Callable[[], None] | None = None
+
+    def stop_after(self, count: int, stop: Callable[[], None]) -> None:
+        """Hand on `count` finished connections, then call `stop` and take no more."""
+        self.remaining, self.stop = count, stop
 
     def on_events(self, events: list[Event]) -> None:
+        if self.remaining is not None and self.remaining <= 0:
+            return  # --count reached: the run is stopping
         done: list[Lifetime] = []
         for ev in events:
             life = self._find(ev)
@@ -72,6 +81,11 @@ class Lifetimes(Stage):
                 life.end_ns = ev.ts_ns
                 life.duration_ns = max(0, ev.ts_ns - life.start_ns)
                 done.append(life)
+        if done and self.remaining is not None:
+            done = done[: self.remaining]
+            self.remaining -= len(done)
+            if not self.remaining and self.stop is not None:
+                self.stop()
         if done:
             self.emit(done)
 

@@ -7,7 +7,7 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
 from tcptrace import preflight, startup
 from tcptrace.events import Event
@@ -98,7 +98,7 @@ class LifetimeOutput(Stage):
         self.formatter = LifetimeFormatter(
             out, Clock.now(options.timestamp), numeric=options.numeric
         )
-        self.tracker = Lifetimes(self._write)
+        self.lifetimes = Lifetimes(self._write)
 
     def _write(self, lives: list) -> None:
         self.formatter.write(lives)
@@ -109,7 +109,7 @@ class LifetimeOutput(Stage):
         self.out.flush()
 
     def on_events(self, events: list[Event]) -> None:
-        self.tracker.on_events(events)
+        self.lifetimes.on_events(events)
 
     def on_finish(self, summary: Summary) -> None:
         self.out.write("\n" + format_summary(summary))
@@ -253,9 +253,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         tracer = Tracer(
             probe,
             stages,
-            StopConditions(options.count, options.duration),
+            # --lifetime counts connections, not transitions (below)
+            StopConditions(None if options.lifetime else options.count, options.duration),
             cpu_budget=options.max_cpu if options.emit_events else None,
         )
+        if options.lifetime and options.count is not None:
+            _stop_after_lifetimes(stages, options.count, tracer.request_stop)
         tracer.install_signals()
         if early_sigterm:
             early_sigterm.clear()
@@ -282,6 +285,16 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if table is not None:
             table.close()
     return 0
+
+
+def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
+    """--lifetime --count N: stop after N finished connections."""
+    from tcptrace.lifetimes import Lifetimes
+
+    for stage in stages:
+        lifetimes = getattr(stage, "lifetimes", None)
+        if isinstance(lifetimes, Lifetimes):
+            lifetimes.stop_after(count, stop)
 
 
 def _raise_priority(nice: int) -> None:

@@ -51,3 +51,20 @@ def test_lifetime_text_has_the_clients_chosen_port():
     assert code == 0, err
     rows = [line.split() for line in out.splitlines() if "  SYN_SENT " in line]
     assert [row[2:4] for row in rows] == [[f"127.0.0.1:{chosen}", f"127.0.0.1:{port}"]], out
+
+
+@pytest.mark.parametrize("fmt", [[], ["--json"]], ids=["text", "json"])
+def test_lifetime_count_counts_connections(fmt):
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none", "--lifetime", "-c", "2", *fmt)
+    run.wait_ready()
+    with listener(port=port) as srv:
+        chosen = [passive_close_client(srv, port) for _ in range(3)]
+        code, out, err = run.wait(timeout=20)  # stops by itself
+    assert code == 0, err
+    if fmt:
+        lives = [r for r in map(json.loads, out.splitlines()) if r["type"] == "lifetime"]
+        assert [r["local_port"] for r in lives] == chosen[:2], out
+    else:
+        rows = [line.split() for line in out.splitlines() if "  SYN_SENT " in line]
+        assert [row[2] for row in rows] == [f"127.0.0.1:{p}" for p in chosen[:2]], out
