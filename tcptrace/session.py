@@ -128,11 +128,17 @@ class KernelStats:
         self.lock = threading.Lock()
         self.closed = False
         self.last = Summary()
+        # what user space knows better than the kernel (TIME_WAIT), applied to each
+        # reading as the stages' on_finish apply it to the exit summary
+        self.adjust: list[Callable[[Summary], None]] = []
 
     def __call__(self) -> Summary:
         with self.lock:
             if not self.closed:
-                self.last = self.probe.summary()
+                summary = self.probe.summary()
+                for adjust in self.adjust:
+                    adjust(summary)
+                self.last = summary
             return self.last
 
     def close(self) -> None:
@@ -156,10 +162,11 @@ def build_stages(
         from tcptrace.timewait import TimeWait
 
         budget = Budget()  # shared: look-ups of both stages together stay within it
-        stages += [
-            Owners(options.filters, table, budget=budget),
-            TimeWait(options.filters, table, budget),
-        ]
+        timewait = TimeWait(options.filters, table, budget)
+        stages += [Owners(options.filters, table, budget=budget), timewait]
+        if summaries is not None:
+            # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
+            summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
     if options.metrics is not None and summaries is not None:
         from tcptrace.metrics import MetricsServer
 

@@ -153,3 +153,21 @@ def test_port_in_use_is_a_clear_error():
         server = MetricsServer(ListenAddress("127.0.0.1", port), Summary)
         with pytest.raises(TcptraceError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             server.start()
+
+
+def test_counters_never_step_back_when_user_space_relabels_late():
+    # a scrape sees the kernel's FIN_WAIT2 -> CLOSE before user space relabels it
+    readings = []
+    early = Summary()
+    early.record(S.FIN_WAIT2, S.CLOSE, 5_000, True)
+    late = Summary()
+    late.record(S.FIN_WAIT2, S.TIME_WAIT, 5_000, True)
+    readings += [early, late]
+    registry = CollectorRegistry()
+    registry.register(StateCollector(lambda: readings.pop(0)))
+    first = samples(generate_latest(registry).decode())
+    second = samples(generate_latest(registry).decode())
+    closed = dict(name="tcptrace_transitions_total", old="FIN_WAIT2", new="CLOSE")
+    assert value(first, **closed) == 1 and value(second, **closed) == 1
+    assert value(second, "tcptrace_transitions_total", old="FIN_WAIT2", new="TIME_WAIT") == 1
+    assert value(second, "tcptrace_state_duration_seconds_count", state="FIN_WAIT2") == 1
