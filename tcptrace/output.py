@@ -39,7 +39,16 @@ TIMESTAMP_STYLES = (TS_WALL, TS_RELATIVE, TS_ISO, TS_NONE)
 
 # Widest state name (ESTABLISHED, CLOSE_WAIT...) for the OLD -> NEW column.
 _STATE_WIDTH = 11
-_ENDPOINT_WIDTH = 21  # 255.255.255.255:65535; IPv6 widens the column as it appears
+_ENDPOINT_WIDTH = 21  # 255.255.255.255:65535
+# [ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535: the first endpoint wider than
+# _ENDPOINT_WIDTH widens the columns this far at once (and the header is printed
+# again above the wider lines), so a stream re-heads once, not at every longer address
+_WIDE_ENDPOINT_WIDTH = 47
+
+
+def wider(width: int, text: str) -> int:
+    """The endpoint column's width once `text` is in it."""
+    return width if len(text) <= width else max(len(text), _WIDE_ENDPOINT_WIDTH)
 
 
 def format_duration(ns: float) -> str:
@@ -227,6 +236,7 @@ class TextFormatter:
         self.clock = clock
         self.numeric = numeric
         self.width = _ENDPOINT_WIDTH
+        self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
         # (family, address, port) -> endpoint padded to self.width
         self._endpoints: dict[tuple[int, bytes, int], str] = {}
@@ -276,7 +286,7 @@ class TextFormatter:
             text = endpoint(family, raw, port, self.numeric)
             if len(text) > self.width:
                 # a wider address (IPv6): widen the column, re-pad what was cached
-                self.width = len(text)
+                self.width = wider(self.width, text)
                 self._endpoints.clear()
             if len(self._endpoints) > _CACHE_MAX:
                 self._endpoints.clear()
@@ -359,13 +369,19 @@ class TextFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
+        self.headed_width = self.width
 
     def write(self, events: Iterable[Event]) -> None:
         lines = self.lines(events)
         if lines:
+            shown = len(lines)
+            if self.headed_width not in (None, self.width):
+                # the columns widened: a header above the wider lines, as they are now
+                lines.insert(0, self.header())
+                self.headed_width = self.width
             lines.append("")
             write_all(self.out, "\n".join(lines))
-            self.printed += len(lines) - 1
+            self.printed += shown
 
 
 def format_summary(summary: Summary, printed: int | None = None) -> str:
@@ -422,6 +438,7 @@ class LifetimeFormatter:
         self.clock = clock
         self.numeric = numeric
         self.width = _ENDPOINT_WIDTH
+        self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
 
     def header(self) -> str:
@@ -435,7 +452,7 @@ class LifetimeFormatter:
     def line(self, life) -> str:  # life: lifetimes.Lifetime
         local = endpoint_text(life.local_addr, life.local_port, self.numeric)
         remote = endpoint_text(life.remote_addr, life.remote_port, self.numeric)
-        self.width = max(self.width, len(local), len(remote))
+        self.width = wider(wider(self.width, local), remote)
         w = self.width
         pid, comm = _owner_columns(life.pid, life.comm)
         stamp = self.clock.format(life.end_ns)
@@ -448,12 +465,20 @@ class LifetimeFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
+        self.headed_width = self.width
 
     def write(self, lives) -> None:
+        width = self.width
         lines = [self.line(life) for life in lives]
+        if self.width != width:
+            lines = [self.line(life) for life in lives]  # all at the widened columns
         if lines:
+            shown = len(lines)
+            if self.headed_width not in (None, self.width):
+                lines.insert(0, self.header())
+                self.headed_width = self.width
             self.out.write("\n".join(lines) + "\n")
-            self.printed += len(lines)
+            self.printed += shown
 
 
 def _state_time(s) -> str:  # s: lifetimes.StateTime
