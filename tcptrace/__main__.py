@@ -1,3 +1,25 @@
-from tcptrace.cli import main
+"""The command's entry point (`tcptrace`, `python -m tcptrace`): signals first."""
 
-main()
+from __future__ import annotations
+
+import sys
+
+from tcptrace import startup
+
+startup.install_early_signals()  # before click, bcc and LLVM load
+
+
+def main() -> None:
+    from tcptrace.cli import main as command
+
+    try:
+        command()
+    except OSError as exc:
+        # click writing --help or a usage error to a full disk
+        if exc.errno not in startup.OUTPUT_ERRNOS:
+            raise
+        sys.exit(startup.output_failed(exc, sys.stdout, sys.stderr))
+
+
+if __name__ == "__main__":
+    main()

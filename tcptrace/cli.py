@@ -8,8 +8,9 @@ import socket
 import sys
 
 import click
+from click.core import ParameterSource
 
-from tcptrace import __version__
+from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import Filters, parse_comm, parse_pid, parse_ports, parse_states
 from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
@@ -27,6 +28,9 @@ DEBUG_ENV = "TCPTRACE_DEBUG"
 MAX_CGROUP_FILTERS = 8
 # Scheduling priority while printing events, unless --nice or --max-cpu says otherwise.
 DEFAULT_NICE = -10
+# Shortest --interval: each frame reads every kernel map (NSTATES x 512 histogram
+# slots per CPU); shorter intervals would spin the CPU and starve signal handling.
+MIN_INTERVAL = 0.05
 
 
 class PortsType(click.ParamType):
@@ -111,6 +115,9 @@ class FiniteSeconds(click.ParamType):
 
     name = "SECONDS"
 
+    def __init__(self, minimum: float = 0.0) -> None:
+        self.minimum = minimum  # smallest value allowed (> 0 when set)
+
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
         if isinstance(value, float):
             return value
@@ -120,7 +127,29 @@ class FiniteSeconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        if seconds < self.minimum:
+            self.fail(f"{value!r} is below the shortest interval, {self.minimum:g} s", param, ctx)
         return seconds
+
+
+class Percent(click.ParamType):
+    """A finite share of one CPU, in percent (click's FloatRange lets 'nan' through)."""
+
+    name = "PERCENT"
+
+    def __init__(self, low: float, high: float) -> None:
+        self.low, self.high = low, high
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
+        if isinstance(value, float):
+            return value
+        try:
+            percent = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a number (a percentage)", param, ctx)
+        if not self.low <= percent <= self.high:  # False for nan too
+            self.fail(f"{value!r} is not in the range {self.low:g}-{self.high:g}", param, ctx)
+        return percent
 
 
 def _union(values: tuple[frozenset, ...]) -> frozenset:
@@ -257,7 +286,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "--count",
     type=click.IntRange(min=1),
     default=None,
-    help="Stop after this many transitions.",
+    help="Stop after this many transitions (with --lifetime: finished connections).",
 )
 @click.option(
     "-d",
@@ -289,7 +318,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 )
 @click.option(
     "--max-cpu",
-    type=click.FloatRange(1, 100),
+    type=Percent(1, 100),
     default=None,
     metavar="PERCENT",
     help="Cap the reader at this share of one CPU; events that do not fit are shed "
@@ -317,9 +346,10 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 @click.option(
     "-i",
     "--interval",
-    type=FiniteSeconds(),
+    type=FiniteSeconds(minimum=MIN_INTERVAL),
     default=None,
-    help="Instead of lines, a per-state table every this many seconds: 2 or 0.5.",
+    help=f"Instead of lines, a per-state table every this many seconds: 2 or 0.5 "
+    f"(at least {MIN_INTERVAL:g}).",
 )
 @click.option(
     "--no-color",
@@ -368,6 +398,7 @@ def main(**opts: object) -> None:
         # no per-transition stream to count: the run would never stop by itself
         which = "--quiet" if opts["quiet"] else "--interval"
         raise click.UsageError(f"--count counts transitions shown: {which} shows none")
+    _refuse_ignored(opts)
     for flag in ("listening", "extended"):
         if opts[flag] and not opts["snapshot"]:
             raise click.UsageError(f"--{flag} goes with --snapshot")
@@ -427,19 +458,53 @@ def main(**opts: object) -> None:
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         # Ctrl-C before tracing started (while the program compiles): nothing to summarise
-        click.echo("tcptrace: interrupted before tracing started", err=True)
+        # (the command's own handler, startup.install_early_signals, exits before this)
+        click.echo(startup.INTERRUPTED, err=True)
         sys.exit(EXIT_INTERRUPTED)
+    except OSError as exc:
+        if exc.errno not in startup.OUTPUT_ERRNOS:
+            raise _internal_error(exc) from None
+        sys.exit(startup.output_failed(exc, sys.stdout, sys.stderr))
     except Exception as exc:
-        # a bug: still one line, and the traceback on demand
-        if os.environ.get(DEBUG_ENV):
-            raise
-        click.echo(
-            f"tcptrace: internal error: {type(exc).__name__}: {exc} "
-            f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
-            err=True,
-        )
-        sys.exit(1)
+        raise _internal_error(exc) from None
     sys.exit(code)
+
+
+def _internal_error(exc: Exception) -> BaseException:
+    """A bug: still one line, and the traceback on demand."""
+    if os.environ.get(DEBUG_ENV):
+        return exc
+    click.echo(
+        f"tcptrace: internal error: {type(exc).__name__}: {exc} "
+        f"(a bug: {DEBUG_ENV}=1 shows the traceback for a report)",
+        err=True,
+    )
+    return SystemExit(1)
+
+
+def _given(name: str) -> bool:
+    """Whether an option was on the command line (not its default)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source not in (None, ParameterSource.DEFAULT)
+
+
+# Options that have no effect in a mode, refused rather than silently ignored:
+# (mode's option name, option's parameter name, how it is written)
+_NO_EFFECT = (
+    ("snapshot", "count", "--count"),
+    ("snapshot", "duration", "--duration"),
+    ("snapshot", "timestamp", "--timestamp"),
+    ("interval", "states", "--state"),
+    ("interval", "numeric", "--numeric"),
+    ("interval", "timestamp", "--timestamp"),
+)
+
+
+def _refuse_ignored(opts: dict[str, object]) -> None:
+    modes = {"snapshot": bool(opts["snapshot"]), "interval": opts["interval"] is not None}
+    for mode, name, flag in _NO_EFFECT:
+        if modes[mode] and _given(name):
+            raise click.UsageError(f"{flag} has no effect with --{mode}")
 
 
 def _power_of_two(n: int) -> int:

@@ -26,17 +26,29 @@ def state_flows(summary: Summary) -> tuple[dict[int, int], dict[int, int]]:
 
 
 def sockets_in_states(summary: Summary) -> dict[int, int]:
-    """Sockets in each state now, from transitions since start (CLOSE is not a place).
+    """Sockets in each state now, among those that entered it since start (CLOSE is not
+    a place).
 
-    Sockets that existed before tracing started are not counted; one of them leaving
-    a state could make the difference negative, so it is floored at zero.
+    A socket that existed before tracing started leaves its first state after an
+    unknown time: the kernel has no start for it, so its departure is untimed. The
+    timed departures are exactly those of sockets whose entry was counted, so the
+    sockets in a state now are the entries minus the timed departures (the kernel
+    reads its histograms before its transition counts, so a reading never holds a
+    departure without its entry). Sockets from before tracing are left out until they
+    enter a new state; a socket evicted from the kernel's full per-socket map leaves
+    its state untimed and stays counted in it. The floor at zero only guards
+    --local-port: a connect() is then counted from the transition that chose its port
+    (SYN_SENT -> ESTABLISHED), with a time, its entry into SYN_SENT never.
     """
-    entered, left = state_flows(summary)
-    return {
-        int(state): max(0, entered.get(state, 0) - left.get(state, 0))
-        for state in LIFECYCLE_ORDER
-        if state != TcpState.CLOSE
-    }
+    entered, _ = state_flows(summary)
+    counts: dict[int, int] = {}
+    for state in LIFECYCLE_ORDER:
+        if state == TcpState.CLOSE:
+            continue
+        stats = summary.states.get(int(state))
+        timed_left = stats.count if stats is not None else 0
+        counts[int(state)] = max(0, entered.get(state, 0) - timed_left)
+    return counts
 
 
 def lost_events(summary: Summary) -> int:

@@ -53,8 +53,17 @@ class Lifetimes(Stage):
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
+        # --count with --lifetime: connections still to hand on, then stop is called
+        self.remaining: int | None = None
+        self.stop: Callable[[], None] | None = None
+
+    def stop_after(self, count: int, stop: Callable[[], None]) -> None:
+        """Hand on `count` finished connections, then call `stop` and take no more."""
+        self.remaining, self.stop = count, stop
 
     def on_events(self, events: list[Event]) -> None:
+        if self.remaining is not None and self.remaining <= 0:
+            return  # --count reached: the run is stopping
         done: list[Lifetime] = []
         for ev in events:
             life = self._find(ev)
@@ -62,6 +71,7 @@ class Lifetimes(Stage):
                 continue
             if ev.owner_known and not life.pid:
                 life.pid, life.comm = ev.pid, ev.command
+            _update_ends(life, ev)
             if self.open.get(ev.skaddr) is life and ev.newstate in (TIME_WAIT, CLOSE):
                 # (a socket leaving TIME_WAIT is long gone: its address may be another's)
                 del self.open[ev.skaddr]
@@ -71,6 +81,11 @@ class Lifetimes(Stage):
                 life.end_ns = ev.ts_ns
                 life.duration_ns = max(0, ev.ts_ns - life.start_ns)
                 done.append(life)
+        if done and self.remaining is not None:
+            done = done[: self.remaining]
+            self.remaining -= len(done)
+            if not self.remaining and self.stop is not None:
+                self.stop()
         if done:
             self.emit(done)
 
@@ -113,6 +128,17 @@ def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:
         duration_ns=0,
         complete=complete,
     )
+
+
+def _update_ends(life: Lifetime, ev: Event) -> None:
+    """Each end as the latest event that knows it has it: connect() enters SYN_SENT
+    before the kernel chooses the local port (0 then), and before Linux 6.15 an
+    accepted socket's LISTEN -> SYN_RECV carries the listener's ends (remote port 0,
+    maybe local address 0.0.0.0)."""
+    if ev.sport:
+        life.local_addr, life.local_port = ev.local_addr, ev.sport
+    if ev.dport:
+        life.remote_addr, life.remote_port = ev.remote_addr, ev.dport
 
 
 def _state_time(ev: Event) -> StateTime:

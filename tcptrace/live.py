@@ -2,8 +2,8 @@
 
 Numbers come from the kernel's exact statistics (a Summary read every interval),
 so the table is right even when per-event output would lose events. Per state:
-sockets that entered and left it during the interval, sockets in it now (counted
-from transitions since start), and percentiles of the time spent in it by the
+sockets that entered and left it during the interval, sockets in it now (of those
+that entered it since start), and percentiles of the time spent in it by the
 sockets that left during the interval.
 """
 

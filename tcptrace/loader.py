@@ -187,9 +187,7 @@ class Probe:
         read = check[ctypes.c_int(CHECK_NETNS)].value
         expected = own_netns()
         if read != expected:
-            self.netns_problem = (
-                f"the BTF offsets read namespace {read} for a socket in {expected}"
-            )
+            self.netns_problem = f"the BTF offsets read namespace {read} for a socket in {expected}"
         return self.netns_problem
 
     def _fill_owner_filters(self) -> None:

@@ -20,11 +20,19 @@ started) are not in the histogram: they are the transitions out of the state
 minus the histogram's count. They get no counter of their own because the
 kernel's maps are read one after another while they change, and a difference
 of two maps could step backwards, which a Prometheus counter must never do.
+
+With an event stream, the summary is corrected as the exit summary is (TIME_WAIT,
+tcptrace/timewait.py): the kernel counts a FIN_WAIT2 -> CLOSE at once, user space
+relabels it FIN_WAIT2 -> TIME_WAIT when it reads the event, up to ~50 ms later. A
+scrape in between would see the counter step back afterwards, so every counter
+and histogram series is exported as the largest value it has had: a scrape in that
+window leaves the one transition counted in both until the series catches up.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -35,7 +43,7 @@ from tcptrace.events import C_SEEN
 from tcptrace.flows import lost_events, sockets_in_states
 from tcptrace.output import NS_PER_S
 from tcptrace.states import LIFECYCLE_ORDER, TcpState, state_name
-from tcptrace.stats import Summary, hist_slot
+from tcptrace.stats import StateStats, Summary, hist_slot
 from tcptrace.tracer import Stage
 
 DEFAULT_ADDRESS = "127.0.0.1"
@@ -105,12 +113,25 @@ class StateCollector:
     def __init__(self, summaries: SummaryProvider, filter_text: str = "") -> None:
         self.summaries = summaries
         self.filter_text = filter_text
+        # series -> the largest value exported: counters never step back
+        self._high: dict[tuple, float] = {}
+        self._lock = threading.Lock()  # scrapes may come in parallel
+
+    def _counter(self, key: tuple, value: float) -> float:
+        high = self._high.get(key, 0.0)
+        if value > high:
+            self._high[key] = high = value
+        return high
 
     def describe(self) -> list[Any]:
         # no samples at registration: the probe may not be readable yet
         return []
 
     def collect(self) -> Iterator[Any]:
+        with self._lock:
+            yield from self._collect()
+
+    def _collect(self) -> Iterator[Any]:
         from prometheus_client.core import (
             CounterMetricFamily,
             GaugeMetricFamily,
@@ -130,7 +151,11 @@ class StateCollector:
             "TCP state transitions of matching sockets, by old and new state",
             labels=["old", "new"],
         )
-        for (old, new), n in sorted(summary.transitions.items()):
+        # a series once exported stays (a relabelled transition may take a count to 0)
+        pairs = set(summary.transitions)
+        pairs.update(key[1:] for key in self._high if key[0] == "transitions")
+        for old, new in sorted(pairs):
+            n = self._counter(("transitions", old, new), summary.transitions.get((old, new), 0))
             transitions.add_metric([state_name(old), state_name(new)], n)
         yield transitions
 
@@ -140,16 +165,19 @@ class StateCollector:
             labels=["state"],
         )
         for state in LIFECYCLE_ORDER:
-            stats = summary.states.get(int(state))
-            if stats is not None and stats.count:
-                durations.add_metric(
-                    [state.name], histogram_buckets(stats.hist), stats.total_ns / NS_PER_S
-                )
+            stats = summary.states.get(int(state)) or StateStats()
+            if stats.count or ("sum", state) in self._high:
+                buckets = [
+                    (le, self._counter(("bucket", state, le), n))
+                    for le, n in histogram_buckets(stats.hist)
+                ]
+                total = self._counter(("sum", state), stats.total_ns / NS_PER_S)
+                durations.add_metric([state.name], buckets, total)
         yield durations
 
         sockets = GaugeMetricFamily(
             "tcptrace_sockets",
-            "Sockets in each state now, counted from transitions since tcptrace started",
+            "Sockets in each state now, among those that entered it since tcptrace started",
             labels=["state"],
         )
         for state, n in sockets_in_states(summary).items():
@@ -159,12 +187,12 @@ class StateCollector:
         yield CounterMetricFamily(
             "tcptrace_events_traced",
             "TCP state transitions that passed the filters (counted in the kernel)",
-            value=summary.counters[C_SEEN],
+            value=self._counter(("traced",), summary.counters[C_SEEN]),
         )
         yield CounterMetricFamily(
             "tcptrace_events_lost",
             "Transition events not delivered to user space (statistics stay exact)",
-            value=lost_events(summary),
+            value=self._counter(("lost",), lost_events(summary)),
         )
 
 

@@ -39,7 +39,16 @@ TIMESTAMP_STYLES = (TS_WALL, TS_RELATIVE, TS_ISO, TS_NONE)
 
 # Widest state name (ESTABLISHED, CLOSE_WAIT...) for the OLD -> NEW column.
 _STATE_WIDTH = 11
-_ENDPOINT_WIDTH = 21  # 255.255.255.255:65535; IPv6 widens the column as it appears
+_ENDPOINT_WIDTH = 21  # 255.255.255.255:65535
+# [ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff]:65535: the first endpoint wider than
+# _ENDPOINT_WIDTH widens the columns this far at once (and the header is printed
+# again above the wider lines), so a stream re-heads once, not at every longer address
+_WIDE_ENDPOINT_WIDTH = 47
+
+
+def wider(width: int, text: str) -> int:
+    """The endpoint column's width once `text` is in it."""
+    return width if len(text) <= width else max(len(text), _WIDE_ENDPOINT_WIDTH)
 
 
 def format_duration(ns: float) -> str:
@@ -58,6 +67,20 @@ def format_duration(ns: float) -> str:
         return f"{minutes}m{sec:02d}s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m"
+
+
+# What a character that cannot be printed shows as, as in ps.
+UNPRINTABLE = "?"
+
+
+def printable(text: str) -> str:
+    """A name anybody may choose (a process's comm) safe for a terminal: every control
+    or other non-printable character (line breaks, tabs, ESC, C1 controls, bidi
+    overrides) becomes '?', as ps shows it, so no name can forge a line or send an
+    escape sequence. JSON and CSV keep names exactly (they escape them their way)."""
+    if text.isprintable():
+        return text
+    return "".join(ch if ch.isprintable() else UNPRINTABLE for ch in text)
 
 
 def event_duration(ev: Event) -> str:
@@ -213,6 +236,7 @@ class TextFormatter:
         self.clock = clock
         self.numeric = numeric
         self.width = _ENDPOINT_WIDTH
+        self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
         # (family, address, port) -> endpoint padded to self.width
         self._endpoints: dict[tuple[int, bytes, int], str] = {}
@@ -238,7 +262,7 @@ class TextFormatter:
     def owner(self, ev: Event) -> tuple[str, str]:
         # enrich.Owners has already looked up what the kernel could not attribute
         if ev.owner_known:
-            return str(ev.pid), ev.command
+            return str(ev.pid), printable(ev.command)
         return "-", "-"
 
     def _owner_column(self, ev: Event) -> str:
@@ -248,7 +272,8 @@ class TextFormatter:
             if col is None:
                 if len(self._owners) > _CACHE_MAX:
                     self._owners.clear()
-                col = self._owners[key] = f"{ev.pid:>7} {decode_comm(ev.comm):<15.15}"
+                comm = printable(decode_comm(ev.comm))
+                col = self._owners[key] = f"{ev.pid:>7} {comm:<15.15}"
             return col
         return _NO_OWNER  # enrich.Owners has already filled in what it could find
 
@@ -261,7 +286,7 @@ class TextFormatter:
             text = endpoint(family, raw, port, self.numeric)
             if len(text) > self.width:
                 # a wider address (IPv6): widen the column, re-pad what was cached
-                self.width = len(text)
+                self.width = wider(self.width, text)
                 self._endpoints.clear()
             if len(self._endpoints) > _CACHE_MAX:
                 self._endpoints.clear()
@@ -361,13 +386,19 @@ class TextFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
+        self.headed_width = self.width
 
     def write(self, events: Iterable[Event]) -> None:
         lines = self.lines(events)
         if lines:
+            shown = len(lines)
+            if self.headed_width not in (None, self.width):
+                # the columns widened: a header above the wider lines, as they are now
+                lines.insert(0, self.header())
+                self.headed_width = self.width
             lines.append("")
             write_all(self.out, "\n".join(lines))
-            self.printed += len(lines) - 1
+            self.printed += shown
 
 
 def format_summary(summary: Summary, printed: int | None = None) -> str:
@@ -415,7 +446,7 @@ def endpoint_text(addr: str, port: int, numeric: bool) -> str:
 
 
 def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
-    return (str(pid), comm) if pid else ("-", "-")
+    return (str(pid), printable(comm)) if pid else ("-", "-")
 
 
 class LifetimeFormatter:
@@ -426,6 +457,7 @@ class LifetimeFormatter:
         self.clock = clock
         self.numeric = numeric
         self.width = _ENDPOINT_WIDTH
+        self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
 
     def header(self) -> str:
@@ -439,7 +471,7 @@ class LifetimeFormatter:
     def line(self, life) -> str:  # life: lifetimes.Lifetime
         local = endpoint_text(life.local_addr, life.local_port, self.numeric)
         remote = endpoint_text(life.remote_addr, life.remote_port, self.numeric)
-        self.width = max(self.width, len(local), len(remote))
+        self.width = wider(wider(self.width, local), remote)
         w = self.width
         pid, comm = _owner_columns(life.pid, life.comm)
         stamp = self.clock.format(life.end_ns)
@@ -452,12 +484,20 @@ class LifetimeFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
+        self.headed_width = self.width
 
     def write(self, lives) -> None:
+        width = self.width
         lines = [self.line(life) for life in lives]
+        if self.width != width:
+            lines = [self.line(life) for life in lives]  # all at the widened columns
         if lines:
+            shown = len(lines)
+            if self.headed_width not in (None, self.width):
+                lines.insert(0, self.header())
+                self.headed_width = self.width
             self.out.write("\n".join(lines) + "\n")
-            self.printed += len(lines)
+            self.printed += shown
 
 
 def _state_time(s) -> str:  # s: lifetimes.StateTime

@@ -7,9 +7,9 @@ import signal
 import sys
 import threading
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Callable, TextIO
 
-from tcptrace import preflight
+from tcptrace import preflight, startup
 from tcptrace.errors import TcptraceError
 from tcptrace.events import Event
 from tcptrace.filters import Filters
@@ -101,7 +101,7 @@ class LifetimeOutput(Stage):
         self.formatter = LifetimeFormatter(
             out, Clock.now(options.timestamp), numeric=options.numeric
         )
-        self.tracker = Lifetimes(self._write)
+        self.lifetimes = Lifetimes(self._write)
 
     def _write(self, lives: list) -> None:
         self.formatter.write(lives)
@@ -112,7 +112,7 @@ class LifetimeOutput(Stage):
         self.out.flush()
 
     def on_events(self, events: list[Event]) -> None:
-        self.tracker.on_events(events)
+        self.lifetimes.on_events(events)
 
     def on_finish(self, summary: Summary) -> None:
         self.out.write("\n" + format_summary(summary))
@@ -131,11 +131,17 @@ class KernelStats:
         self.lock = threading.Lock()
         self.closed = False
         self.last = Summary()
+        # what user space knows better than the kernel (TIME_WAIT), applied to each
+        # reading as the stages' on_finish apply it to the exit summary
+        self.adjust: list[Callable[[Summary], None]] = []
 
     def __call__(self) -> Summary:
         with self.lock:
             if not self.closed:
-                self.last = self.probe.summary()
+                summary = self.probe.summary()
+                for adjust in self.adjust:
+                    adjust(summary)
+                self.last = summary
             return self.last
 
     def close(self) -> None:
@@ -160,10 +166,14 @@ def build_stages(
         from tcptrace.timewait import TimeWait
 
         budget = Budget()  # shared: look-ups of both stages together stay within it
+        timewait = TimeWait(options.filters, tables, budget)
         stages += [
             Owners(options.filters, tables, budget=budget, netns_fallback=netns_fallback),
-            TimeWait(options.filters, tables, budget),
+            timewait,
         ]
+        if summaries is not None:
+            # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
+            summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
     if options.metrics is not None and summaries is not None:
         from tcptrace.metrics import MetricsServer
 
@@ -198,18 +208,6 @@ def build_stages(
     return stages
 
 
-def _silence(stream: TextIO) -> None:
-    """Point a stream whose reader went away at /dev/null, so that Python's final
-    flush at exit finds nothing to complain about."""
-    try:
-        fd = stream.fileno()
-    except (OSError, ValueError):
-        return
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, fd)
-    os.close(devnull)
-
-
 def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     """--snapshot: the matching TCP sockets and their owners, once (no BPF needed)."""
     from tcptrace import snapshot
@@ -228,10 +226,13 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
 
 
 def _stop_on_early_sigterm() -> list[int]:
-    """SIGTERM while the program loads is a stop request, honoured once tracing starts."""
-    received: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, _frame: received.append(signum))
-    return received
+    """SIGTERM while the program loads is a stop request, honoured once tracing starts.
+
+    The command installs the handler first thing (startup.install_early_signals); a
+    caller of run() gets it here.
+    """
+    signal.signal(signal.SIGTERM, startup.record_sigterm)
+    return startup.early_sigterms
 
 
 def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) -> int:
@@ -280,11 +281,15 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         tracer = Tracer(
             probe,
             stages,
-            StopConditions(options.count, options.duration),
+            # --lifetime counts connections, not transitions (below)
+            StopConditions(None if options.lifetime else options.count, options.duration),
             cpu_budget=options.max_cpu if options.emit_events else None,
         )
+        if options.lifetime and options.count is not None:
+            _stop_after_lifetimes(stages, options.count, tracer.request_stop)
         tracer.install_signals()
         if early_sigterm:
+            early_sigterm.clear()
             tracer.request_stop()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
@@ -296,7 +301,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             try:
                 stream.flush()
             except OSError:
-                _silence(stream)
+                startup.silence(stream)
         return 0
     finally:
         summaries.close()
@@ -308,6 +313,16 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if tables is not None:
             tables.close()
     return 0
+
+
+def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
+    """--lifetime --count N: stop after N finished connections."""
+    from tcptrace.lifetimes import Lifetimes
+
+    for stage in stages:
+        lifetimes = getattr(stage, "lifetimes", None)
+        if isinstance(lifetimes, Lifetimes):
+            lifetimes.stop_after(count, stop)
 
 
 def _raise_priority(nice: int) -> None:

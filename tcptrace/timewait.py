@@ -125,6 +125,30 @@ class Corrections:
     def remove(self, state: int, duration_ns: int) -> None:
         self.removed.setdefault(state, StateStats()).add(duration_ns)
 
+    def copy(self) -> Corrections:
+        """A copy another thread can apply while the stage goes on (each dict is copied
+        in one C-level step: never "changed size during iteration")."""
+        return Corrections(
+            transitions=self.transitions.copy(),
+            added={state: _copy_stats(st) for state, st in list(self.added.items())},
+            removed={state: _copy_stats(st) for state, st in list(self.removed.items())},
+            synthetic=self.synthetic,
+        )
+
+    def apply_to(self, summary: Summary) -> None:
+        """Change the kernel's summary as the relabelled and followed transitions say."""
+        for key, n in self.transitions.items():
+            total = summary.transitions.get(key, 0) + n
+            if total > 0:
+                summary.transitions[key] = total
+            else:
+                summary.transitions.pop(key, None)
+        for state, taken in self.removed.items():
+            _remove(summary.state(state), taken)
+        for state, added in self.added.items():
+            summary.state(state).merge(added)
+        summary.counters[C_SEEN] += self.synthetic
+
 
 class TimeWait(Stage):
     def __init__(
@@ -389,19 +413,13 @@ class TimeWait(Stage):
 
     # ------------------------------------------------------------ summary
 
+    def corrections(self) -> Corrections:
+        """What on_finish would change in a summary taken now (read-only, any thread):
+        live readers (--metrics) count TIME_WAIT as the exit summary does."""
+        return self.fixes.copy()
+
     def on_finish(self, summary: Summary) -> None:
-        fixes = self.fixes
-        for key, n in fixes.transitions.items():
-            total = summary.transitions.get(key, 0) + n
-            if total > 0:
-                summary.transitions[key] = total
-            else:
-                summary.transitions.pop(key, None)
-        for state, taken in fixes.removed.items():
-            _remove(summary.state(state), taken)
-        for state, added in fixes.added.items():
-            summary.state(state).merge(added)
-        summary.counters[C_SEEN] += fixes.synthetic
+        self.fixes.apply_to(summary)
         # their kernel FIN_WAIT2 -> CLOSE was traced but not shown: they have not closed
         summary.held = sum(1 for f in self.followed.values() if f.state == FIN_WAIT2)
         if self.dropped_with_netns:
@@ -427,6 +445,10 @@ def _start_of(ev: Event) -> tuple[int, int]:
 
 def _clamp(value: int, lo: int, hi: int) -> int:
     return max(lo, min(value, hi))
+
+
+def _copy_stats(stats: StateStats) -> StateStats:
+    return StateStats(stats.count, stats.total_ns, stats.max_ns, list(stats.hist), stats.unknown)
 
 
 def _remove(stats: StateStats, taken: StateStats) -> None:

@@ -1,5 +1,8 @@
 """Command-line parsing: every bad value is a usage error (exit 2), before any BPF."""
 
+import subprocess
+import sys
+
 import pytest
 from click.testing import CliRunner
 
@@ -150,3 +153,18 @@ def test_priority_is_raised_unless_the_reader_is_capped(monkeypatch):
     for args in ([], ["--max-cpu", "25"], ["--max-cpu", "25", "--nice", "-5"], ["--nice", "0"]):
         assert runner.invoke(main, args).exit_code == 0
     assert [o.nice for o in seen] == [-10, None, -5, 0]
+
+
+def test_signals_are_caught_before_the_slow_imports():
+    # Python's own SIGTERM kills (143, no summary) and its SIGINT raises anywhere (a
+    # traceback mid-import, click's "Aborted!"): the entry point replaces both first
+    probe = (
+        "import signal, sys; import tcptrace.__main__; "
+        "print(signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "
+        "signal.getsignal(signal.SIGINT) is not signal.default_int_handler, "
+        "'click' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
+    )
+    assert result.stdout.split() == ["True", "True", "False"], result.stderr

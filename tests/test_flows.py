@@ -2,6 +2,7 @@
 
 from tcptrace.flows import lost_events, sockets_in_states, state_flows
 from tcptrace.states import TcpState as S
+from tcptrace.states import is_birth
 from tcptrace.stats import Summary
 
 CLIENT = [
@@ -23,7 +24,8 @@ ACCEPTED = [
 def replay(transitions):
     summary = Summary()
     for old, new in transitions:
-        summary.record(old, new, 1000, True)
+        # as the kernel: a socket's first transition has no time in the state it left
+        summary.record(old, new, 1000, not is_birth(old, new))
     return summary
 
 
@@ -47,10 +49,24 @@ def test_connections_in_flight_and_finished():
 
 
 def test_sockets_from_before_start_never_make_a_negative_count():
-    summary = replay([(S.ESTABLISHED, S.FIN_WAIT1), (S.FIN_WAIT1, S.FIN_WAIT2)])
+    summary = Summary()
+    summary.record(S.ESTABLISHED, S.FIN_WAIT1, 0, False)  # older than tracing: untimed
+    summary.record(S.FIN_WAIT1, S.FIN_WAIT2, 1000, True)
     now = sockets_in_states(summary)
     assert now[S.ESTABLISHED] == 0
+    assert now[S.FIN_WAIT1] == 0
     assert now[S.FIN_WAIT2] == 1
+
+
+def test_older_sockets_leaving_a_state_do_not_hide_newer_ones_in_it():
+    # issue 16: two connections opened since start, two older ones closing
+    summary = replay((CLIENT[:2] + ACCEPTED[:2]) * 2)
+    for _ in range(2):
+        summary.record(S.ESTABLISHED, S.FIN_WAIT1, 0, False)
+        summary.record(S.ESTABLISHED, S.CLOSE_WAIT, 0, False)
+    now = sockets_in_states(summary)
+    assert now[S.ESTABLISHED] == 4
+    assert now[S.FIN_WAIT1] == now[S.CLOSE_WAIT] == 2
 
 
 def test_lost_events_count_each_loss_once():

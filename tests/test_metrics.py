@@ -117,8 +117,9 @@ def test_collector_exposes_the_summary():
     assert value(found, "tcptrace_state_duration_seconds_bucket", state="SYN_SENT", le=le) == 0
     assert value(found, "tcptrace_state_duration_seconds_count", state="ESTABLISHED") == 1
     assert not any(name == "tcptrace_state_untimed_exits_total" for name, _ in found)
-    # 6 reached ESTABLISHED, 2 left it; the listener stays in LISTEN
-    assert value(found, "tcptrace_sockets", state="ESTABLISHED") == 4
+    # 6 reached ESTABLISHED, 1 of them left it (the other exit is a socket seen
+    # mid-life, never counted in); the listener stays in LISTEN
+    assert value(found, "tcptrace_sockets", state="ESTABLISHED") == 5
     assert value(found, "tcptrace_sockets", state="LISTEN") == 1
     assert value(found, "tcptrace_sockets", state="SYN_SENT") == 0
     assert value(found, "tcptrace_events_traced_total") == 15
@@ -152,3 +153,21 @@ def test_port_in_use_is_a_clear_error():
         server = MetricsServer(ListenAddress("127.0.0.1", port), Summary)
         with pytest.raises(TcptraceError, match=f"cannot serve metrics on 127.0.0.1:{port}"):
             server.start()
+
+
+def test_counters_never_step_back_when_user_space_relabels_late():
+    # a scrape sees the kernel's FIN_WAIT2 -> CLOSE before user space relabels it
+    readings = []
+    early = Summary()
+    early.record(S.FIN_WAIT2, S.CLOSE, 5_000, True)
+    late = Summary()
+    late.record(S.FIN_WAIT2, S.TIME_WAIT, 5_000, True)
+    readings += [early, late]
+    registry = CollectorRegistry()
+    registry.register(StateCollector(lambda: readings.pop(0)))
+    first = samples(generate_latest(registry).decode())
+    second = samples(generate_latest(registry).decode())
+    closed = dict(name="tcptrace_transitions_total", old="FIN_WAIT2", new="CLOSE")
+    assert value(first, **closed) == 1 and value(second, **closed) == 1
+    assert value(second, "tcptrace_transitions_total", old="FIN_WAIT2", new="TIME_WAIT") == 1
+    assert value(second, "tcptrace_state_duration_seconds_count", state="FIN_WAIT2") == 1

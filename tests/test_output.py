@@ -19,6 +19,7 @@ from tcptrace.output import (
     format_snapshot,
     format_summary,
     port_name,
+    printable,
 )
 from tcptrace.procs import Owner
 from tcptrace.snapshot import SnapshotRow
@@ -279,3 +280,68 @@ def test_wall_time_column():
     ev = make_event(ts_ns=3_600_000_000_000 + 1_234_567_890)
     stamp = time.strftime("%H:%M:%S", time.localtime(3_601)) + ".234567"
     assert fmt.line(ev).split()[0] == stamp
+
+
+@pytest.mark.parametrize(
+    "name,shown",
+    [
+        ("curl", "curl"),
+        ("t\tb\nn\x1b[31mR", "t?b?n?[31mR"),
+        ("a\x9bb\x7fc", "a?b?c"),  # C1 CSI and DEL
+        ("x\u202ey", "x?y"),  # a bidi override reorders what follows
+        ("café", "café"),
+    ],
+)
+def test_printable_names_as_ps_shows_them(name, shown):
+    assert printable(name) == shown
+
+
+def test_control_characters_in_a_comm_never_reach_the_text():
+    comm = b"t\tb\nn\x1b[31mR".ljust(16, b"\0")
+    fmt = TextFormatter(io.StringIO(), Clock(TS_NONE), numeric=True)
+    line = fmt.line(make_event(comm=comm))
+    assert line.split()[:2] == ["2588", "t?b?n?[31mR"]
+    assert fmt.header().index("->") == line.index("->")
+
+
+FULL_V6 = "2001:db8:1234:5678:9abc:def0:1234:5678"
+
+
+def aligned_under_headers(text: str, mark, header_mark: str) -> None:
+    """Every line's column mark(line) sits under the `header_mark` of the latest header."""
+    column = None
+    lines = text.splitlines()
+    for line in lines:
+        if line.lstrip().startswith("PID"):
+            column = line.index(header_mark)
+        else:
+            assert column is not None and mark(line) == column, text
+    assert len(lines) >= 3
+
+
+def test_a_long_ipv6_address_reprints_the_header_and_every_line_stays_aligned():
+    out = io.StringIO()
+    fmt = TextFormatter(out, Clock(TS_NONE), numeric=True)
+    fmt.write_header()
+    fmt.write([make_event()])
+    v6 = socket.inet_pton(socket.AF_INET6, FULL_V6)
+    fmt.write([make_event(), make_event(family=socket.AF_INET6, saddr=v6, daddr=v6)])
+    fmt.write([make_event(), make_event(family=socket.AF_INET6, saddr=v6, daddr=v6)])
+    text = out.getvalue()
+    assert text.count("PID") == 2  # widened once, for any IPv6 address to come
+    assert fmt.printed == 5
+    aligned_under_headers(text, lambda line: line.index("->"), "->")
+
+
+def test_a_long_ipv6_address_keeps_lifetime_lines_aligned():
+    def life(addr):
+        return Lifetime(1, 2, 7, "x", socket.AF_INET6, addr, 5, addr, 6, 1, True)
+
+    out = io.StringIO()
+    fmt = LifetimeFormatter(out, Clock(TS_NONE), numeric=True)
+    fmt.write_header()
+    fmt.write([life("::1")])
+    fmt.write([life("::1"), life(FULL_V6)])
+    text = out.getvalue()
+    assert text.count("PID") == 2
+    aligned_under_headers(text, lambda line: line.rindex("["), "REMOTE")

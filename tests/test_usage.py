@@ -37,12 +37,22 @@ BAD = [
     (["--buffer-pages", "65537"], "not in the range"),
     (["--max-sockets", "10"], "10 is not in the range 64<=x<=4194304"),
     (["--max-sockets", "lots"], "'lots' is not a valid integer"),
-    (["--max-cpu", "0"], "0 is not in the range 1<=x<=100"),
-    (["--max-cpu", "half"], "'half' is not a valid float"),
+    (["--max-cpu", "0"], "'0' is not in the range 1-100"),
+    (["--max-cpu", "half"], "'half' is not a number (a percentage)"),
+    (["--max-cpu", "nan"], "'nan' is not in the range 1-100"),
+    (["--max-cpu", "101"], "'101' is not in the range 1-100"),
     (["--nice", "-21"], "-21 is not in the range -20<=x<=19"),
     (["--interval", "0"], "not a positive, finite number of seconds"),
     (["-i", "nan"], "'nan' is not a positive, finite number of seconds"),
     (["--interval", "inf"], "'inf' is not a positive, finite number of seconds"),
+    (["-i", "1e-10"], "'1e-10' is below the shortest interval, 0.05 s"),
+    (["--interval", "0.049"], "below the shortest interval"),
+    (["--snapshot", "-c", "3"], "--count has no effect with --snapshot"),
+    (["--snapshot", "-d", "1"], "--duration has no effect with --snapshot"),
+    (["--snapshot", "-T", "iso"], "--timestamp has no effect with --snapshot"),
+    (["-i", "1", "-s", "LISTEN"], "--state has no effect with --interval"),
+    (["-i", "1", "-n"], "--numeric has no effect with --interval"),
+    (["-i", "1", "-T", "wall"], "--timestamp has no effect with --interval"),
     (["--metrics", "70000"], "port 70000 out of range 1-65535"),
     (["--metrics", "nothere:9876"], "'nothere' is not an IP address"),
     (["--metrics", "127.0.0.1:"], "'' is not a port number"),
@@ -88,3 +98,20 @@ def test_every_option_has_a_bad_value_here():
     short |= {"-c": "--count", "-d": "--duration", "-T": "--timestamp", "-i": "--interval"}
     covered |= {short[arg] for args, _ in BAD for arg in args if arg in short}
     assert takes_value <= covered, takes_value - covered
+
+
+FULL = "tcptrace: cannot write output: No space left on device"
+
+
+@pytest.mark.parametrize("args", [["--help"], ["--version"]])
+def test_a_full_disk_is_one_line_exit_1(args):
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "tcptrace", *args],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=30,
+        )
+    assert result.returncode == 1
+    assert result.stderr == FULL + "\n"

@@ -228,3 +228,20 @@ def test_perf_buffer_over_the_locked_memory_limit():
     fits = ("setpriv", "--bounding-set=-ipc_lock", "prlimit", "--memlock=1048576")
     result = tcptrace_cmd("--port", "80", "--buffer-pages", "16", "--duration", "0.5", prefix=fits)
     assert result.returncode == 0, result.stderr
+
+
+def test_output_to_a_full_disk_is_one_line_exit_1():
+    with open("/dev/full", "w") as full:
+        result = subprocess.run(
+            [sys.executable, "-m", "tcptrace", "--port", "1"],
+            stdout=full,
+            capture_output=False,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result.stderr
+    assert (
+        result.stderr.splitlines()[-1] == "tcptrace: cannot write output: No space left on device"
+    )
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr

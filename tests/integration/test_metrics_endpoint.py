@@ -132,3 +132,37 @@ def test_metrics_port_in_use_is_one_line_exit_1():
     assert code == 1
     in_use = os.strerror(errno.EADDRINUSE)
     assert err.strip() == f"tcptrace: cannot serve metrics on 127.0.0.1:{port}: {in_use}"
+
+
+def summary_transitions(text: str) -> dict[tuple[str, str], int]:
+    """(old, new) -> count from the --json summary object."""
+    import json
+
+    summary = json.loads(text.splitlines()[-1])
+    return {(t["old"], t["new"]): t["count"] for t in summary["transitions"]}
+
+
+def test_metrics_count_time_wait_as_the_summary_does():
+    traffic, mport = free_port(), free_port()
+    run = Running("--port", str(traffic), "--json", "--metrics", str(mport))
+    run.wait_ready()
+    with listener(port=traffic) as srv:
+        for _ in range(HELD):
+            cli = socket.create_connection(("127.0.0.1", traffic))
+            conn, _ = srv.accept()
+            cli.close()  # the client's active close: its end goes to TIME_WAIT
+            time.sleep(0.02)
+            conn.close()
+        time.sleep(0.5)
+        found = scrape(mport)
+    time.sleep(0.2)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    summary = summary_transitions(out)
+    assert summary[("FIN_WAIT2", "TIME_WAIT")] == HELD, summary
+    for (old, new), n in summary.items():
+        if (old, new) != ("LISTEN", "CLOSE"):  # the listener closed after the scrape
+            assert metric(found, "tcptrace_transitions_total", old=old, new=new) == n, (old, new)
+    assert metric(found, "tcptrace_transitions_total", old="FIN_WAIT2", new="CLOSE") == 0
+    assert metric(found, "tcptrace_sockets", state="TIME_WAIT") == HELD
+    assert metric(found, "tcptrace_sockets", state="FIN_WAIT2") == 0

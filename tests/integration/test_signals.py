@@ -172,3 +172,49 @@ def test_sigkill_leaves_nothing_attached():
     assert not progs_left, f"programs still loaded: {progs_left}"
     assert not maps_left, f"maps still allocated: {maps_left}"
     assert not attached
+
+
+SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
+
+
+def wait_catchable(pid: int, timeout: float = 10.0) -> None:
+    """Until the process catches SIGTERM (SigCgt in /proc/PID/status): the first
+    moment tcptrace can answer a signal at all, well before click or bcc load."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:") and int(line.split()[1], 16) & SIGTERM_BIT:
+                return
+        time.sleep(0.001)
+    raise AssertionError("tcptrace never caught SIGTERM")
+
+
+def assert_clean(err: str) -> None:
+    for noise in ("Traceback", "Fatal Python error", "Aborted!", "Exception ignored"):
+        assert noise not in err, err
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.15])
+def test_sigterm_at_any_moment_of_start_up_ends_with_the_summary(delay):
+    run = Running("--port", str(free_port()))
+    wait_catchable(run.proc.pid)
+    time.sleep(delay)
+    run.proc.send_signal(signal.SIGTERM)
+    code, out, err = run.wait()
+    assert_clean(err)
+    assert code == 0, err
+    assert out.splitlines()[-1] == "0 transitions traced, 0 shown, 0 lost", out
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.02, 0.05, 0.1, 0.15])
+def test_sigint_at_any_moment_of_start_up_is_one_line(delay):
+    run = Running("--port", str(free_port()))
+    wait_catchable(run.proc.pid)
+    time.sleep(delay)
+    run.proc.send_signal(signal.SIGINT)
+    code, out, err = run.wait()
+    assert_clean(err)
+    if "Ctrl-C to stop" in err:  # already tracing (a fast start): the summary
+        assert code == 0 and out.splitlines()[-1].startswith("0 transitions traced"), err
+    else:
+        assert (code, out, err) == (130, "", "tcptrace: interrupted before tracing started\n")
