@@ -24,6 +24,7 @@ from tcptrace.events import AF_INET, C_SEEN, F_DELTA_KNOWN, F_OWNER_KNOWN, Event
 from tcptrace.flows import lost_events
 from tcptrace.lifetimes import Lifetime, Lifetimes
 from tcptrace.output import NS_PER_S, NS_PER_US, Clock, format_summary, write_all
+from tcptrace.places import Place, Places
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
 from tcptrace.tracer import Stage
@@ -50,6 +51,10 @@ TRANSITION_FIELDS = (
     "old",
     "new",
     "duration_ns",
+    "netns",
+    "netns_name",
+    "cgroup",
+    "container",
 )
 
 Record = dict[str, Any]
@@ -220,6 +225,8 @@ class RecordOutput(Stage):
         self._owner_json: dict[tuple[int, bytes, int, int], str] = {}
         self._end_json: dict[tuple[int, bytes, int], str] = {}
         self._change_json: dict[tuple[int, int], str] = {}
+        self.places = Places()
+        self._place_json: dict[tuple[int, int, int], str] = {}
 
     # -- record builders: one small method per record type --------------------
 
@@ -244,6 +251,19 @@ class RecordOutput(Stage):
             "old": state_name(ev.oldstate),
             "new": state_name(ev.newstate),
             "duration_ns": ev.delta_ns if ev.delta_known else None,
+            **self.place(ev),
+        }
+
+    def place(self, ev: Event) -> Record:
+        return self._place_fields(self.places.of(ev.netns, ev.cgroup_id, ev.pid, ev.owner_known))
+
+    @staticmethod
+    def _place_fields(place: Place) -> Record:
+        return {
+            "netns": place.netns,
+            "netns_name": place.netns_name,
+            "cgroup": place.cgroup,
+            "container": place.container,
         }
 
     def lifetime(self, life: Lifetime) -> Record:
@@ -285,6 +305,7 @@ class RecordOutput(Stage):
         """
         iso = self.iso
         owners, ends, changes = self._owner_json, self._end_json, self._change_json
+        places = self._place_json
         out: list[str] = []
         append = out.append
         for ev in events:
@@ -292,10 +313,10 @@ class RecordOutput(Stage):
                 ts,
                 delta,
                 _sk,
-                _cg,
+                cgroup_id,
                 pid,
                 flags,
-                _ns,
+                netns,
                 _r,
                 saddr,
                 daddr,
@@ -306,6 +327,8 @@ class RecordOutput(Stage):
                 new,
                 comm,
             ) = ev
+            key = (netns, cgroup_id, pid if flags & F_OWNER_KNOWN and not cgroup_id else 0)
+            place = places.get(key) or self._place_part(ev, key)
             owner = owners.get((pid, comm, flags & F_OWNER_KNOWN, family)) or self._owner_part(ev)
             local = ends.get((family, saddr, sport)) or self._end_part(family, saddr, sport)
             remote = ends.get((family, daddr, dport)) or self._end_part(family, daddr, dport)
@@ -317,7 +340,8 @@ class RecordOutput(Stage):
             append(
                 f'{{"type":"transition","time":"{prefix}.{micro:06d}Z","ts_ns":{ts},{owner},'
                 f'"local_addr":{local},"local_port":{sport},'
-                f'"remote_addr":{remote},"remote_port":{dport},{change},"duration_ns":{duration}}}'
+                f'"remote_addr":{remote},"remote_port":{dport},{change},"duration_ns":{duration},'
+                f"{place}}}"
             )
         return out
 
@@ -331,6 +355,18 @@ class RecordOutput(Stage):
             f'"pid":{"null" if pid is None else pid},"comm":{_json_text(comm)},'
             f'"family":"{family_name(ev.family)}"'
         )
+        return text
+
+    def _place_part(self, ev: Event, key: tuple[int, int, int]) -> str:
+        """ "netns":..,"netns_name":..,"cgroup":..,"container":.. of an event, cached."""
+        if len(self._place_json) > _CACHE_MAX:
+            self._place_json.clear()
+        place = self.places.of(ev.netns, ev.cgroup_id, ev.pid, ev.owner_known)
+        text = ",".join(
+            f'"{name}":{_json_value(value)}' for name, value in self._place_fields(place).items()
+        )
+        if place.complete:
+            self._place_json[key] = text
         return text
 
     def _end_part(self, family: int, raw: bytes, port: int) -> str:
@@ -363,6 +399,7 @@ class RecordOutput(Stage):
             _STATE_NAMES[ev.oldstate],
             _STATE_NAMES[ev.newstate],
             ev.delta_ns if ev.delta_known else None,
+            *self.place(ev).values(),
         )
 
     def on_events(self, events: list[Event]) -> None:
@@ -386,3 +423,8 @@ class RecordOutput(Stage):
         if not self.write_record(KIND_SUMMARY, summary_record(summary, written)):
             self.err.write(format_summary(summary, written))
             self.err.flush()
+
+
+def _json_value(value: object) -> str:
+    """A JSON value (numbers, strings, null) as json.dumps writes it."""
+    return json.dumps(value, ensure_ascii=False)

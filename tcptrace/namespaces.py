@@ -5,7 +5,8 @@ A namespace is known by its inode number, as `lsns -t net` and
 `stat -L -c %i /run/netns/NAME` show it. Names come from /run/netns (bind mounts
 made by `ip netns add`); a namespace without a name is reached through
 /proc/PID/ns/net of a process inside it. The index is rebuilt on a miss, at most
-every RESCAN_S, so namespaces created while tracing are found.
+every RESCAN_S (a walk of /proc: a few ms), so namespaces created while tracing
+are found by their first transition.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 NETNS_RUN_DIR = Path("/run/netns")
 PROC = Path("/proc")
 # A missing inode rebuilds the index, at most this often.
-RESCAN_S = 1.0
+RESCAN_S = 0.05
 
 
 def own_netns() -> int:

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from tcptrace.events import (
     C_SEEN,
@@ -25,6 +25,9 @@ from tcptrace.events import (
 )
 from tcptrace.states import LIFECYCLE_ORDER, state_name
 from tcptrace.stats import PERCENTILES, Summary
+
+if TYPE_CHECKING:
+    from tcptrace.places import Places
 
 NS_PER_US = 1_000
 NS_PER_MS = 1_000_000
@@ -216,6 +219,10 @@ def write_all(out: TextIO, text: str) -> None:
 _CACHE_MAX = 16384
 _NO_OWNER = f"{'-':>7} {'-':<15}"
 _NO_DURATION = f"{'-':>9}"
+# The NETNS and CGROUP columns (-w, or a host with several namespaces): longer
+# names are cut, as ps cuts its columns.
+_NETNS_WIDTH = 12
+_CGROUP_WIDTH = 20
 
 
 class TextFormatter:
@@ -231,10 +238,15 @@ class TextFormatter:
         out: TextIO,
         clock: Clock,
         numeric: bool = False,
+        places: Places | None = None,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
+        # with places: the NETNS and CGROUP columns after the owner
+        self.places = places
+        # (netns, cgroup id, pid) -> " NETNS CGROUP" columns
+        self._places: dict[tuple[int, int, int], str] = {}
         self.width = _ENDPOINT_WIDTH
         self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
@@ -251,8 +263,9 @@ class TextFormatter:
     def header(self) -> str:
         w = self.width
         time_col = self._time_header()
+        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.places else ""
         return (
-            f"{time_col}{'PID':>7} {'COMM':<15} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+            f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} "
             f"{'OLD':>{_STATE_WIDTH}} -> {'NEW':<{_STATE_WIDTH}} {'IN OLD':>9}"
         )
 
@@ -276,6 +289,20 @@ class TextFormatter:
                 col = self._owners[key] = f"{ev.pid:>7} {comm:<15.15}"
             return col
         return _NO_OWNER  # enrich.Owners has already filled in what it could find
+
+    def _place_column(self, netns: int, cgroup_id: int, pid: int, flags: int) -> str:
+        assert self.places is not None
+        known = bool(flags & F_OWNER_KNOWN)
+        place = self.places.of(netns, cgroup_id, pid, known)
+        if len(self._places) > _CACHE_MAX:
+            self._places.clear()
+        col = (
+            f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
+            f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+        )
+        if place.complete:
+            self._places[(netns, cgroup_id, pid if known and not cgroup_id else 0)] = col
+        return col
 
     def _endpoint(self, family: int, raw: bytes, port: int) -> str:
         # each event brings its own copy of the address: keep one per address
@@ -323,6 +350,7 @@ class TextFormatter:
         owners = self._owners
         transitions = self._transitions
         micros = self._micros_text
+        places = self._places if self.places is not None else None
         out = []
         append = out.append
         for ev in events:
@@ -330,10 +358,10 @@ class TextFormatter:
                 ts,
                 delta,
                 _sk,
-                _cg,
+                cgroup_id,
                 pid,
                 flags,
-                _ns,
+                netns,
                 _r,
                 saddr,
                 daddr,
@@ -350,6 +378,9 @@ class TextFormatter:
                 owner = owners.get((pid, comm)) or self._owner_column(ev)
             else:
                 owner = _NO_OWNER  # enrich.Owners has already filled in what it could find
+            if places is not None:
+                key = (netns, cgroup_id, pid if flags & F_OWNER_KNOWN and not cgroup_id else 0)
+                owner += places.get(key) or self._place_column(netns, cgroup_id, pid, flags)
             change = transitions.get((old, new)) or self._transition(old, new)
             if flags & F_DELTA_KNOWN:
                 if delta < NS_PER_US:

@@ -21,6 +21,7 @@ from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
 
 if TYPE_CHECKING:
     from tcptrace.metrics import ListenAddress
+    from tcptrace.places import Places
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -65,13 +66,26 @@ class Options:
     wide: bool = False
 
 
+def text_places(options: Options) -> Places | None:
+    """The NETNS and CGROUP columns: with -w, or on a host of several network namespaces."""
+    from tcptrace.places import Places
+
+    places = Places()
+    return places if options.wide or places.several_namespaces() else None
+
+
 class TextOutput(Stage):
     """Per-transition lines, then the summary table, on a text stream."""
 
     def __init__(self, out: TextIO, options: Options) -> None:
         self.out = out
         self.quiet = options.quiet
-        self.formatter = TextFormatter(out, Clock.now(options.timestamp), numeric=options.numeric)
+        self.formatter = TextFormatter(
+            out,
+            Clock.now(options.timestamp),
+            numeric=options.numeric,
+            places=None if options.quiet else text_places(options),
+        )
 
     def on_start(self) -> None:
         if not self.quiet:

@@ -47,6 +47,10 @@ def test_transition_record_follows_the_schema():
         "old": "SYN_SENT",
         "new": "ESTABLISHED",
         "duration_ns": 437_200,
+        "netns": None,
+        "netns_name": None,
+        "cgroup": None,
+        "container": None,
     }
 
 

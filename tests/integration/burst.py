@@ -5,12 +5,14 @@ server and a few client processes, each making short connections without keep-al
     python burst.py PORT CLIENTS CONNECTIONS_EACH
 
 Runs on 127.0.0.1 in the caller's network namespace (the tracer's sock_diag sees it).
-Prints the number of connections served.
+Prints the number of connections served. With BURST_COMM in the environment, its
+processes take that command name (as prctl(PR_SET_NAME) would).
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 import selectors
 import socket
 import sys
@@ -65,4 +67,7 @@ def burst(port: int, clients: int, each: int) -> int:
 
 
 if __name__ == "__main__":
+    if os.environ.get("BURST_COMM"):
+        with open("/proc/self/comm", "w") as comm:
+            comm.write(os.environ["BURST_COMM"])
     print(burst(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))

@@ -1,0 +1,227 @@
+"""Every namespace on the host, traced from the host: each transition says where it
+happened, TIME_WAIT is followed inside each namespace, and --netns, --cgroup, --pid
+and --comm pick sockets by where they live and who owns them. Real namespaces
+(ip netns, unshare) and a real cgroup v2 directory, no mocks."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tcptrace.cgroups import cgroup2_mount
+
+from .accounting import accounting_line, summary_numbers
+from .cmd import Running
+from .netutil import free_port, listener
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+BURST = Path(__file__).with_name("burst.py")
+CONNECTIONS = 3  # per burst: each client end goes to TIME_WAIT
+
+
+@contextlib.contextmanager
+def netns(name: str) -> Iterator[int]:
+    """An `ip netns` namespace with loopback up; yields its inode; deleted after."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield os.stat(f"/run/netns/{name}").st_ino
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def burst(port: int, *prefix: str, env: dict[str, str] | None = None, count: int = 3) -> None:
+    """One server and one client process making `count` short connections on 127.0.0.1."""
+    done = subprocess.run(
+        [*prefix, sys.executable, str(BURST), str(port), "1", str(count)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+    assert done.returncode == 0, done.stderr
+    assert int(done.stdout) == count
+
+
+def records(out: str) -> tuple[list[dict], dict]:
+    parsed = [json.loads(line) for line in out.splitlines() if line.strip()]
+    (summary,) = [r for r in parsed if r["type"] == "summary"]
+    return [r for r in parsed if r["type"] == "transition"], summary
+
+
+def name_tag() -> str:
+    return f"tt{os.getpid() % 10000}"
+
+
+def test_two_namespaces_with_the_same_server_each_line_names_its_own():
+    port = free_port()
+    a, b = f"{name_tag()}a", f"{name_tag()}b"
+    with netns(a) as ino_a, netns(b) as ino_b:
+        run = Running("--port", str(port), "--json")
+        text = Running("--port", str(port), "-n", "-T", "none")
+        run.wait_ready()
+        text.wait_ready()
+        burst(port, "ip", "netns", "exec", a)
+        burst(port, "ip", "netns", "exec", b)
+        time.sleep(0.5)
+        code, out, err = run.stop(signal.SIGINT)
+        tcode, tout, terr = text.stop(signal.SIGINT)
+    assert code == 0, err
+    assert tcode == 0, terr
+    transitions, summary = records(out)
+    by_ns = {ino_a: [], ino_b: []}
+    for rec in transitions:
+        assert rec["netns"] in by_ns, rec
+        assert rec["netns_name"] == (a if rec["netns"] == ino_a else b), rec
+        by_ns[rec["netns"]].append(rec)
+    for ino, recs in by_ns.items():
+        moves = [(r["old"], r["new"]) for r in recs]
+        # the listener, then per connection five client and five server transitions
+        assert len(recs) == 2 + CONNECTIONS * 10, (ino, moves)
+        # the clients closed first: their ends were followed into TIME_WAIT in their namespace
+        assert moves.count(("FIN_WAIT2", "TIME_WAIT")) == CONNECTIONS, (ino, moves)
+        assert ("FIN_WAIT2", "CLOSE") not in moves, (ino, moves)
+        assert all(r["pid"] and r["comm"] for r in recs), recs
+    assert summary["transitions_traced"] == summary["written"] + summary["lost"]
+    # the text shows the NETNS column (the host has several namespaces now)
+    lines = tout.splitlines()
+    assert lines[0].split()[2:4] == ["NETNS", "CGROUP"], lines[0]
+    names = {line.split()[2] for line in lines[1:] if " -> " in line}
+    assert names == {a, b}, names
+
+
+def test_netns_shows_only_its_own_namespace():
+    port = free_port()
+    a, b = f"{name_tag()}c", f"{name_tag()}d"
+    with netns(a) as ino_a, netns(b):
+        run = Running("--port", str(port), "--json", "--netns", a)
+        run.wait_ready()
+        burst(port, "ip", "netns", "exec", b)
+        burst(port, "ip", "netns", "exec", a)
+        burst(port)  # the host's own namespace
+        time.sleep(0.3)
+        code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    transitions, summary = records(out)
+    assert {r["netns"] for r in transitions} == {ino_a}
+    assert len(transitions) == 2 + CONNECTIONS * 10
+    assert summary["transitions_traced"] == len(transitions)
+
+
+def test_a_process_under_unshare_gets_its_namespace_and_its_time_wait_followed():
+    port = free_port()
+    run = Running("--port", str(port), "--json")
+    run.wait_ready()
+    script = f'ip link set lo up && "$0" "{BURST}" {port} 1 {CONNECTIONS} && sleep 2'
+    done = subprocess.run(
+        ["unshare", "--net", "sh", "-c", script, sys.executable],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    transitions, _ = records(out)
+    host = os.stat("/proc/self/ns/net").st_ino
+    (inode,) = {r["netns"] for r in transitions}
+    assert inode != host and inode > 0
+    assert all(r["netns_name"] is None for r in transitions)
+    moves = [(r["old"], r["new"]) for r in transitions]
+    assert moves.count(("FIN_WAIT2", "TIME_WAIT")) == CONNECTIONS, moves
+
+
+def test_a_namespace_deleted_while_its_sockets_are_followed_is_dropped_quietly():
+    port = free_port()
+    name = f"{name_tag()}e"
+    run = Running("--port", str(port), "-n")
+    run.wait_ready()
+    with netns(name):
+        burst(port, "ip", "netns", "exec", name)
+        time.sleep(0.3)
+    time.sleep(2.5)  # deleted: tcptrace notices within a second and lets it go
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    assert "Traceback" not in err
+    lines = out.splitlines()
+    moves = [line for line in lines if " -> " in line]
+    assert sum("FIN_WAIT2 -> TIME_WAIT" in line for line in moves) == CONNECTIONS, out
+    assert not any("TIME_WAIT -> CLOSE" in line for line in moves), out
+    assert f"TIME_WAIT: {CONNECTIONS} followed sockets dropped with their network namespace" in out
+    traced, shown, lost = summary_numbers(accounting_line(lines))
+    assert traced == shown + lost
+
+
+@contextlib.contextmanager
+def cgroup(name: str) -> Iterator[str]:
+    """A cgroup v2 directory made for the test; yields its path below the mount."""
+    mount = cgroup2_mount()
+    assert mount is not None, "no cgroup2 mount in /proc/self/mountinfo"
+    path = mount / name
+    path.mkdir()
+    try:
+        yield f"/{name}"
+    finally:
+        for _ in range(50):  # its processes may take a moment to be reaped
+            try:
+                path.rmdir()
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def test_cgroup_shows_only_its_sockets_and_json_names_it():
+    port = free_port()
+    mount = cgroup2_mount()
+    with cgroup(f"{name_tag()}cg") as rel:
+        run = Running("--port", str(port), "--json", "--cgroup", rel)
+        run.wait_ready()
+        burst(port)  # outside the cgroup
+        procs = f"{mount}{rel}/cgroup.procs"
+        burst(port, "sh", "-c", f'echo $$ > {procs} && exec "$0" "$@"')
+        time.sleep(0.3)
+        code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    transitions, summary = records(out)
+    assert len(transitions) == 2 + CONNECTIONS * 10, [(r["old"], r["new"]) for r in transitions]
+    assert {r["cgroup"] for r in transitions} == {rel}
+    assert all(r["container"] is None for r in transitions)
+    assert summary["transitions_traced"] == len(transitions)
+
+
+def test_pid_and_comm_pick_their_owners_sockets():
+    port = free_port()
+    pid_run = Running("--port", str(port), "--json", "--pid", str(os.getpid()))
+    comm_run = Running("--port", str(port), "--json", "--comm", "tt-burst")
+    pid_run.wait_ready()
+    comm_run.wait_ready()
+    with listener(port=port) as srv:  # this process's own connection
+        cli = socket.create_connection(("127.0.0.1", port))
+        conn, _ = srv.accept()
+        cli.close()
+        conn.close()
+    time.sleep(0.2)
+    burst(port, env={"BURST_COMM": "tt-burst"})
+    burst(port)  # neither this process nor tt-burst
+    time.sleep(0.3)
+    code, out, err = pid_run.stop(signal.SIGINT)
+    ccode, cout, cerr = comm_run.stop(signal.SIGINT)
+    assert code == 0, err
+    assert ccode == 0, cerr
+    mine, _ = records(out)
+    assert mine and {r["pid"] for r in mine} == {os.getpid()}
+    assert len(mine) == 2 + 10, [(r["old"], r["new"]) for r in mine]
+    named, _ = records(cout)
+    assert {r["comm"] for r in named} == {"tt-burst"}
+    assert len(named) == 2 + CONNECTIONS * 10, [(r["old"], r["new"]) for r in named]
