@@ -14,11 +14,14 @@ only the structs asked for.
 
 from __future__ import annotations
 
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
+# Read this BTF file instead (a kernel that keeps it elsewhere; tests of the fallback).
+BTF_ENV = "TCPTRACE_BTF"
 BTF_MAGIC = 0xEB9F
 
 _HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off+len
@@ -84,7 +87,8 @@ class Btf:
         self._offsets = self._index()
 
     @classmethod
-    def load(cls, path: Path = VMLINUX) -> Btf:
+    def load(cls, path: Path | None = None) -> Btf:
+        path = path or Path(os.environ.get(BTF_ENV) or VMLINUX)
         try:
             return cls(path.read_bytes())
         except OSError as exc:

@@ -268,6 +268,9 @@ class RecordOutput(Stage):
 
     def lifetime(self, life: Lifetime) -> Record:
         record = asdict(life)
+        del record["cgroup_id"]  # as a path, below
+        place = self.places.of(life.netns, life.cgroup_id, life.pid, bool(life.pid))
+        record.update(self._place_fields(place))
         record["family"] = family_name(life.family)
         record["start"] = self.iso.format(life.start_ns)
         record["end"] = self.iso.format(life.end_ns)

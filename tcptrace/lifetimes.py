@@ -43,6 +43,8 @@ class Lifetime:
     duration_ns: int
     complete: bool  # seen from its first transition; else duration_ns is a lower bound
     states: list[StateTime] = field(default_factory=list)
+    netns: int = 0  # the socket's network namespace (inode), 0 when unknown
+    cgroup_id: int = 0  # its owner's cgroup v2 id as the kernel saw it, 0 when unknown
 
 
 class Lifetimes(Stage):
@@ -70,7 +72,7 @@ class Lifetimes(Stage):
             if life is None:
                 continue
             if ev.owner_known and not life.pid:
-                life.pid, life.comm = ev.pid, ev.command
+                life.pid, life.comm, life.cgroup_id = ev.pid, ev.command, ev.cgroup_id
             _update_ends(life, ev)
             if self.open.get(ev.skaddr) is life and ev.newstate in (TIME_WAIT, CLOSE):
                 # (a socket leaving TIME_WAIT is long gone: its address may be another's)
@@ -127,6 +129,8 @@ def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:
         remote_port=ev.dport,
         duration_ns=0,
         complete=complete,
+        netns=ev.netns,
+        cgroup_id=ev.cgroup_id if ev.owner_known else 0,
     )
 
 
@@ -149,8 +153,9 @@ def _state_time(ev: Event) -> StateTime:
     return StateTime(state_name(ev.oldstate), None)
 
 
-def _key(ev: Event) -> tuple[str, int, str, int]:
-    return (ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
+def _key(ev: Event) -> tuple[int, str, int, str, int]:
+    # two namespaces may hold the same 4-tuple
+    return (ev.netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
 def _bound(table: dict) -> None:

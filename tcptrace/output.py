@@ -483,10 +483,13 @@ def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
 class LifetimeFormatter:
     """One line per finished connection, like tcplife: owner, ends, lifetime, each state's time."""
 
-    def __init__(self, out: TextIO, clock: Clock, numeric: bool = False) -> None:
+    def __init__(
+        self, out: TextIO, clock: Clock, numeric: bool = False, places: Places | None = None
+    ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
+        self.places = places  # with places: the NETNS and CGROUP columns
         self.width = _ENDPOINT_WIDTH
         self.headed_width: int | None = None  # the width of the last header written
         self.printed = 0
@@ -494,8 +497,9 @@ class LifetimeFormatter:
     def header(self) -> str:
         w = self.width
         time_col = time_header(self.clock.style)
+        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.places else ""
         return (
-            f"{time_col}{'PID':>7} {'COMM':<15} {'LOCAL':<{w}} {'REMOTE':<{w}} "
+            f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} "
             f"{'LIFETIME':>10}  STATES"
         )
 
@@ -511,7 +515,16 @@ class LifetimeFormatter:
         if not life.complete:
             total = ">=" + total
         states = "  ".join(f"{s.state} {_state_time(s)}" for s in life.states)
-        return f"{stamp}{pid:>7} {comm:<15.15} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+        where = ""
+        if self.places is not None:
+            place = self.places.of(life.netns, life.cgroup_id, life.pid, bool(life.pid))
+            where = (
+                f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
+                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+            )
+        return (
+            f"{stamp}{pid:>7} {comm:<15.15}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+        )
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
@@ -538,8 +551,12 @@ def _state_time(s) -> str:  # s: lifetimes.StateTime
     return ">=" + text if s.lower_bound else text
 
 
-def format_snapshot(rows, numeric: bool = False, extended: bool = False) -> str:
-    """The socket table at one moment, in the spirit of `ss -tpe`: rows are snapshot.SnapshotRow."""
+def format_snapshot(
+    rows, numeric: bool = False, extended: bool = False, places: Places | None = None
+) -> str:
+    """The socket table at one moment, in the spirit of `ss -tpe`: rows are snapshot.SnapshotRow.
+
+    With places, the NETNS and CGROUP columns follow the owner."""
     ends = [
         (
             endpoint_text(r.entry.local_addr, r.entry.local_port, numeric),
@@ -549,12 +566,21 @@ def format_snapshot(rows, numeric: bool = False, extended: bool = False) -> str:
     ]
     w = max([_ENDPOINT_WIDTH, *(len(x) for pair in ends for x in pair)])
     head = f"{'STATE':<12}{'LOCAL':<{w}} {'REMOTE':<{w}} {'PID':>7} {'COMM':<15}"
+    if places is not None:
+        head += f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}"
     if extended:
         head += f" {'UID':>6} {'INODE':>10}"
     lines = [head.rstrip()]
     for row, (local, remote) in zip(rows, ends):
         pid, comm = _owner_columns(*(row.owner or (0, "")))
         line = f"{state_name(row.entry.state):<12}{local:<{w}} {remote:<{w}} {pid:>7} {comm:<15.15}"
+        if places is not None:
+            owner_pid = row.owner.pid if row.owner else 0
+            place = places.of(row.netns, 0, owner_pid, bool(owner_pid))
+            line += (
+                f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
+                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+            )
         if extended:
             line += f" {row.entry.uid:>6} {row.entry.inode:>10}"
         lines.append(line.rstrip())

@@ -113,7 +113,7 @@ class LifetimeOutput(Stage):
 
         self.out = out
         self.formatter = LifetimeFormatter(
-            out, Clock.now(options.timestamp), numeric=options.numeric
+            out, Clock.now(options.timestamp), numeric=options.numeric, places=text_places(options)
         )
         self.lifetimes = Lifetimes(self._write)
 
@@ -234,7 +234,15 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
         states = states & options.filters.states
     with SocketTables() as tables:
         snap = snapshot.take(tables, ProcessIndex(), options.filters, states)
-    out.write(format_snapshot(snap.rows, numeric=options.numeric, extended=options.extended))
+    from tcptrace.places import Places
+
+    several = len({row.netns for row in snap.rows}) > 1
+    places = Places() if options.wide or several else None
+    out.write(
+        format_snapshot(
+            snap.rows, numeric=options.numeric, extended=options.extended, places=places
+        )
+    )
     out.flush()
     return 0
 

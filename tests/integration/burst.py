@@ -6,7 +6,8 @@ server and a few client processes, each making short connections without keep-al
 
 Runs on 127.0.0.1 in the caller's network namespace (the tracer's sock_diag sees it).
 Prints the number of connections served. With BURST_COMM in the environment, its
-processes take that command name (as prctl(PR_SET_NAME) would).
+processes take that command name (as prctl(PR_SET_NAME) would); with BURST_LINGER,
+they stay that many seconds after their last connection, before they exit.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ import os
 import selectors
 import socket
 import sys
+import time
+
+LINGER = float(os.environ.get("BURST_LINGER", "0"))
 
 REQUEST = b"PING\r\n"
 ANSWER = b"+PONG\r\n"
@@ -49,6 +53,7 @@ def client(port: int, count: int) -> None:
         with socket.create_connection(("127.0.0.1", port)) as cli:
             cli.sendall(REQUEST)
             cli.recv(64)
+    time.sleep(LINGER)
 
 
 def burst(port: int, clients: int, each: int) -> int:
@@ -63,6 +68,7 @@ def burst(port: int, clients: int, each: int) -> int:
     for proc in procs:
         proc.join()
     srv.close()
+    time.sleep(LINGER)
     return served
 
 

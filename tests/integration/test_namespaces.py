@@ -225,3 +225,78 @@ def test_pid_and_comm_pick_their_owners_sockets():
     named, _ = records(cout)
     assert {r["comm"] for r in named} == {"tt-burst"}
     assert len(named) == 2 + CONNECTIONS * 10, [(r["old"], r["new"]) for r in named]
+
+
+def test_snapshot_lists_every_namespace_with_its_column():
+    port = free_port()
+    name = f"{name_tag()}s"
+    serve = (
+        "import socket, sys, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print(flush=True); time.sleep(30)"
+    )
+    with netns(name), listener(port=port):
+        inside = subprocess.Popen(
+            ["ip", "netns", "exec", name, sys.executable, "-c", serve],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            inside.stdout.readline()  # listening
+            every = Running("--snapshot", "-n", "--port", str(port))
+            code, out, err = every.wait()
+            only = Running("--snapshot", "-n", "--port", str(port), "--netns", name)
+            ocode, oout, oerr = only.wait()
+        finally:
+            inside.kill()
+            inside.wait()
+    assert code == 0, err
+    assert ocode == 0, oerr
+    head, *rows = out.splitlines()
+    assert head.split()[5:7] == ["NETNS", "CGROUP"], head
+    host = str(os.stat("/proc/self/ns/net").st_ino)
+    assert sorted(row.split()[5] for row in rows) == sorted([host, name]), out
+    assert sorted(row.split()[3] for row in rows) == sorted([str(os.getpid()), str(inside.pid)])
+    ohead, *orows = oout.splitlines()
+    assert "NETNS" not in ohead and len(orows) == 1 and orows[0].split()[3] == str(inside.pid)
+
+
+def test_without_btf_the_owners_namespace_stands_in_and_says_so():
+    port = free_port()
+    name = f"{name_tag()}f"
+    with netns(name) as inode:
+        run = Running("--port", str(port), "--json", env={"TCPTRACE_BTF": "/nonexistent/btf"})
+        run.wait_ready()
+        # the owners live on a while: the fallback reads their /proc/PID/ns/net
+        burst(port, "ip", "netns", "exec", name, env={"BURST_LINGER": "0.5"})
+        code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    assert err.count("cannot read sockets' network namespaces") == 1, err
+    assert "each socket's namespace is its owner's /proc/PID/ns/net" in err
+    transitions, _ = records(out)
+    assert len(transitions) == 2 + CONNECTIONS * 10
+    # every owner is known here (the processes live on until their sockets close)
+    assert {r["netns"] for r in transitions} == {inode}, {r["netns"] for r in transitions}
+
+
+def test_netns_filter_without_btf_is_a_clear_error():
+    run = Running("--netns", "/proc/self/ns/net", env={"TCPTRACE_BTF": "/nonexistent/btf"})
+    code, _, err = run.wait()
+    assert code == 1
+    (line,) = [line for line in err.splitlines() if line.strip()]
+    assert line.startswith("tcptrace: --netns needs the kernel to read each socket's network")
+
+
+def test_lifetimes_carry_their_namespace():
+    port = free_port()
+    name = f"{name_tag()}l"
+    with netns(name) as inode:
+        run = Running("--port", str(port), "--json", "--lifetime")
+        run.wait_ready()
+        burst(port, "ip", "netns", "exec", name)
+        time.sleep(0.3)
+        code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    lives = [json.loads(line) for line in out.splitlines() if '"type":"lifetime"' in line]
+    # the server's ends close; the clients' wait in TIME_WAIT (60 s), not finished yet
+    assert len(lives) == CONNECTIONS, out
+    assert {(life["netns"], life["netns_name"]) for life in lives} == {(inode, name)}
