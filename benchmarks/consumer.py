@@ -7,13 +7,17 @@ stages tcptrace builds (owners, TIME_WAIT following, output to /dev/null).
 No BPF and no root needed: the records are made here, laid out as the kernel
 writes them.
 
-    .venv/bin/python benchmarks/consumer.py [--events N] [--format text|json|csv]
+    .venv/bin/python benchmarks/consumer.py [--events N] [--format text|json|csv] [--wide]
+
+Events carry this process's network namespace and cgroup, as the kernel's do:
+--wide adds the NETNS and CGROUP text columns (JSON and CSV always carry them).
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import socket
 import struct
@@ -39,6 +43,8 @@ from tcptrace.states import TcpState as S
 from tcptrace.tracer import fewer_collections
 
 PORT = 18400
+NETNS = os.stat("/proc/self/ns/net").st_ino
+CGROUP = 1  # the cgroup v2 root's id
 LOOPBACK = socket.inet_aton("127.0.0.1").ljust(16, b"\0")
 # (client side?, old, new) of one churned connection, in order
 LIFE = (
@@ -73,7 +79,8 @@ def rings(events: int, per_read: int) -> list[list[bytes]]:
             flags = F_OWNER_KNOWN | (F_DELTA_KNOWN if old not in (S.CLOSE, S.LISTEN) else 0)
             comm = (b"client" if client else b"server").ljust(16, b"\0")
             raw = EVENT_STRUCT.pack(
-                ts, rng.randint(2_000, 900_000), sk + client, 0, 4242 + client, flags, 0, 0,
+                ts, rng.randint(2_000, 900_000), sk + client, CGROUP,
+                4242 + client, flags, NETNS, 0,
                 LOOPBACK, LOOPBACK, sport, dport, socket.AF_INET, old, new, comm,
             )  # fmt: skip
             cpus[rng.randrange(2)].append(RECORD + raw + PAD)
@@ -88,10 +95,11 @@ def main() -> int:
     ap.add_argument("--events", type=int, default=500_000)
     ap.add_argument("--format", choices=("text", "json", "csv"), default="text")
     ap.add_argument("--batch", type=int, default=perfbuf.READ_RECORDS, help="records per ring read")
+    ap.add_argument("--wide", action="store_true", help="text: the NETNS and CGROUP columns")
     args = ap.parse_args()
     reads = rings(args.events, args.batch)
     n = sum(len(chunk) for read in reads for chunk in read) // perfbuf.record_size(EVENT_SIZE)
-    options = Options(filters=Filters(ports=frozenset({PORT})), format=args.format)
+    options = Options(filters=Filters(ports=frozenset({PORT})), format=args.format, wide=args.wide)
     with open("/dev/null", "w") as out, SocketTables() as tables:
         stages = build_stages(options, out, io.StringIO(), None, tables)
         for stage in stages:
@@ -121,7 +129,8 @@ def main() -> int:
                     if replaced is not None:
                         events = replaced
     total = sum(spent.values())
-    print(f"{n:,} events, {args.format}, {args.batch} records per ring read")
+    wide = ", -w" if args.wide else ""
+    print(f"{n:,} events, {args.format}{wide}, {args.batch} records per ring read")
     for step, seconds in spent.items():
         print(f"  {step:14} {1e6 * seconds / n:6.2f} µs/event")
     print(f"  {'total':14} {1e6 * total / n:6.2f} µs/event ({n / total:,.0f} events/s on one CPU)")
