@@ -34,6 +34,9 @@ class FakeProcs:
     def owner(self, inode: int) -> Owner | None:
         return SERVER if inode == 1001 else None
 
+    def holder(self, inode: int, pids: list[int]) -> Owner | None:
+        return SERVER if inode == 1001 and SERVER.pid in pids else None
+
 
 def event(old: S, new: S, skaddr: int = 0xFFFF0001, flags: int = F_DELTA_KNOWN) -> Event:
     return Event(1, 5, skaddr, 0, flags, LOOPBACK, LOOPBACK, 80, 40000, socket.AF_INET,
