@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tcptrace.loader import PROGRAM, PROGRAM_ENV, bpf_dir
+
 from .cmd import Running
 from .netutil import free_port
 from .test_owners import transitions
@@ -138,3 +140,30 @@ def test_server_that_daemonised_names_its_children_after_the_daemon():
     # its listen() is the pre-daemon process's own
     listens = [r for r in transitions(out) if r[4:6] == ["CLOSE", "LISTEN"]]
     assert [r[0] for r in listens] == [str(listened)], out
+
+
+def test_listeners_beyond_the_kernels_map_are_named_right(tmp_path):
+    """The kernel remembers MAX_LISTENERS listening addresses (65536): here a program
+    made with room for two. Children of listeners it has no room for are looked up;
+    once full, a listener sharing its address with one not remembered (SO_REUSEPORT)
+    claims nothing, even when room is made again."""
+    program = tmp_path / "two_listeners.bpf.c"
+    # bcc rewrites the probe in the main file only: a copy, not an #include
+    source = (bpf_dir() / PROGRAM).read_text()
+    program.write_text(f"#undef MAX_LISTENERS\n#define MAX_LISTENERS 2\n{source}")
+    ports = [free_port() for _ in range(3)]
+    run = Running(*[f"--port={p}" for p in ports], "-n", "-T", "none",
+                  env={PROGRAM_ENV: str(program)})  # fmt: skip
+    run.wait_ready()
+    first = Server("127.0.0.1", ports[0], "tt-first")
+    second = Server("127.0.0.1", ports[1], "tt-second")
+    third = Server("127.0.0.1", ports[2], "tt-third", "--reuseport")  # no room
+    by_port = dict.fromkeys(connect_all("127.0.0.1", ports[2], 4), third)
+    first.accepted()  # room for one again
+    fourth = Server("127.0.0.1", ports[2], "tt-fourth", "--reuseport")
+    connect_all("127.0.0.1", ports[2])
+    by_port |= {p: third for p in third.accepted()} | {p: fourth for p in fourth.accepted()}
+    second.accepted()
+    out = finish(run)
+    assert {s.name for s in by_port.values()} == {"tt-third", "tt-fourth"}, by_port
+    assert_named_after_acceptor(out, ports[2], by_port)
