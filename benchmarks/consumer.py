@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import random
 import socket
 import struct
@@ -56,6 +57,9 @@ LIFE = (
 RECORD = perfbuf.HEADER.pack(
     perfbuf.PERF_RECORD_SAMPLE, 0, perfbuf.record_size(EVENT_SIZE)
 ) + struct.pack("=I", perfbuf.record_size(EVENT_SIZE) - perfbuf.SAMPLE_PREFIX)
+# The connection's two owners: processes that exist, as a traced server's and
+# client's do (an owner that has exited makes tcptrace look the socket up).
+OWNERS = {False: os.getppid(), True: os.getpid()}
 PAD = bytes(perfbuf.record_size(EVENT_SIZE) - perfbuf.SAMPLE_PREFIX - EVENT_SIZE)
 
 
@@ -73,7 +77,7 @@ def rings(events: int, per_read: int) -> list[list[bytes]]:
             flags = F_OWNER_KNOWN | (F_DELTA_KNOWN if old not in (S.CLOSE, S.LISTEN) else 0)
             comm = (b"client" if client else b"server").ljust(16, b"\0")
             raw = EVENT_STRUCT.pack(
-                ts, rng.randint(2_000, 900_000), sk + client, 4242 + client, flags,
+                ts, rng.randint(2_000, 900_000), sk + client, OWNERS[client], flags,
                 LOOPBACK, LOOPBACK, sport, dport, socket.AF_INET, old, new, comm,
             )  # fmt: skip
             cpus[rng.randrange(2)].append(RECORD + raw + PAD)

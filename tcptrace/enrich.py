@@ -82,6 +82,8 @@ _pid = operator.itemgetter(Event._fields.index("pid"))
 MAX_CACHED = 16384
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
 RETRY_AFTER = 1.0
+# A listening address's owners, remembered this long (seconds).
+LISTENER_CACHE_S = 1.0
 # Whether a pid is alive, remembered this long (seconds): a check per distinct pid
 # and batch would cost a system call each.
 PID_CHECK_INTERVAL = 1.0
@@ -108,6 +110,8 @@ class Owners(Stage):
         self.snapshot: Snapshot | None = None
         self.found: dict[int, Owner] = {}  # skaddr -> owner
         self.failed: dict[int, float] = {}  # skaddr -> monotonic time of the miss
+        # (family, local address, port) -> (its listeners' owners, monotonic time)
+        self.listener_cache: dict[tuple[int, str, int], tuple[list[Owner], float]] = {}
         # pid -> (alive, monotonic time of the check)
         self.checked: dict[int, tuple[bool, float]] = {}
         self.resolved = 0
@@ -277,8 +281,14 @@ class Owners(Stage):
 
     def _listener_owners(self, local_addr: str, local_port: int, family: int) -> list[Owner]:
         """Owners of the listeners a connection to this address and port reaches:
-        those on the exact address, else on the wildcard."""
+        those on the exact address, else on the wildcard. Remembered for
+        LISTENER_CACHE_S: every child of a listener the kernel does not know asks."""
         assert self.table is not None
+        key = (family, local_addr, local_port)
+        now = time.monotonic()
+        cached = self.listener_cache.get(key)
+        if cached is not None and now - cached[1] < LISTENER_CACHE_S:
+            return cached[0]
         rows = self.table.dump(
             LISTEN_STATES,
             replace(self.filters, family=family),
@@ -286,7 +296,12 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        return [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
+        owners = [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
+        if len(owners) == len(rows):  # not when /proc's rate-limited scan missed one
+            self.listener_cache.pop(key, None)
+            self.listener_cache[key] = (owners, now)
+            _bound(self.listener_cache)
+        return owners
 
     def _socket_owner(
         self, key: tuple[str, int, str, int], family: int, listeners: list[Owner] | None

@@ -160,6 +160,10 @@ def test_an_owner_that_has_exited_is_replaced_by_the_socket_holder() -> None:
     dumps = table.dumps
     (later,) = stage.on_events([event(S.SYN_RECV, S.ESTABLISHED, flags=KNOWN, pid=gone)])
     assert later.pid == 300 and table.dumps == dumps
+    # the listener's next children: its owner is remembered, no new look-up
+    more = [event(S.LISTEN, S.SYN_RECV, skaddr=i, flags=F_OWNER_KNOWN, pid=gone) for i in (7, 8)]
+    assert [ev.pid for ev in stage.on_events(more)] == [300, 300]
+    assert table.dumps == dumps
 
 
 def test_an_exited_owners_own_calls_and_orphans_keep_its_name() -> None:
