@@ -82,8 +82,8 @@ _pid = operator.itemgetter(Event._fields.index("pid"))
 MAX_CACHED = 16384
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
 RETRY_AFTER = 1.0
-# A listening address's owners, remembered this long (seconds).
-LISTENER_CACHE_S = 1.0
+# Who holds an exited owner's listener now, remembered this long (seconds).
+HEIR_CACHE_S = 1.0
 # Whether a pid is alive, remembered this long (seconds): a check per distinct pid
 # and batch would cost a system call each.
 PID_CHECK_INTERVAL = 1.0
@@ -110,8 +110,9 @@ class Owners(Stage):
         self.snapshot: Snapshot | None = None
         self.found: dict[int, Owner] = {}  # skaddr -> owner
         self.failed: dict[int, float] = {}  # skaddr -> monotonic time of the miss
-        # (family, local address, port) -> (its listeners' owners, monotonic time)
-        self.listener_cache: dict[tuple[int, str, int], tuple[list[Owner], float]] = {}
+        # (exited owner, family, local address, port) of a child -> (the process
+        # holding its listener now, monotonic time)
+        self.heirs: dict[tuple[int, int, bytes, int], tuple[Owner, float]] = {}
         # pid -> (alive, monotonic time of the check)
         self.checked: dict[int, tuple[bool, float]] = {}
         self.resolved = 0
@@ -218,9 +219,26 @@ class Owners(Stage):
         return ev._replace(pid=owner.pid, comm=owner.comm.encode(), flags=ev.flags | F_OWNER_KNOWN)
 
     def _reattribute(self, ev: Event) -> Event:
-        """The kernel's owner has exited: the process holding the socket now, if any."""
+        """The kernel's owner has exited: the process holding the socket now, if any.
+
+        The kernel names a child after its listener's owner only while one socket
+        listens on that address: for the same exited owner and address, the answer
+        holds for the next children too (remembered HEIR_CACHE_S)."""
         owner = self.found.get(ev.skaddr)
-        if owner is None:
+        if owner is None and ev.oldstate == LISTEN:
+            heir = (ev.pid, ev.family, ev.saddr, ev.sport)
+            now = time.monotonic()
+            cached = self.heirs.get(heir)
+            if cached is not None and now - cached[1] < HEIR_CACHE_S:
+                owner = self.found[ev.skaddr] = cached[0]
+                _bound(self.found)
+            else:
+                owner = self._look_up(ev)
+                if owner is not None:
+                    self.heirs.pop(heir, None)
+                    self.heirs[heir] = (owner, now)
+                    _bound(self.heirs)
+        elif owner is None:
             owner = self._look_up(ev)
         if owner is None or owner.pid == ev.pid:
             return ev
@@ -281,14 +299,8 @@ class Owners(Stage):
 
     def _listener_owners(self, local_addr: str, local_port: int, family: int) -> list[Owner]:
         """Owners of the listeners a connection to this address and port reaches:
-        those on the exact address, else on the wildcard. Remembered for
-        LISTENER_CACHE_S: every child of a listener the kernel does not know asks."""
+        those on the exact address, else on the wildcard."""
         assert self.table is not None
-        key = (family, local_addr, local_port)
-        now = time.monotonic()
-        cached = self.listener_cache.get(key)
-        if cached is not None and now - cached[1] < LISTENER_CACHE_S:
-            return cached[0]
         rows = self.table.dump(
             LISTEN_STATES,
             replace(self.filters, family=family),
@@ -296,12 +308,7 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        owners = [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
-        if len(owners) == len(rows):  # not when /proc's rate-limited scan missed one
-            self.listener_cache.pop(key, None)
-            self.listener_cache[key] = (owners, now)
-            _bound(self.listener_cache)
-        return owners
+        return [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
 
     def _socket_owner(
         self, key: tuple[str, int, str, int], family: int, listeners: list[Owner] | None

@@ -4,7 +4,7 @@
 
 Prints "pid N" (the process that accepts) and "ready" once listening, then one
 line per accepted connection: the client's port. Each connection is read until
-the client closes, then closed. Exits when stdin closes.
+the client closes, then closed HOLD_S later. Exits when stdin closes.
 
 --reuseport sets SO_REUSEPORT, so that several processes may listen on the same
 address. --daemon listens, then forks and exits, as a server that daemonises
@@ -18,11 +18,18 @@ import select
 import socket
 import sys
 import threading
+import time
+
+# After the client's FIN, hold the socket (CLOSE_WAIT) this long before closing it:
+# the tracer may look up the accepted socket's owner meanwhile. One closed at once
+# leaves no holder to find, when the kernel could not name it (SO_REUSEPORT).
+HOLD_S = 0.3
 
 
 def serve_one(conn: socket.socket) -> None:
     while conn.recv(4096):
         pass
+    time.sleep(HOLD_S)
     conn.close()
 
 
