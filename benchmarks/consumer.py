@@ -62,6 +62,9 @@ LIFE = (
 RECORD = perfbuf.HEADER.pack(
     perfbuf.PERF_RECORD_SAMPLE, 0, perfbuf.record_size(EVENT_SIZE)
 ) + struct.pack("=I", perfbuf.record_size(EVENT_SIZE) - perfbuf.SAMPLE_PREFIX)
+# The connection's two owners: processes that exist, as a traced server's and
+# client's do (an owner that has exited makes tcptrace look the socket up).
+OWNERS = {False: os.getppid(), True: os.getpid()}
 PAD = bytes(perfbuf.record_size(EVENT_SIZE) - perfbuf.SAMPLE_PREFIX - EVENT_SIZE)
 
 
@@ -80,7 +83,7 @@ def rings(events: int, per_read: int) -> list[list[bytes]]:
             comm = (b"client" if client else b"server").ljust(16, b"\0")
             raw = EVENT_STRUCT.pack(
                 ts, rng.randint(2_000, 900_000), sk + client, CGROUP,
-                4242 + client, flags, NETNS, 0,
+                OWNERS[client], flags, NETNS, 0,
                 LOOPBACK, LOOPBACK, sport, dport, socket.AF_INET, old, new, comm,
             )  # fmt: skip
             cpus[rng.randrange(2)].append(RECORD + raw + PAD)

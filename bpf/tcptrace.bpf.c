@@ -26,6 +26,7 @@
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
+ *   MAX_LISTENERS   capacity of the listeners map (listening addresses)
  * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
@@ -67,10 +68,22 @@ struct sk_info {
 	char comm[TCPTRACE_COMM_LEN];
 };
 
+/* A listening address: what tells listeners apart in the tracepoint's fields,
+ * in its network namespace (two namespaces may listen on the same address). */
+struct listen_key {
+	u8 addr[16]; /* IPv4 uses the first 4 bytes, the rest zero */
+	u32 netns;
+	u16 family;
+	u16 port;
+};
+
 struct owner {
 	u64 cgroup_id;
 	u32 pid;
 	u32 flags; /* OWNER_IN_CGROUP */
+	/* listening sockets on this exact address (SO_REUSEPORT): over one, the
+	 * tracepoint cannot tell whose a child is, and user space looks it up */
+	u32 count;
 	char comm[TCPTRACE_COMM_LEN];
 };
 
@@ -81,8 +94,13 @@ struct cgroup_filter {
 };
 
 BPF_TABLE("lru_hash", u64, struct sk_info, sockets, MAX_SOCKETS);
-/* Owner of each listening port, inherited by the sockets it accepts. */
-BPF_TABLE("lru_hash", u16, struct owner, listeners, 4096);
+/* Owner of each listening address, inherited by the sockets it accepts. A plain
+ * hash, not an LRU: an evicted entry would let a later listener on the same
+ * address claim the children of one still open. */
+BPF_HASH(listeners, struct listen_key, struct owner, MAX_LISTENERS);
+/* Set once a listener did not fit in the map: from then on a new entry may hide
+ * a listener that is not in the map, and claims no children. */
+BPF_ARRAY(listeners_full, u32, 1);
 BPF_ARRAY(ports, u8, 65536);
 BPF_PERCPU_ARRAY(counters, u64, TCPTRACE_NCOUNTERS);
 BPF_PERCPU_ARRAY(hist, u64, TCPTRACE_NSTATES * TCPTRACE_HIST_SLOTS);
@@ -295,6 +313,63 @@ static __always_inline void record_stats(int old, int new, u64 delta, int known)
 		*v = delta;
 }
 
+/* Not a count: the entry was made after the map overflowed and may share its
+ * address with a listener the map lost. */
+#define LISTENERS_UNSURE 0x80000000U
+
+static __always_inline void listener_open(struct listen_key *key, struct tcptrace_event *ev,
+					  u32 owner_flags)
+{
+	u32 zero = 0;
+	u32 *full = listeners_full.lookup(&zero);
+	struct owner o = {.pid = ev->pid, .cgroup_id = ev->cgroup_id, .flags = owner_flags,
+			  .count = 1};
+	if (full && *full)
+		o.count |= LISTENERS_UNSURE;
+	__builtin_memcpy(o.comm, ev->comm, sizeof(o.comm));
+	int err = listeners.insert(key, &o);
+	if (err == 0)
+		return;
+	struct owner *l = listeners.lookup(key);
+	if (l)
+		/* a second listener on this address (SO_REUSEPORT) */
+		__sync_fetch_and_add(&l->count, 1);
+	else if (full)
+		*full = 1;
+}
+
+static __always_inline void listener_close(struct listen_key *key)
+{
+	struct owner *l = listeners.lookup(key);
+	if (!l)
+		return;
+	/* Two of a pair closing at once on two CPUs may both decrement and leave
+	 * a count of 0: such an entry claims nothing, and a new listener makes it 1. */
+	if ((l->count & ~LISTENERS_UNSURE) <= 1)
+		listeners.delete(key);
+	else
+		__sync_fetch_and_add(&l->count, -1);
+}
+
+/* The one listener a new child of this local address came from, if the map
+ * knows it: the exact address first, then the wildcard of its family, then for
+ * IPv4 a dual-stack [::] listener. */
+static __always_inline struct owner *listener_of(struct listen_key *key)
+{
+	struct owner *l = listeners.lookup(key);
+	if (!l) {
+		__builtin_memset(key->addr, 0, sizeof(key->addr));
+		l = listeners.lookup(key);
+	}
+	if (!l && key->family == TT_AF_INET) {
+		key->family = TT_AF_INET6;
+		l = listeners.lookup(key);
+	}
+	if (l && l->count == 1)
+		return l;
+	return 0;
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != TT_IPPROTO_TCP)
@@ -331,7 +406,18 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		return 0;
 #endif
 
+	/* A socket's first transition: connect() or listen() on a closed socket, or
+	 * a child cloned from its listener. */
+	int birth = old == TT_CLOSE || (old == TT_LISTEN && new == TT_SYN_RECV);
 	struct sk_info *info = sockets.lookup(&sk);
+	if (info && birth) {
+		/* left by another socket at this address whose CLOSE the kernel
+		 * skipped (recursion): its time and owner are not this socket's */
+		count(TCPTRACE_C_STALE);
+		if (sockets.delete(&sk) == 0)
+			count(TCPTRACE_C_DELETED);
+		info = 0;
+	}
 	if (!info && !port_match(sport, dport)) {
 #if FILTER_PORTS & PORT_LOCAL
 		/* connect() enters SYN_SENT before the local port is chosen: keep
@@ -402,8 +488,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		owner_flags = info->flags & OWNER_IN_CGROUP;
 	} else {
 		struct owner *l = 0;
-		if (!info && old == TT_LISTEN)
-			l = listeners.lookup(&sport);
+		struct listen_key key = {.netns = netns, .family = family, .port = sport};
+		if (old == TT_LISTEN && new == TT_SYN_RECV) {
+			__builtin_memcpy(key.addr, ev.saddr, sizeof(key.addr));
+			l = listener_of(&key);
+		}
 		if (l) {
 			ev.pid = l->pid;
 			__builtin_memcpy(ev.comm, l->comm, sizeof(ev.comm));
@@ -428,12 +517,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 #endif
 
-	if (new == TT_LISTEN) {
-		struct owner o = {.pid = ev.pid, .cgroup_id = ev.cgroup_id, .flags = owner_flags};
-		__builtin_memcpy(o.comm, ev.comm, sizeof(o.comm));
-		listeners.update(&sport, &o);
-	} else if (old == TT_LISTEN && new == TT_CLOSE) {
-		listeners.delete(&sport);
+	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE)) {
+		struct listen_key key = {.netns = netns, .family = family, .port = sport};
+		__builtin_memcpy(key.addr, ev.saddr, sizeof(key.addr));
+		if (new == TT_LISTEN) {
+			/* listen() without bind() has no port yet: its children are
+			 * looked up in user space */
+			if (sport)
+				listener_open(&key, &ev, owner_flags);
+		} else {
+			listener_close(&key);
+		}
 	}
 
 	/* Count the map's inserts and deletes: LRU evictions are invisible here,

@@ -28,7 +28,10 @@
 #define TCPTRACE_C_NO_START 4   /* first transition of a socket seen mid-life */
 /* Per-socket map traffic: entries evicted by the LRU = INSERTED - DELETED - entries left. */
 #define TCPTRACE_C_INSERTED 5   /* sockets added to the per-socket map */
-#define TCPTRACE_C_DELETED 6    /* sockets removed from it (CLOSE, or filtered out) */
+#define TCPTRACE_C_DELETED 6    /* sockets removed from it (CLOSE, filtered out, or stale) */
+/* A socket's first transition found an entry at its address: another socket's,
+ * whose CLOSE the kernel skipped (recursion). Removed (and counted deleted). */
+#define TCPTRACE_C_STALE 7
 #define TCPTRACE_NCOUNTERS 8
 
 struct tcptrace_event {

@@ -7,6 +7,16 @@ as `ss -p` finds it: from the start-up snapshot, or by asking sock_diag for the
 socket's inode and /proc for the process holding it. Events nobody can
 attribute get pid 0 and no command, and print "-".
 
+The kernel's owner may have exited since (a server that listened, then forked
+and exited to daemonise): a socket still held whose recorded owner is gone is
+looked up too, and keeps the recorded owner when nobody else holds it. Whether
+a pid is alive is checked once per batch for each distinct pid, and remembered
+for PID_CHECK_INTERVAL.
+
+Several processes listening on one address (SO_REUSEPORT) leave a new child's
+owner unknown in the kernel: the child is whose process holds it once accepted,
+found among the listeners' processes.
+
 A socket that existed before tracing started has no start time in the kernel;
 when the snapshot saw it in the state it now leaves, the time since the
 snapshot is a lower bound on its stay, marked F_DELTA_LOWER.
@@ -15,6 +25,7 @@ snapshot is a lower bound on its stay, marked F_DELTA_LOWER.
 from __future__ import annotations
 
 import operator
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import replace
@@ -24,23 +35,61 @@ from tcptrace.filters import Filters
 from tcptrace.namespaces import process_netns
 from tcptrace.procs import Owner, ProcessIndex
 from tcptrace.snapshot import Snapshot, single_owner
-from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTables
+from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTable, SocketTables
 from tcptrace.states import TcpState, is_birth
 from tcptrace.tracer import Stage
 
 CLOSE = int(TcpState.CLOSE)
 LISTEN = int(TcpState.LISTEN)
 SYN_RECV = int(TcpState.SYN_RECV)
+# Transitions only a system call on the socket makes (by_owner() in the BPF
+# program): their pid did it, alive or not since.
+BY_OWNER = frozenset(
+    (int(old), int(new))
+    for old, new in (
+        (TcpState.CLOSE, TcpState.SYN_SENT),
+        (TcpState.CLOSE, TcpState.LISTEN),
+        (TcpState.ESTABLISHED, TcpState.FIN_WAIT1),
+        (TcpState.CLOSE_WAIT, TcpState.LAST_ACK),
+        (TcpState.LISTEN, TcpState.CLOSE),
+    )
+)
+# States a socket is in while a process still holds it: leaving one of them, a
+# socket whose recorded owner is gone has another holder worth finding (after
+# close() it has none: an orphan keeps its last owner's name).
+HELD_STATES = frozenset(
+    int(state)
+    for state in (
+        TcpState.LISTEN,
+        TcpState.SYN_SENT,
+        TcpState.SYN_RECV,
+        TcpState.ESTABLISHED,
+        TcpState.CLOSE_WAIT,
+    )
+)
+WILDCARDS = ("0.0.0.0", "::")
+# States of a socket no process holds yet while it waits in its listener's queue.
+UNACCEPTED_STATES = frozenset(
+    int(state) for state in (TcpState.SYN_RECV, TcpState.ESTABLISHED, TcpState.CLOSE_WAIT)
+)
 _BOTH_KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
 # Positions in an Event tuple, for the per-event checks (C-level indexing).
 _NEW = Event._fields.index("newstate")
 _SKADDR = Event._fields.index("skaddr")
 _skaddr = operator.itemgetter(_SKADDR)
 _flags = operator.itemgetter(Event._fields.index("flags"))
+_pid = operator.itemgetter(Event._fields.index("pid"))
 # Owners found in user space, by socket; bounded (oldest dropped first).
 MAX_CACHED = 16384
 # After a failed look-up, do not ask again for the same socket this soon (seconds).
 RETRY_AFTER = 1.0
+# Who holds an exited owner's listener now, remembered this long (seconds).
+HEIR_CACHE_S = 1.0
+# Whether a pid is alive, remembered this long (seconds): a check per distinct pid
+# and batch would cost a system call each.
+PID_CHECK_INTERVAL = 1.0
+# pids whose liveness is remembered; bounded (the oldest dropped first)
+MAX_PIDS = 4096
 
 
 class Owners(Stage):
@@ -66,6 +115,11 @@ class Owners(Stage):
         self.snapshot: Snapshot | None = None
         self.found: dict[int, Owner] = {}  # skaddr -> owner
         self.failed: dict[int, float] = {}  # skaddr -> monotonic time of the miss
+        # (exited owner, family, local address, port) of a child -> (the process
+        # holding its listener now, monotonic time)
+        self.heirs: dict[tuple[int, int, int, bytes, int], tuple[Owner, float]] = {}
+        # pid -> (alive, monotonic time of the check)
+        self.checked: dict[int, tuple[bool, float]] = {}
         self.resolved = 0
         self.unresolved = 0
 
@@ -77,11 +131,13 @@ class Owners(Stage):
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
-        if found or failed:
+        gone = self._gone(events)
+        if found or failed or gone:
             sockets = set(map(_skaddr, events))
-            if not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
-                # a cached socket may close in this batch: every event, in order
-                return self._enrich(events, range(len(events)))
+            if gone or not (sockets.isdisjoint(found) and sockets.isdisjoint(failed)):
+                # a cached socket may close in this batch, or an owner has gone:
+                # every event, in order
+                return self._enrich(events, range(len(events)), gone)
         # the hot path: the kernel knew everything (one C-level pass over the flags)
         if self.netns_fallback:
             needy = range(len(events))
@@ -93,7 +149,7 @@ class Owners(Stage):
             ]
         if not needy:
             return None
-        out = self._enrich(events, needy)
+        out = self._enrich(events, needy, gone)
         if found or failed:
             # a socket looked up just now may have closed later in the batch, in an
             # event the kernel knew all of (so not among the needy)
@@ -103,7 +159,29 @@ class Owners(Stage):
                     failed.pop(ev[_SKADDR], None)
         return out
 
-    def _enrich(self, events: list[Event], which: Iterable[int]) -> list[Event] | None:
+    def _gone(self, events: list[Event]) -> set[int]:
+        """The batch's pids whose process has exited (checked at most once a
+        PID_CHECK_INTERVAL per pid)."""
+        checked = self.checked
+        now = time.monotonic()
+        gone: set[int] = set()
+        for pid in set(map(_pid, events)):
+            seen = checked.get(pid)
+            if seen is None or now - seen[1] >= PID_CHECK_INTERVAL:
+                if not pid:  # idle task: not a process
+                    continue
+                seen = (_alive(pid), now)
+                checked.pop(pid, None)
+                checked[pid] = seen
+                if len(checked) > MAX_PIDS:
+                    del checked[next(iter(checked))]
+            if not seen[0]:
+                gone.add(pid)
+        return gone
+
+    def _enrich(
+        self, events: list[Event], which: Iterable[int], gone: set[int]
+    ) -> list[Event] | None:
         """Fill in what the kernel did not know; a socket's CLOSE (its own owner found
         first) drops it from the caches, as its address may be reused."""
         out: list[Event] | None = None
@@ -114,11 +192,23 @@ class Owners(Stage):
             new = ev
             if self.netns_fallback and not flags & F_NETNS_KNOWN:
                 new = self._owners_netns(new)
+            if (found or failed) and is_birth(ev.oldstate, ev.newstate):
+                # a new socket: what is cached at its address was another's, whose
+                # CLOSE the kernel skipped
+                found.pop(ev.skaddr, None)
+                failed.pop(ev.skaddr, None)
             if flags & _BOTH_KNOWN != _BOTH_KNOWN:
                 if not flags & F_OWNER_KNOWN:
                     new = self._attribute(new)
                 if not flags & F_DELTA_KNOWN and not is_birth(ev.oldstate, ev.newstate):
                     new = self._lower_bound(new)
+            if (
+                flags & F_OWNER_KNOWN
+                and ev.pid in gone
+                and ev.oldstate in HELD_STATES
+                and (ev.oldstate, ev.newstate) not in BY_OWNER
+            ):
+                new = self._reattribute(new)
             if new is not ev:
                 if out is None:
                     out = list(events)
@@ -151,6 +241,33 @@ class Owners(Stage):
         self.resolved += 1
         return ev._replace(pid=owner.pid, comm=owner.comm.encode(), flags=ev.flags | F_OWNER_KNOWN)
 
+    def _reattribute(self, ev: Event) -> Event:
+        """The kernel's owner has exited: the process holding the socket now, if any.
+
+        The kernel names a child after its listener's owner only while one socket
+        listens on that address: for the same exited owner and address, the answer
+        holds for the next children too (remembered HEIR_CACHE_S)."""
+        owner = self.found.get(ev.skaddr)
+        if owner is None and ev.oldstate == LISTEN:
+            heir = (ev.pid, ev.netns, ev.family, ev.saddr, ev.sport)
+            now = time.monotonic()
+            cached = self.heirs.get(heir)
+            if cached is not None and now - cached[1] < HEIR_CACHE_S:
+                owner = self.found[ev.skaddr] = cached[0]
+                _bound(self.found)
+            else:
+                owner = self._look_up(ev)
+                if owner is not None:
+                    self.heirs.pop(heir, None)
+                    self.heirs[heir] = (owner, now)
+                    _bound(self.heirs)
+        elif owner is None:
+            owner = self._look_up(ev)
+        if owner is None or owner.pid == ev.pid:
+            return ev
+        self.resolved += 1
+        return ev._replace(pid=owner.pid, comm=owner.comm.encode())
+
     def _look_up(self, ev: Event) -> Owner | None:
         missed = self.failed.get(ev.skaddr)
         if missed is not None and time.monotonic() - missed < RETRY_AFTER:
@@ -170,11 +287,13 @@ class Owners(Stage):
             # gone: the kernel's table no longer holds it (a timewait socket has no
             # inode), and a cached answer would outlive it (its address is reused)
             return owner
+        pending = False
         if owner is None and self.tables is not None and self.budget.allows():
-            owner = self._ask_kernel(key, child, ev.family)
+            owner, pending = self._ask_kernel(key, child, ev.family)
         if owner is None:
-            self.failed[ev.skaddr] = time.monotonic()
-            _bound(self.failed)
+            if not pending:
+                self.failed[ev.skaddr] = time.monotonic()
+                _bound(self.failed)
         else:
             self.found[ev.skaddr] = owner
             _bound(self.found)
@@ -182,35 +301,71 @@ class Owners(Stage):
 
     def _ask_kernel(
         self, key: tuple[int, str, int, str, int], child: bool, family: int
-    ) -> Owner | None:
+    ) -> tuple[Owner | None, bool]:
         """sock_diag for this socket (or, for a new child, its listener), then /proc.
 
-        Asked in the socket's namespace and family only (a child has its listener's):
-        one request."""
+        Asked in the socket's namespace and family only (a child has its listener's).
+        Also says whether the socket still waits to be accepted: no process holds it
+        yet, and a later look-up may find one."""
         assert self.tables is not None
         started = time.monotonic()
         try:
-            netns, local_addr, local_port, _, remote_port = key
-            table = self.tables.get(netns)
+            table = self.tables.get(key[0])
             if table is None:
-                return None  # its namespace has gone, or nobody can enter it
+                return None, False  # its namespace has gone, or nobody can enter it
+            ends = key[1:]
+            listeners = None
             if child:
-                rows = table.dump(
-                    LISTEN_STATES,
-                    replace(self.filters, family=family),
-                    [[(LOCAL, (local_port, local_port))]],
-                )
-                rows = [r for r in rows if r.local_addr in (local_addr, "0.0.0.0", "::")]
-            else:
-                clauses = [
-                    [(LOCAL, (local_port, local_port))],
-                    [(REMOTE, (remote_port, remote_port))],
-                ]
-                rows = table.dump(filters=Filters(family=family), clauses=clauses)
-                rows = [r for r in rows if r.key == key[1:]]
-            return single_owner(self.procs.owner(r.inode) for r in rows if r.inode)
+                listeners = self._listener_owners(table, ends[0], ends[1], family)
+                owner = single_owner(listeners)
+                if owner is not None or not listeners:
+                    return owner, False
+                # several processes listen here (SO_REUSEPORT): whoever accepted it
+            return self._socket_owner(table, ends, family, listeners)
         finally:
             self.budget.charge(started)
+
+    def _listener_owners(
+        self, table: SocketTable, local_addr: str, local_port: int, family: int
+    ) -> list[Owner]:
+        """Owners of the listeners a connection to this address and port reaches:
+        those on the exact address, else on the wildcard."""
+        rows = table.dump(
+            LISTEN_STATES,
+            replace(self.filters, family=family),
+            [[(LOCAL, (local_port, local_port))]],
+        )
+        exact = [r for r in rows if r.local_addr == local_addr]
+        rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
+        return [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
+
+    def _socket_owner(
+        self,
+        table: SocketTable,
+        key: tuple[str, int, str, int],
+        family: int,
+        listeners: list[Owner] | None,
+    ) -> tuple[Owner | None, bool]:
+        """The process holding the socket with this 4-tuple. An accepted socket is
+        sought among its listeners' processes first: /proc's full scan runs at a
+        bounded rate and may not know it yet."""
+        local_addr, local_port, _, remote_port = key
+        clauses = [[(LOCAL, (local_port, local_port))], [(REMOTE, (remote_port, remote_port))]]
+        rows = [r for r in table.dump(filters=Filters(family=family), clauses=clauses)
+                if r.key == key]  # fmt: skip
+        owners = []
+        pending = False
+        for row in rows:
+            if not row.inode:
+                pending = pending or row.state in UNACCEPTED_STATES
+                continue
+            owner = self.procs.owner(row.inode)
+            if owner is None:
+                if listeners is None:
+                    listeners = self._listener_owners(table, local_addr, local_port, family)
+                owner = self.procs.holder(row.inode, sorted({o.pid for o in listeners}))
+            owners.append(owner)
+        return single_owner(owners), pending
 
     # ------------------------------------------------------------ durations
 
@@ -224,6 +379,16 @@ class Owners(Stage):
         return ev._replace(
             delta_ns=ev.ts_ns - self.snapshot.taken_ns, flags=ev.flags | F_DELTA_LOWER
         )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, not ours
+        return True
+    return True
 
 
 def _bound(cache: dict) -> None:

@@ -58,6 +58,10 @@ NO_OFFSETS = NetnsOffsets(sock_net=-1, net_inum=-1)
 CHECK_ARMED = 0
 CHECK_NETNS = 1
 
+# Capacity of the kernel's listeners map: the owners of this many listening
+# addresses are known in the kernel; children of the others are looked up.
+MAX_LISTENERS = 65536
+
 
 # struct bpf_prog_info (include/uapi/linux/bpf.h): its size in Linux 6.1 and the
 # offset of recursion_misses. A kernel without the field leaves it zero.
@@ -79,6 +83,8 @@ class ProbeConfig:
     filters: Filters = field(default_factory=Filters)
     emit_events: bool = True
     max_sockets: int = 65536
+    # listening addresses whose owner the kernel remembers (beyond: sock_diag)
+    max_listeners: int = MAX_LISTENERS
     # perf buffer pages per CPU (power of two); default_buffer_pages() by default
     buffer_pages: int = field(default_factory=lambda: default_buffer_pages())
     # buffer_pages is the default, not the user's: halve it while the kernel refuses it
@@ -100,6 +106,7 @@ class ProbeConfig:
         return [
             f"-I{bpf_dir()}",
             f"-DMAX_SOCKETS={self.max_sockets}",
+            f"-DMAX_LISTENERS={self.max_listeners}",
             f"-DFILTER_FAMILY={self.filters.family}",
             f"-DFILTER_PORTS={self.filters.port_checks}",
             f"-DSHOW_STATES={self.filters.show_mask:#x}",

@@ -55,9 +55,15 @@ class LossReport(Stage):
         if summary.lost_total:
             self._say(f"{summary.lost_total} events lost in all: {ADVICE}")
         if summary.missed:
+            closes = (
+                f" ({summary.stale} of them a traced socket's close, found when a new "
+                "socket reused its address)"
+                if summary.stale
+                else ""
+            )
             self._say(
-                f"up to {summary.missed} transitions were never seen: the kernel skips a "
-                "tracepoint hit while a BPF program already runs on that CPU "
+                f"up to {summary.missed} transitions were never seen{closes}: the kernel "
+                "skips a tracepoint hit while a BPF program already runs on that CPU "
                 "(bpftool prog show: recursion_misses)"
             )
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
 PROC = "/proc"
@@ -76,6 +77,29 @@ class ProcessIndex:
         self.by_inode = scan_sockets(self.proc)
         self.scanned_at = time.monotonic()
         self.scans += 1
+
+    def holder(self, inode: int, pids: Iterable[int]) -> Owner | None:
+        """The first of these processes holding this socket inode: a look at their
+        descriptors only, not a scan of /proc (which runs at a bounded rate)."""
+        target = f"socket:[{inode}]"
+        for pid in pids:
+            fd_dir = f"{self.proc}/{pid}/fd"
+            try:
+                fds = os.listdir(fd_dir)
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    if os.readlink(f"{fd_dir}/{fd}") != target:
+                        continue
+                except OSError:
+                    continue
+                comm = read_comm(pid, self.proc)
+                if comm is None:
+                    break
+                owner = self.by_inode[inode] = Owner(pid, comm)
+                return owner
+        return None
 
     def owner(self, inode: int) -> Owner | None:
         """The process holding this socket inode, or None (gone, kernel-owned, unknown)."""

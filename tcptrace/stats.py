@@ -15,6 +15,7 @@ from tcptrace.events import (
     C_DROPPED,
     C_INSERTED,
     C_SHED,
+    C_STALE,
     HIST_SLOTS,
     HIST_SUB_BITS,
     NCOUNTERS,
@@ -180,6 +181,12 @@ class Summary:
         still there (a race between CPUs can make the raw difference slightly negative)."""
         inserted, deleted = self.counters[C_INSERTED], self.counters[C_DELETED]
         return max(0, inserted - deleted - self.sockets_tracked)
+
+    @property
+    def stale(self) -> int:
+        """Traced sockets whose close the kernel skipped, found when a new socket
+        reused the address (the new one started afresh): a part of `missed`."""
+        return self.counters[C_STALE]
 
     @property
     def total_transitions(self) -> int:

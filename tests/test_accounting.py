@@ -89,6 +89,17 @@ def test_loss_report_live_is_throttled_and_final_goes_to_stderr():
     assert lines[2].startswith("tcptrace: up to 3 transitions were never seen")
 
 
+def test_skipped_closes_found_by_the_kernel_are_told_among_the_misses():
+    err = io.StringIO()
+    final = summary(C_SEEN=100, C_STALE=2)
+    final.missed = 5
+    LossReport(Source(lambda: 0), err).on_finish(final)
+    assert final.stale == 2
+    assert err.getvalue().startswith(
+        "tcptrace: up to 5 transitions were never seen (2 of them a traced socket's close,"
+    )
+
+
 def test_loss_report_silent_when_nothing_lost():
     err = io.StringIO()
     LossReport(Source(lambda: 0), err).on_finish(summary(C_SEEN=5))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 
 from tcptrace.enrich import MAX_CACHED, Owners
 from tcptrace.events import F_DELTA_KNOWN, F_OWNER_KNOWN, Event
@@ -27,7 +29,7 @@ class FakeTable:
     def dump(self, states=None, filters=None, clauses=None) -> list[SockEntry]:
         self.dumps += 1
         self.families.append(filters.family)
-        return list(self.rows)
+        return [r for r in self.rows if states is None or r.state in states]
 
 
 class FakeTables(FakeTable):
@@ -41,13 +43,26 @@ class FakeTables(FakeTable):
 
 
 class FakeProcs:
+    """inode 1001 is SERVER's, found by /proc's scan; `held` only by looking at
+    the candidate processes' descriptors (the scan ran too recently)."""
+
+    def __init__(self) -> None:
+        self.by_inode = {1001: SERVER}
+        self.held: dict[int, Owner] = {}
+
     def owner(self, inode: int) -> Owner | None:
-        return SERVER if inode == 1001 else None
+        return self.by_inode.get(inode)
+
+    def holder(self, inode: int, pids: list[int]) -> Owner | None:
+        owner = self.held.get(inode) or self.by_inode.get(inode)
+        return owner if owner is not None and owner.pid in pids else None
 
 
-def event(old: S, new: S, skaddr: int = 0xFFFF0001, flags: int = F_DELTA_KNOWN) -> Event:
-    return Event(1, 5, skaddr, 0, 0, flags, 0, 0, LOOPBACK, LOOPBACK, 80, 40000, socket.AF_INET,
-                 int(old), int(new), b"")  # fmt: skip
+def event(
+    old: S, new: S, skaddr: int = 0xFFFF0001, flags: int = F_DELTA_KNOWN, pid: int = 0
+) -> Event:
+    return Event(1, 5, skaddr, 0, pid, flags, 0, 0, LOOPBACK, LOOPBACK, 80, 40000,
+                 socket.AF_INET, int(old), int(new), b"gone" if pid else b"")  # fmt: skip
 
 
 def owners() -> tuple[Owners, FakeTable]:
@@ -55,6 +70,18 @@ def owners() -> tuple[Owners, FakeTable]:
     stage = Owners(Filters(), table, FakeProcs(), take_snapshot=False)  # type: ignore[arg-type]
     stage.on_start()
     return stage, table
+
+
+def exited_pid() -> int:
+    """The pid of a process that has exited (and been reaped)."""
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def entry(state: S, local: str, port: int, remote_port: int, inode: int) -> SockEntry:
+    remote = "0.0.0.0" if state == S.LISTEN else "127.0.0.1"
+    return SockEntry(2, int(state), local, port, remote, remote_port, inode, 0, 0, 0, 0)
 
 
 def test_known_events_pass_untouched() -> None:
@@ -125,3 +152,100 @@ def test_a_socket_looked_up_and_closed_in_one_batch_is_forgotten() -> None:
     )
     assert first.pid == 300 and table.dumps == 1
     assert not stage.found and not stage.failed
+
+
+KNOWN = F_OWNER_KNOWN | F_DELTA_KNOWN
+
+
+def test_an_owner_that_has_exited_is_replaced_by_the_socket_holder() -> None:
+    # a server that listened, then forked and exited: the kernel names its children
+    # after the exited process; the socket is the daemon's now
+    stage, table = owners()
+    gone = exited_pid()
+    child = event(S.LISTEN, S.SYN_RECV, flags=F_OWNER_KNOWN, pid=gone)
+    table.rows.append(entry(S.LISTEN, "0.0.0.0", 80, 0, 1001))
+    (ev,) = stage.on_events([child])
+    assert (ev.pid, ev.comm, ev.owner_known) == (300, b"nginx", True)
+    # the socket's later events: from the cache, no new look-up
+    dumps = table.dumps
+    (later,) = stage.on_events([event(S.SYN_RECV, S.ESTABLISHED, flags=KNOWN, pid=gone)])
+    assert later.pid == 300 and table.dumps == dumps
+    # the listener's next children: its owner is remembered, no new look-up
+    more = [event(S.LISTEN, S.SYN_RECV, skaddr=i, flags=F_OWNER_KNOWN, pid=gone) for i in (7, 8)]
+    assert [ev.pid for ev in stage.on_events(more)] == [300, 300]
+    assert table.dumps == dumps
+
+
+def test_an_exited_owners_own_calls_and_orphans_keep_its_name() -> None:
+    stage, table = owners()
+    gone = exited_pid()
+    batch = [
+        event(S.CLOSE, S.LISTEN, skaddr=1, flags=F_OWNER_KNOWN, pid=gone),  # its listen()
+        event(S.FIN_WAIT1, S.FIN_WAIT2, skaddr=2, flags=KNOWN, pid=gone),  # after its close()
+    ]
+    assert stage.on_events(batch) is None
+    assert table.dumps == 0
+    # nobody holds the socket now: the recorded owner stays
+    table.rows = []
+    held = event(S.ESTABLISHED, S.CLOSE_WAIT, skaddr=3, flags=KNOWN, pid=gone)
+    assert stage.on_events([held]) is None
+    assert table.dumps == 1
+
+
+def test_a_live_owner_is_checked_once_per_interval() -> None:
+    stage, table = owners()
+    me = os.getpid()
+    batch = [event(S.SYN_RECV, S.ESTABLISHED, skaddr=i, flags=KNOWN, pid=me) for i in range(50)]
+    assert stage.on_events(batch) is None
+    checked_at = stage.checked[me]
+    assert stage.on_events(batch) is None
+    assert stage.checked[me] is checked_at and table.dumps == 0
+
+
+def test_a_new_socket_does_not_inherit_what_was_cached_at_its_address() -> None:
+    # the kernel skipped the old socket's CLOSE: its cached owner must not name the new one
+    stage, table = owners()
+    stage.found[0xFFFF0001] = Owner(999, "old")
+    table.rows = [entry(S.LISTEN, "127.0.0.1", 80, 0, 1001)]
+    (ev,) = stage.on_events([event(S.LISTEN, S.SYN_RECV, flags=0)])
+    assert ev.pid == 300
+
+
+def test_reuseport_child_is_the_acceptors_among_the_listeners_processes() -> None:
+    stage, table = owners()
+    other = Owner(301, "nginx")
+    stage.procs.by_inode[1002] = other  # type: ignore[attr-defined]
+    stage.procs.held[1003] = SERVER  # type: ignore[attr-defined]  # accepted since /proc's scan
+    table.rows = [
+        entry(S.LISTEN, "127.0.0.1", 80, 0, 1001),
+        entry(S.LISTEN, "127.0.0.1", 80, 0, 1002),
+        entry(S.ESTABLISHED, "127.0.0.1", 80, 40000, 1003),
+    ]
+    (ev,) = stage.on_events([event(S.LISTEN, S.SYN_RECV, flags=0)])
+    assert ev.pid == 300
+
+
+def test_a_child_not_accepted_yet_is_asked_for_again() -> None:
+    stage, table = owners()
+    stage.procs.by_inode[1002] = Owner(301, "nginx")  # type: ignore[attr-defined]
+    table.rows = [
+        entry(S.LISTEN, "127.0.0.1", 80, 0, 1001),
+        entry(S.LISTEN, "127.0.0.1", 80, 0, 1002),
+        entry(S.SYN_RECV, "127.0.0.1", 80, 40000, 0),  # in the accept queue: no inode
+    ]
+    (ev,) = stage.on_events([event(S.LISTEN, S.SYN_RECV, flags=0)])
+    assert ev.pid == 0 and not stage.failed
+    table.rows[2] = entry(S.ESTABLISHED, "127.0.0.1", 80, 40000, 1001)  # accepted
+    (ev,) = stage.on_events([event(S.SYN_RECV, S.ESTABLISHED, flags=0)])
+    assert ev.pid == 300
+
+
+def test_the_listener_on_the_exact_address_wins_over_the_wildcard() -> None:
+    stage, table = owners()
+    stage.procs.by_inode[1002] = Owner(301, "other")  # type: ignore[attr-defined]
+    table.rows = [
+        entry(S.LISTEN, "0.0.0.0", 80, 0, 1002),
+        entry(S.LISTEN, "127.0.0.1", 80, 0, 1001),
+    ]
+    (ev,) = stage.on_events([event(S.LISTEN, S.SYN_RECV, flags=0)])
+    assert ev.pid == 300

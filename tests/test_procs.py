@@ -109,3 +109,14 @@ def test_snapshot_without_owned_sockets_skips_the_proc_walk(proc: Path) -> None:
     snapshot.take(FakeTable([]), index)  # type: ignore[arg-type]
     snapshot.take(FakeTable([entry(TcpState.TIME_WAIT, 40001, 80, 0)]), index)  # type: ignore[arg-type]
     assert index.scans == 0
+
+
+def test_holder_looks_at_the_given_processes_only_and_remembers(proc: Path) -> None:
+    index = ProcessIndex(min_interval=3600, proc=str(proc))
+    index.refresh()
+    fake_process(proc, 500, "worker", {3: "socket:[3001]"})  # since the scan
+    assert index.owner(3001) is None  # the scan is rate-limited
+    assert index.holder(3001, [41, 999]) is None  # not theirs; 999 does not exist
+    assert index.holder(3001, [41, 500]) == Owner(500, "worker")
+    assert index.owner(3001) == Owner(500, "worker")
+    assert index.scans == 1

@@ -1,0 +1,66 @@
+"""Mass-close bursts on loopback, as a script run in its own network namespace.
+
+Each round opens COUNT connections to one listener, accepts them all, then closes
+every client and every accepted socket at once; the next round's sockets reuse the
+memory (and so the kernel addresses) the last round freed. The listener is opened
+and closed each round too. Prints the number of connections made.
+
+    python massclose.py PORT ROUNDS COUNT
+
+Every connection makes TRANSITIONS_PER_CONNECTION transitions (the client closes
+first, the server once it has read the EOF), every round LISTENER_TRANSITIONS more.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+TRANSITIONS_PER_CONNECTION = 10
+LISTENER_TRANSITIONS = 2
+
+
+def burst_round(port: int, count: int) -> None:
+    srv = socket.socket(socket.AF_INET)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", port))
+    srv.listen(count)
+    clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(count)]
+    accepted = [srv.accept()[0] for _ in range(count)]
+    for cli in clients:
+        cli.close()
+    for conn in accepted:
+        conn.recv(1)  # the client's FIN: the server closes second
+        conn.close()
+    srv.close()
+
+
+def run(port: int, rounds: int, count: int) -> int:
+    for _ in range(rounds):
+        burst_round(port, count)
+    return rounds * count
+
+
+def run_in_netns(port: int, rounds: int, count: int) -> subprocess.Popen:
+    """Run the bursts in a fresh network namespace (unshare -n, loopback up)."""
+    return subprocess.Popen(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" "$@"',
+            sys.executable,
+            __file__,
+            str(port),
+            str(rounds),
+            str(count),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+
+
+if __name__ == "__main__":
+    print(run(int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])))
