@@ -261,8 +261,8 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "-w",
     "--wide",
     is_flag=True,
-    help="Always show the NETNS and CGROUP columns (by default: when the host has "
-    "more than one network namespace).",
+    help="Always show the NETNS and CGROUP columns (by default they appear, under a "
+    "new header, with the first transition of a second network namespace).",
 )
 @click.option(
     "-s",

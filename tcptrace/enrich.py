@@ -27,7 +27,7 @@ from __future__ import annotations
 import operator
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 
 from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_NETNS_KNOWN, F_OWNER_KNOWN, Event
@@ -85,8 +85,7 @@ MAX_CACHED = 16384
 RETRY_AFTER = 1.0
 # Who holds an exited owner's listener now, remembered this long (seconds).
 HEIR_CACHE_S = 1.0
-# Whether a pid is alive, remembered this long (seconds): a check per distinct pid
-# and batch would cost a system call each.
+# That a pid has exited, remembered this long (seconds).
 PID_CHECK_INTERVAL = 1.0
 # pids whose liveness is remembered; bounded (the oldest dropped first)
 MAX_PIDS = 4096
@@ -103,11 +102,14 @@ class Owners(Stage):
         budget: Budget | None = None,
         take_snapshot: bool = True,
         netns_fallback: bool = False,
+        seed_listeners: Callable[[list], int] | None = None,
     ) -> None:
         self.filters = filters
         self.tables = tables
         # the kernel cannot read sockets' namespaces: take each owner's (/proc/PID/ns/net)
         self.netns_fallback = netns_fallback
+        # tells the kernel about listeners older than tracing (loader.Probe.seed_listeners)
+        self.seed_listeners = seed_listeners
         self.owner_netns: dict[int, int] = {}  # pid -> its namespace, for the fallback
         self.procs = procs or ProcessIndex()
         self.budget = budget or Budget()
@@ -128,6 +130,10 @@ class Owners(Stage):
             from tcptrace import snapshot
 
             self.snapshot = snapshot.take(self.tables, self.procs, self.filters)
+            if self.seed_listeners is not None:
+                # the kernel then names their children itself, and knows an address
+                # several processes listen on (SO_REUSEPORT) as such
+                self.seed_listeners(self.snapshot.listening())
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed
@@ -160,23 +166,26 @@ class Owners(Stage):
         return out
 
     def _gone(self, events: list[Event]) -> set[int]:
-        """The batch's pids whose process has exited (checked at most once a
-        PID_CHECK_INTERVAL per pid)."""
+        """The batch's pids whose process has exited. A live pid is asked again in the
+        next batch (a daemonising server exits a moment after its listen()); a gone one
+        is remembered for PID_CHECK_INTERVAL (one system call per distinct pid)."""
         checked = self.checked
         now = time.monotonic()
         gone: set[int] = set()
         for pid in set(map(_pid, events)):
+            if not pid:  # idle task: not a process
+                continue
             seen = checked.get(pid)
-            if seen is None or now - seen[1] >= PID_CHECK_INTERVAL:
-                if not pid:  # idle task: not a process
-                    continue
-                seen = (_alive(pid), now)
-                checked.pop(pid, None)
-                checked[pid] = seen
-                if len(checked) > MAX_PIDS:
-                    del checked[next(iter(checked))]
-            if not seen[0]:
+            if seen is not None and now - seen[1] < PID_CHECK_INTERVAL:
                 gone.add(pid)
+                continue
+            if _alive(pid):
+                checked.pop(pid, None)
+                continue
+            checked[pid] = (False, now)
+            if len(checked) > MAX_PIDS:
+                del checked[next(iter(checked))]
+            gone.add(pid)
         return gone
 
     def _enrich(
@@ -276,18 +285,18 @@ class Owners(Stage):
         key = (netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
         child = ev.oldstate == LISTEN and ev.newstate == SYN_RECV
         owner = None
-        if self.snapshot is not None:
-            if child:
-                owner = self.snapshot.listener_owner(netns, ev.local_addr, ev.sport)
-            else:
-                row = self.snapshot.get(key)
-                if row is not None:
-                    owner = row.owner or self.procs.owner(row.entry.inode)
+        if self.snapshot is not None and not child:
+            # (a child's listener: the kernel knew the snapshot's, and named its owner
+            # when one socket listens there; since, others may listen there too)
+            row = self.snapshot.get(key)
+            if row is not None:
+                owner = row.owner or self.procs.owner(row.entry.inode)
         if ev.newstate == CLOSE:
             # gone: the kernel's table no longer holds it (a timewait socket has no
             # inode), and a cached answer would outlive it (its address is reused)
             return owner
-        pending = False
+        # not asked (no table, or the look-up budget is spent): ask again next time
+        pending = owner is None
         if owner is None and self.tables is not None and self.budget.allows():
             owner, pending = self._ask_kernel(key, child, ev.family)
         if owner is None:
@@ -316,10 +325,12 @@ class Owners(Stage):
             ends = key[1:]
             listeners = None
             if child:
-                listeners = self._listener_owners(table, ends[0], ends[1], family)
+                listeners, complete = self._listener_owners(table, ends[0], ends[1], family)
                 owner = single_owner(listeners)
-                if owner is not None or not listeners:
+                if owner is not None and complete:
                     return owner, False
+                if not listeners:
+                    return None, not complete
                 # several processes listen here (SO_REUSEPORT): whoever accepted it
             return self._socket_owner(table, ends, family, listeners)
         finally:
@@ -327,9 +338,10 @@ class Owners(Stage):
 
     def _listener_owners(
         self, table: SocketTable, local_addr: str, local_port: int, family: int
-    ) -> list[Owner]:
+    ) -> tuple[list[Owner], bool]:
         """Owners of the listeners a connection to this address and port reaches:
-        those on the exact address, else on the wildcard."""
+        those on the exact address, else on the wildcard; and whether every one was
+        found (a listener opened a moment ago may be newer than /proc's last scan)."""
         rows = table.dump(
             LISTEN_STATES,
             replace(self.filters, family=family),
@@ -337,7 +349,8 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        return [owner for r in rows if r.inode and (owner := self.procs.owner(r.inode))]
+        owners = [self.procs.owner(r.inode) for r in rows if r.inode]
+        return [o for o in owners if o is not None], None not in owners
 
     def _socket_owner(
         self,
@@ -362,8 +375,11 @@ class Owners(Stage):
             owner = self.procs.owner(row.inode)
             if owner is None:
                 if listeners is None:
-                    listeners = self._listener_owners(table, local_addr, local_port, family)
+                    listeners, _ = self._listener_owners(table, local_addr, local_port, family)
                 owner = self.procs.holder(row.inode, sorted({o.pid for o in listeners}))
+            # accept() gives the socket its inode a moment before the descriptor
+            # that /proc shows: nobody found yet may be somebody soon
+            pending = pending or owner is None
             owners.append(owner)
         return single_owner(owners), pending
 

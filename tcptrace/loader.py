@@ -21,6 +21,7 @@ from tcptrace.events import (
     C_DROPPED,
     C_SHED,
     C_SUBMITTED,
+    COMM_LEN,
     EVENT_SIZE,
     EVENT_STRUCT,
     HIST_SLOTS,
@@ -54,6 +55,8 @@ WRITE_SLACK_NS = 10_000_000
 
 # The program's netns read is off (it reports 0, user space falls back on the owner's).
 NO_OFFSETS = NetnsOffsets(sock_net=-1, net_inum=-1)
+# The listeners map's mark of an entry made after the map overflowed (LISTENERS_UNSURE).
+LISTENERS_UNSURE = 0x80000000
 # Slots of the program's self_check map (bpf/tcptrace.bpf.c CHECK_*).
 CHECK_ARMED = 0
 CHECK_NETNS = 1
@@ -196,6 +199,47 @@ class Probe:
         if read != expected:
             self.netns_problem = f"the BTF offsets read namespace {read} for a socket in {expected}"
         return self.netns_problem
+
+    def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
+        """Tell the kernel about listeners older than tracing, so that it names their
+        children as it does those of listeners it saw open: (netns, family, address,
+        port, owners) each. An address several sockets listen on (SO_REUSEPORT), or
+        whose owner is unknown, names nobody, and user space looks its children up.
+        What the kernel counted since it attached is kept. Returns the addresses seeded.
+        """
+        import socket
+
+        table = self.bpf[b"listeners"]
+        seeded = 0
+        for netns, family, addr, port, owners in listening:
+            key = table.Key()
+            if family == socket.AF_INET6 and ":" not in addr:
+                raw = socket.inet_pton(socket.AF_INET6, f"::ffff:{addr}")  # IPv4-mapped
+            else:
+                raw = socket.inet_pton(family, addr)
+            key.addr = (ctypes.c_ubyte * 16)(*raw.ljust(16, b"\0"))
+            key.netns, key.family, key.port = netns, family, port
+            known = [o for o in owners if o is not None]
+            try:
+                leaf = table[key]
+            except KeyError:
+                leaf = table.Leaf()
+                leaf.count = 0
+            # a listener opened between attaching and the snapshot is in both
+            count = max(leaf.count & ~LISTENERS_UNSURE, len(owners))
+            unsure = leaf.count & LISTENERS_UNSURE
+            if len(owners) == 1 and len(known) == 1 and not leaf.pid:
+                leaf.pid = known[0].pid
+                leaf.comm = known[0].comm.encode()[: COMM_LEN - 1]
+            elif len(known) < len(owners):
+                count = max(count, 2)  # whose it is cannot be known here: name nobody
+            leaf.count = count | unsure
+            try:
+                table[key] = leaf
+            except Exception:  # the map is full: the kernel marks what it cannot hold
+                continue
+            seeded += 1
+        return seeded
 
     def _fill_owner_filters(self) -> None:
         filters = self.config.filters

@@ -239,16 +239,21 @@ class TextFormatter:
         clock: Clock,
         numeric: bool = False,
         places: Places | None = None,
+        wide: bool = False,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
-        # with places: the NETNS and CGROUP columns after the owner
+        # the NETNS and CGROUP columns after the owner: with -w, or from the first
+        # transition of a second namespace on (a header marks the change)
         self.places = places
+        self.wide = wide and places is not None
+        self.home_netns = 0  # the namespace of the transitions so far (0: none yet)
         # (netns, cgroup id, pid) -> " NETNS CGROUP" columns
         self._places: dict[tuple[int, int, int], str] = {}
         self.width = _ENDPOINT_WIDTH
-        self.headed_width: int | None = None  # the width of the last header written
+        # (width, wide) of the last header written
+        self.headed: tuple[int, bool] | None = None
         self.printed = 0
         # (family, address, port) -> endpoint padded to self.width
         self._endpoints: dict[tuple[int, bytes, int], str] = {}
@@ -263,7 +268,7 @@ class TextFormatter:
     def header(self) -> str:
         w = self.width
         time_col = self._time_header()
-        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.places else ""
+        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.wide else ""
         return (
             f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} "
             f"{'OLD':>{_STATE_WIDTH}} -> {'NEW':<{_STATE_WIDTH}} {'IN OLD':>9}"
@@ -350,7 +355,9 @@ class TextFormatter:
         owners = self._owners
         transitions = self._transitions
         micros = self._micros_text
-        places = self._places if self.places is not None else None
+        wide = self.wide
+        places = self._places if wide else None
+        home = self.home_netns if self.places is not None and not wide else None
         out = []
         append = out.append
         for ev in events:
@@ -378,6 +385,11 @@ class TextFormatter:
                 owner = owners.get((pid, comm)) or self._owner_column(ev)
             else:
                 owner = _NO_OWNER  # enrich.Owners has already filled in what it could find
+            if home is not None and netns != home and netns:
+                if home:  # a second namespace: the columns from now on
+                    self.wide = True
+                    return self.lines(events)
+                self.home_netns = home = netns
             if places is not None:
                 key = (netns, cgroup_id, pid if flags & F_OWNER_KNOWN and not cgroup_id else 0)
                 owner += places.get(key) or self._place_column(netns, cgroup_id, pid, flags)
@@ -417,16 +429,16 @@ class TextFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
-        self.headed_width = self.width
+        self.headed = (self.width, self.wide)
 
     def write(self, events: Iterable[Event]) -> None:
         lines = self.lines(events)
         if lines:
             shown = len(lines)
-            if self.headed_width not in (None, self.width):
-                # the columns widened: a header above the wider lines, as they are now
+            if self.headed not in (None, (self.width, self.wide)):
+                # the columns widened or grew: a header above the lines, as they are now
                 lines.insert(0, self.header())
-                self.headed_width = self.width
+                self.headed = (self.width, self.wide)
             lines.append("")
             write_all(self.out, "\n".join(lines))
             self.printed += shown
@@ -484,20 +496,28 @@ class LifetimeFormatter:
     """One line per finished connection, like tcplife: owner, ends, lifetime, each state's time."""
 
     def __init__(
-        self, out: TextIO, clock: Clock, numeric: bool = False, places: Places | None = None
+        self,
+        out: TextIO,
+        clock: Clock,
+        numeric: bool = False,
+        places: Places | None = None,
+        wide: bool = False,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
-        self.places = places  # with places: the NETNS and CGROUP columns
+        # the NETNS and CGROUP columns, as TextFormatter shows them
+        self.places = places
+        self.wide = wide and places is not None
+        self.home_netns = 0
         self.width = _ENDPOINT_WIDTH
-        self.headed_width: int | None = None  # the width of the last header written
+        self.headed: tuple[int, bool] | None = None  # (width, wide) of the last header
         self.printed = 0
 
     def header(self) -> str:
         w = self.width
         time_col = time_header(self.clock.style)
-        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.places else ""
+        where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.wide else ""
         return (
             f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} "
             f"{'LIFETIME':>10}  STATES"
@@ -516,7 +536,12 @@ class LifetimeFormatter:
             total = ">=" + total
         states = "  ".join(f"{s.state} {_state_time(s)}" for s in life.states)
         where = ""
-        if self.places is not None:
+        if self.places is not None and not self.wide and life.netns:
+            if self.home_netns and life.netns != self.home_netns:
+                self.wide = True  # a second namespace: the columns from now on
+            self.home_netns = self.home_netns or life.netns
+        if self.wide:
+            assert self.places is not None
             place = self.places.of(life.netns, life.cgroup_id, life.pid, bool(life.pid))
             where = (
                 f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
@@ -528,18 +553,18 @@ class LifetimeFormatter:
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
-        self.headed_width = self.width
+        self.headed = (self.width, self.wide)
 
     def write(self, lives) -> None:
-        width = self.width
+        layout = (self.width, self.wide)
         lines = [self.line(life) for life in lives]
-        if self.width != width:
-            lines = [self.line(life) for life in lives]  # all at the widened columns
+        if (self.width, self.wide) != layout:
+            lines = [self.line(life) for life in lives]  # all at the new columns
         if lines:
             shown = len(lines)
-            if self.headed_width not in (None, self.width):
+            if self.headed not in (None, (self.width, self.wide)):
                 lines.insert(0, self.header())
-                self.headed_width = self.width
+                self.headed = (self.width, self.wide)
             self.out.write("\n".join(lines) + "\n")
             self.printed += shown
 

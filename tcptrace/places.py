@@ -74,7 +74,3 @@ class Places:
             if place.complete:
                 self._cache[key] = place
         return place
-
-    def several_namespaces(self) -> bool:
-        """More than one network namespace on the host now (processes or names)."""
-        return len(self.netns_index.rescan()) > 1

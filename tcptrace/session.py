@@ -15,13 +15,13 @@ from tcptrace.events import Event
 from tcptrace.filters import Filters
 from tcptrace.losses import LossReport
 from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
+from tcptrace.places import Places
 from tcptrace.sockdiag import Budget, SocketTables
 from tcptrace.stats import Summary
 from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
 
 if TYPE_CHECKING:
     from tcptrace.metrics import ListenAddress
-    from tcptrace.places import Places
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -66,14 +66,6 @@ class Options:
     wide: bool = False
 
 
-def text_places(options: Options) -> Places | None:
-    """The NETNS and CGROUP columns: with -w, or on a host of several network namespaces."""
-    from tcptrace.places import Places
-
-    places = Places()
-    return places if options.wide or places.several_namespaces() else None
-
-
 class TextOutput(Stage):
     """Per-transition lines, then the summary table, on a text stream."""
 
@@ -84,7 +76,8 @@ class TextOutput(Stage):
             out,
             Clock.now(options.timestamp),
             numeric=options.numeric,
-            places=None if options.quiet else text_places(options),
+            places=None if options.quiet else Places(),
+            wide=options.wide,
         )
 
     def on_start(self) -> None:
@@ -113,7 +106,11 @@ class LifetimeOutput(Stage):
 
         self.out = out
         self.formatter = LifetimeFormatter(
-            out, Clock.now(options.timestamp), numeric=options.numeric, places=text_places(options)
+            out,
+            Clock.now(options.timestamp),
+            numeric=options.numeric,
+            places=Places(),
+            wide=options.wide,
         )
         self.lifetimes = Lifetimes(self._write)
 
@@ -170,6 +167,7 @@ def build_stages(
     summaries: KernelStats | None = None,
     tables: SocketTables | None = None,
     netns_fallback: bool = False,
+    seed_listeners: Callable[[list], int] | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`."""
@@ -182,7 +180,13 @@ def build_stages(
         budget = Budget()  # shared: look-ups of both stages together stay within it
         timewait = TimeWait(options.filters, tables, budget)
         stages += [
-            Owners(options.filters, tables, budget=budget, netns_fallback=netns_fallback),
+            Owners(
+                options.filters,
+                tables,
+                budget=budget,
+                netns_fallback=netns_fallback,
+                seed_listeners=seed_listeners,
+            ),
             timewait,
         ]
         if summaries is not None:
@@ -234,8 +238,6 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
         states = states & options.filters.states
     with SocketTables() as tables:
         snap = snapshot.take(tables, ProcessIndex(), options.filters, states)
-    from tcptrace.places import Places
-
     several = len({row.netns for row in snap.rows}) > 1
     places = Places() if options.wide or several else None
     out.write(
@@ -296,7 +298,13 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     tables = SocketTables() if options.emit_events else None
     try:
         stages = build_stages(
-            options, out, err, summaries, tables, netns_fallback=netns_problem is not None
+            options,
+            out,
+            err,
+            summaries,
+            tables,
+            netns_fallback=netns_problem is not None,
+            seed_listeners=probe.seed_listeners,
         )
         # first: its on_finish completes the final accounting the outputs print
         stages.insert(0, LossReport(probe, err))

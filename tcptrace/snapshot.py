@@ -48,13 +48,17 @@ class Snapshot:
     def get(self, key: Key) -> SnapshotRow | None:
         return self.by_key.get(key)
 
-    def listener_owner(self, netns: int, local_addr: str, local_port: int) -> Owner | None:
-        """Owner of the listener that accepts connections to this address and port."""
-        return single_owner(
-            row.owner
-            for row in self.listeners.get((netns, local_port), ())
-            if row.entry.local_addr in (local_addr, "0.0.0.0", "::")
-        )
+    def listening(self) -> list[tuple[int, int, str, int, list[Owner | None]]]:
+        """(netns, family, address, port, owners of its listeners) of every listening
+        address: what the kernel needs to name the children of listeners older than
+        tcptrace (Probe.seed_listeners)."""
+        by_address: dict[tuple[int, int, str, int], list[Owner | None]] = {}
+        for rows in self.listeners.values():
+            for row in rows:
+                e = row.entry
+                key = (row.netns, e.family, e.local_addr, e.local_port)
+                by_address.setdefault(key, []).append(row.owner)
+        return [(*key, owners) for key, owners in by_address.items()]
 
 
 _LISTEN = 10  # TcpState.LISTEN, kept as a plain int for the hot path

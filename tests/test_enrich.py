@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 
@@ -40,6 +39,9 @@ class FakeTables(FakeTable):
     def get(self, netns: int = 0):
         assert netns in (0, self.own)
         return self
+
+    def namespaces(self, only=()) -> list[int]:
+        return [self.own]
 
 
 class FakeProcs:
@@ -192,14 +194,45 @@ def test_an_exited_owners_own_calls_and_orphans_keep_its_name() -> None:
     assert table.dumps == 1
 
 
-def test_a_live_owner_is_checked_once_per_interval() -> None:
+def test_a_live_owner_is_asked_again_and_a_gone_one_remembered(monkeypatch) -> None:
+    # a daemonising server exits a moment after its listen(): alive in one batch,
+    # gone in the next, and its children must go to whoever holds them then
+    from tcptrace import enrich
+
     stage, table = owners()
-    me = os.getpid()
-    batch = [event(S.SYN_RECV, S.ESTABLISHED, skaddr=i, flags=KNOWN, pid=me) for i in range(50)]
+    alive, asked = [True], []
+    monkeypatch.setattr(enrich, "_alive", lambda pid: asked.append(pid) or alive[0])
+    batch = [event(S.SYN_RECV, S.ESTABLISHED, skaddr=i, flags=KNOWN, pid=77) for i in range(50)]
     assert stage.on_events(batch) is None
-    checked_at = stage.checked[me]
-    assert stage.on_events(batch) is None
-    assert stage.checked[me] is checked_at and table.dumps == 0
+    assert asked == [77] and table.dumps == 0  # one system call for the batch's one pid
+    alive[0] = False
+    stage.on_events(batch)
+    assert asked == [77, 77] and 77 in stage.checked and table.dumps > 0
+    stage.on_events(batch)
+    assert asked == [77, 77]  # remembered as gone
+
+
+def test_the_snapshots_listeners_are_handed_to_the_kernel() -> None:
+    from tcptrace.sockdiag import SockEntry as Row
+
+    tables = FakeTables()
+    tables.rows = [
+        Row(2, int(S.LISTEN), "0.0.0.0", 80, "0.0.0.0", 0, 1001, 0, 0, 0, 0),
+        Row(2, int(S.LISTEN), "127.0.0.1", 81, "0.0.0.0", 0, 1001, 0, 0, 0, 0),
+        Row(2, int(S.LISTEN), "127.0.0.1", 81, "0.0.0.0", 0, 1002, 0, 0, 0, 0),
+    ]
+    seeded: list = []
+
+    class Procs(FakeProcs):
+        def refresh(self) -> None:
+            pass  # the fake /proc is what it is
+
+    stage = Owners(Filters(), tables, Procs(), seed_listeners=seeded.extend)  # type: ignore[arg-type]
+    stage.on_start()
+    assert sorted(seeded) == [
+        (tables.own, 2, "0.0.0.0", 80, [SERVER]),
+        (tables.own, 2, "127.0.0.1", 81, [SERVER, None]),  # SO_REUSEPORT: two sockets
+    ]
 
 
 def test_a_new_socket_does_not_inherit_what_was_cached_at_its_address() -> None:

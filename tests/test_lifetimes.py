@@ -122,6 +122,7 @@ def test_snapshot_gives_owner_and_lower_bound():
     out = owners.on_events([first, child, later])
     assert (out[0].pid, out[0].command) == (55, "psql")
     assert out[0].delta_lower and out[0].delta_ns == 2500 * MS
-    assert (out[1].pid, out[1].command) == (66, "nginx")  # accepted by the listener's owner
+    # a child's listener is the kernel's to name (the snapshot seeds it): one the
+    # kernel left unnamed has several listeners since, and only sock_diag can tell
+    assert (out[1].pid, out[1].command) == (0, "")
     assert not out[1].delta_lower  # a birth: no time in LISTEN to speak of
-    assert (out[2].pid, out[2].command) == (66, "nginx")  # remembered for the socket

@@ -34,7 +34,6 @@ def test_labels_prefer_names_units_and_short_container_ids():
     unknown = places.of(0, 0, 0, False)
     assert (unknown.netns_label, unknown.cgroup_label) == ("-", "-")
     assert unknown == Place(None, None, None, None)
-    assert places.several_namespaces()
 
 
 def test_a_cgroup_not_yet_indexed_is_asked_again():

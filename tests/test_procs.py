@@ -99,7 +99,7 @@ def test_snapshot_names_owners_and_orders_by_lifecycle(proc: Path) -> None:
         TcpState.TIME_WAIT,
     ]
     assert [row.owner for row in snap.rows] == [Owner(300, "nginx"), Owner(41, "curl"), None]
-    assert snap.listener_owner(FakeTable.own, "127.0.0.1", 80) == Owner(300, "nginx")
+    assert snap.listening() == [(FakeTable.own, 2, "127.0.0.1", 80, [Owner(300, "nginx")])]
     assert snap.get((FakeTable.own, "127.0.0.1", 40000, "127.0.0.1", 80)).owner == Owner(41, "curl")
     assert all(row.netns == FakeTable.own for row in snap.rows)
 

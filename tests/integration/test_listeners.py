@@ -183,3 +183,21 @@ def test_listeners_beyond_the_kernels_map_are_named_right(tmp_path):
     out = finish(run)
     assert {s.name for s in by_port.values()} == {"tt-third", "tt-fourth"}, by_port
     assert_named_after_acceptor(out, ports[2], by_port, shared=True)
+
+
+def test_reuseport_pair_older_than_tcptrace_each_child_named_after_its_acceptor():
+    """Listeners older than tcptrace are handed to the kernel from the start-up
+    snapshot: two on one address are known as two, so no child goes to one of them
+    by default; a third, opened while tracing, makes no difference."""
+    port = free_port()
+    first = Server("127.0.0.1", port, "tt-first", "--reuseport")
+    second = Server("127.0.0.1", port, "tt-second", "--reuseport")
+    run = trace(port)
+    time.sleep(0.3)  # the snapshot, taken once tracing, is handed over
+    third = Server("127.0.0.1", port, "tt-third", "--reuseport")
+    clients = connect_all("127.0.0.1", port)
+    servers = (first, second, third)
+    by_port = {p: s for s in servers for p in s.accepted()}
+    out = finish(run)
+    assert set(by_port) == clients
+    assert_named_after_acceptor(out, port, by_port, shared=True)
