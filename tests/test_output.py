@@ -345,3 +345,44 @@ def test_a_long_ipv6_address_keeps_lifetime_lines_aligned():
     text = out.getvalue()
     assert text.count("PID") == 2
     aligned_under_headers(text, lambda line: line.rindex("["), "REMOTE")
+
+
+class _Names:
+    def name(self, inode: int):
+        return {11: "blue", 12: "red"}.get(inode)
+
+
+class _Paths:
+    def path(self, cgroup_id: int):
+        return {5: "/system.slice/nginx.service"}.get(cgroup_id)
+
+
+def test_namespace_columns_grow_with_the_second_namespace():
+    from tcptrace.places import Places
+
+    out = io.StringIO()
+    places = Places(_Names(), _Paths())  # type: ignore[arg-type]
+    fmt = TextFormatter(out, Clock.now("none"), numeric=True, places=places)
+    fmt.write_header()
+    fmt.write([make_event(netns=11, cgroup_id=5)])  # one namespace: the usual columns
+    fmt.write([make_event(netns=11, cgroup_id=5), make_event(netns=12, cgroup_id=5)])
+    lines = out.getvalue().splitlines()
+    assert "NETNS" not in lines[0] and "blue" not in lines[1]
+    assert lines[2].split()[2:4] == ["NETNS", "CGROUP"]  # a header as the columns grow
+    assert lines[3].split()[2:4] == ["blue", "nginx.service"]  # the whole batch has them
+    assert lines[4].split()[2:4] == ["red", "nginx.service"]
+    assert len({len(line) for line in lines[2:]}) == 1  # aligned
+
+
+def test_wide_shows_the_columns_from_the_start():
+    from tcptrace.places import Places
+
+    out = io.StringIO()
+    fmt = TextFormatter(
+        out, Clock.now("none"), numeric=True, places=Places(_Names(), _Paths()), wide=True
+    )  # type: ignore[arg-type]
+    fmt.write_header()
+    fmt.write([make_event(netns=11, cgroup_id=0, flags=0)])
+    header, line = out.getvalue().splitlines()
+    assert header.split()[2:4] == ["NETNS", "CGROUP"]
+    assert line.split()[:4] == ["-", "-", "blue", "-"]
