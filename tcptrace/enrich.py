@@ -85,6 +85,8 @@ MAX_CACHED = 16384
 RETRY_AFTER = 1.0
 # Who holds an exited owner's listener now, remembered this long (seconds).
 HEIR_CACHE_S = 1.0
+# A process start time is known to a clock tick (10 ms at USER_HZ=100).
+START_TOLERANCE_NS = 20_000_000
 # That a pid has exited, remembered this long (seconds).
 PID_CHECK_INTERVAL = 1.0
 # pids whose liveness is remembered; bounded (the oldest dropped first)
@@ -273,6 +275,11 @@ class Owners(Stage):
         elif owner is None:
             owner = self._look_up(ev)
         if owner is None or owner.pid == ev.pid:
+            return ev
+        started = self.procs.started_ns(owner.pid)
+        if started is None or started > ev.ts_ns + START_TOLERANCE_NS:
+            # a process younger than the transition holds that 4-tuple now: another
+            # socket took the address since (a port reused at once on loopback)
             return ev
         self.resolved += 1
         return ev._replace(pid=owner.pid, comm=owner.comm.encode())

@@ -30,6 +30,28 @@ def read_comm(pid: int, proc: str = PROC) -> str | None:
         return None
 
 
+# Clock ticks a second of /proc/PID/stat's times.
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+NS_PER_S = 1_000_000_000
+# /proc/PID/stat's start time, after the command's closing parenthesis: field 22
+# of the line is the 20th after it.
+_STARTTIME_AFTER_COMM = 19
+
+
+def started_ns(pid: int, proc: str = PROC) -> int | None:
+    """When the process started, on CLOCK_MONOTONIC (the clock of event times), to a
+    clock tick; None when it is gone."""
+    try:
+        with open(f"{proc}/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    ticks = int(stat[stat.rindex(")") + 2 :].split()[_STARTTIME_AFTER_COMM])
+    # the start time counts from boot, suspended time included (CLOCK_BOOTTIME)
+    since_boot = ticks * NS_PER_S // CLOCK_TICKS
+    return since_boot - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns())
+
+
 def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
     """socket inode -> first process (lowest pid) holding it, from /proc/*/fd."""
     found: dict[int, Owner] = {}
@@ -77,6 +99,9 @@ class ProcessIndex:
         self.by_inode = scan_sockets(self.proc)
         self.scanned_at = time.monotonic()
         self.scans += 1
+
+    def started_ns(self, pid: int) -> int | None:
+        return started_ns(pid, self.proc)
 
     def holder(self, inode: int, pids: Iterable[int]) -> Owner | None:
         """The first of these processes holding this socket inode: a look at their

@@ -51,6 +51,7 @@ class FakeProcs:
     def __init__(self) -> None:
         self.by_inode = {1001: SERVER}
         self.held: dict[int, Owner] = {}
+        self.started: dict[int, int] = {}
 
     def owner(self, inode: int) -> Owner | None:
         return self.by_inode.get(inode)
@@ -58,6 +59,9 @@ class FakeProcs:
     def holder(self, inode: int, pids: list[int]) -> Owner | None:
         owner = self.held.get(inode) or self.by_inode.get(inode)
         return owner if owner is not None and owner.pid in pids else None
+
+    def started_ns(self, pid: int) -> int | None:
+        return self.started.get(pid, 0)  # long before any event, unless told
 
 
 def event(
@@ -176,6 +180,17 @@ def test_an_owner_that_has_exited_is_replaced_by_the_socket_holder() -> None:
     more = [event(S.LISTEN, S.SYN_RECV, skaddr=i, flags=F_OWNER_KNOWN, pid=gone) for i in (7, 8)]
     assert [ev.pid for ev in stage.on_events(more)] == [300, 300]
     assert table.dumps == dumps
+
+
+def test_a_process_younger_than_the_transition_is_not_its_heir() -> None:
+    # the exited owner's 4-tuple was taken at once by a new process's socket (ports
+    # are reused at once on loopback): that process did not hold this socket
+    stage, table = owners()
+    gone = exited_pid()
+    stage.procs.started[300] = 10**9  # the process holding the 4-tuple now: 1 s after
+    # the event stands as the kernel gave it (on_events: None, nothing replaced)
+    assert stage.on_events([event(S.ESTABLISHED, S.CLOSE_WAIT, flags=KNOWN, pid=gone)]) is None
+    assert table.dumps == 1
 
 
 def test_an_exited_owners_own_calls_and_orphans_keep_its_name() -> None:

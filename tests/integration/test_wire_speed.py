@@ -100,11 +100,14 @@ def test_events_from_both_cpus_come_out_in_time_order():
     from tcptrace.loader import Probe, ProbeConfig
 
     port = free_port()
-    probe = Probe(ProbeConfig(filters=Filters(ports=frozenset({port})), buffer_pages=64))
+    probe = Probe(ProbeConfig(filters=Filters(ports=frozenset({port})), buffer_pages=256))
     try:
         churn(port, 200)
         time.sleep(0.1)
-        events = probe.poll_events(0)
+        probe.detach()
+        events: list = []
+        while batch := probe.poll_events(0):  # batch after batch: in order across them
+            events += batch
     finally:
         probe.close()
     assert len(events) >= 200 * 9
