@@ -47,6 +47,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tcptrace-bench"
 TCPSTATES = ("/usr/sbin/tcpstates-bpfcc", "/usr/share/bcc/tools/tcpstates")
+# libbpf-tools' C tcpstates (Debian: libbpf-tools): unfiltered, as its -L and -D are ANDed
+LIBBPF_TCPSTATES = "/usr/sbin/tcpstates"
 CLONE_NEWNET = 0x40000000
 RESERVED_PORT = 2024  # the workplace's port: never used
 READY = "Ctrl-C to stop"
@@ -152,6 +154,7 @@ class Mode:
     name: str
     kind: str  # "untraced", "counter", "tcptrace", "tcpstates", "busy"
     args: list[str] = field(default_factory=list)
+    program: str = ""  # a tcpstates kind: this one instead of bcc's
 
     @property
     def counted(self) -> bool:
@@ -220,7 +223,8 @@ def wait_ready(proc: subprocess.Popen, kind: str, err_path: Path, timeout: float
 
 SUMMARY_RE = re.compile(r"^(\d+) transitions traced(?:, (\d+) shown)?, (\d+) lost", re.M)
 DETAIL_RE = re.compile(r"lost \((\d+) shed, (\d+) dropped\)")
-TCPSTATES_LOST_RE = re.compile(r"Possibly lost (\d+) samples")
+# bcc's Python tools, then libbpf-tools' C ones
+TCPSTATES_LOST_RE = re.compile(r"Possibly lost (\d+) samples|lost (\d+) events on CPU")
 
 
 # A process that keeps one CPU busy for a share of each 10 ms: what any consumer
@@ -243,7 +247,7 @@ def tracer_command(mode: Mode, port: int) -> list[str]:
         return [sys.executable, "-c", BUSY_LOOP, *mode.args]
     if mode.kind == "tcptrace":
         return [sys.executable, "-m", "tcptrace", "--port", str(port), *mode.args]
-    return [find_tcpstates(), *mode.args]
+    return [mode.program or find_tcpstates(), *mode.args]
 
 
 def find_tcpstates() -> str:
@@ -359,7 +363,9 @@ def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Pa
             if needle in line:
                 printed += 1
     result.printed = printed
-    result.lost = sum(int(n) for n in TCPSTATES_LOST_RE.findall(err_path.read_text()))
+    result.lost = sum(
+        int(bcc or libbpf) for bcc, libbpf in TCPSTATES_LOST_RE.findall(err_path.read_text())
+    )
 
 
 # --- the table ------------------------------------------------------------------------
@@ -545,6 +551,8 @@ def default_modes() -> list[Mode]:
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))
+    if os.access(LIBBPF_TCPSTATES, os.X_OK):
+        modes.append(Mode("tcpstates (libbpf)", "tcpstates", program=LIBBPF_TCPSTATES))
     return modes
 
 
