@@ -34,15 +34,19 @@ SOAK_MIN_SECONDS = 90.0
 SOAK_RATE = 300.0  # connections a second
 SOAK_SAMPLE_S = 3.0
 # What the heap may rise between the middle and the last third of a soak, and
-# between two equal floods, without growing: the allocator's high-water mark. A
-# batch at its largest (perfbuf.READ_RECORDS from each ring) takes ~2 MB while it
-# is decoded and formatted, and the pages it first touches stay resident; the
-# largest batch so far may come in any third (a stall of the reader). Measured
-# without it: +0 to +0.7 MiB. Steady growth above 2 MiB in a third (40 s at 120 s:
-# 175 bytes a connection; 30 s at 90 s: 235) fails. The +9 MB step once seen here
-# in the VM was khugepaged refilling the trimmed heap (THP "always"): tcptrace
-# now turns THP off for itself (loader._no_huge_pages).
-GROWTH_SLACK_KIB = 2048
+# between two later flood rounds, without growing: the allocator's high-water mark.
+# A batch at its largest (perfbuf.READ_RECORDS from each ring, 4,096 events here)
+# takes ~3 MB while it is decoded, enriched and formatted; the pages it first
+# touches stay resident, and the largest batch so far may come in any third (a
+# stall of the reader, frequent under emulation). Measured (Debian 12 VM, TCG,
+# 90 s): +1.0 to +1.4 MiB, of which ~0.65 MiB is the endpoint cache's dict growing
+# its table once more near 11,000 entries (~60 s at SOAK_RATE); host, 120 s:
+# +0.25 MiB. Flood rounds 3 and 4 rose by up to 1.7 MiB (host) and 3.5 MiB (VM, one
+# round of two). Steady growth above 3 MiB in a third fails: 260 bytes a connection
+# at 120 s, 350 at 90 s. The +9 MB step once seen here in the VM was khugepaged
+# refilling the trimmed heap (THP "always"): tcptrace now turns THP off for itself
+# (loader._no_huge_pages).
+GROWTH_SLACK_KIB = 3 * 1024
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -157,13 +161,15 @@ def half_open_clients(port: int, n: int, client_ports: list[int] | None) -> list
 # formatter's endpoint cache (~200 bytes each), a batch of 5,000 events, start-up's
 # leftovers. Per-socket state would show in the second flood.
 FIRST_FLOOD_KIB = 8 * 1024
+# Longest wait for a flood round's 5,000 transitions to be printed.
+FLOOD_WAIT_S = 60.0
 
 
 def test_half_open_flood_keeps_the_map_bounded_and_counts_evictions():
     flood_port, service_port, warm_port = free_port(), free_port(), free_port()
     max_sockets = 256
     half_open = 5000
-    rounds = 3
+    rounds = 4
     ports = f"{flood_port},{service_port},{warm_port}"
     run = Running("--port", ports, "-n", "--max-sockets", str(max_sockets))
     run.wait_ready()
@@ -178,29 +184,33 @@ def test_half_open_flood_keeps_the_map_bounded_and_counts_evictions():
     # the heap: the perf rings' pages (bounded by their size) and libraries' are not in it
     heap_before = rss_kib(run.proc.pid, "RssAnon")
 
-    # the same flood three times, from the same client ports: the caches of formatted
+    # the same flood four times, from the same client ports: the caches of formatted
     # endpoints are warm after the first, and the allocator's high-water mark after the
-    # second (its closes, then its opens, come in the largest batches), so whatever
-    # the third adds to the heap is per-socket state
+    # second (its closes, then its opens, come in the largest batches). Per-socket
+    # state would raise the heap in each later round; the allocator's rounding lifts
+    # one round now and then, and is bounded by a batch (see GROWTH_SLACK_KIB)
     heaps: list[int] = []
     entries: list[int] = []
     client_ports: list[int] | None = None
     with open_files(half_open + 1000), listener(port=flood_port, backlog=0):
         first = socket.create_connection(("127.0.0.1", flood_port))
         time.sleep(0.2)
-        for flood in range(rounds):
+        for flood in range(1, rounds + 1):
             clients = half_open_clients(flood_port, half_open, client_ports)
             client_ports = [c.getsockname()[1] for c in clients]
-            time.sleep(1.0)
+            # measured once the round is printed: an emulated CPU takes seconds
+            opened = wait_for_lines(drain, "CLOSE -> SYN_SENT", flood * half_open, FLOOD_WAIT_S)
+            assert len(opened) >= flood * half_open, len(opened)
             entries.append(map_entries(map_id))
             heaps.append(rss_kib(run.proc.pid, "RssAnon"))
-            if flood == rounds - 1:
+            if flood == rounds:
                 # the tool keeps printing, with timings, for a new connection elsewhere
                 one_connection(service_port)
                 time.sleep(0.5)
             for c in clients:
                 c.close()
-            time.sleep(0.5)
+            closed = wait_for_lines(drain, "SYN_SENT -> CLOSE", flood * half_open, FLOOD_WAIT_S)
+            assert len(closed) >= flood * half_open, len(closed)
         first.close()
     time.sleep(1.0)
     code, err = stop_drained(run, drain)
@@ -216,7 +226,8 @@ def test_half_open_flood_keeps_the_map_bounded_and_counts_evictions():
     assert max(entries) <= max_sockets, entries
     # bounded map, flat memory: user space keeps no per-socket state
     assert heaps[0] - heap_before < FIRST_FLOOD_KIB, (heap_before, heaps)
-    assert heaps[-1] - heaps[-2] <= GROWTH_SLACK_KIB, (heap_before, heaps)
+    later = [after - before for before, after in zip(heaps[1:], heaps[2:])]
+    assert min(later) <= GROWTH_SLACK_KIB, (heap_before, heaps)
     # evictions counted and reported; the evicted sockets' next transition is UNTIMED
     last = accounting_line(lines)
     traced, shown, lost = summary_numbers(last)
