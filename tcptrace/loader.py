@@ -114,7 +114,7 @@ class Probe:
             self.reader = self._open_reader(config)
             config = replace(config, buffer_pages=self.reader.pages)
         self.config = config
-        _no_huge_pages()  # before the compile's heap exists: see there
+        _no_huge_pages()  # before the compile makes the heap that is trimmed after it
         try:
             self.bpf = BPF(text=source, cflags=config.cflags())
         except Exception as exc:  # bcc raises bare Exception for every failure
@@ -320,7 +320,7 @@ PR_SET_THP_DISABLE = 41
 
 
 def _no_huge_pages() -> None:
-    """Keep what malloc_trim gives back given back.
+    """Keep the heap that malloc_trim gives back from being refilled by the kernel.
 
     Where transparent huge pages are on for every process (THP "always", as in
     Debian's kernels), khugepaged collapses any 2 MB range of the heap that still
