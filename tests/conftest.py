@@ -1,13 +1,41 @@
 """Shared fixtures. BPF tests need root and a working toolchain: outside CI they
-skip with the reason when that is missing; with CI=true they fail instead."""
+skip with the reason when that is missing; with CI=true they fail instead.
+
+Tests marked host_only run on the host only: the VM suite (vagrant/qemu-test sets
+TCPTRACE_IN_VM=1 in the guest) skips them, because the host runs the same code on
+the same Python (Debian 12's 3.11) and they ask nothing of the kernel that differs.
+Every unit test module (tests/test_*.py) is host_only unless it is listed in
+KERNEL_UNIT_MODULES; single tests carry the marker themselves.
+"""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+IN_VM = os.environ.get("TCPTRACE_IN_VM") == "1"
+# Unit test modules that ask the kernel (sock_diag), whose answers differ by version.
+KERNEL_UNIT_MODULES = frozenset({"test_sockdiag.py", "test_benchmarks.py"})
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # registered here, not in pyproject.toml: that file is part of the VM image's key
+    config.addinivalue_line(
+        "markers", "host_only: the VM suite skips it (TCPTRACE_IN_VM=1): see tests/conftest.py"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        path = item.path
+        if path.parent == TESTS_DIR and path.name not in KERNEL_UNIT_MODULES:
+            item.add_marker(pytest.mark.host_only)
+        if IN_VM and item.get_closest_marker("host_only"):
+            item.add_marker(pytest.mark.skip(reason="host_only: the host suite runs it"))
 
 
 def _bpf_problem() -> str | None:

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
@@ -19,6 +21,7 @@ def run_benchmark(script: str, *args: str) -> list[str]:
     return done.stdout.splitlines()
 
 
+@pytest.mark.host_only  # user space only, on recorded events
 def test_consumer_benchmark_reports_each_step():
     lines = run_benchmark("consumer.py", "--events", "20000", "--batch", "512")
     assert lines[0].startswith("20,000 events, text, 512 records per ring read")
