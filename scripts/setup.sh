@@ -4,6 +4,8 @@
 #   (the nearest Debian headers when none match the running kernel), tracefs,
 #   and a venv in .venv that sees the distribution's bcc.
 # Idempotent: a second run only checks, in well under a second.
+#   scripts/setup.sh            all of it
+#   scripts/setup.sh --system   the machine only, no .venv (what scripts/install needs)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,6 +15,11 @@ say() { echo "setup: $*" >&2; }
 die() { echo "setup: $*" >&2; exit 1; }
 
 [ "$(id -u)" -eq 0 ] || die "run as root (sudo $0): it installs packages and mounts tracefs"
+case "${1:-}" in
+"") system_only=0 ;;
+--system) system_only=1 ;;
+*) die "usage: $0 [--system]" ;;
+esac
 
 . /etc/os-release
 family="${ID_LIKE:-} $ID"
@@ -74,6 +81,8 @@ if [ ! -d /sys/kernel/tracing/events ]; then
     mount -t tracefs nodev /sys/kernel/tracing 2>/dev/null \
         || die "cannot mount tracefs on /sys/kernel/tracing"
 fi
+
+[ "$system_only" -eq 1 ] && exit 0
 
 # A venv that sees the distribution's bcc (it imports only in the system Python).
 stamp="$venv/.tcptrace-stamp"

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from typing import IO
 
 READY = "Ctrl-C to stop"
@@ -15,14 +16,21 @@ READY = "Ctrl-C to stop"
 
 class Running:
     def __init__(
-        self, *args: str, env: dict[str, str] | None = None, stdout: int | IO = subprocess.PIPE
+        self,
+        *args: str,
+        env: dict[str, str] | None = None,
+        stdout: int | IO = subprocess.PIPE,
+        command: Sequence[str] = (sys.executable, "-m", "tcptrace"),
+        cwd: str | None = None,
     ) -> None:
+        """command: how to start tcptrace (the installed one: ["tcptrace"], or via sudo)."""
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tcptrace", *args],
+            [*command, *args],
             stdout=stdout,
             stderr=subprocess.PIPE,
             text=True,
             env={**os.environ, **(env or {})},
+            cwd=cwd,
         )
         self.stderr_head = ""
 
