@@ -17,8 +17,8 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 IN_VM = os.environ.get("TCPTRACE_IN_VM") == "1"
-# Unit test modules that ask the kernel (sock_diag), whose answers differ by version.
-KERNEL_UNIT_MODULES = frozenset({"test_sockdiag.py", "test_benchmarks.py"})
+# Unit test modules that ask the kernel (sock_diag, its BTF), whose answers differ by version.
+KERNEL_UNIT_MODULES = frozenset({"test_sockdiag.py", "test_benchmarks.py", "test_btf.py"})
 TESTS_DIR = Path(__file__).resolve().parent
 
 
