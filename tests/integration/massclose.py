@@ -13,6 +13,7 @@ first, the server once it has read the EOF), every round LISTENER_TRANSITIONS mo
 
 from __future__ import annotations
 
+import resource
 import socket
 import subprocess
 import sys
@@ -37,6 +38,12 @@ def burst_round(port: int, count: int) -> None:
 
 
 def run(port: int, rounds: int, count: int) -> int:
+    # each connection holds two descriptors at once (client and accepted socket);
+    # the VM's default limit of 1024 is below what a round needs
+    needed = 2 * count + 64
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < needed:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(needed, hard)))
     for _ in range(rounds):
         burst_round(port, count)
     return rounds * count

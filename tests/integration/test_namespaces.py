@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,21 +152,47 @@ def test_a_namespace_deleted_while_its_sockets_are_followed_is_dropped_quietly()
     port = free_port()
     name = f"{name_tag()}e"
     run = Running("--port", str(port), "-n")
+    reader = Lines(run.proc.stdout)
     run.wait_ready()
     with netns(name):
         burst(port, "ip", "netns", "exec", name)
-        time.sleep(0.3)
+        # deleted only once tcptrace follows its timewait sockets (an emulated CPU lags)
+        reader.wait_for("FIN_WAIT2 -> TIME_WAIT", CONNECTIONS)
     time.sleep(2.5)  # deleted: tcptrace notices within a second and lets it go
-    code, out, err = run.stop(signal.SIGINT)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.proc.wait(timeout=30)
+    reader.join(10)
+    err = run.stderr_head + run.proc.stderr.read()
     assert code == 0, err
     assert "Traceback" not in err
-    lines = out.splitlines()
+    lines = reader.lines
+    out = "\n".join(lines)
     moves = [line for line in lines if " -> " in line]
     assert sum("FIN_WAIT2 -> TIME_WAIT" in line for line in moves) == CONNECTIONS, out
     assert not any("TIME_WAIT -> CLOSE" in line for line in moves), out
     assert f"TIME_WAIT: {CONNECTIONS} followed sockets dropped with their network namespace" in out
     traced, shown, lost = summary_numbers(accounting_line(lines))
     assert traced == shown + lost
+
+
+class Lines(threading.Thread):
+    """A tracer's stdout, read as it comes."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in self.lines) < count:
+            assert time.monotonic() < deadline, f"no {count} lines with {text!r}: {self.lines}"
+            time.sleep(0.05)
 
 
 @contextlib.contextmanager
@@ -272,7 +299,7 @@ def test_without_btf_the_owners_namespace_stands_in_and_says_so():
         run = Running("--port", str(port), "--json", env={"TCPTRACE_BTF": "/nonexistent/btf"})
         run.wait_ready()
         # the owners live on a while: the fallback reads their /proc/PID/ns/net
-        burst(port, "ip", "netns", "exec", name, env={"BURST_LINGER": "0.5"})
+        burst(port, "ip", "netns", "exec", name, env={"BURST_LINGER": "3"})
         code, out, err = run.stop(signal.SIGINT)
     assert code == 0, err
     assert err.count("cannot read sockets' network namespaces") == 1, err
