@@ -66,8 +66,8 @@ def render(command: click.Command, name: str = "tcptrace") -> str:
     out += [
         ".PP",
         "It needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE), bcc's Python "
-        "bindings and the running kernel's headers. Lost events are always counted: the "
-        "last line reads traced = shown + lost.",
+        "bindings and the running kernel's headers. Events it could not show are counted "
+        "and reported as lost; the per-state statistics, kept in the kernel, stay exact.",
         ".SH OPTIONS",
     ]
     for param in command.get_params(ctx):
