@@ -321,6 +321,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if early_sigterm:
             early_sigterm.clear()
             tracer.request_stop()
+        tracer.start()
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()

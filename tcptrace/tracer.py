@@ -119,6 +119,7 @@ class Tracer:
         self.conditions = stop
         self.stopping = threading.Event()
         self.handled = 0
+        self.started = False  # start() ran
         # share of one CPU the loop may use (None: as much as it needs); above it
         # the loop rests, the kernel sheds what does not fit and counts it
         self.cpu_budget = cpu_budget
@@ -207,14 +208,22 @@ class Tracer:
             rest = min(cpu_used * (1 / self.cpu_budget - 1), MAX_REST_S)
             self.stopping.wait(rest)
 
+    def start(self) -> None:
+        """Start every stage (once): the start-up snapshot, which hands older listeners
+        to the kernel, is taken before the caller says tracing has begun."""
+        if self.started:
+            return
+        self.started = True
+        for stage in self.stages:
+            stage.on_start()
+
     def run(self) -> Summary:
         """Trace until a stop condition, then finish every stage; return the summary."""
         with fewer_collections():
             return self._run()
 
     def _run(self) -> Summary:
-        for stage in self.stages:
-            stage.on_start()
+        self.start()
         deadline = time.monotonic() + self.conditions.duration if self.conditions.duration else None
         next_collection = time.monotonic() + GC_FULL_INTERVAL
         while not self.stopping.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,14 @@ def test_holder_looks_at_the_given_processes_only_and_remembers(proc: Path) -> N
     assert index.holder(3001, [41, 500]) == Owner(500, "worker")
     assert index.owner(3001) == Owner(500, "worker")
     assert index.scans == 1
+
+
+def test_an_owner_that_exited_since_the_scan_is_not_its_sockets_owner(proc: Path) -> None:
+    # a server that listened, then forked and exited: the scan saw the parent
+    index = ProcessIndex(min_interval=3600, proc=str(proc))
+    assert index.owner(1001) == Owner(300, "nginx")
+    shutil.rmtree(proc / "300")
+    fake_process(proc, 301, "nginx", {3: "socket:[1001]"})
+    assert index.owner(1001) is None  # gone, and no new scan is due yet
+    index.min_interval = 0
+    assert index.owner(1001) == Owner(301, "nginx")

@@ -96,6 +96,12 @@ def anonymous_births(out: str, port: int) -> list[tuple[str, str]]:
 
 
 BIRTH = ("LISTEN", "SYN_RECV")
+# SO_REUSEPORT children are found by sock_diag and /proc look-ups, within 5% of the
+# tracer's time (a 0.2 s burst first): under the VM's emulated CPU those look-ups
+# cost ten times more, the budget runs out within the test's 16 connections, and
+# lines show "-" by design. The host runs them; the VM still checks how its kernel
+# (6.1) reports a child's birth, in the other tests here and in test_order.py.
+REUSEPORT_HOST_ONLY = pytest.mark.host_only
 
 
 def assert_named_after_acceptor(
@@ -135,6 +141,7 @@ def finish(run: Running) -> str:
     return out
 
 
+@REUSEPORT_HOST_ONLY
 def test_two_reuseport_processes_each_child_named_after_its_acceptor():
     port = free_port()
     run = trace(port)
@@ -178,6 +185,7 @@ def test_server_that_daemonised_names_its_children_after_the_daemon():
     assert [r[0] for r in listens] == [str(listened)], out
 
 
+@REUSEPORT_HOST_ONLY
 def test_listeners_beyond_the_kernels_map_are_named_right(tmp_path):
     """The kernel remembers MAX_LISTENERS listening addresses (65536): here a program
     made with room for two. Children of listeners it has no room for are looked up;
@@ -205,6 +213,7 @@ def test_listeners_beyond_the_kernels_map_are_named_right(tmp_path):
     assert_named_after_acceptor(out, ports[2], by_port, shared=True)
 
 
+@REUSEPORT_HOST_ONLY
 def test_reuseport_pair_older_than_tcptrace_each_child_named_after_its_acceptor():
     """Listeners older than tcptrace are handed to the kernel from the start-up
     snapshot: two on one address are known as two, so no child goes to one of them
