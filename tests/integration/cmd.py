@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from typing import IO
@@ -59,3 +60,23 @@ class Running:
     def wait(self, timeout: float = 30.0) -> tuple[int, str, str]:
         out, err = self.proc.communicate(timeout=timeout)
         return self.proc.returncode, out, self.stderr_head + err
+
+
+class Lines(threading.Thread):
+    """A tracer's stdout, read as it comes."""
+
+    def __init__(self, stream) -> None:
+        super().__init__(daemon=True)
+        self.stream = stream
+        self.lines: list[str] = []
+        self.start()
+
+    def run(self) -> None:
+        for line in self.stream:
+            self.lines.append(line.rstrip("\n"))
+
+    def wait_for(self, text: str, count: int, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in self.lines) < count:
+            assert time.monotonic() < deadline, f"no {count} lines with {text!r}: {self.lines}"
+            time.sleep(0.05)

@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +21,7 @@ import pytest
 from tcptrace.cgroups import cgroup2_mount
 
 from .accounting import accounting_line, summary_numbers
-from .cmd import Running
+from .cmd import Lines, Running
 from .netutil import free_port, listener
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
@@ -173,26 +172,6 @@ def test_a_namespace_deleted_while_its_sockets_are_followed_is_dropped_quietly()
     assert f"TIME_WAIT: {CONNECTIONS} followed sockets dropped with their network namespace" in out
     traced, shown, lost = summary_numbers(accounting_line(lines))
     assert traced == shown + lost
-
-
-class Lines(threading.Thread):
-    """A tracer's stdout, read as it comes."""
-
-    def __init__(self, stream) -> None:
-        super().__init__(daemon=True)
-        self.stream = stream
-        self.lines: list[str] = []
-        self.start()
-
-    def run(self) -> None:
-        for line in self.stream:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, text: str, count: int, timeout: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout
-        while sum(text in line for line in self.lines) < count:
-            assert time.monotonic() < deadline, f"no {count} lines with {text!r}: {self.lines}"
-            time.sleep(0.05)
 
 
 @contextlib.contextmanager

@@ -8,14 +8,13 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from .accounting import accounting_line, summary_numbers
-from .cmd import Running
+from .cmd import Lines, Running
 from .netutil import free_port, listener
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
@@ -57,19 +56,6 @@ OPENING = {"SYN_SENT", "SYN_RECV", "ESTABLISHED"}
 MAY_BE_POLLED = {("FIN_WAIT2", "TIME_WAIT"), ("CLOSING", "TIME_WAIT"), ("TIME_WAIT", "CLOSE")}
 
 
-class Reader(threading.Thread):
-    """Reads a tracer's stdout as it comes, like a pipe into another program."""
-
-    def __init__(self, stream) -> None:
-        super().__init__(daemon=True)
-        self.stream = stream
-        self.lines: list[str] = []
-
-    def run(self) -> None:
-        for line in self.stream:
-            self.lines.append(line.rstrip("\n"))
-
-
 def run_burst(port: int) -> None:
     done = subprocess.run(
         [sys.executable, str(BURST), str(port), str(CLIENTS), str(EACH)],
@@ -85,8 +71,7 @@ def traced_burst(*args: str) -> tuple[list[str], str]:
     """The burst traced by `tcptrace --port P ARGS` into a pipe that is read as it comes."""
     port = free_port()
     run = Running("--port", str(port), *args)
-    reader = Reader(run.proc.stdout)
-    reader.start()
+    reader = Lines(run.proc.stdout)
     run.wait_ready()
     run_burst(port)
     time.sleep(0.3)
