@@ -61,7 +61,7 @@ class FakeProcs:
         return owner if owner is not None and owner.pid in pids else None
 
     def started_ns(self, pid: int) -> int | None:
-        return self.started.get(pid, 0)  # long before any event, unless told
+        return self.started.get(pid, -(10**12))  # long before any event, unless told
 
 
 def event(
