@@ -131,12 +131,12 @@ class ProcessIndex:
         if inode == 0:
             return None
         found = self.by_inode.get(inode)
-        if found is not None and not os.path.exists(f"{self.proc}/{found.pid}"):
+        exited = found is not None and not os.path.exists(f"{self.proc}/{found.pid}")
+        if exited:
             # it held the socket at the last scan and has exited since (a server that
-            # daemonised): whoever holds it now is for a new scan to say
-            del self.by_inode[inode]
+            # daemonised): a new scan says who holds it now, at once (once per exit)
             found = None
-        if found is None and time.monotonic() - self.scanned_at >= self.min_interval:
+        if found is None and (exited or time.monotonic() - self.scanned_at >= self.min_interval):
             self.refresh()
             found = self.by_inode.get(inode)
         return found
