@@ -33,7 +33,7 @@ from dataclasses import replace
 from tcptrace.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_NETNS_KNOWN, F_OWNER_KNOWN, Event
 from tcptrace.filters import Filters
 from tcptrace.namespaces import process_netns
-from tcptrace.procs import CLOCK_TICKS, Owner, ProcessIndex
+from tcptrace.procs import Owner, ProcessIndex
 from tcptrace.snapshot import Snapshot, single_owner
 from tcptrace.sockdiag import LISTEN_STATES, LOCAL, REMOTE, Budget, SocketTable, SocketTables
 from tcptrace.states import TcpState, is_birth
@@ -85,8 +85,6 @@ MAX_CACHED = 16384
 RETRY_AFTER = 1.0
 # Who holds an exited owner's listener now, remembered this long (seconds).
 HEIR_CACHE_S = 1.0
-# A process start time is known to a clock tick (10 ms at USER_HZ=100), rounded down.
-START_TICK_NS = 1_000_000_000 // CLOCK_TICKS
 # That a pid has exited, remembered this long (seconds).
 PID_CHECK_INTERVAL = 1.0
 # pids whose liveness is remembered; bounded (the oldest dropped first)
@@ -215,6 +213,7 @@ class Owners(Stage):
                     new = self._lower_bound(new)
             if (
                 flags & F_OWNER_KNOWN
+                and not self.filters.owner_checks  # the kernel chose by this owner
                 and ev.pid in gone
                 and ev.oldstate in HELD_STATES
                 and (ev.oldstate, ev.newstate) not in BY_OWNER
@@ -277,9 +276,10 @@ class Owners(Stage):
         if owner is None or owner.pid == ev.pid:
             return ev
         started = self.procs.started_ns(owner.pid)
-        if started is None or started + START_TICK_NS > ev.ts_ns:
-            # a process not surely older than the transition holds that address now:
-            # another socket took it since (a port reused at once on loopback)
+        if started is None or started > ev.ts_ns:
+            # a process younger than the transition holds that address now: another
+            # socket took it since (a port reused at once on loopback). The start time
+            # is rounded down to a clock tick: one started within the same tick passes.
             return ev
         self.resolved += 1
         return ev._replace(pid=owner.pid, comm=owner.comm.encode())
@@ -356,7 +356,7 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        owners = [self.procs.owner(r.inode) for r in rows if r.inode]
+        owners = [self.procs.owner(r.inode, fresh=True) for r in rows if r.inode]
         return [o for o in owners if o is not None], None not in owners
 
     def _socket_owner(

@@ -126,8 +126,11 @@ class ProcessIndex:
                 return owner
         return None
 
-    def owner(self, inode: int) -> Owner | None:
-        """The process holding this socket inode, or None (gone, kernel-owned, unknown)."""
+    def owner(self, inode: int, fresh: bool = False) -> Owner | None:
+        """The process holding this socket inode, or None (gone, kernel-owned, unknown).
+
+        fresh: scan now on a miss, whenever the last scan was (a listener opened a
+        moment ago: few, and each found once)."""
         if inode == 0:
             return None
         found = self.by_inode.get(inode)
@@ -136,7 +139,8 @@ class ProcessIndex:
             # it held the socket at the last scan and has exited since (a server that
             # daemonised): a new scan says who holds it now, at once (once per exit)
             found = None
-        if found is None and (exited or time.monotonic() - self.scanned_at >= self.min_interval):
+        due = time.monotonic() - self.scanned_at >= self.min_interval
+        if found is None and (exited or fresh or due):
             self.refresh()
             found = self.by_inode.get(inode)
         return found

@@ -53,7 +53,7 @@ class FakeProcs:
         self.held: dict[int, Owner] = {}
         self.started: dict[int, int] = {}
 
-    def owner(self, inode: int) -> Owner | None:
+    def owner(self, inode: int, fresh: bool = False) -> Owner | None:
         return self.by_inode.get(inode)
 
     def holder(self, inode: int, pids: list[int]) -> Owner | None:
@@ -297,3 +297,13 @@ def test_the_listener_on_the_exact_address_wins_over_the_wildcard() -> None:
     ]
     (ev,) = stage.on_events([event(S.LISTEN, S.SYN_RECV, flags=0)])
     assert ev.pid == 300
+
+
+def test_with_owner_filters_the_kernels_owner_stands() -> None:
+    # --comm, --pid, --cgroup: the kernel chose the line by its owner; user space never
+    # names another process for it
+    stage, table = owners()
+    stage.filters = Filters(comms=frozenset({"gone"}))
+    gone = exited_pid()
+    assert stage.on_events([event(S.ESTABLISHED, S.CLOSE_WAIT, flags=KNOWN, pid=gone)]) is None
+    assert table.dumps == 0
