@@ -71,22 +71,9 @@ def churn(port: int, seconds: float, rate: float) -> int:
 
 def run_in_netns(port: int, seconds: float, rate: float) -> subprocess.Popen:
     """Start the churn in a fresh network namespace (unshare -n, loopback up)."""
-    return subprocess.Popen(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            'ip link set lo up && exec "$0" "$@"',
-            sys.executable,
-            __file__,
-            str(port),
-            str(seconds),
-            str(rate),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    from .netutil import script_in_fresh_netns  # imported here: this file also runs as a script
+
+    return script_in_fresh_netns(__file__, port, seconds, rate)
 
 
 if __name__ == "__main__":

@@ -51,22 +51,9 @@ def run(port: int, rounds: int, count: int) -> int:
 
 def run_in_netns(port: int, rounds: int, count: int) -> subprocess.Popen:
     """Run the bursts in a fresh network namespace (unshare -n, loopback up)."""
-    return subprocess.Popen(
-        [
-            "unshare",
-            "--net",
-            "sh",
-            "-c",
-            'ip link set lo up && exec "$0" "$@"',
-            sys.executable,
-            __file__,
-            str(port),
-            str(rounds),
-            str(count),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
+    from .netutil import script_in_fresh_netns  # imported here: this file also runs as a script
+
+    return script_in_fresh_netns(__file__, port, rounds, count)
 
 
 if __name__ == "__main__":

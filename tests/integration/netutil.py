@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import socket
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 
@@ -44,3 +46,22 @@ def listener(
 def set_reset_on_close(sock: socket.socket) -> None:
     """close() sends RST instead of FIN (SO_LINGER with zero timeout)."""
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
+def script_in_fresh_netns(script: str, *args: object) -> subprocess.Popen:
+    """Run a Python script in a fresh network namespace (unshare -n, loopback up);
+    its stdout is a pipe."""
+    return subprocess.Popen(
+        [
+            "unshare",
+            "--net",
+            "sh",
+            "-c",
+            'ip link set lo up && exec "$0" "$@"',
+            sys.executable,
+            script,
+            *map(str, args),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
