@@ -389,7 +389,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	u16 sport = args->sport, dport = args->dport;
 	u64 sk = (u64)args->skaddr;
 	u64 now = bpf_ktime_get_ns();
-	u32 netns = sock_netns(sk);
+	/* read once a socket matches the filters: other traffic costs a map lookup */
+	u32 netns = 0;
 
 	if ((old == TT_CLOSE && new == TT_LISTEN) || (old == TT_LISTEN && new == TT_CLOSE)) {
 		u32 armed_key = CHECK_ARMED;
@@ -397,11 +398,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (armed && *armed && (bpf_get_current_pid_tgid() >> 32) == SELF_PID) {
 			/* tcptrace's own check socket: note its namespace, never trace it */
 			u32 slot = CHECK_NETNS;
+			netns = sock_netns(sk);
 			self_check.update(&slot, &netns);
 			return 0;
 		}
 	}
 #if FILTER_NETNS
+	netns = sock_netns(sk);
 	if (!netns_filter.lookup(&netns))
 		return 0;
 #endif
@@ -442,6 +445,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 #endif
 
+#if !FILTER_NETNS
+	netns = sock_netns(sk);
+#endif
 	struct tcptrace_event ev = {};
 	ev.ts_ns = now;
 	ev.skaddr = sk;
