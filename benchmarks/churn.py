@@ -458,7 +458,7 @@ import time, sys
 t0 = time.monotonic()
 import bcc
 t1 = time.monotonic()
-from tcptrace.loader import Probe, ProbeConfig
+from tcptrace.kernel.loader import Probe, ProbeConfig
 t2 = time.monotonic()
 probe = Probe(ProbeConfig())
 t3 = time.monotonic()

@@ -27,8 +27,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tcptrace import perfbuf
-from tcptrace.events import (
+from tcptrace.filters import Filters
+from tcptrace.kernel import perfbuf
+from tcptrace.kernel.events import (
     EVENT_SIZE,
     EVENT_STRUCT,
     F_DELTA_KNOWN,
@@ -36,9 +37,8 @@ from tcptrace.events import (
     event_time,
     make_event,
 )
-from tcptrace.filters import Filters
 from tcptrace.session import Options, build_stages
-from tcptrace.sockdiag import SocketTables
+from tcptrace.sockets.sockdiag import SocketTables
 from tcptrace.states import TcpState as S
 from tcptrace.tracer import fewer_collections
 

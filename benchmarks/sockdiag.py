@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tcptrace.sockdiag import ALL_STATES, SocketTable
+from tcptrace.sockets.sockdiag import ALL_STATES, SocketTable
 
 CLONE_NEWNET = 0x40000000
 

@@ -2,7 +2,7 @@
 /*
  * The one definition of what crosses from the kernel to tcptrace.
  * tcptrace/events.py mirrors struct tcptrace_event and the constants below;
- * tests/test_layout.py parses this file and checks that the two agree.
+ * tests/kernel/test_layout.py parses this file and checks that the two agree.
  */
 #ifndef TCPTRACE_H
 #define TCPTRACE_H

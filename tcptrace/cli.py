@@ -13,7 +13,7 @@ from click.core import ParameterSource
 from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import Filters, parse_comm, parse_pid, parse_ports, parse_states
-from tcptrace.output import TIMESTAMP_STYLES, TS_WALL
+from tcptrace.outputs.output import TIMESTAMP_STYLES, TS_WALL
 from tcptrace.states import TcpState
 
 # Perf buffer pages per CPU: 65536 pages is 256 MiB per CPU, far past any need.
@@ -85,13 +85,13 @@ class ParsedType(click.ParamType):
 
 
 def _netns(text: str) -> int:
-    from tcptrace.namespaces import resolve
+    from tcptrace.sockets.namespaces import resolve
 
     return resolve(text)
 
 
 def _cgroup(text: str):
-    from tcptrace.cgroups import resolve_filter
+    from tcptrace.sockets.cgroups import resolve_filter
 
     return resolve_filter(text)
 
@@ -100,7 +100,7 @@ class ListenAddressType(click.ParamType):
     name = "[ADDR:]PORT"
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None):
-        from tcptrace.metrics import ListenAddress, parse_listen_address
+        from tcptrace.outputs.metrics import ListenAddress, parse_listen_address
 
         if isinstance(value, ListenAddress):
             return value

@@ -9,7 +9,6 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass, field
 
-from tcptrace.cgroups import CgroupFilter
 from tcptrace.states import TcpState, parse_state, state_mask
 
 MIN_PORT = 1
@@ -61,6 +60,15 @@ def parse_states(text: str) -> frozenset[TcpState]:
         # an empty list must not silently mean "every state"
         raise ValueError(f"no TCP state named in {text!r}")
     return states
+
+
+@dataclass(frozen=True)
+class CgroupFilter:
+    """--cgroup: a cgroup directory and everything below it."""
+
+    path: str  # relative to the mount, starting with /
+    id: int
+    level: int  # components below the root: / is 0, /system.slice is 1
 
 
 @dataclass(frozen=True)

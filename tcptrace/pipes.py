@@ -13,7 +13,7 @@ import select
 import stat
 from typing import TextIO
 
-from tcptrace.tracer import Stage
+from tcptrace.stages import Stage
 
 
 def is_pipe(stream: TextIO) -> bool:

@@ -9,19 +9,27 @@ import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Callable, TextIO
 
-from tcptrace import preflight, startup
+from tcptrace import startup
 from tcptrace.errors import TcptraceError
-from tcptrace.events import Event
 from tcptrace.filters import Filters
-from tcptrace.losses import LossReport
-from tcptrace.output import Clock, LifetimeFormatter, TextFormatter, format_snapshot, format_summary
-from tcptrace.places import Places
-from tcptrace.sockdiag import Budget, SocketTables
-from tcptrace.stats import Summary
-from tcptrace.tracer import EventSource, Stage, StopConditions, Tracer
+from tcptrace.kernel import preflight
+from tcptrace.kernel.events import Event
+from tcptrace.kernel.stats import Summary
+from tcptrace.outputs.losses import LossReport
+from tcptrace.outputs.output import (
+    Clock,
+    LifetimeFormatter,
+    TextFormatter,
+    format_snapshot,
+    format_summary,
+)
+from tcptrace.sockets.places import Places
+from tcptrace.sockets.sockdiag import Budget, SocketTables
+from tcptrace.stages import Stage
+from tcptrace.tracer import EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
-    from tcptrace.metrics import ListenAddress
+    from tcptrace.outputs.metrics import ListenAddress
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -102,7 +110,7 @@ class LifetimeOutput(Stage):
     """--lifetime: one line per finished connection, then the summary table."""
 
     def __init__(self, out: TextIO, options: Options) -> None:
-        from tcptrace.lifetimes import Lifetimes
+        from tcptrace.sockets.lifetimes import Lifetimes
 
         self.out = out
         self.formatter = LifetimeFormatter(
@@ -174,8 +182,8 @@ def build_stages(
     err = err or sys.stderr
     stages: list[Stage] = []
     if tables is not None and options.emit_events:
-        from tcptrace.enrich import Owners
-        from tcptrace.timewait import TimeWait
+        from tcptrace.sockets.enrich import Owners
+        from tcptrace.sockets.timewait import TimeWait
 
         budget = Budget()  # shared: look-ups of both stages together stay within it
         timewait = TimeWait(options.filters, tables, budget)
@@ -193,13 +201,13 @@ def build_stages(
             # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
             summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
     if options.metrics is not None and summaries is not None:
-        from tcptrace.metrics import MetricsServer
+        from tcptrace.outputs.metrics import MetricsServer
 
         server = MetricsServer(options.metrics, summaries, options.filters.describe())
         server.start()  # bound before "tracing ..." is printed: scrapers can rely on it
         stages.append(server)
     if options.interval and summaries is not None:
-        from tcptrace.live import IntervalView, want_color
+        from tcptrace.outputs.live import IntervalView, want_color
 
         color = want_color(out, options.no_color)
         redraw = out.isatty()  # like top on a terminal; one table after another in a pipe
@@ -207,7 +215,7 @@ def build_stages(
         # the exit summary as usual, after the last table
         stages.append(TextOutput(out, replace(options, quiet=True)))
     elif options.format != FORMAT_TEXT:
-        from tcptrace.export import RecordOutput
+        from tcptrace.outputs.export import RecordOutput
 
         clock = Clock.now(options.timestamp)
         stages.append(
@@ -228,9 +236,9 @@ def build_stages(
 
 def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     """--snapshot: the matching TCP sockets and their owners, once (no BPF needed)."""
-    from tcptrace import snapshot
-    from tcptrace.procs import ProcessIndex
-    from tcptrace.sockdiag import ALL_STATES, LISTEN_STATES
+    from tcptrace.sockets import snapshot
+    from tcptrace.sockets.procs import ProcessIndex
+    from tcptrace.sockets.sockdiag import ALL_STATES, LISTEN_STATES
 
     out = out or sys.stdout
     states = LISTEN_STATES if options.listening else ALL_STATES
@@ -267,7 +275,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     if options.snapshot:
         return print_snapshot(options, out)
     preflight.run_all()
-    from tcptrace.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig
 
     config = ProbeConfig(
         filters=options.filters,
@@ -348,7 +356,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
 
 def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
     """--lifetime --count N: stop after N finished connections."""
-    from tcptrace.lifetimes import Lifetimes
+    from tcptrace.sockets.lifetimes import Lifetimes
 
     for stage in stages:
         lifetimes = getattr(stage, "lifetimes", None)

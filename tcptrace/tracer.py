@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tcptrace.errors import EXIT_INTERRUPTED
-from tcptrace.events import Event, decode_many
-from tcptrace.stats import Summary
+from tcptrace.kernel.events import Event, decode_many
+from tcptrace.kernel.stats import Summary
+from tcptrace.stages import Stage
 
 # Longest wait for events before the loop looks at its stop conditions again;
 # also the bound on how late a transition is printed at low rates.
@@ -70,34 +71,6 @@ def fewer_collections() -> Iterator[None]:
     finally:
         gc.set_threshold(*threshold)
         gc.unfreeze()
-
-
-class Stage:
-    """One step after decoding: enrich, track, print or export. Override what you need.
-
-    Stages run in order on each batch; a stage may replace events (enrichment)
-    by returning a new list, or return None to pass the batch on unchanged.
-    """
-
-    def on_start(self) -> None:
-        """The program is attached; nothing has been read yet."""
-
-    def on_events(self, events: list[Event]) -> list[Event] | None:
-        return None
-
-    def on_tick(self, now_ns: int) -> list[Event] | None:
-        """Called at least every POLL_MS, events or not (monotonic clock).
-
-        Events returned here (for example transitions found by polling) go to
-        the stages after this one, as a batch of their own.
-        """
-        return None
-
-    def on_finish(self, summary: Summary) -> None:
-        """Tracing stopped; summary holds the kernel's exact statistics.
-
-        A stage may add to it (states the kernel cannot see); later stages see that.
-        """
 
 
 @dataclass

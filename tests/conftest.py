@@ -4,8 +4,8 @@ skip with the reason when that is missing; with CI=true they fail instead.
 Tests marked host_only run on the host only: the VM suite (vagrant/qemu-test sets
 TCPTRACE_IN_VM=1 in the guest) skips them, because the host runs the same code on
 the same Python (Debian 12's 3.11) and they ask nothing of the kernel that differs.
-Every unit test module (tests/test_*.py) is host_only unless it is listed in
-KERNEL_UNIT_MODULES; single tests carry the marker themselves.
+Every unit test module (tests/**/test_*.py outside tests/integration) is host_only
+unless it is listed in KERNEL_UNIT_MODULES; single tests carry the marker themselves.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ IN_VM = os.environ.get("TCPTRACE_IN_VM") == "1"
 # Unit test modules that ask the kernel (sock_diag, its BTF), whose answers differ by version.
 KERNEL_UNIT_MODULES = frozenset({"test_sockdiag.py", "test_benchmarks.py", "test_btf.py"})
 TESTS_DIR = Path(__file__).resolve().parent
+INTEGRATION_DIR = TESTS_DIR / "integration"
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -32,15 +33,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         path = item.path
-        if path.parent == TESTS_DIR and path.name not in KERNEL_UNIT_MODULES:
+        unit = INTEGRATION_DIR not in path.parents
+        if unit and path.name not in KERNEL_UNIT_MODULES:
             item.add_marker(pytest.mark.host_only)
         if IN_VM and item.get_closest_marker("host_only"):
             item.add_marker(pytest.mark.skip(reason="host_only: the host suite runs it"))
 
 
 def _bpf_problem() -> str | None:
-    from tcptrace import preflight
     from tcptrace.errors import TcptraceError
+    from tcptrace.kernel import preflight
 
     try:
         preflight.run_all()

@@ -2,10 +2,10 @@
 
 import io
 
-from tcptrace import events
-from tcptrace.losses import LossReport
-from tcptrace.output import format_accounting
-from tcptrace.stats import Summary
+from tcptrace.kernel import events
+from tcptrace.kernel.stats import Summary
+from tcptrace.outputs.losses import LossReport
+from tcptrace.outputs.output import format_accounting
 
 
 class Source:

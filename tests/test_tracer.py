@@ -2,9 +2,10 @@
 
 import time
 
-from tcptrace.events import EVENT_STRUCT, decode
-from tcptrace.stats import Summary
-from tcptrace.tracer import Stage, StopConditions, Tracer
+from tcptrace.kernel.events import EVENT_STRUCT, decode
+from tcptrace.kernel.stats import Summary
+from tcptrace.stages import Stage
+from tcptrace.tracer import StopConditions, Tracer
 
 
 def raw(pid: int) -> bytes:

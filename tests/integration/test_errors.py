@@ -113,7 +113,7 @@ def test_not_root_with_cap_bpf_only_names_the_missing_one(readable_tree):
 def test_capabilities_without_access_to_tracefs(readable_tree):
     # tracefs is root-only (mode 700): CAP_BPF and CAP_PERFMON alone are not enough
     result = as_nobody(readable_tree, "+bpf,+perfmon", "--port", "80")
-    from tcptrace.preflight import PARANOID_ADMIN_ONLY, perf_paranoid
+    from tcptrace.kernel.preflight import PARANOID_ADMIN_ONLY, perf_paranoid
 
     if perf_paranoid() >= PARANOID_ADMIN_ONLY:
         # Debian's kernels (the VM's 6.1) stop these two earlier: perf needs CAP_SYS_ADMIN
@@ -129,7 +129,7 @@ def test_the_capabilities_the_message_names_are_enough(readable_tree):
     result = as_nobody(
         readable_tree, "+bpf,+perfmon,+dac_read_search", "--port", "80", "--duration", "0.5"
     )
-    from tcptrace.preflight import PARANOID_ADMIN_ONLY, perf_paranoid
+    from tcptrace.kernel.preflight import PARANOID_ADMIN_ONLY, perf_paranoid
 
     if perf_paranoid() >= PARANOID_ADMIN_ONLY:
         # Debian's kernels (the VM's 6.1) then demand CAP_SYS_ADMIN: the message says so

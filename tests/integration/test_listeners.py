@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace.loader import PROGRAM, PROGRAM_ENV, bpf_dir
+from tcptrace.kernel.loader import PROGRAM, PROGRAM_ENV, bpf_dir
 
 from . import servers
 from .cmd import Running

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace.loader import BUFFER_TOTAL_BYTES
+from tcptrace.kernel.loader import BUFFER_TOTAL_BYTES
 
 from .accounting import accounting_line, assert_all_accounted, summary_numbers
 from .churn import LISTENER_TRANSITIONS, TRANSITIONS_PER_CONNECTION, run_in_netns

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tcptrace.cgroups import cgroup2_mount
+from tcptrace.sockets.cgroups import cgroup2_mount
 
 from .accounting import accounting_line, summary_numbers
 from .cmd import Lines, Running

@@ -9,8 +9,8 @@ from collections.abc import Callable
 
 import pytest
 
-from tcptrace.events import Event
 from tcptrace.filters import Filters
+from tcptrace.kernel.events import Event
 from tcptrace.states import TcpState as S
 
 from .netutil import free_port, listener, set_reset_on_close
@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 @pytest.fixture(scope="module")
 def probe_factory():
-    from tcptrace.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig
 
     probes = []
 
@@ -199,7 +199,7 @@ def test_port_filter_does_not_match_other_ports(probe_factory):
 
     assert collect(probe, action) == []
     # the in-kernel counters saw nothing either: filtering happens in the kernel
-    from tcptrace.events import C_SEEN
+    from tcptrace.kernel.events import C_SEEN
 
     assert probe.summary().counters[C_SEEN] == 0
 

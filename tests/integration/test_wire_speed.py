@@ -11,8 +11,8 @@ import time
 
 import pytest
 
-from tcptrace.events import C_DROPPED, C_SEEN, C_SHED, C_SUBMITTED
 from tcptrace.filters import Filters
+from tcptrace.kernel.events import C_DROPPED, C_SEEN, C_SHED, C_SUBMITTED
 
 from .cmd import Running
 from .netutil import free_port
@@ -59,7 +59,7 @@ def test_moderate_churn_loses_nothing():
 
 
 def test_a_reader_that_falls_behind_makes_the_kernel_shed_and_count():
-    from tcptrace.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig
 
     port = free_port()
     # one page per CPU: the kernel sheds after a few dozen unread events
@@ -97,7 +97,7 @@ def test_tiny_buffer_through_the_command_still_adds_up():
 
 
 def test_events_from_both_cpus_come_out_in_time_order():
-    from tcptrace.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig
 
     port = free_port()
     probe = Probe(ProbeConfig(filters=Filters(ports=frozenset({port})), buffer_pages=256))
@@ -116,7 +116,7 @@ def test_events_from_both_cpus_come_out_in_time_order():
 
 
 def test_a_rate_limit_sheds_in_the_kernel_and_counts():
-    from tcptrace.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig
 
     port = free_port()
     probe = Probe(ProbeConfig(filters=Filters(ports=frozenset({port})), buffer_pages=256))

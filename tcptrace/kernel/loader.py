@@ -1,0 +1,517 @@
+"""Loading the BPF program with bcc and reading what it produces.
+
+The only module that imports bcc. It hands the rest of tcptrace plain Python
+values: raw event records (bytes) and the kernel's statistics as a Summary.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import mmap
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from tcptrace.errors import TcptraceError
+from tcptrace.filters import Filters
+from tcptrace.kernel import perfbuf
+from tcptrace.kernel.btf import BtfError, NetnsOffsets, netns_offsets
+from tcptrace.kernel.events import (
+    C_DROPPED,
+    C_SHED,
+    C_SUBMITTED,
+    COMM_LEN,
+    EVENT_SIZE,
+    EVENT_STRUCT,
+    HIST_SLOTS,
+    NCOUNTERS,
+    Event,
+    event_time,
+    make_event,
+)
+from tcptrace.kernel.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
+from tcptrace.kernel.stats import Summary
+from tcptrace.states import NSTATES
+
+TRACEPOINT = "sock:inet_sock_set_state"
+PROGRAM = "tcptrace.bpf.c"
+# the function bcc's TRACEPOINT_PROBE(sock, inet_sock_set_state) defines
+PROBE_FN = b"tracepoint__sock__inet_sock_set_state"
+# RATE_WINDOW_NS in bpf/tcptrace.bpf.c: the window of the kernel's rate limit
+RATE_WINDOW_NS = 10_000_000
+# Load this C file instead of bpf/tcptrace.bpf.c: for tests that need a program
+# the compiler or the verifier refuses, and for debugging (README, "Environment").
+PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
+
+
+# How long after its time stamp a transition may still be written to its CPU's ring:
+# the program stamps it, then submits it, with preemption off; an interrupt or, in a
+# virtual machine, the host descheduling the vCPU may come between. Events stamped
+# this close to a read wait for the next one, so that batches stay in time order.
+WRITE_SLACK_NS = 10_000_000
+
+
+# The program's netns read is off (it reports 0, user space falls back on the owner's).
+NO_OFFSETS = NetnsOffsets(sock_net=-1, net_inum=-1)
+# The listeners map's mark of an entry made after the map overflowed (LISTENERS_UNSURE).
+LISTENERS_UNSURE = 0x80000000
+# Slots of the program's self_check map (bpf/tcptrace.bpf.c CHECK_*).
+CHECK_ARMED = 0
+CHECK_NETNS = 1
+
+# Capacity of the kernel's listeners map: the owners of this many listening
+# addresses are known in the kernel; children of the others are looked up.
+MAX_LISTENERS = 65536
+
+
+# struct bpf_prog_info (include/uapi/linux/bpf.h): its size in Linux 6.1 and the
+# offset of recursion_misses. A kernel without the field leaves it zero.
+PROG_INFO_SIZE = 232
+RECURSION_MISSES_OFFSET = 208
+
+
+def bpf_dir() -> Path:
+    """bpf/ beside the package in a source tree, or the copy installed with it."""
+    package = Path(__file__).resolve().parent.parent  # tcptrace/
+    for candidate in (package.parent / "bpf", package / "_bpf"):
+        if (candidate / PROGRAM).is_file():
+            return candidate
+    raise TcptraceError(f"cannot find {PROGRAM} (looked beside {package})")
+
+
+@dataclass(frozen=True)
+class ProbeConfig:
+    filters: Filters = field(default_factory=Filters)
+    emit_events: bool = True
+    max_sockets: int = 65536
+    # listening addresses whose owner the kernel remembers (beyond: sock_diag)
+    max_listeners: int = MAX_LISTENERS
+    # perf buffer pages per CPU (power of two); default_buffer_pages() by default
+    buffer_pages: int = field(default_factory=lambda: default_buffer_pages())
+    # buffer_pages is the default, not the user's: halve it while the kernel refuses it
+    shrink_buffer: bool = False
+    # shed events (counted) once a CPU's ring holds this share of its capacity unread;
+    # 0 lets the ring overflow instead (counted as dropped)
+    shed_fraction: float = 0.75
+    # where a socket's network namespace is, from the running kernel's BTF (None: unknown)
+    netns_offsets: NetnsOffsets | None = None
+
+    def shed_lag(self) -> int:
+        """Unread events per CPU at which the kernel starts shedding (0: never)."""
+        if not self.shed_fraction:
+            return 0
+        capacity = self.buffer_pages * mmap.PAGESIZE // perfbuf.record_size(EVENT_SIZE)
+        return max(1, int(capacity * self.shed_fraction))
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-I{bpf_dir()}",
+            f"-DMAX_SOCKETS={self.max_sockets}",
+            f"-DMAX_LISTENERS={self.max_listeners}",
+            f"-DFILTER_FAMILY={self.filters.family}",
+            f"-DFILTER_PORTS={self.filters.port_checks}",
+            f"-DSHOW_STATES={self.filters.show_mask:#x}",
+            f"-DEMIT_EVENTS={int(self.emit_events)}",
+            f"-DMAX_CPUS={possible_cpus()}",
+            f"-DSHED_LAG={self.shed_lag()}",
+            f"-DSELF_PID={os.getpid()}",
+            f"-DFILTER_NETNS={int(bool(self.filters.netns))}",
+            f"-DFILTER_OWNER={self.filters.owner_checks}",
+            *(self.netns_offsets or NO_OFFSETS).cflags(),
+        ]
+
+
+class Probe:
+    """The attached program: poll() returns raw records, summary() the kernel's counts."""
+
+    def __init__(self, config: ProbeConfig) -> None:
+        try:
+            from bcc import BPF
+        except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
+            raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
+        self.reader: perfbuf.PerfReader | None = None
+        self.detached = False
+        # records read from the perf buffer, to count those left unread at exit
+        self.received = 0
+        path = program_path()
+        try:
+            source = path.read_bytes()
+        except OSError as exc:
+            raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
+        # why the kernel cannot tell a socket's namespace (None: it can)
+        self.netns_problem: str | None = None
+        if config.netns_offsets is None:
+            try:
+                config = replace(config, netns_offsets=netns_offsets())
+            except BtfError as exc:
+                self.netns_problem = f"no usable BTF ({exc})"
+        if config.emit_events:
+            # the rings first: their real size sets the kernel's shedding threshold
+            self.reader = self._open_reader(config)
+            config = replace(config, buffer_pages=self.reader.pages)
+        self.config = config
+        _no_huge_pages()  # before the compile makes the heap that is trimmed after it
+        try:
+            self.bpf = BPF(text=source, cflags=config.cflags())
+        except Exception as exc:  # bcc raises bare Exception for every failure
+            if self.reader is not None:
+                self.reader.close()
+            raise load_error(exc, path) from None
+        _return_freed_memory()
+        try:
+            self._fill_ports()
+            self._fill_owner_filters()
+            if config.emit_events:
+                # bcc attached the program while compiling it; until the rings are in
+                # the perf event array every submission would fail (counted dropped)
+                self._detach_tracepoint()
+                self._open_buffer()
+                self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=PROBE_FN)
+        except Exception as exc:
+            self.bpf.cleanup()
+            if self.reader is not None:
+                self.reader.close()
+            raise TcptraceError(
+                f"could not connect the perf buffer to the BPF program ({exc})"
+            ) from None
+
+    def check_netns(self) -> str | None:
+        """Check the namespace read on a socket of our own: a listener of tcptrace's must
+        read as tcptrace's namespace. Returns why it cannot be trusted, or None."""
+        if self.netns_problem is not None:
+            return self.netns_problem
+        import socket
+
+        check = self.bpf[b"self_check"]
+        check[ctypes.c_int(CHECK_NETNS)] = ctypes.c_uint32(0)
+        check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(1)
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as own:
+                own.bind(("127.0.0.1", 0))
+                own.listen(1)
+        finally:
+            check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(0)
+        read = check[ctypes.c_int(CHECK_NETNS)].value
+        expected = os.stat("/proc/thread-self/ns/net").st_ino  # our own namespace
+        if read != expected:
+            self.netns_problem = f"the BTF offsets read namespace {read} for a socket in {expected}"
+        return self.netns_problem
+
+    def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
+        """Tell the kernel about listeners older than tracing, so that it names their
+        children as it does those of listeners it saw open: (netns, family, address,
+        port, owners) each. An address several sockets listen on (SO_REUSEPORT), or
+        whose owner is unknown, names nobody, and user space looks its children up.
+        What the kernel counted since it attached is kept. Returns the addresses seeded.
+        """
+        import socket
+
+        table = self.bpf[b"listeners"]
+        seeded = 0
+        for netns, family, addr, port, owners in listening:
+            key = table.Key()
+            if family == socket.AF_INET6 and ":" not in addr:
+                raw = socket.inet_pton(socket.AF_INET6, f"::ffff:{addr}")  # IPv4-mapped
+            else:
+                raw = socket.inet_pton(family, addr)
+            key.addr = (ctypes.c_ubyte * 16)(*raw.ljust(16, b"\0"))
+            key.netns, key.family, key.port = netns, family, port
+            known = [o for o in owners if o is not None]
+            try:
+                leaf = table[key]
+            except KeyError:
+                leaf = table.Leaf()
+                leaf.count = 0
+            # a listener opened between attaching and the snapshot is in both
+            count = max(leaf.count & ~LISTENERS_UNSURE, len(owners))
+            unsure = leaf.count & LISTENERS_UNSURE
+            if len(owners) == 1 and len(known) == 1 and not leaf.pid:
+                leaf.pid = known[0].pid
+                leaf.comm = known[0].comm.encode()[: COMM_LEN - 1]
+            elif len(known) < len(owners):
+                count = max(count, 2)  # whose it is cannot be known here: name nobody
+            leaf.count = count | unsure
+            try:
+                table[key] = leaf
+            except Exception:  # the map is full: the kernel marks what it cannot hold
+                continue
+            seeded += 1
+        return seeded
+
+    def _fill_owner_filters(self) -> None:
+        filters = self.config.filters
+        for name, keys in (
+            (b"netns_filter", [ctypes.c_uint32(n) for n in filters.netns]),
+            (b"pid_filter", [ctypes.c_uint32(p) for p in filters.pids]),
+        ):
+            table = self.bpf[name]
+            for key in keys:
+                table[key] = table.Leaf(1)
+        comms = self.bpf[b"comm_filter"]
+        for comm in filters.comms:
+            key = comms.Key()
+            key.comm = comm.encode()
+            comms[key] = comms.Leaf(1)
+        cgroups = self.bpf[b"cgroup_filters"]
+        for index, cgroup in enumerate(filters.cgroups):
+            leaf = cgroups.Leaf()
+            leaf.id, leaf.level, leaf.used = cgroup.id, cgroup.level, 1
+            cgroups[ctypes.c_int(index)] = leaf
+
+    def _fill_ports(self) -> None:
+        table = self.bpf[b"ports"]
+        for port, bits in self.config.filters.port_flags().items():
+            table[table.Key(port)] = table.Leaf(bits)
+
+    @staticmethod
+    def _open_reader(config: ProbeConfig) -> perfbuf.PerfReader:
+        """The per-CPU rings; the default size halves while the memory-lock limit refuses it."""
+        pages = config.buffer_pages
+        while True:
+            try:
+                return perfbuf.PerfReader(EVENT_STRUCT, pages)
+            except OSError as exc:
+                if config.shrink_buffer and exc.errno in (errno.EPERM, errno.ENOMEM) and pages > 1:
+                    pages //= 2
+                    continue
+                raise TcptraceError(
+                    f"could not set up the perf buffer of {pages} pages per CPU ({exc}): without "
+                    "CAP_IPC_LOCK it must fit the locked-memory limit (ulimit -l, "
+                    "LimitMEMLOCK= in systemd); try a smaller --buffer-pages"
+                ) from None
+
+    def _open_buffer(self) -> None:
+        """Register our rings (perfbuf) in the program's perf event array."""
+        assert self.reader is not None
+        events = self.bpf[b"events"]
+        for cpu, fd in self.reader.fds().items():
+            events[ctypes.c_int(cpu)] = ctypes.c_int(fd)
+        self._consumed = self.bpf[b"consumed"]
+        self._published = {ring.cpu: 0 for ring in self.reader.rings}
+
+    def _publish_progress(self) -> None:
+        """Tell the kernel how far each ring has been read (its shedding rule)."""
+        reader = self.reader
+        assert reader is not None
+        for ring in reader.rings:
+            if ring.samples != self._published[ring.cpu]:
+                self._consumed[ctypes.c_int(ring.cpu)] = ctypes.c_uint64(ring.samples)
+                self._published[ring.cpu] = ring.samples
+
+    def _wait(self, timeout_ms: int) -> bool:
+        """Sleep up to timeout_ms for events; False in summary-only mode."""
+        if self.reader is None:
+            if timeout_ms > 0:
+                import time
+
+                time.sleep(timeout_ms / 1000)
+            return False
+        self.reader.wait(timeout_ms)
+        return True
+
+    def _read_runs(self) -> list[bytes]:
+        """The next bounded batch of sample runs, in time order after the last batch;
+        empty only when the rings hold nothing that can go now."""
+        assert self.reader is not None
+        hold = None if self.detached else WRITE_SLACK_NS
+        while True:
+            runs = self.reader.read_runs(hold)
+            if runs or not self.reader.more:  # a batch of lost records only: read on
+                return runs
+
+    def poll_events(self, timeout_ms: int) -> list[Event]:
+        """Wait up to timeout_ms; return the events that arrived, decoded, in time order
+        (each batch after the one before, across CPUs: perfbuf.PerfReader.read_runs)."""
+        if not self._wait(timeout_ms):
+            return []
+        assert self.reader is not None
+        unpack = self.reader.record.iter_unpack
+        events: list[Event] = []
+        for run in self._read_runs():
+            events.extend(map(make_event, unpack(run)))
+        self.received += len(events)
+        self._publish_progress()
+        # each CPU's ring is in order; interleave the CPUs by time
+        if len(self.reader.rings) > 1:
+            events.sort(key=event_time)
+        return events
+
+    def set_rate_limit(self, events_per_s: float | None) -> None:
+        """Let the kernel submit at most this many events a second (None: no limit).
+
+        Split evenly over the CPUs; the rest is shed in the kernel and counted.
+        """
+        if self.reader is None:
+            return
+        per_window = 0
+        if events_per_s is not None:
+            share = events_per_s / max(1, len(self.reader.rings))
+            per_window = max(1, int(share * RATE_WINDOW_NS / 1e9))
+        self.bpf[b"rate_limit"][ctypes.c_int(0)] = ctypes.c_uint64(per_window)
+
+    def detach(self) -> None:
+        """Stop tracing: no new events or counts after this; buffered events stay readable,
+        all of them at once (nothing can precede them any more)."""
+        self.detached = True
+        self._detach_tracepoint()
+
+    def _detach_tracepoint(self) -> None:
+        if TRACEPOINT.encode() in self.bpf.tracepoint_fds:
+            self.bpf.detach_tracepoint(TRACEPOINT.encode())
+
+    @property
+    def lost(self) -> int:
+        """Events the perf rings reported lost (the kernel also counts them as dropped)."""
+        return self.reader.lost if self.reader is not None else 0
+
+    def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
+        table = self.bpf[name.encode()]
+        values = [0] * size
+        for key, leaf in table.items():
+            values[key.value] = reduce(leaf)
+        return values
+
+    def summary(self) -> Summary:
+        """The kernel's exact statistics, summed over CPUs."""
+        summary = Summary.from_maps(
+            hist=self._sum_percpu("hist", NSTATES * HIST_SLOTS),
+            dsum=self._sum_percpu("dsum", NSTATES),
+            dmax=self._sum_percpu("dmax", NSTATES, max),
+            trans=self._sum_percpu("trans", NSTATES * NSTATES),
+            counters=self._sum_percpu("counters", NCOUNTERS),
+        )
+        summary.lost = self.lost
+        summary.missed = self.missed()
+        return summary
+
+    def finish_accounting(self, summary: Summary) -> None:
+        """Add what only the final summary needs: events never read (counted lost) and
+        the map's entries, from which evictions follow. Too costly or too transient for
+        the summaries live views take while tracing."""
+        summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
+        summary.sockets_tracked = self.sockets_tracked()
+
+    def missed(self) -> int:
+        """Tracepoint hits the kernel skipped without running the program.
+
+        A tracing program does not run while another one is running on the same
+        CPU (for example this one in process context, interrupted by the softirq
+        that delivers the peer's packet): the kernel counts those hits in the
+        program's recursion_misses (Linux 5.12+; 0 where not counted). They are
+        hits of every TCP socket, so for filtered tracing this is an upper bound.
+        """
+        from bcc.libbcc import lib
+
+        info = ctypes.create_string_buffer(PROG_INFO_SIZE)
+        size = ctypes.c_uint32(PROG_INFO_SIZE)
+        total = 0
+        for func in self.bpf.funcs.values():
+            if lib.bpf_obj_get_info_by_fd(func.fd, info, ctypes.byref(size)) == 0:
+                total += int.from_bytes(
+                    info.raw[RECURSION_MISSES_OFFSET : RECURSION_MISSES_OFFSET + 8], "little"
+                )
+        return total
+
+    def lost_so_far(self) -> int:
+        """Events lost until now (cheap: two per-CPU counters), for live reports."""
+        table = self.bpf[b"counters"]
+        dropped, shed = (sum(table[table.Key(i)]) for i in (C_DROPPED, C_SHED))
+        return max(dropped, self.lost) + shed
+
+    def sockets_tracked(self) -> int:
+        """Entries in the per-socket map now (LRU evictions are inferred from it)."""
+        return sum(1 for _ in self.bpf[b"sockets"])
+
+    def close(self) -> None:
+        self.bpf.cleanup()
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+
+# prctl(2) option (include/uapi/linux/prctl.h): no transparent huge pages in this process.
+PR_SET_THP_DISABLE = 41
+
+
+def _no_huge_pages() -> None:
+    """Keep the heap that malloc_trim gives back from being refilled by the kernel.
+
+    Where transparent huge pages are on for every process (THP "always", as in
+    Debian's kernels), khugepaged collapses any 2 MB range of the heap that still
+    holds one page into a huge page: the pages the trim returned come back, at
+    some moment minutes into a trace (RssAnon +6 then +12 MB in the Debian 12 VM,
+    [heap] 18 of its 22 MB in huge pages). tcptrace's few MB of small objects gain
+    nothing from huge pages. Best effort: an old kernel (before 3.15) refuses it.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).prctl(
+            ctypes.c_int(PR_SET_THP_DISABLE),
+            ctypes.c_ulong(1),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+            ctypes.c_ulong(0),
+        )
+
+
+def _return_freed_memory() -> None:
+    """Give back the heap clang and LLVM freed after compiling (about 25 MB).
+
+    glibc keeps freed memory for reuse; malloc_trim returns it to the system.
+    Elsewhere (musl) there is no such call, and nothing to do.
+    """
+    with contextlib.suppress(AttributeError, OSError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
+def program_path() -> Path:
+    override = os.environ.get(PROGRAM_ENV)
+    return Path(override) if override else bpf_dir() / PROGRAM
+
+
+def load_error(exc: Exception, path: Path) -> TcptraceError:
+    """bcc's bare Exception, by its message, as the step that failed and its fix."""
+    text = str(exc)
+    if text.startswith("Failed to compile"):
+        return TcptraceError(
+            f"could not compile {path} (the compiler's messages are above): check the kernel "
+            f"headers at {headers_dir()}; {SETUP_HINT}"
+        )
+    if text.startswith("Failed to load BPF program"):
+        return TcptraceError(
+            f"the kernel's BPF verifier refused {path.name} ({text.split(': ')[-1]}; its log "
+            f"is above): this kernel ({os.uname().release}) is not supported yet, please "
+            "report it with that log"
+        )
+    if "tracepoint" in text:
+        return TcptraceError(
+            f"could not attach to the tracepoint {TRACEPOINT} ({text}): {ROOT_HINT}"
+        )
+    return TcptraceError(f"could not load the BPF program: {text}")
+
+
+# Perf ring memory for all CPUs together, and the bounds per CPU, in pages.
+BUFFER_TOTAL_BYTES = 64 << 20
+MIN_BUFFER_PAGES = 256
+MAX_BUFFER_PAGES = 4096
+
+
+def default_buffer_pages(cpus: int | None = None) -> int:
+    """Pages per CPU: 64 MiB shared by the CPUs, 1 to 16 MiB each (power of two).
+
+    A few busy CPUs need deep rings (the reader may get no CPU for a few hundred
+    ms while the workload saturates them); many CPUs share the load.
+    """
+    cpus = cpus or possible_cpus()
+    pages = BUFFER_TOTAL_BYTES // mmap.PAGESIZE // max(1, cpus)
+    pages = 1 << max(0, pages.bit_length() - 1)  # round down to a power of two
+    return max(MIN_BUFFER_PAGES, min(MAX_BUFFER_PAGES, pages))
+
+
+def possible_cpus(path: str = "/sys/devices/system/cpu/possible") -> int:
+    """Highest possible CPU number plus one (the size of per-CPU arrays)."""
+    try:
+        return max(perfbuf.online_cpus(path)) + 1
+    except (OSError, ValueError):
+        return os.cpu_count() or 1

@@ -1,0 +1,433 @@
+"""Machine-readable output: JSON lines and CSV, one record per transition.
+
+Every record is a flat dict of plain values. A writer turns records into text:
+JSON lines take records of any kind (each object names its "type"), CSV takes
+the one kind its header describes. A new record type is one small method that
+builds its dict and calls write_record (see RecordOutput.transition/summary).
+
+Schema (README "Machine-readable output"):
+  transition: time, ts_ns, pid, comm, family, local_addr, local_port,
+              remote_addr, remote_port, old, new, duration_ns
+  summary:    transitions_traced, written, lost, held, states{...}, transitions[...]
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from dataclasses import asdict
+from functools import lru_cache
+from typing import Any, TextIO
+
+from tcptrace.kernel.events import AF_INET, C_SEEN, F_DELTA_KNOWN, F_OWNER_KNOWN, Event, format_addr
+from tcptrace.kernel.stats import PERCENTILES, Summary
+from tcptrace.outputs.output import NS_PER_S, NS_PER_US, Clock, format_summary, write_all
+from tcptrace.sockets.flows import lost_events
+from tcptrace.sockets.lifetimes import Lifetime, Lifetimes
+from tcptrace.sockets.places import Place, Places
+from tcptrace.stages import Stage
+from tcptrace.states import LIFECYCLE_ORDER, state_name
+
+KIND_TRANSITION = "transition"
+KIND_SUMMARY = "summary"
+KIND_LIFETIME = "lifetime"
+
+FORMAT_JSON = "json"
+FORMAT_CSV = "csv"
+FORMATS = (FORMAT_JSON, FORMAT_CSV)
+
+# Column order of a transition record: the CSV header, and the JSON key order.
+TRANSITION_FIELDS = (
+    "time",
+    "ts_ns",
+    "pid",
+    "comm",
+    "family",
+    "local_addr",
+    "local_port",
+    "remote_addr",
+    "remote_port",
+    "old",
+    "new",
+    "duration_ns",
+    "netns",
+    "netns_name",
+    "cgroup",
+    "container",
+)
+
+Record = dict[str, Any]
+
+
+def family_name(family: int) -> str:
+    return "ipv4" if family == AF_INET else "ipv6"
+
+
+@lru_cache(maxsize=4096)
+def _json_text(text: str | None) -> str:
+    """A command name as a JSON value; cached, as a handful of names repeat."""
+    return json.dumps(text, ensure_ascii=False)
+
+
+_STATE_NAMES = {n: state_name(n) for n in range(256)}
+# Caches of formatted fragments are dropped whole when they grow past this.
+_CACHE_MAX = 16384
+
+
+class IsoClock:
+    """Kernel monotonic ns -> ISO 8601 UTC with microseconds, cached per second."""
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+        self._second = -1
+        self._prefix = ""
+
+    def format(self, mono_ns: int) -> str:
+        secs, frac = divmod(self.clock.wall_ns(mono_ns), NS_PER_S)
+        return f"{self.prefix(secs)}.{frac // NS_PER_US:06d}Z"
+
+    def prefix(self, secs: int) -> str:
+        """The date and time of a wall-clock second, up to the seconds."""
+        if secs != self._second:
+            # strftime costs a microsecond; at high rates most events share a second
+            self._second = secs
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(secs))
+        return self._prefix
+
+
+def summary_record(summary: Summary, written: int | None) -> Record:
+    """The exit summary as one record: accounting, then per state and per transition."""
+    states: dict[str, Record] = {}
+    for state in LIFECYCLE_ORDER:
+        stats = summary.states.get(int(state))
+        if stats is None or (stats.count == 0 and stats.unknown == 0):
+            continue
+        entry: Record = {
+            "left": stats.count + stats.unknown,
+            "timed": stats.count,
+            "untimed": stats.unknown,
+            "mean_ns": round(stats.mean_ns) if stats.count else None,
+        }
+        for pct in PERCENTILES:
+            value = stats.percentile(pct) if stats.count else None
+            entry[f"p{pct:g}_ns"] = None if value is None else round(value)
+        entry["max_ns"] = stats.max_ns if stats.count else None
+        states[state.name] = entry
+    transitions = [
+        {"old": state_name(old), "new": state_name(new), "count": n}
+        for (old, new), n in sorted(summary.transitions.items())
+    ]
+    return {
+        "transitions_traced": summary.counters[C_SEEN],
+        "written": written,
+        "lost": lost_events(summary),
+        "held": summary.held,
+        "states": states,
+        "transitions": transitions,
+    }
+
+
+class JsonLinesWriter:
+    """One JSON object per line; any record kind, named by its "type" key."""
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self._encode = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+    def write_record(self, kind: str, record: Record) -> None:
+        self.write_records(kind, (record,))
+
+    def write_records(self, kind: str, records: Any) -> None:
+        encode = self._encode
+        lines = [encode({"type": kind, **record}) for record in records]
+        if lines:
+            lines.append("")
+            write_all(self.out, "\n".join(lines))
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class CsvWriter:
+    """A header, then one row per record, for the one kind the columns describe.
+
+    Records of other kinds have no place in that table: write_record returns
+    False for them and the caller puts them elsewhere (the summary goes to stderr).
+    """
+
+    def __init__(self, out: TextIO, kind: str, columns: tuple[str, ...]) -> None:
+        self.out = out
+        self.kind = kind
+        self.columns = columns
+        self._writer = csv.writer(out, lineterminator="\n")
+        self._header_done = False
+
+    def accepts(self, kind: str) -> bool:
+        return kind == self.kind
+
+    def write_header(self) -> None:
+        if not self._header_done:
+            self._writer.writerow(self.columns)
+            self._header_done = True
+
+    def write_record(self, kind: str, record: Record) -> bool:
+        return self.write_records(kind, (record,))
+
+    def write_records(self, kind: str, records: Any) -> bool:
+        if kind != self.kind:
+            return False
+        self.write_header()
+        columns = self.columns
+        # None (unknown) is an empty cell, as csv does by default
+        self._writer.writerows([record.get(c) for c in columns] for record in records)
+        return True
+
+    def write_rows(self, rows: list[tuple[Any, ...]]) -> None:
+        """Rows already in column order."""
+        self.write_header()
+        self._writer.writerows(rows)
+
+    def flush(self) -> None:
+        self.out.flush()
+
+
+class RecordOutput(Stage):
+    """--json / --csv: one record per transition, flushed per batch, then the summary.
+
+    JSON ends with a summary object; CSV keeps stdout a pure table and prints the
+    human summary table on `err` instead.
+    """
+
+    def __init__(
+        self,
+        fmt: str,
+        out: TextIO,
+        err: TextIO,
+        clock: Clock,
+        quiet: bool = False,
+        lifetimes: bool = False,
+    ) -> None:
+        self.fmt = fmt
+        self.err = err
+        self.quiet = quiet
+        self.iso = IsoClock(clock)
+        self.written = 0
+        # --lifetime: one record per finished connection instead of per transition
+        self.lifetimes = Lifetimes(self._write_lifetimes) if lifetimes else None
+        if fmt == FORMAT_JSON:
+            self.writer: JsonLinesWriter | CsvWriter = JsonLinesWriter(out)
+        elif fmt == FORMAT_CSV:
+            self.writer = CsvWriter(out, KIND_TRANSITION, TRANSITION_FIELDS)
+        else:
+            raise ValueError(f"unknown record format {fmt!r}")
+        # caches of the JSON fragments that repeat (transition_lines)
+        self._owner_json: dict[tuple[int, bytes, int, int], str] = {}
+        self._end_json: dict[tuple[int, bytes, int], str] = {}
+        self._change_json: dict[tuple[int, int], str] = {}
+        self.places = Places()
+        self._place_json: dict[tuple[int, int, int], str] = {}
+
+    # -- record builders: one small method per record type --------------------
+
+    def owner(self, ev: Event) -> tuple[int | None, str | None]:
+        # enrich.Owners has already looked up what the kernel could not attribute
+        if ev.owner_known:
+            return ev.pid, ev.command
+        return None, None
+
+    def transition(self, ev: Event) -> Record:
+        pid, comm = self.owner(ev)
+        return {
+            "time": self.iso.format(ev.ts_ns),
+            "ts_ns": ev.ts_ns,
+            "pid": pid,
+            "comm": comm,
+            "family": family_name(ev.family),
+            "local_addr": format_addr(ev.family, ev.saddr),
+            "local_port": ev.sport,
+            "remote_addr": format_addr(ev.family, ev.daddr),
+            "remote_port": ev.dport,
+            "old": state_name(ev.oldstate),
+            "new": state_name(ev.newstate),
+            "duration_ns": ev.delta_ns if ev.delta_known else None,
+            **self.place(ev),
+        }
+
+    def place(self, ev: Event) -> Record:
+        return self._place_fields(self.places.of(ev.netns, ev.cgroup_id, ev.pid, ev.owner_known))
+
+    @staticmethod
+    def _place_fields(place: Place) -> Record:
+        return {
+            "netns": place.netns,
+            "netns_name": place.netns_name,
+            "cgroup": place.cgroup,
+            "container": place.container,
+        }
+
+    def lifetime(self, life: Lifetime) -> Record:
+        record = asdict(life)
+        del record["cgroup_id"]  # as a path, below
+        place = self.places.of(life.netns, life.cgroup_id, life.pid, bool(life.pid))
+        record.update(self._place_fields(place))
+        record["family"] = family_name(life.family)
+        record["start"] = self.iso.format(life.start_ns)
+        record["end"] = self.iso.format(life.end_ns)
+        return record
+
+    def _write_lifetimes(self, lives: list[Lifetime]) -> None:
+        for life in lives:
+            self.write_record(KIND_LIFETIME, self.lifetime(life))
+        self.written += len(lives)
+
+    def write_record(self, kind: str, record: Record) -> bool:
+        """Write one record of any kind; False when the format has no place for it."""
+        written = self.writer.write_record(kind, record)
+        self.writer.flush()
+        return written is not False
+
+    # -- Stage -----------------------------------------------------------------
+
+    def on_start(self) -> None:
+        if isinstance(self.writer, CsvWriter) and not self.quiet:
+            # the header at once, so a reader knows the columns before any traffic
+            self.writer.write_header()
+            self.writer.flush()
+
+    def transition_json(self, ev: Event) -> str:
+        """transition(ev) as a JSON line (tests/outputs/test_export.py checks they agree)."""
+        return self.transition_lines([ev])[0]
+
+    def transition_lines(self, events: list[Event]) -> list[str]:
+        """transition(ev) of each event as a JSON line, formatted directly: the hot path.
+
+        Equal to encoding transition(ev), at a fraction of the cost: the parts that
+        repeat (owner, each end, the state pair, the second of the time) are
+        formatted once and cached; only the command name needs JSON escaping.
+        """
+        iso = self.iso
+        owners, ends, changes = self._owner_json, self._end_json, self._change_json
+        places = self._place_json
+        out: list[str] = []
+        append = out.append
+        for ev in events:
+            (
+                ts,
+                delta,
+                _sk,
+                cgroup_id,
+                pid,
+                flags,
+                netns,
+                _r,
+                saddr,
+                daddr,
+                sport,
+                dport,
+                family,
+                old,
+                new,
+                comm,
+            ) = ev
+            key = (netns, cgroup_id, pid if flags & F_OWNER_KNOWN and not cgroup_id else 0)
+            place = places.get(key) or self._place_part(ev, key)
+            owner = owners.get((pid, comm, flags & F_OWNER_KNOWN, family)) or self._owner_part(ev)
+            local = ends.get((family, saddr, sport)) or self._end_part(family, saddr, sport)
+            remote = ends.get((family, daddr, dport)) or self._end_part(family, daddr, dport)
+            change = changes.get((old, new)) or self._change_part(old, new)
+            secs, frac = divmod(ts + iso.clock.offset_ns, NS_PER_S)
+            prefix = iso.prefix(secs)
+            micro = frac // NS_PER_US
+            duration = delta if flags & F_DELTA_KNOWN else "null"
+            append(
+                f'{{"type":"transition","time":"{prefix}.{micro:06d}Z","ts_ns":{ts},{owner},'
+                f'"local_addr":{local},"local_port":{sport},'
+                f'"remote_addr":{remote},"remote_port":{dport},{change},"duration_ns":{duration},'
+                f"{place}}}"
+            )
+        return out
+
+    def _owner_part(self, ev: Event) -> str:
+        """ "pid":..,"comm":..,"family":.. of an event, cached (family rides along)."""
+        pid, comm = self.owner(ev)
+        if len(self._owner_json) > _CACHE_MAX:
+            self._owner_json.clear()
+        key = (ev.pid, ev.comm, ev.flags & F_OWNER_KNOWN, ev.family)
+        text = self._owner_json[key] = (
+            f'"pid":{"null" if pid is None else pid},"comm":{_json_text(comm)},'
+            f'"family":"{family_name(ev.family)}"'
+        )
+        return text
+
+    def _place_part(self, ev: Event, key: tuple[int, int, int]) -> str:
+        """ "netns":..,"netns_name":..,"cgroup":..,"container":.. of an event, cached."""
+        if len(self._place_json) > _CACHE_MAX:
+            self._place_json.clear()
+        place = self.places.of(ev.netns, ev.cgroup_id, ev.pid, ev.owner_known)
+        text = ",".join(
+            f'"{name}":{_json_value(value)}' for name, value in self._place_fields(place).items()
+        )
+        if place.complete:
+            self._place_json[key] = text
+        return text
+
+    def _end_part(self, family: int, raw: bytes, port: int) -> str:
+        """An address as a JSON string, cached per (family, address, port)."""
+        if len(self._end_json) > _CACHE_MAX:
+            self._end_json.clear()
+        text = self._end_json[(family, raw, port)] = f'"{format_addr(family, raw)}"'
+        return text
+
+    def _change_part(self, old: int, new: int) -> str:
+        text = self._change_json[(old, new)] = (
+            f'"old":"{_STATE_NAMES[old]}","new":"{_STATE_NAMES[new]}"'
+        )
+        return text
+
+    def transition_row(self, ev: Event) -> tuple[Any, ...]:
+        """transition(ev) as a CSV row in TRANSITION_FIELDS order (the hot path)."""
+        pid, comm = self.owner(ev)
+        family = ev.family
+        return (
+            self.iso.format(ev.ts_ns),
+            ev.ts_ns,
+            pid,
+            comm,
+            family_name(family),
+            format_addr(family, ev.saddr),
+            ev.sport,
+            format_addr(family, ev.daddr),
+            ev.dport,
+            _STATE_NAMES[ev.oldstate],
+            _STATE_NAMES[ev.newstate],
+            ev.delta_ns if ev.delta_known else None,
+            *self.place(ev).values(),
+        )
+
+    def on_events(self, events: list[Event]) -> None:
+        if self.quiet or not events:
+            return
+        if self.lifetimes is not None:
+            self.lifetimes.on_events(events)
+            return
+        writer = self.writer
+        if isinstance(writer, JsonLinesWriter):
+            lines = self.transition_lines(events)
+            lines.append("")
+            write_all(writer.out, "\n".join(lines))
+        else:
+            writer.write_rows([self.transition_row(ev) for ev in events])
+        self.written += len(events)
+        writer.flush()
+
+    def on_finish(self, summary: Summary) -> None:
+        written = None if self.quiet else self.written
+        if not self.write_record(KIND_SUMMARY, summary_record(summary, written)):
+            self.err.write(format_summary(summary, written))
+            self.err.flush()
+
+
+def _json_value(value: object) -> str:
+    """A JSON value (numbers, strings, null) as json.dumps writes it."""
+    return json.dumps(value, ensure_ascii=False)

@@ -1,0 +1,128 @@
+"""Connection lifetimes from event sequences; owners and lower bounds from enrichment."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+
+from tcptrace.filters import Filters
+from tcptrace.kernel.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
+from tcptrace.sockets.enrich import Owners
+from tcptrace.sockets.lifetimes import Lifetimes
+from tcptrace.sockets.procs import Owner
+from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
+from tcptrace.sockets.sockdiag import SockEntry
+from tcptrace.states import TcpState as S
+
+LO = socket.inet_pton(socket.AF_INET, "127.0.0.1").ljust(16, b"\0")
+MS = 1_000_000
+
+
+def ev(old, new, ts_ms, delta_ms=None, sk=1, sport=40000, dport=443, pid=7, flags=None, **kw):
+    if flags is None:
+        flags = F_OWNER_KNOWN | (F_DELTA_KNOWN if delta_ms is not None else 0)
+    fields = dict(
+        ts_ns=ts_ms * MS,
+        delta_ns=(delta_ms or 0) * MS,
+        skaddr=sk,
+        cgroup_id=0,
+        pid=pid,
+        flags=flags,
+        netns=0,
+        reserved=0,
+        saddr=LO,
+        daddr=LO,
+        sport=sport,
+        dport=dport,
+        family=socket.AF_INET,
+        oldstate=int(old),
+        newstate=int(new),
+        comm=b"curl",
+    )
+    fields.update(kw)
+    return Event(**fields)
+
+
+def collect(events):
+    done = []
+    tracker = Lifetimes(done.extend)
+    tracker.on_events(events)
+    return done, tracker
+
+
+def test_active_close_through_time_wait():
+    done, tracker = collect(
+        [
+            ev(S.CLOSE, S.SYN_SENT, 0),
+            ev(S.SYN_SENT, S.ESTABLISHED, 1, 1),
+            ev(S.ESTABLISHED, S.FIN_WAIT1, 1001, 1000),
+            ev(S.FIN_WAIT1, S.FIN_WAIT2, 1002, 1),
+            ev(S.FIN_WAIT2, S.TIME_WAIT, 1010, 8),
+            # the full socket is gone: its address is reused by a new connection
+            ev(S.CLOSE, S.SYN_SENT, 1500, sport=40001),
+        ]
+    )
+    assert done == []  # still in TIME_WAIT
+    tracker.on_events([ev(S.TIME_WAIT, S.CLOSE, 61010, 60000)])
+    (life,) = done
+    assert (life.pid, life.comm, life.local_port, life.remote_port) == (7, "curl", 40000, 443)
+    assert life.complete and life.duration_ns == 61010 * MS
+    assert [(s.state, s.duration_ns // MS) for s in life.states] == [
+        ("SYN_SENT", 1),
+        ("ESTABLISHED", 1000),
+        ("FIN_WAIT1", 1),
+        ("FIN_WAIT2", 8),
+        ("TIME_WAIT", 60000),
+    ]
+    # a plain dataclass: JSON/CSV writers serialise it as is
+    assert dataclasses.asdict(life)["states"][0] == {
+        "state": "SYN_SENT",
+        "duration_ns": MS,
+        "lower_bound": False,
+    }
+    assert list(tracker.open) == [1]  # the new connection on the reused address
+
+
+def test_socket_older_than_tracing_is_a_lower_bound_and_listeners_are_not_connections():
+    done, _ = collect(
+        [
+            ev(S.CLOSE, S.LISTEN, 0, sk=9),
+            ev(S.ESTABLISHED, S.CLOSE_WAIT, 5000, 2000, flags=F_DELTA_LOWER),
+            ev(S.CLOSE_WAIT, S.LAST_ACK, 5100, 100),
+            ev(S.LAST_ACK, S.CLOSE, 5101, 1),
+            ev(S.LISTEN, S.CLOSE, 6000, 6000, sk=9),
+        ]
+    )
+    (life,) = done
+    assert not life.complete
+    assert (life.pid, life.comm) == (7, "curl")  # the first known owner
+    assert life.duration_ns == (5101 - 3000) * MS
+    assert life.states[0].lower_bound and life.states[0].duration_ns == 2000 * MS
+
+
+def test_unattributed_event_gets_a_dash_not_the_current_task():
+    owners = Owners(Filters(), tables=None)
+    out = owners.on_events([ev(S.ESTABLISHED, S.CLOSE_WAIT, 10, 5, flags=F_DELTA_KNOWN)])
+    assert out is not None
+    assert (out[0].pid, out[0].command, out[0].owner_known) == (0, "", False)
+
+
+def test_snapshot_gives_owner_and_lower_bound():
+    entry = SockEntry(socket.AF_INET, S.ESTABLISHED, "127.0.0.1", 40000, "127.0.0.1", 443,
+                      1234, 0, 1, 0, 0)  # fmt: skip
+    listener = SockEntry(socket.AF_INET, S.LISTEN, "0.0.0.0", 443, "0.0.0.0", 0, 99, 0, 2, 0, 0)
+    owners = Owners(Filters(), tables=None)
+    owners.snapshot = Snapshot(
+        taken_ns=1000 * MS,
+        rows=[SnapshotRow(entry, Owner(55, "psql")), SnapshotRow(listener, Owner(66, "nginx"))],
+    )
+    first = ev(S.ESTABLISHED, S.FIN_WAIT1, 3500, flags=0, pid=0)
+    child = ev(S.LISTEN, S.SYN_RECV, 3600, flags=0, sport=443, dport=50000, sk=2)
+    later = ev(S.SYN_RECV, S.ESTABLISHED, 3601, 1, flags=F_DELTA_KNOWN, sport=443, sk=2)
+    out = owners.on_events([first, child, later])
+    assert (out[0].pid, out[0].command) == (55, "psql")
+    assert out[0].delta_lower and out[0].delta_ns == 2500 * MS
+    # a child's listener is the kernel's to name (the snapshot seeds it): one the
+    # kernel left unnamed has several listeners since, and only sock_diag can tell
+    assert (out[1].pid, out[1].command) == (0, "")
+    assert not out[1].delta_lower  # a birth: no time in LISTEN to speak of

@@ -1,0 +1,121 @@
+"""TIME_WAIT following: how timewait sockets are asked for (no kernel needed)."""
+
+from tcptrace.filters import Filters
+from tcptrace.sockets.sockdiag import LOCAL, REMOTE, TIMEWAIT_STATES
+from tcptrace.sockets.timewait import MAX_RANGES, TimeWait
+
+
+class RecordingTable:
+    """A SocketTable stand-in that records each request's port clauses."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple] = []
+
+    def dump(self, states, filters, clauses):
+        self.requests.append((frozenset(states), clauses))
+        return []
+
+
+class RecordingTables:
+    """SocketTables of one namespace, OWN, with a RecordingTable."""
+
+    def __init__(self, table: RecordingTable) -> None:
+        self.table = table
+        self.own = OWN
+        self.tables = {OWN: table}
+
+    def get(self, netns: int = 0):
+        return self.table if netns in (0, OWN) else None
+
+
+OWN = 4026531840
+
+
+def stage() -> tuple[TimeWait, RecordingTable]:
+    table = RecordingTable()
+    tables = RecordingTables(table)
+    return TimeWait(Filters(ports=frozenset({8080})), tables), table  # type: ignore[arg-type]
+
+
+def test_client_ends_are_asked_for_by_their_own_local_port():
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(3)]
+    tw._dump(keys)
+    assert len(table.requests) == 1
+    states, clauses = table.requests[0]
+    assert states == frozenset(TIMEWAIT_STATES)
+    assert clauses == [[(LOCAL, (40000, 40002))]]
+
+
+def test_ends_sharing_the_servers_port_are_asked_for_by_the_remote_port():
+    tw, table = stage()
+    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(3)]
+    client = [(OWN, "127.0.0.1", 41000, "10.0.0.1", 443)]
+    tw._dump(server + client)
+    assert [c for _, c in table.requests] == [
+        [[(LOCAL, (41000, 41000))]],
+        [[(REMOTE, (50000, 50000)), (REMOTE, (50002, 50002)), (REMOTE, (50004, 50004))]],
+    ]
+
+
+def test_many_scattered_ports_take_several_bounded_requests():
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 30000 + 2 * i, "127.0.0.1", 8080) for i in range(MAX_RANGES + 10)]
+    tw._dump(keys)
+    sizes = [len(clauses[0]) for _, clauses in table.requests]
+    assert sizes == [MAX_RANGES, 10]
+    assert all(side == LOCAL for _, clauses in table.requests for side, _ in clauses[0])
+
+
+def test_corrections_move_durations_between_states_in_the_summary():
+    from tcptrace.kernel.stats import Summary
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    tw, _ = stage()
+    summary = Summary()
+    kernel = summary.state(FIN_WAIT2)
+    for d in (1_000, 5_000_000, 7_000_000):
+        kernel.add(d)
+    # a held-back FIN_WAIT2 end the kernel timed at 5 ms: its stay went on to 9 ms
+    tw.fixes.remove(FIN_WAIT2, 5_000_000)
+    tw.fixes.add(FIN_WAIT2, 9_000_000)
+    for _ in range(1000):  # aggregated, however many sockets were followed
+        tw.fixes.add(TIME_WAIT, 60_000_000_000)
+    tw.on_finish(summary)
+    fin = summary.state(FIN_WAIT2)
+    assert fin.count == 3 and fin.total_ns == 1_000 + 7_000_000 + 9_000_000
+    timewait = summary.state(TIME_WAIT)
+    assert timewait.count == 1000 and timewait.max_ns == 60_000_000_000
+
+
+def test_an_opening_from_before_a_time_wait_began_does_not_end_it():
+    """Only a connection that opens after the TIME_WAIT began can take its 4-tuple."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN, Event
+    from tcptrace.sockets.timewait import CLOSE, TIME_WAIT, Followed, key_of
+
+    tw, _ = stage()
+    lo = b"\x7f\0\0\1" + bytes(12)
+    closed = Event(
+        5_000, 10, 0xA, 0, 7, F_DELTA_KNOWN, OWN, 0, lo, lo, 40000, 8080, 2, 5, 6, b"cli"
+    )
+    key = key_of(closed)
+    tw.followed[key] = Followed(
+        template=closed,
+        cookie=1,
+        state=TIME_WAIT,
+        since_ns=5_000,
+        since_flags=F_DELTA_KNOWN,
+        last_seen_ns=5_000,
+        due_ns=60_000_005_000,
+    )
+    tw.port_pairs.add((40000, 8080))
+    earlier = closed._replace(ts_ns=4_000, oldstate=2, newstate=1)  # SYN_SENT -> ESTABLISHED
+    assert tw.on_events([earlier]) == [earlier]
+    assert key in tw.followed
+    later = earlier._replace(ts_ns=9_000)
+    out = tw.on_events([later])
+    assert [(e.oldstate, e.newstate, e.ts_ns, e.delta_ns) for e in out] == [
+        (TIME_WAIT, CLOSE, 9_000, 4_000),
+        (2, 1, 9_000, 10),
+    ]
+    assert key not in tw.followed
