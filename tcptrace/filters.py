@@ -6,7 +6,9 @@ rule in Python, for sockets found with sock_diag and for tests.
 
 from __future__ import annotations
 
+import re
 import socket
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from tcptrace.states import TcpState, parse_state, state_mask
@@ -60,6 +62,70 @@ def parse_states(text: str) -> frozenset[TcpState]:
         # an empty list must not silently mean "every state"
         raise ValueError(f"no TCP state named in {text!r}")
     return states
+
+
+# Units of a duration (--slower-than, --stuck), in nanoseconds; a bare number is seconds.
+DURATION_UNITS = {
+    "ns": 1,
+    "us": 1_000,
+    "ms": 1_000_000,
+    "s": 1_000_000_000,
+    "m": 60_000_000_000,
+    "h": 3_600_000_000_000,
+}
+_DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-z]*)\s*$")
+# The key of a duration that applies to every state not named (STATE=DUR overrides it).
+ALL_STATES = 0
+
+
+def parse_duration(text: str) -> int:
+    """'100ms', '2s', '1.5m', '250us' or '3' (seconds) as whole nanoseconds (> 0)."""
+    match = _DURATION.match(text.lower())
+    if not match or match.group(2) not in ("", *DURATION_UNITS):
+        units = ", ".join(DURATION_UNITS)
+        raise ValueError(f"{text.strip()!r} is not a duration (a number and a unit: {units})")
+    number, unit = match.groups()
+    ns = round(float(number) * DURATION_UNITS[unit or "s"])
+    if ns <= 0:
+        raise ValueError(f"{text.strip()!r} is not a positive duration")
+    return ns
+
+
+def parse_state_durations(text: str) -> dict[int, int]:
+    """'100ms' (every state) or 'SYN_SENT=100ms,ESTABLISHED=5s', as {state: ns}.
+
+    A duration without a state is keyed ALL_STATES: it applies to the states not named.
+    """
+    durations: dict[int, int] = {}
+    for item in text.split(","):
+        if not item.strip():
+            raise ValueError(f"empty item in {text!r}")
+        name, eq, value = item.rpartition("=")
+        key = int(parse_state(name)) if eq else ALL_STATES
+        if key in durations:
+            which = name.strip() if eq else "a duration for every state"
+            raise ValueError(f"{which} is given twice in {text!r}")
+        durations[key] = parse_duration(value)
+    return durations
+
+
+def merge_state_durations(values: tuple[dict[int, int], ...]) -> dict[int, int]:
+    """Repeated options: later items override earlier ones, state by state."""
+    merged: dict[int, int] = {}
+    for value in values:
+        merged.update(value)
+    return merged
+
+
+def per_state(durations: dict[int, int], states: Iterable[int]) -> dict[int, int]:
+    """{state: ns} for each of these states that a duration applies to."""
+    default = durations.get(ALL_STATES)
+    out = {}
+    for state in states:
+        ns = durations.get(int(state), default)
+        if ns is not None:
+            out[int(state)] = ns
+    return out
 
 
 @dataclass(frozen=True)

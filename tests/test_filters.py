@@ -75,3 +75,41 @@ def test_describe():
     assert describe_ports(frozenset({80, 443, 8000, 8001, 8002})) == "80,443,8000-8002"
     assert Filters().describe() == "all TCP sockets"
     assert Filters(ports=frozenset({443}), family=socket.AF_INET).describe() == "port 443, IPv4"
+
+
+def test_durations_take_units_and_bare_seconds() -> None:
+    from tcptrace.filters import parse_duration
+
+    assert parse_duration("100ms") == 100_000_000
+    assert parse_duration("1.5m") == 90_000_000_000
+    assert parse_duration("2s") == parse_duration("2") == 2_000_000_000
+    assert parse_duration("250us") == 250_000
+
+
+@pytest.mark.parametrize("text", ["0", "0s", "-1s", "1x", "", "ms", "nan", "1e-12s"])
+def test_bad_durations_are_refused(text: str) -> None:
+    from tcptrace.filters import parse_duration
+
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def test_state_durations_name_states_or_all() -> None:
+    from tcptrace.filters import (
+        ALL_STATES,
+        merge_state_durations,
+        parse_state_durations,
+        per_state,
+    )
+    from tcptrace.states import TcpState
+
+    got = parse_state_durations("SYN_SENT=100ms,ESTABLISHED=5s")
+    assert got == {int(TcpState.SYN_SENT): 100_000_000, int(TcpState.ESTABLISHED): 5_000_000_000}
+    merged = merge_state_durations((parse_state_durations("1s"), got))
+    assert merged[ALL_STATES] == 1_000_000_000
+    states = per_state(merged, [TcpState.SYN_SENT, TcpState.CLOSE_WAIT])
+    assert states == {int(TcpState.SYN_SENT): 100_000_000, int(TcpState.CLOSE_WAIT): 10**9}
+    assert per_state(got, [TcpState.CLOSE_WAIT]) == {}
+    for bad in ("SYN=1s", "CLOSE_WAIT=0", "1s,2s", "CLOSE_WAIT=1s,close-wait=2s", ","):
+        with pytest.raises(ValueError):
+            parse_state_durations(bad)
