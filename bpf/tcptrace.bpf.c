@@ -27,6 +27,8 @@
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
  *   MAX_LISTENERS   capacity of the listeners map (listening addresses)
+ *   KEEP_ENDS       1: the per-socket map keeps each socket's ends, for the
+ *                   stuck reports of the scan below (--stuck)
  * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
@@ -60,12 +62,28 @@
 /* Entries of the cgroup filter: a cgroup and everything below it. */
 #define MAX_CGROUP_FILTERS 8
 
+/* A socket's ends as its last transition gave them (kept for --stuck reports). */
+struct sk_ends {
+	u8 saddr[16];
+	u8 daddr[16];
+	u16 sport;
+	u16 dport;
+	u16 family;
+	u16 reserved;
+};
+
 struct sk_info {
-	u64 ts;   /* time of the socket's last transition */
+	u64 ts;   /* time of the socket's last transition: it entered `state` then */
 	u64 cgroup_id; /* owner's, valid with TCPTRACE_F_OWNER_KNOWN */
 	u32 pid;  /* owner, valid with TCPTRACE_F_OWNER_KNOWN */
-	u32 flags;
+	u32 flags; /* TCPTRACE_F_OWNER_KNOWN, OWNER_IN_CGROUP */
 	char comm[TCPTRACE_COMM_LEN];
+	u32 state; /* the state it is in now */
+	u32 netns;
+	u64 reported; /* ts when the scan reported it stuck in this state (--stuck) */
+#if KEEP_ENDS
+	struct sk_ends ends;
+#endif
 };
 
 /* A listening address: what tells listeners apart in the tracepoint's fields,
@@ -370,6 +388,27 @@ static __always_inline struct owner *listener_of(struct listen_key *key)
 	return 0;
 }
 
+/* What the map keeps of a socket after this transition (its stuck report, if any,
+ * belongs to the state it left: the flag goes). */
+static __always_inline void remember(struct sk_info *info, struct tcptrace_event *ev,
+				     u32 owner_flags)
+{
+	info->ts = ev->ts_ns;
+	info->pid = ev->pid;
+	info->cgroup_id = ev->cgroup_id;
+	info->flags = (ev->flags & TCPTRACE_F_OWNER_KNOWN) | owner_flags;
+	__builtin_memcpy(info->comm, ev->comm, sizeof(info->comm));
+	info->state = ev->newstate;
+	info->netns = ev->netns;
+#if KEEP_ENDS
+	__builtin_memcpy(info->ends.saddr, ev->saddr, sizeof(info->ends.saddr));
+	__builtin_memcpy(info->ends.daddr, ev->daddr, sizeof(info->ends.daddr));
+	info->ends.sport = ev->sport;
+	info->ends.dport = ev->dport;
+	info->ends.family = ev->family;
+#endif
+}
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != TT_IPPROTO_TCP)
@@ -428,7 +467,8 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (sport == 0 && old == TT_CLOSE && new == TT_SYN_SENT) {
 			struct sk_info pending = {.ts = now, .pid = bpf_get_current_pid_tgid() >> 32,
 						  .cgroup_id = bpf_get_current_cgroup_id(),
-						  .flags = TCPTRACE_F_OWNER_KNOWN | current_in_cgroup()};
+						  .flags = TCPTRACE_F_OWNER_KNOWN | current_in_cgroup(),
+						  .state = TT_SYN_SENT};
 			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
@@ -542,15 +582,16 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		if (sockets.delete(&sk) == 0)
 			count(TCPTRACE_C_DELETED);
 	} else {
-		struct sk_info next = {.ts = now, .pid = ev.pid, .cgroup_id = ev.cgroup_id,
-				       .flags = (ev.flags & TCPTRACE_F_OWNER_KNOWN) | owner_flags};
-		__builtin_memcpy(next.comm, ev.comm, sizeof(next.comm));
-		if (info)
+		if (info) {
 			/* in place: the socket's transitions are serialised by its lock,
 			 * and an LRU update would take a new element and the bucket lock */
-			*info = next;
-		else if (sockets.update(&sk, &next) == 0)
-			count(TCPTRACE_C_INSERTED);
+			remember(info, &ev, owner_flags);
+		} else {
+			struct sk_info next = {};
+			remember(&next, &ev, owner_flags);
+			if (sockets.update(&sk, &next) == 0)
+				count(TCPTRACE_C_INSERTED);
+		}
 	}
 
 	count(TCPTRACE_C_SEEN);
@@ -573,6 +614,95 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		else
 			count(TCPTRACE_C_DROPPED);
 	}
+#endif
+	return 0;
+}
+
+/*
+ * The scan of the per-socket map (--stuck, the live table's OLDEST column, the
+ * metrics' oldest and stuck gauges): a BPF iterator over the map's elements, run
+ * by user space once a poll interval by reading the iterator (tracepoints cannot
+ * use BPF timers, and bcc cannot relocate bpf_for_each_map_elem's callback).
+ * Per state it notes the oldest entry time and the sockets past their --stuck
+ * threshold; each socket that crossed its threshold since the last scan is
+ * written to the iterator's output as a tcptrace_event with TCPTRACE_F_STUCK.
+ * The iterator's context, as the running kernel's BTF defines it (user space
+ * checks these offsets against the BTF before loading: tcptrace/kernel/btf.py).
+ */
+struct seq_file;
+struct bpf_iter_meta {
+	struct seq_file *seq;
+	u64 session_id;
+	u64 seq_num;
+};
+struct bpf_iter__bpf_map_elem {
+	struct bpf_iter_meta *meta;
+	void *map;
+	void *key;
+	void *value;
+};
+
+/* One scan's input and output: user space sets now and list_all, zeroes the rest. */
+struct scan {
+	u64 now;      /* CLOCK_MONOTONIC at the scan's start: ages are measured to it */
+	u64 list_all; /* 1: write every socket past its threshold, reported or not (exit) */
+	u64 oldest[TCPTRACE_NSTATES]; /* earliest entry time of a socket in each state, 0: none */
+	u64 count[TCPTRACE_NSTATES];  /* sockets in each state */
+	u64 stuck[TCPTRACE_NSTATES];  /* of them, past the state's threshold */
+};
+BPF_ARRAY(scan, struct scan, 1);
+/* --stuck thresholds per state, in ns (0: not watched). */
+BPF_ARRAY(stuck_ns, u64, TCPTRACE_NSTATES);
+
+BPF_ITER(bpf_map_elem)
+{
+	u64 *key = ctx->key;
+	struct sk_info *info = ctx->value;
+	if (!key || !info)
+		return 0;
+	u32 zero = 0;
+	struct scan *sc = scan.lookup(&zero);
+	if (!sc)
+		return 0;
+	u32 st = info->state;
+	u64 entered = info->ts;
+	if (st >= TCPTRACE_NSTATES || entered > sc->now)
+		return 0; /* unknown, or it moved after the scan began: young */
+	sc->count[st]++;
+	if (!sc->oldest[st] || entered < sc->oldest[st])
+		sc->oldest[st] = entered;
+	u64 *limit = stuck_ns.lookup(&st);
+	if (!limit || !*limit || sc->now - entered < *limit)
+		return 0;
+	sc->stuck[st]++;
+	/* reported for this stay in the state: the entry time it was reported at
+	 * (a transition racing this scan changes ts, so the mark cannot outlive it) */
+	if (!sc->list_all && info->reported == entered)
+		return 0;
+	info->reported = entered;
+#if KEEP_ENDS
+	struct tcptrace_event ev = {};
+	ev.ts_ns = sc->now;
+	ev.delta_ns = sc->now - entered;
+	ev.skaddr = *key;
+	ev.cgroup_id = info->cgroup_id;
+	ev.pid = info->pid;
+	ev.flags = TCPTRACE_F_STUCK | TCPTRACE_F_DELTA_KNOWN |
+		   (info->flags & TCPTRACE_F_OWNER_KNOWN);
+	ev.netns = info->netns;
+#if SK_NET_OFFSET >= 0 && NET_INUM_OFFSET >= 0
+	if (info->netns)
+		ev.flags |= TCPTRACE_F_NETNS_KNOWN;
+#endif
+	__builtin_memcpy(ev.saddr, info->ends.saddr, sizeof(ev.saddr));
+	__builtin_memcpy(ev.daddr, info->ends.daddr, sizeof(ev.daddr));
+	ev.sport = info->ends.sport;
+	ev.dport = info->ends.dport;
+	ev.family = info->ends.family;
+	ev.oldstate = st;
+	ev.newstate = st;
+	__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
+	bpf_seq_write(ctx->meta->seq, &ev, sizeof(ev));
 #endif
 	return 0;
 }

@@ -18,6 +18,9 @@
 #define TCPTRACE_F_DELTA_KNOWN 0x1 /* delta_ns is measured from a traced transition */
 #define TCPTRACE_F_OWNER_KNOWN 0x2 /* pid/comm/cgroup_id belong to the socket's owner */
 #define TCPTRACE_F_NETNS_KNOWN 0x4 /* netns was read from the socket (BTF offsets) */
+/* Not a transition: the map scan found the socket in newstate (== oldstate) for
+ * delta_ns, past its --stuck threshold; ts_ns is the scan's time. */
+#define TCPTRACE_F_STUCK 0x8
 /* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */

@@ -59,6 +59,8 @@ COMM_LEN = 16
 F_DELTA_KNOWN = 0x1
 F_OWNER_KNOWN = 0x2
 F_NETNS_KNOWN = 0x4
+# A stuck report from the map scan, not a transition (oldstate == newstate, delta_ns its age).
+F_STUCK = 0x8
 # Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
 # delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
 F_DELTA_LOWER = 0x10000

@@ -97,6 +97,8 @@ class ProbeConfig:
     shed_fraction: float = 0.75
     # where a socket's network namespace is, from the running kernel's BTF (None: unknown)
     netns_offsets: NetnsOffsets | None = None
+    # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
+    keep_ends: bool = False
 
     def shed_lag(self) -> int:
         """Unread events per CPU at which the kernel starts shedding (0: never)."""
@@ -119,6 +121,7 @@ class ProbeConfig:
             f"-DSELF_PID={os.getpid()}",
             f"-DFILTER_NETNS={int(bool(self.filters.netns))}",
             f"-DFILTER_OWNER={self.filters.owner_checks}",
+            f"-DKEEP_ENDS={int(self.keep_ends)}",
             *(self.netns_offsets or NO_OFFSETS).cflags(),
         ]
 

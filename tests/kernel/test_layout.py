@@ -61,6 +61,7 @@ def test_constants_match_header():
     assert consts["TCPTRACE_F_DELTA_KNOWN"] == events.F_DELTA_KNOWN
     assert consts["TCPTRACE_F_OWNER_KNOWN"] == events.F_OWNER_KNOWN
     assert consts["TCPTRACE_F_NETNS_KNOWN"] == events.F_NETNS_KNOWN
+    assert consts["TCPTRACE_F_STUCK"] == events.F_STUCK
     # every counter index, both ways: a counter added on one side only fails here
     c_counters = {
         k.removeprefix("TCPTRACE_C_"): v for k, v in consts.items() if k.startswith("TCPTRACE_C_")
