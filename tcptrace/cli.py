@@ -12,7 +12,15 @@ from click.core import ParameterSource
 
 from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
-from tcptrace.filters import Filters, parse_comm, parse_pid, parse_ports, parse_states
+from tcptrace.filters import (
+    Filters,
+    merge_state_durations,
+    parse_comm,
+    parse_pid,
+    parse_ports,
+    parse_state_durations,
+    parse_states,
+)
 from tcptrace.outputs.output import TIMESTAMP_STYLES, TS_WALL
 from tcptrace.states import TcpState
 
@@ -181,6 +189,9 @@ Examples:
   tcptrace --pid 4242                 sockets owned by process 4242
   tcptrace --comm curl --comm wget    sockets owned by curl or wget processes
   tcptrace -w --json | jq .netns_name   every line with its namespace and cgroup columns
+  tcptrace --stuck CLOSE_WAIT=30s     a report per socket in CLOSE_WAIT for over 30 s
+  tcptrace --stuck 5s -p 443 --json   a watchdog: JSON records of sockets stuck over 5 s
+  tcptrace --interval 2 --stuck SYN_SENT=1s   the live table with OLDEST and STUCK
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -362,6 +373,15 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     help="One line per finished connection (like tcplife): owner, lifetime, time in each state.",
 )
 @click.option(
+    "--stuck",
+    "stuck",
+    multiple=True,
+    type=ParsedType("DUR|STATE=DUR", parse_state_durations),
+    help="Report each socket once it has been in its state longer than DUR (100ms, 30s, "
+    "1.5m), or per state: CLOSE_WAIT=30s,SYN_SENT=2s; the kernel finds them. Prints these "
+    "reports instead of transitions, and what is still stuck at exit. Repeatable.",
+)
+@click.option(
     "--snapshot",
     is_flag=True,
     help="Print the matching TCP sockets and their owners once, then exit (like ss -tpe).",
@@ -394,24 +414,29 @@ def main(**opts: object) -> None:
     fmt = "json" if opts["as_json"] else "csv" if opts["as_csv"] else "text"
     if opts["interval"] is not None and fmt != "text":
         raise click.UsageError(f"--interval prints a table: it excludes --{fmt}")
-    if opts["count"] is not None and (opts["quiet"] or opts["interval"] is not None):
+    if opts["count"] is not None and (
+        opts["quiet"] or opts["interval"] is not None or opts["stuck"]
+    ):
         # no per-transition stream to count: the run would never stop by itself
-        which = "--quiet" if opts["quiet"] else "--interval"
+        which = "--quiet" if opts["quiet"] else "--interval" if opts["interval"] else "--stuck"
         raise click.UsageError(f"--count counts transitions shown: {which} shows none")
     _refuse_ignored(opts)
+    stuck = _stuck_thresholds(opts["stuck"])
     for flag in ("listening", "extended"):
         if opts[flag] and not opts["snapshot"]:
             raise click.UsageError(f"--{flag} goes with --snapshot")
     streams = {"lifetime": opts["lifetime"], "quiet": opts["quiet"], "json": opts["as_json"],
                "csv": opts["as_csv"], "interval": opts["interval"] is not None,
-               "metrics": opts["metrics"] is not None}  # fmt: skip
+               "metrics": opts["metrics"] is not None, "stuck": bool(opts["stuck"])}  # fmt: skip
     for flag, given in streams.items():
         if given and opts["snapshot"]:
             raise click.UsageError(f"--{flag} and --snapshot exclude each other")
-    for flag in ("quiet", "csv", "interval"):
+    for flag in ("quiet", "csv", "interval", "stuck"):
         # lifetimes are text lines or JSON records; a CSV table has transition columns
         if opts["lifetime"] and streams[flag]:
             raise click.UsageError(f"--lifetime and --{flag} exclude each other")
+    if opts["stuck"] and opts["as_csv"]:
+        raise click.UsageError("--stuck reports are not transitions: use --json, not --csv")
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),
@@ -450,6 +475,9 @@ def main(**opts: object) -> None:
         extended=bool(opts["extended"]),
         max_sockets=int(opts["max_sockets"]),
         wide=bool(opts["wide"]),
+        stuck=stuck,
+        # --stuck alone prints its reports only
+        transitions=not stuck,
     )
     try:
         code = run(options)
@@ -505,6 +533,17 @@ def _refuse_ignored(opts: dict[str, object]) -> None:
     for mode, name, flag in _NO_EFFECT:
         if modes[mode] and _given(name):
             raise click.UsageError(f"{flag} has no effect with --{mode}")
+
+
+def _stuck_thresholds(values: tuple[dict[int, int], ...]) -> dict[int, int]:
+    """--stuck's values, merged, as {state: ns}; a state nobody can be stuck in is a
+    usage error."""
+    from tcptrace.sockets.stuck import thresholds
+
+    try:
+        return thresholds(merge_state_durations(values))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="'--stuck'") from None
 
 
 def _power_of_two(n: int) -> int:

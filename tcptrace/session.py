@@ -13,7 +13,7 @@ from tcptrace import startup
 from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters
 from tcptrace.kernel import preflight
-from tcptrace.kernel.events import Event
+from tcptrace.kernel.events import F_STUCK, Event
 from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.losses import LossReport
 from tcptrace.outputs.output import (
@@ -30,6 +30,7 @@ from tcptrace.tracer import EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
     from tcptrace.outputs.metrics import ListenAddress
+    from tcptrace.sockets.stuck import Scanner
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -58,10 +59,21 @@ class Options:
     # --no-color (NO_COLOR in the environment does the same)
     no_color: bool = False
 
+    # --stuck: {state: ns} thresholds (sockets/stuck.thresholds); empty: off
+    stuck: dict[int, int] = field(default_factory=dict)
+    # per-transition lines asked for: not with --stuck alone (only its reports)
+    transitions: bool = True
+
     @property
     def emit_events(self) -> bool:
-        """Whether the kernel streams events: the live table and --quiet need only its maps."""
-        return not (self.quiet or self.interval)
+        """Whether the kernel streams events: the live table, --quiet and --stuck alone
+        need only its maps."""
+        return self.transitions and not (self.quiet or self.interval)
+
+    @property
+    def scan(self) -> bool:
+        """Whether the kernel's socket map is scanned: --stuck, OLDEST, the gauges."""
+        return bool(self.stuck) or bool(self.interval) or self.metrics is not None
 
     lifetime: bool = False  # one line per finished connection instead of per transition
     # --snapshot: print the socket table once and exit (-l listening only, -e extended)
@@ -77,31 +89,50 @@ class Options:
 class TextOutput(Stage):
     """Per-transition lines, then the summary table, on a text stream."""
 
-    def __init__(self, out: TextIO, options: Options) -> None:
+    def __init__(
+        self,
+        out: TextIO,
+        options: Options,
+        still_stuck: Callable[[], list[Event]] | None = None,
+    ) -> None:
         self.out = out
         self.quiet = options.quiet
+        # transitions are printed (else "shown" has no meaning in the accounting)
+        self.lines = options.emit_events
+        # --stuck: its reports are printed, --quiet or not; what is still stuck at exit
+        self.stuck = bool(options.stuck)
+        self.still_stuck = still_stuck
         self.formatter = TextFormatter(
             out,
             Clock.now(options.timestamp),
             numeric=options.numeric,
-            places=None if options.quiet else Places(),
+            places=None if options.quiet and not options.stuck else Places(),
             wide=options.wide,
         )
 
     def on_start(self) -> None:
-        if not self.quiet:
+        if not self.quiet or self.stuck:
             self.formatter.write_header()
             self.out.flush()
 
     def on_events(self, events: list[Event]) -> None:
-        if not self.quiet:
+        if events and events[0].flags & F_STUCK:
+            # the stuck watch's own batch (sockets/stuck.StuckWatch.on_tick); under the
+            # live table its counts are in the STUCK column instead
+            if self.stuck:
+                self.formatter.write(events, transitions=False)
+                self.out.flush()
+        elif not self.quiet:
             self.formatter.write(events)
             self.out.flush()
 
     def on_finish(self, summary: Summary) -> None:
-        if not self.quiet:
+        if not self.quiet or self.stuck:
             self.out.write("\n")
-        printed = None if self.quiet else self.formatter.printed
+        if self.still_stuck is not None:
+            self.formatter.write_still_stuck(self.still_stuck())
+            self.out.write("\n")
+        printed = self.formatter.printed if self.lines else None
         self.out.write(format_summary(summary, printed))
         self.out.flush()
 
@@ -176,34 +207,52 @@ def build_stages(
     tables: SocketTables | None = None,
     netns_fallback: bool = False,
     seed_listeners: Callable[[list], int] | None = None,
+    scanner: Scanner | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`."""
     err = err or sys.stderr
     stages: list[Stage] = []
-    if tables is not None and options.emit_events:
+    watch = None
+    if scanner is not None:
+        from tcptrace.sockets.stuck import StuckWatch
+
+        # first: its reports go through the owners' look-ups like transitions
+        watch = StuckWatch(scanner, options.stuck, tables, filters=options.filters)
+        stages.append(watch)
+    if tables is not None and (options.emit_events or options.stuck):
         from tcptrace.sockets.enrich import Owners
-        from tcptrace.sockets.timewait import TimeWait
 
         budget = Budget()  # shared: look-ups of both stages together stay within it
-        timewait = TimeWait(options.filters, tables, budget)
-        stages += [
-            Owners(
-                options.filters,
-                tables,
-                budget=budget,
-                netns_fallback=netns_fallback,
-                seed_listeners=seed_listeners,
-            ),
-            timewait,
-        ]
-        if summaries is not None:
-            # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
-            summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
+        owners = Owners(
+            options.filters,
+            tables,
+            budget=budget,
+            netns_fallback=netns_fallback,
+            seed_listeners=seed_listeners,
+        )
+        stages.append(owners)
+        if watch is not None:
+            watch.use_owners(owners)
+        if options.emit_events:
+            from tcptrace.sockets.timewait import TimeWait
+
+            timewait = TimeWait(options.filters, tables, budget)
+            stages.append(timewait)
+            if summaries is not None:
+                # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
+                summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
+    still_stuck = (lambda: watch.still) if watch is not None and options.stuck else None
     if options.metrics is not None and summaries is not None:
         from tcptrace.outputs.metrics import MetricsServer
 
-        server = MetricsServer(options.metrics, summaries, options.filters.describe())
+        server = MetricsServer(
+            options.metrics,
+            summaries,
+            options.filters.describe(),
+            oldest=watch.oldest if watch is not None else None,
+            stuck_states=options.stuck,
+        )
         server.start()  # bound before "tracing ..." is printed: scrapers can rely on it
         stages.append(server)
     if options.interval and summaries is not None:
@@ -211,22 +260,40 @@ def build_stages(
 
         color = want_color(out, options.no_color)
         redraw = out.isatty()  # like top on a terminal; one table after another in a pipe
-        stages.append(IntervalView(out, summaries, options.interval, color=color, redraw=redraw))
+        oldest = watch.oldest if watch is not None else None
+        stages.append(
+            IntervalView(
+                out,
+                summaries,
+                options.interval,
+                color=color,
+                redraw=redraw,
+                oldest=oldest,
+                stuck=bool(options.stuck),
+            )
+        )
         # the exit summary as usual, after the last table
-        stages.append(TextOutput(out, replace(options, quiet=True)))
+        stages.append(TextOutput(out, replace(options, quiet=True, stuck={}), still_stuck))
     elif options.format != FORMAT_TEXT:
         from tcptrace.outputs.export import RecordOutput
 
         clock = Clock.now(options.timestamp)
         stages.append(
             RecordOutput(
-                options.format, out, err, clock, quiet=options.quiet, lifetimes=options.lifetime
+                options.format,
+                out,
+                err,
+                clock,
+                # --stuck alone: its reports only, no transition records
+                quiet=options.quiet or not options.transitions,
+                lifetimes=options.lifetime,
+                still_stuck=still_stuck,
             )
         )
     elif options.lifetime:
         stages.append(LifetimeOutput(out, options))
     else:
-        stages.append(TextOutput(out, options))
+        stages.append(TextOutput(out, options, still_stuck))
     from tcptrace.pipes import PipeWatch, is_pipe
 
     if is_pipe(out):
@@ -281,6 +348,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         filters=options.filters,
         emit_events=options.emit_events,
         max_sockets=options.max_sockets,
+        keep_ends=bool(options.stuck),
+        stuck_ns=options.stuck,
     )
     if options.buffer_pages is not None:
         config = replace(config, buffer_pages=options.buffer_pages)
@@ -301,9 +370,10 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         )
     if options.emit_events and options.nice is not None:
         _raise_priority(options.nice)
+    scanner = _open_scanner(probe, options, err) if options.scan else None
     summaries = KernelStats(probe)
     stages: list[Stage] = []
-    tables = SocketTables() if options.emit_events else None
+    tables = SocketTables() if options.emit_events or scanner is not None else None
     try:
         stages = build_stages(
             options,
@@ -313,6 +383,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             tables,
             netns_fallback=netns_problem is not None,
             seed_listeners=probe.seed_listeners,
+            scanner=scanner,
         )
         # first: its on_finish completes the final accounting the outputs print
         stages.insert(0, LossReport(probe, err))
@@ -352,6 +423,20 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if tables is not None:
             tables.close()
     return 0
+
+
+def _open_scanner(probe: object, options: Options, err: TextIO) -> Scanner | None:
+    """The kernel's map scan; --stuck cannot do without it, OLDEST and the gauges can."""
+    from tcptrace.sockets.stuck import Scanner
+
+    problem = probe.open_scan()  # type: ignore[attr-defined]
+    if problem is None:
+        return Scanner(probe)  # type: ignore[arg-type]
+    if options.stuck:
+        probe.close()  # type: ignore[attr-defined]
+        raise TcptraceError(f"--stuck needs the kernel to scan its socket map: {problem}")
+    err.write(f"tcptrace: no OLDEST ages: the kernel cannot scan its socket map ({problem})\n")
+    return None
 
 
 def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:

@@ -193,3 +193,28 @@ def netns_offsets(btf: Btf | None = None) -> NetnsOffsets:
         sock_net=btf.offset_of("sock", "__sk_common.skc_net.net"),
         net_inum=btf.offset_of("net", "ns.inum"),
     )
+
+
+# The map-element iterator's context as the BPF program declares it (bpf/tcptrace.bpf.c):
+# (struct, member, offset). The verifier types the program's reads by the kernel's BTF,
+# so the declaration must match the running kernel's.
+MAP_ITER_LAYOUT = (
+    ("bpf_iter__bpf_map_elem", "meta", 0),
+    ("bpf_iter__bpf_map_elem", "map", 8),
+    ("bpf_iter__bpf_map_elem", "key", 16),
+    ("bpf_iter__bpf_map_elem", "value", 24),
+    ("bpf_iter_meta", "seq", 0),
+)
+
+
+def map_iter_problem(btf: Btf | None = None) -> str | None:
+    """Why the program's map-iterator context does not fit this kernel (None: it does)."""
+    try:
+        btf = btf or Btf.load()
+        for struct_name, member, expected in MAP_ITER_LAYOUT:
+            found = btf.offset_of(struct_name, member)
+            if found != expected:
+                return f"struct {struct_name}.{member} is at {found}, not {expected}"
+    except (BtfError, OSError) as exc:
+        return f"no usable BTF ({exc})"
+    return None

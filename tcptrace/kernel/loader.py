@@ -17,7 +17,7 @@ from pathlib import Path
 from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters
 from tcptrace.kernel import perfbuf
-from tcptrace.kernel.btf import BtfError, NetnsOffsets, netns_offsets
+from tcptrace.kernel.btf import BtfError, NetnsOffsets, map_iter_problem, netns_offsets
 from tcptrace.kernel.events import (
     C_DROPPED,
     C_SHED,
@@ -51,6 +51,33 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 # virtual machine, the host descheduling the vCPU may come between. Events stamped
 # this close to a read wait for the next one, so that batches stay in time order.
 WRITE_SLACK_NS = 10_000_000
+
+
+# The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
+SCAN_FN = b"bpf_iter__bpf_map_elem"
+# Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
+SCAN_READ_BYTES = 1 << 16
+
+
+class _IterMapInfo(ctypes.Structure):
+    """union bpf_iter_link_info's map member: the map a map-element iterator walks."""
+
+    _fields_ = [("map_fd", ctypes.c_uint32)]
+
+
+@dataclass
+class ScanResult:
+    """One walk of the per-socket map (Probe.scan)."""
+
+    now_ns: int  # CLOCK_MONOTONIC when it began: ages are measured to it
+    oldest: dict[int, int]  # state -> entry time of its oldest socket
+    count: dict[int, int]  # state -> sockets in it
+    stuck: dict[int, int]  # state -> sockets past its --stuck threshold
+    records: list[Event]  # stuck reports (F_STUCK events)
+
+    def oldest_age_ns(self, state: int) -> int | None:
+        entered = self.oldest.get(state)
+        return None if entered is None else max(0, self.now_ns - entered)
 
 
 # The program's netns read is off (it reports 0, user space falls back on the owner's).
@@ -99,6 +126,10 @@ class ProbeConfig:
     netns_offsets: NetnsOffsets | None = None
     # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
     keep_ends: bool = False
+    # load the map scan (Probe.scan): --stuck, the live table's OLDEST, the metrics' gauges
+    scan: bool = False
+    # --stuck thresholds: {state: ns}; the scan reports sockets past them
+    stuck_ns: dict[int, int] = field(default_factory=dict)
 
     def shed_lag(self) -> int:
         """Unread events per CPU at which the kernel starts shedding (0: never)."""
@@ -136,6 +167,7 @@ class Probe:
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
         self.reader: perfbuf.PerfReader | None = None
         self.detached = False
+        self._scan_link: int | None = None  # the map iterator's link (open_scan)
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
         path = program_path()
@@ -166,6 +198,7 @@ class Probe:
         try:
             self._fill_ports()
             self._fill_owner_filters()
+            self._fill_stuck()
             if config.emit_events:
                 # bcc attached the program while compiling it; until the rings are in
                 # the perf event array every submission would fail (counted dropped)
@@ -179,6 +212,67 @@ class Probe:
             raise TcptraceError(
                 f"could not connect the perf buffer to the BPF program ({exc})"
             ) from None
+
+    def _fill_stuck(self) -> None:
+        table = self.bpf[b"stuck_ns"]
+        for state, ns in self.config.stuck_ns.items():
+            table[ctypes.c_int(state)] = ctypes.c_uint64(ns)
+
+    def open_scan(self) -> str | None:
+        """Load the map scan (a BPF iterator over the per-socket map). Returns why it
+        cannot run here, or None once it is ready for scan()."""
+        if self._scan_link is not None:
+            return None
+        problem = map_iter_problem()
+        if problem is not None:
+            return problem
+        from bcc import BPF
+        from bcc.libbcc import lib
+
+        try:
+            fn = self.bpf.load_func(SCAN_FN, BPF.TRACING)
+        except Exception as exc:  # bcc's bare Exception: the verifier or an old kernel
+            return f"the kernel refused the map iterator ({str(exc).split(': ')[-1]})"
+        info = _IterMapInfo(self.bpf[b"sockets"].map_fd)
+        lib.bcc_iter_attach.restype = ctypes.c_int
+        lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
+        link = lib.bcc_iter_attach(fn.fd, ctypes.byref(info), ctypes.sizeof(info))
+        if link < 0:
+            return f"could not attach the map iterator ({os.strerror(-link)})"
+        self._scan_link = link
+        return None
+
+    def scan(self, now_ns: int, list_all: bool = False) -> ScanResult:
+        """Walk the per-socket map in the kernel: per state the oldest socket, how many
+        there are and how many are past their --stuck threshold; the stuck reports of
+        sockets that crossed it since the last scan (every socket past it: list_all)."""
+        from bcc.libbcc import lib
+
+        assert self._scan_link is not None, "open_scan() first"
+        table = self.bpf[b"scan"]
+        key = ctypes.c_int(0)
+        leaf = table.Leaf()
+        leaf.now, leaf.list_all = now_ns, int(list_all)
+        table[key] = leaf
+        fd = lib.bcc_iter_create(self._scan_link)
+        if fd < 0:
+            raise TcptraceError(f"could not run the map scan ({os.strerror(-fd)})")
+        chunks = []
+        try:
+            while chunk := os.read(fd, SCAN_READ_BYTES):
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
+        data = b"".join(chunks)
+        records = [make_event(t) for t in EVENT_STRUCT.iter_unpack(data)]
+        out = table[key]
+        return ScanResult(
+            now_ns=now_ns,
+            oldest={st: out.oldest[st] for st in range(NSTATES) if out.oldest[st]},
+            count={st: out.count[st] for st in range(NSTATES) if out.count[st]},
+            stuck={st: out.stuck[st] for st in range(NSTATES) if out.stuck[st]},
+            records=records,
+        )
 
     def check_netns(self) -> str | None:
         """Check the namespace read on a socket of our own: a listener of tcptrace's must
@@ -428,6 +522,9 @@ class Probe:
         return sum(1 for _ in self.bpf[b"sockets"])
 
     def close(self) -> None:
+        if self._scan_link is not None:
+            os.close(self._scan_link)
+            self._scan_link = None
         self.bpf.cleanup()
         if self.reader is not None:
             self.reader.close()

@@ -16,11 +16,21 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
 from typing import Any, TextIO
 
-from tcptrace.kernel.events import AF_INET, C_SEEN, F_DELTA_KNOWN, F_OWNER_KNOWN, Event, format_addr
+from tcptrace.kernel.events import (
+    AF_INET,
+    C_SEEN,
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    F_STUCK,
+    Event,
+    format_addr,
+)
 from tcptrace.kernel.stats import PERCENTILES, Summary
 from tcptrace.outputs.output import NS_PER_S, NS_PER_US, Clock, format_summary, write_all
 from tcptrace.sockets.flows import lost_events
@@ -32,6 +42,9 @@ from tcptrace.states import LIFECYCLE_ORDER, state_name
 KIND_TRANSITION = "transition"
 KIND_SUMMARY = "summary"
 KIND_LIFETIME = "lifetime"
+# --stuck: a socket that crossed its threshold, and at exit those still past it
+KIND_STUCK = "stuck"
+KIND_STILL_STUCK = "still_stuck"
 
 FORMAT_JSON = "json"
 FORMAT_CSV = "csv"
@@ -207,8 +220,11 @@ class RecordOutput(Stage):
         clock: Clock,
         quiet: bool = False,
         lifetimes: bool = False,
+        still_stuck: Callable[[], list[Event]] | None = None,
     ) -> None:
         self.fmt = fmt
+        # --stuck: the sockets still stuck at exit (sockets/stuck.StuckWatch.still)
+        self.still_stuck = still_stuck
         self.err = err
         self.quiet = quiet
         self.iso = IsoClock(clock)
@@ -253,6 +269,16 @@ class RecordOutput(Stage):
             "duration_ns": ev.delta_ns if ev.delta_known else None,
             **self.place(ev),
         }
+
+    def stuck(self, ev: Event) -> Record:
+        """A stuck report: a transition record's fields, with the state and its age
+        (a lower bound for a socket older than tracing) instead of old, new, duration."""
+        record = self.transition(ev)
+        del record["old"], record["new"], record["duration_ns"]
+        record["state"] = state_name(ev.newstate)
+        record["age_ns"] = ev.delta_ns
+        record["age_lower_bound"] = bool(ev.flags & F_DELTA_LOWER)
+        return record
 
     def place(self, ev: Event) -> Record:
         return self._place_fields(self.places.of(ev.netns, ev.cgroup_id, ev.pid, ev.owner_known))
@@ -406,6 +432,11 @@ class RecordOutput(Stage):
         )
 
     def on_events(self, events: list[Event]) -> None:
+        if events and events[0].flags & F_STUCK:
+            # the stuck watch's own batch: reports, whatever --quiet says of transitions
+            self.writer.write_records(KIND_STUCK, [self.stuck(ev) for ev in events])
+            self.writer.flush()
+            return
         if self.quiet or not events:
             return
         if self.lifetimes is not None:
@@ -422,6 +453,9 @@ class RecordOutput(Stage):
         writer.flush()
 
     def on_finish(self, summary: Summary) -> None:
+        if self.still_stuck is not None:
+            still = [self.stuck(ev) for ev in self.still_stuck()]
+            self.writer.write_records(KIND_STILL_STUCK, still)
         written = None if self.quiet else self.written
         if not self.write_record(KIND_SUMMARY, summary_record(summary, written)):
             self.err.write(format_summary(summary, written))

@@ -18,6 +18,7 @@ from tcptrace.kernel.events import C_SEEN
 from tcptrace.kernel.stats import PERCENTILES, StateStats, Summary
 from tcptrace.outputs.output import NS_PER_S, format_duration
 from tcptrace.sockets.flows import lost_events, sockets_in_states, state_flows
+from tcptrace.sockets.stuck import Oldest
 from tcptrace.stages import Stage
 from tcptrace.states import LIFECYCLE_ORDER, TcpState
 
@@ -80,29 +81,41 @@ def interval_stats(now: StateStats | None, before: StateStats | None) -> StateSt
 class LiveTable:
     """Renders one frame of the table from two cumulative summaries."""
 
-    def __init__(self, color: bool = False) -> None:
+    def __init__(self, color: bool = False, stuck: bool = False) -> None:
         self.color = color
+        self.stuck = stuck  # a STUCK column: sockets past their --stuck threshold now
 
     def _paint(self, text: str, code: str | None) -> str:
         if not self.color or not code:
             return text
         return f"\x1b[{code}m{text}{_RESET}"
 
-    def render(self, now: Summary, before: Summary, seconds: float, wall: float) -> str:
+    def render(
+        self,
+        now: Summary,
+        before: Summary,
+        seconds: float,
+        wall: float,
+        oldest: Oldest | None = None,
+    ) -> str:
         entered_now, left_now = state_flows(now)
         entered_before, left_before = state_flows(before)
         current = sockets_in_states(now)
         traced = now.counters[C_SEEN] - before.counters[C_SEEN]
         rate = traced / seconds if seconds > 0 else 0.0
         clock = time.strftime("%H:%M:%S", time.localtime(wall))
-        # fits 80 columns: this interval, then totals since start
+        # this interval, then totals since start
         title = (
             f"tcptrace {clock}  {traced} transitions in {seconds:.1f}s ({rate:,.0f}/s), "
             f"{lost_events(now) - lost_events(before)} lost  "
             f"total {now.counters[C_SEEN]}, {lost_events(now)} lost"
         )
         pcts = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
-        header = f"{'STATE':<12}{'ENTER':>9}{'LEAVE':>9}{'NOW':>9}{pcts}"
+        ages = oldest.ages if oldest is not None else {}
+        extra = f"{'OLDEST':>9}" if oldest is not None else ""
+        if self.stuck:
+            extra += f"{'STUCK':>7}"
+        header = f"{'STATE':<12}{'ENTER':>9}{'LEAVE':>9}{'NOW':>9}{extra}{pcts}"
         lines = [self._paint(title, _BOLD), self._paint(header, _REVERSE)]
         shown = 0
         for state in LIFECYCLE_ORDER:
@@ -110,7 +123,7 @@ class LiveTable:
             entered = entered_now.get(s, 0) - entered_before.get(s, 0)
             left = left_now.get(s, 0) - left_before.get(s, 0)
             in_state = current.get(s)
-            if not (entered_now.get(s) or left_now.get(s) or in_state):
+            if not (entered_now.get(s) or left_now.get(s) or in_state or s in ages):
                 continue  # never seen since start: keep the table compact
             shown += 1
             stats = interval_stats(now.states.get(s), before.states.get(s))
@@ -120,13 +133,26 @@ class LiveTable:
                 cells = f"{'-':>9}" * len(PERCENTILES)
             now_cell = "-" if in_state is None else str(in_state)
             name = self._paint(f"{state.name:<12}", _STATE_COLORS.get(state))
-            row = f"{entered:>9}{left:>9}{now_cell:>9}{cells}"
+            cols = ""
+            if oldest is not None:
+                cols = f"{_age(ages.get(s)):>9}"
+                if self.stuck:
+                    cols += f"{oldest.stuck.get(s, 0):>7}"
+            row = f"{entered:>9}{left:>9}{now_cell:>9}{cols}{cells}"
             if self.color and not (entered or left):
                 row = self._paint(row, _DIM)  # quiet states fade on a terminal
             lines.append(name + row)
         if not shown:
             lines.append("(no transitions yet)")
         return "\n".join(lines) + "\n"
+
+
+def _age(age: tuple[int, bool] | None) -> str:
+    """An OLDEST cell: the age of the state's oldest socket ('>=' older than tracing)."""
+    if age is None:
+        return "-"
+    ns, lower = age
+    return (">=" if lower else "") + format_duration(ns)
 
 
 class IntervalView(Stage):
@@ -143,11 +169,15 @@ class IntervalView(Stage):
         interval_s: float,
         color: bool = False,
         redraw: bool = False,
+        oldest: Callable[[], Oldest] | None = None,
+        stuck: bool = False,
     ) -> None:
         self.out = out
         self.summaries = summaries
         self.interval_ns = int(interval_s * NS_PER_S)
-        self.table = LiveTable(color)
+        # each state's oldest socket now (sockets/stuck.StuckWatch.oldest), if scanned
+        self.oldest = oldest
+        self.table = LiveTable(color, stuck=stuck)
         self.redraw = redraw
         self.previous = Summary()
         self.previous_ns = 0
@@ -171,7 +201,8 @@ class IntervalView(Stage):
     def frame(self, now_ns: int) -> None:
         current = self.summaries()
         seconds = (now_ns - self.previous_ns) / NS_PER_S
-        text = self.table.render(current, self.previous, seconds, time.time())
+        oldest = self.oldest() if self.oldest is not None else None
+        text = self.table.render(current, self.previous, seconds, time.time(), oldest)
         if self.redraw:
             text = CLEAR_SCREEN + text
         elif self.frames:

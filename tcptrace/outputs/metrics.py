@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -43,6 +43,7 @@ from tcptrace.kernel.events import C_SEEN
 from tcptrace.kernel.stats import StateStats, Summary, hist_slot
 from tcptrace.outputs.output import NS_PER_S
 from tcptrace.sockets.flows import lost_events, sockets_in_states
+from tcptrace.sockets.stuck import Oldest
 from tcptrace.stages import Stage
 from tcptrace.states import LIFECYCLE_ORDER, TcpState, state_name
 
@@ -110,9 +111,18 @@ def histogram_buckets(hist: list[int]) -> list[tuple[str, float]]:
 class StateCollector:
     """prometheus_client custom collector over the latest kernel Summary."""
 
-    def __init__(self, summaries: SummaryProvider, filter_text: str = "") -> None:
+    def __init__(
+        self,
+        summaries: SummaryProvider,
+        filter_text: str = "",
+        oldest: Callable[[], Oldest] | None = None,
+        stuck_states: Iterable[int] = (),
+    ) -> None:
         self.summaries = summaries
         self.filter_text = filter_text
+        # each state's oldest socket now (sockets/stuck.StuckWatch.oldest), if scanned
+        self.oldest = oldest
+        self.stuck_states = sorted(stuck_states)  # states with a --stuck threshold
         # series -> the largest value exported: counters never step back
         self._high: dict[tuple, float] = {}
         self._lock = threading.Lock()  # scrapes may come in parallel
@@ -184,6 +194,9 @@ class StateCollector:
             sockets.add_metric([TcpState(state).name], n)
         yield sockets
 
+        if self.oldest is not None:
+            yield from self._ages(GaugeMetricFamily)
+
         yield CounterMetricFamily(
             "tcptrace_events_traced",
             "TCP state transitions that passed the filters (counted in the kernel)",
@@ -195,6 +208,30 @@ class StateCollector:
             value=self._counter(("lost",), lost_events(summary)),
         )
 
+    def _ages(self, gauge: Any) -> Iterator[Any]:
+        assert self.oldest is not None
+        oldest = self.oldest()
+        ages = gauge(
+            "tcptrace_state_oldest_seconds",
+            "Age of the oldest socket in each state now (a lower bound for sockets older "
+            "than tcptrace)",
+            labels=["state"],
+        )
+        for state in LIFECYCLE_ORDER:
+            age = oldest.ages.get(int(state))
+            if age is not None:
+                ages.add_metric([state.name], age[0] / NS_PER_S)
+        yield ages
+        if self.stuck_states:
+            stuck = gauge(
+                "tcptrace_sockets_stuck",
+                "Sockets in each state longer than its --stuck threshold now",
+                labels=["state"],
+            )
+            for state in self.stuck_states:
+                stuck.add_metric([TcpState(state).name], oldest.stuck.get(state, 0))
+            yield stuck
+
 
 class MetricsServer(Stage):
     """Serves the collector over HTTP from start() until on_finish (or close).
@@ -204,10 +241,15 @@ class MetricsServer(Stage):
     """
 
     def __init__(
-        self, address: ListenAddress, summaries: SummaryProvider, filter_text: str = ""
+        self,
+        address: ListenAddress,
+        summaries: SummaryProvider,
+        filter_text: str = "",
+        oldest: Callable[[], Oldest] | None = None,
+        stuck_states: Iterable[int] = (),
     ) -> None:
         self.address = address
-        self.collector = StateCollector(summaries, filter_text)
+        self.collector = StateCollector(summaries, filter_text, oldest, stuck_states)
         self._server: Any = None
         self._thread: Any = None
 

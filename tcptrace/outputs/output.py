@@ -329,9 +329,11 @@ class TextFormatter:
     def _transition(self, old: int, new: int) -> str:
         col = self._transitions.get((old, new))
         if col is None:
-            col = self._transitions[(old, new)] = (
-                f"{state_name(old):>{_STATE_WIDTH}} -> {state_name(new):<{_STATE_WIDTH}}"
-            )
+            if old == new:  # no transition has that: a stuck report (F_STUCK), its age after
+                col = f"{STUCK_LABEL:>{_STATE_WIDTH}} in {state_name(old):<{_STATE_WIDTH}}"
+            else:
+                col = f"{state_name(old):>{_STATE_WIDTH}} -> {state_name(new):<{_STATE_WIDTH}}"
+            self._transitions[(old, new)] = col
         return col
 
     def _micros(self, tenths: int) -> str:
@@ -431,7 +433,9 @@ class TextFormatter:
         self.out.write(self.header() + "\n")
         self.headed = (self.width, self.wide)
 
-    def write(self, events: Iterable[Event]) -> None:
+    def write(self, events: Iterable[Event], transitions: bool = True) -> None:
+        """Write these lines; `transitions`: they count as transitions shown (stuck
+        reports do not)."""
         lines = self.lines(events)
         if lines:
             shown = len(lines)
@@ -441,7 +445,17 @@ class TextFormatter:
                 self.headed = (self.width, self.wide)
             lines.append("")
             write_all(self.out, "\n".join(lines))
-            self.printed += shown
+            if transitions:
+                self.printed += shown
+
+    def write_still_stuck(self, still: list[Event]) -> None:
+        """At exit: the sockets still past their --stuck threshold, oldest first."""
+        if not still:
+            self.out.write("no socket is stuck at exit\n")
+            return
+        self.out.write(f"{len(still)} still stuck at exit, oldest first:\n")
+        lines = self.lines(still)
+        write_all(self.out, "\n".join([self.header(), *lines, ""]))
 
 
 def format_summary(summary: Summary, printed: int | None = None) -> str:
@@ -466,6 +480,10 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
     lines.append(format_accounting(summary, printed))
     lines.extend(summary.notes)
     return "\n".join(lines) + "\n"
+
+
+# The OLD column of a stuck report: "STUCK in CLOSE_WAIT", then its age.
+STUCK_LABEL = "STUCK"
 
 
 def format_accounting(summary: Summary, printed: int | None) -> str:

@@ -1,0 +1,338 @@
+"""Stuck sockets: in their current state longer than a threshold (--stuck), found by
+the kernel, and each state's oldest socket (the live table's OLDEST, the metrics).
+
+The kernel keeps every traced socket's state and the time it entered it; a scan of
+that map in the kernel (kernel/loader.Probe.scan, a BPF iterator) returns per state
+the oldest entry and the sockets that crossed their threshold since the last scan.
+Python never walks the map. Sockets older than tracing are not in it until their
+next transition: those come from the start-up snapshot, with the time since
+tracing began as a lower bound on their age, checked with sock_diag when they
+would cross a threshold (they may have gone, or moved on, since).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+from tcptrace.filters import Filters, per_state
+from tcptrace.kernel.events import (
+    F_DELTA_LOWER,
+    F_NETNS_KNOWN,
+    F_OWNER_KNOWN,
+    F_STUCK,
+    Event,
+    make_event,
+)
+from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
+from tcptrace.sockets.sockdiag import SockEntry, SocketTables
+from tcptrace.stages import Stage
+from tcptrace.states import TcpState
+
+if TYPE_CHECKING:
+    from tcptrace.sockets.enrich import Owners
+
+# The states a socket can be stuck in: a bare --stuck DUR applies to these. LISTEN
+# lasts as long as its server and CLOSE is no state; TIME_WAIT sockets have left the
+# kernel's map (and last the kernel's fixed 60 s).
+STUCK_STATES: tuple[TcpState, ...] = (
+    TcpState.SYN_SENT,
+    TcpState.SYN_RECV,
+    TcpState.ESTABLISHED,
+    TcpState.FIN_WAIT1,
+    TcpState.FIN_WAIT2,
+    TcpState.CLOSE_WAIT,
+    TcpState.CLOSING,
+    TcpState.LAST_ACK,
+)
+NOT_STUCK = {
+    TcpState.LISTEN: "a listener stays in LISTEN as long as its server runs",
+    TcpState.CLOSE: "CLOSE is where a socket ends, not a state it can stay in",
+    TcpState.TIME_WAIT: "TIME_WAIT lasts the kernel's fixed 60 s and its sockets have "
+    "left the kernel's map (tcptrace follows them with sock_diag)",
+}
+# Scan at least this often, and at most: half the shortest threshold in between, so
+# that a socket is reported within one scan interval of crossing its threshold.
+MIN_SCAN_S = 0.1
+MAX_SCAN_S = 1.0
+# How often sockets older than tracing are checked again for the OLDEST column.
+OLD_RECHECK_S = 5.0
+
+
+def thresholds(durations: dict[int, int]) -> dict[int, int]:
+    """--stuck's {state or ALL_STATES: ns} as {state: ns}; ValueError for a state
+    nobody can be stuck in."""
+    for state in durations:
+        if state and TcpState(state) in NOT_STUCK:
+            name = TcpState(state).name
+            raise ValueError(f"--stuck {name}=...: {NOT_STUCK[TcpState(state)]}")
+    return per_state(durations, STUCK_STATES)
+
+
+def scan_interval(stuck_ns: dict[int, int]) -> float:
+    """Seconds between scans: half the shortest threshold, within MIN_SCAN_S..MAX_SCAN_S."""
+    if not stuck_ns:
+        return MAX_SCAN_S
+    return min(MAX_SCAN_S, max(MIN_SCAN_S, min(stuck_ns.values()) / 2e9))
+
+
+class ScanSource(Protocol):
+    """What the kernel side offers (kernel/loader.Probe)."""
+
+    def scan(self, now_ns: int, list_all: bool = False): ...
+
+
+@dataclass
+class Oldest:
+    """Each state's oldest socket now: age in ns, and whether that is a lower bound."""
+
+    taken_ns: int = 0
+    ages: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    count: dict[int, int] = field(default_factory=dict)
+    stuck: dict[int, int] = field(default_factory=dict)
+
+
+@dataclass
+class OldSocket:
+    """A socket of the start-up snapshot, not yet seen to move: in `state` since at least
+    `since_ns` (when tracing began)."""
+
+    row: SnapshotRow
+    since_ns: int
+    reported: bool = False
+
+
+class Scanner:
+    """The kernel's map scan, shared by the stuck watch, the live table and the metrics
+    thread: one scan at a time, and a recent one is reused."""
+
+    def __init__(self, source: ScanSource) -> None:
+        self.source = source
+        self.lock = threading.Lock()
+        self.last = None  # the latest ScanResult
+        self.closed = False
+
+    def scan(self, list_all: bool = False):
+        with self.lock:
+            if self.closed:
+                return self.last
+            result = self.source.scan(time.monotonic_ns(), list_all=list_all)
+            if not list_all:
+                self.last = result
+            return result
+
+    def latest(self, max_age_s: float):
+        """A scan no older than max_age_s (its stuck reports belong to whoever scanned)."""
+        last = self.last
+        if last is not None and time.monotonic_ns() - last.now_ns <= max_age_s * 1e9:
+            return last
+        return self.scan()
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+
+class StuckWatch(Stage):
+    """--stuck: scans the kernel's map once a scan interval and hands on a stuck report
+    (an F_STUCK event) per socket that crossed its state's threshold; at exit, lists
+    what is still stuck. Also the source of each state's oldest socket."""
+
+    def __init__(
+        self,
+        scanner: Scanner,
+        stuck_ns: dict[int, int],
+        tables: SocketTables | None = None,
+        filters: Filters | None = None,
+    ) -> None:
+        self.scanner = scanner
+        self.stuck_ns = stuck_ns
+        self.interval_ns = int(scan_interval(stuck_ns) * 1e9)
+        self.tables = tables
+        self.filters = filters
+        # the start-up snapshot, once taken (enrich.Owners takes it when there is one)
+        self.snapshot: Callable[[], Snapshot | None] | None = None
+        # the owners' look-ups, for the final list (reports pass through them as events)
+        self.enrich: Callable[[list[Event]], list[Event] | None] | None = None
+        self.started_ns = 0
+        self.next_scan_ns = 0
+        self.old: list[OldSocket] | None = None  # None until the snapshot is read
+        self.old_checked_ns = 0
+        self.lock = threading.Lock()  # the old sockets: the metrics thread reads them too
+        self.reported = 0
+        # at exit: every socket still past its threshold, oldest first
+        self.still: list[Event] = []
+
+    def use_owners(self, owners: Owners) -> None:
+        """Share the owners stage's start-up snapshot and look-ups."""
+        self.snapshot = lambda: owners.snapshot
+        self.enrich = owners.on_events
+
+    def on_start(self) -> None:
+        self.started_ns = time.monotonic_ns()
+        self.next_scan_ns = self.started_ns + self.interval_ns
+
+    def on_tick(self, now_ns: int) -> list[Event] | None:
+        if self.old is None:
+            with self.lock:
+                self._take_old()
+        if now_ns < self.next_scan_ns or not self.stuck_ns:
+            return None
+        self.next_scan_ns = now_ns + self.interval_ns
+        result = self.scanner.scan()
+        found = list(result.records) if result is not None else []
+        with self.lock:
+            found += self._old_crossed(now_ns)
+        self.reported += len(found)
+        return found or None
+
+    def on_finish(self, summary: object) -> None:
+        if not self.stuck_ns:
+            return
+        result = self.scanner.scan(list_all=True)
+        still = list(result.records) if result is not None else []
+        with self.lock:
+            still += self._old_still(time.monotonic_ns())
+        if still and self.enrich is not None:
+            still = self.enrich(still) or still
+        still.sort(key=lambda ev: -ev.delta_ns)
+        self.still = still
+
+    def close(self) -> None:
+        self.scanner.close()
+
+    def oldest(self) -> Oldest:
+        """Each state's oldest socket now (for the live table and the metrics)."""
+        result = self.scanner.latest(self.interval_ns / 2e9)
+        if result is None:
+            return Oldest()
+        ages = {st: (age, False) for st in result.oldest if (age := result.oldest_age_ns(st))}
+        now = result.now_ns
+        with self.lock:
+            alive = self._old_alive(now) if self.old is not None else []
+        stuck = dict(result.stuck)
+        for old in alive:
+            state = old.row.entry.state
+            age = now - old.since_ns
+            if state not in ages or ages[state][0] < age:
+                ages[state] = (age, True)
+            if state in self.stuck_ns and age >= self.stuck_ns[state]:
+                stuck[state] = stuck.get(state, 0) + 1
+        return Oldest(now, ages, dict(result.count), stuck)
+
+    # Sockets older than tracing ------------------------------------------------
+
+    def _take_old(self) -> None:
+        if self.snapshot is not None:
+            snap = self.snapshot()
+            if snap is None:
+                return  # not taken yet
+        elif self.tables is not None:
+            from tcptrace.sockets import snapshot
+            from tcptrace.sockets.procs import ProcessIndex
+
+            snap = snapshot.take(self.tables, ProcessIndex(), self.filters)
+        else:
+            snap = None
+        rows = snap.rows if snap is not None else []
+        since = snap.taken_ns if snap is not None else self.started_ns
+        self.old = [
+            OldSocket(row, since)
+            for row in rows
+            if row.entry.state in STATE_VALUES and not row.entry.timewait
+        ]
+
+    def _old_crossed(self, now_ns: int) -> list[Event]:
+        due = [
+            o
+            for o in self.old or ()
+            if not o.reported
+            and o.row.entry.state in self.stuck_ns
+            and now_ns - o.since_ns >= self.stuck_ns[o.row.entry.state]
+        ]
+        if not due:
+            return []
+        alive = self._verify(due)
+        for o in due:
+            o.reported = True  # reported now, or gone: never again either way
+        return [self._report(o, now_ns) for o in alive]
+
+    def _old_still(self, now_ns: int) -> list[Event]:
+        watched = [
+            o
+            for o in self.old or ()
+            if o.row.entry.state in self.stuck_ns
+            and now_ns - o.since_ns >= self.stuck_ns[o.row.entry.state]
+        ]
+        return [self._report(o, now_ns) for o in self._verify(watched)]
+
+    def _old_alive(self, now_ns: int) -> list[OldSocket]:
+        if not self.old:
+            return []
+        if now_ns - self.old_checked_ns >= OLD_RECHECK_S * 1e9:
+            self.old = self._verify(self.old)
+            self.old_checked_ns = now_ns
+        return self.old
+
+    def _verify(self, sockets: list[OldSocket]) -> list[OldSocket]:
+        """Those still there, in the same state (one sock_diag dump per namespace)."""
+        if not sockets or self.tables is None:
+            return []
+        by_netns: dict[int, list[OldSocket]] = {}
+        for o in sockets:
+            by_netns.setdefault(o.row.netns, []).append(o)
+        alive: list[OldSocket] = []
+        for netns, group in by_netns.items():
+            table = self.tables.get(netns)
+            if table is None:
+                continue  # the namespace has gone, and its sockets with it
+            states = {o.row.entry.state for o in group}
+            now = {_identity(e) for e in table.dump(states)}
+            alive += [o for o in group if _identity(o.row.entry) in now]
+        return alive
+
+    @staticmethod
+    def _report(old: OldSocket, now_ns: int) -> Event:
+        e, owner = old.row.entry, old.row.owner
+        flags = F_STUCK | F_DELTA_LOWER | F_NETNS_KNOWN
+        if owner is not None:
+            flags |= F_OWNER_KNOWN
+        return make_event(
+            (
+                now_ns,
+                now_ns - old.since_ns,
+                0,  # no kernel address: it was never traced
+                0,
+                owner.pid if owner is not None else 0,
+                flags,
+                old.row.netns,
+                0,
+                raw_address(e.family, e.local_addr),
+                raw_address(e.family, e.remote_addr),
+                e.local_port,
+                e.remote_port,
+                e.family,
+                e.state,
+                e.state,
+                owner.comm.encode()[:15] if owner is not None else b"",
+            )
+        )
+
+
+STATE_VALUES = frozenset(int(s) for s in STUCK_STATES)
+
+
+def _identity(entry: SockEntry) -> tuple[int, tuple[str, int, str, int], int]:
+    """A socket as sock_diag shows it, in its state: moved on or gone, it differs."""
+    return (entry.state, entry.key, entry.inode)
+
+
+def raw_address(family: int, text: str) -> bytes:
+    """An address as the kernel's 16 bytes (IPv4 in the first 4; IPv4-mapped IPv6)."""
+    if family == socket.AF_INET6 and ":" not in text:
+        return socket.inet_pton(socket.AF_INET6, f"::ffff:{text}")
+    return socket.inet_pton(family, text).ljust(16, b"\0")
