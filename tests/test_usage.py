@@ -66,6 +66,16 @@ BAD = [
     (["--bogus"], "No such option '--bogus'"),
     (["extra"], "unexpected extra argument (extra)"),
     (["--port"], "Option '--port' requires an argument"),
+    (["--stuck", "0"], "'0' is not a positive duration"),
+    (["--stuck", "-1s"], "'-1s' is not a duration"),
+    (["--stuck", "FOO=1s"], "unknown TCP state 'FOO'"),
+    (["--stuck", "CLOSE_WAIT=soon"], "'soon' is not a duration"),
+    (["--stuck", "LISTEN=1s"], "a listener stays in LISTEN"),
+    (["--stuck", "TIME_WAIT=1s"], "TIME_WAIT lasts the kernel's fixed 60 s"),
+    (["--stuck", "1s", "--csv"], "--stuck reports are not transitions: use --json"),
+    (["--stuck", "1s", "--lifetime"], "--lifetime and --stuck exclude each other"),
+    (["--stuck", "1s", "--count", "3"], "--count counts transitions shown: --stuck shows none"),
+    (["--stuck", "1s", "--snapshot"], "--stuck and --snapshot exclude each other"),
 ]
 
 

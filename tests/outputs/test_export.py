@@ -217,3 +217,21 @@ def test_fast_csv_row_equals_the_record():
     for ev in varied_events():
         record = stage.transition(ev)
         assert stage.transition_row(ev) == tuple(record[c] for c in TRANSITION_FIELDS)
+
+
+def test_stuck_records_pass_quiet_and_end_with_what_is_still_stuck():
+    from tcptrace.kernel.events import F_DELTA_KNOWN, F_OWNER_KNOWN, F_STUCK
+
+    cw = TcpState.CLOSE_WAIT
+    stuck = make_event(cw, cw, delta=5_000_000_000, flags=F_STUCK | F_DELTA_KNOWN | F_OWNER_KNOWN)
+    out, err = io.StringIO(), io.StringIO()
+    stage = RecordOutput(FORMAT_JSON, out, err, CLOCK, quiet=True, still_stuck=lambda: [stuck])
+    stage.on_events([stuck])
+    stage.on_finish(Summary())
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert [r["type"] for r in records] == ["stuck", "still_stuck", "summary"]
+    record = records[0]
+    assert record["state"] == "CLOSE_WAIT" and record["age_ns"] == 5_000_000_000
+    assert record["age_lower_bound"] is False and record["pid"] == 2588
+    assert "old" not in record and "duration_ns" not in record
+    assert records[2]["written"] is None

@@ -137,3 +137,20 @@ def test_a_slow_tick_does_not_pile_up_frames():
     view.on_tick(view.previous_ns + 1_000_000_000)  # ten intervals late
     view.on_tick(view.previous_ns + 1_000_000)
     assert out.getvalue().count("STATE") == 1
+
+
+def test_oldest_and_stuck_columns():
+    from tcptrace.sockets.stuck import Oldest
+
+    now = connections(2)
+    cw = int(S.CLOSE_WAIT)
+    oldest = Oldest(
+        0, {cw: (75_000_000_000, True), int(S.FIN_WAIT1): (2_000_000, False)}, {}, {cw: 3}
+    )
+    text = LiveTable(color=False, stuck=True).render(now, Summary(), 1.0, 0.0, oldest)
+    header = text.splitlines()[1].split()
+    assert header[:6] == ["STATE", "ENTER", "LEAVE", "NOW", "OLDEST", "STUCK"]
+    table = rows(text)
+    assert table["CLOSE_WAIT"][3:5] == [">=1m15s", "3"]  # shown though no flow: it has a socket
+    assert table["FIN_WAIT1"][3:5] == ["2.00ms", "0"]
+    assert table["SYN_SENT"][3] == "-"

@@ -171,3 +171,16 @@ def test_counters_never_step_back_when_user_space_relabels_late():
     assert value(first, **closed) == 1 and value(second, **closed) == 1
     assert value(second, "tcptrace_transitions_total", old="FIN_WAIT2", new="TIME_WAIT") == 1
     assert value(second, "tcptrace_state_duration_seconds_count", state="FIN_WAIT2") == 1
+
+
+def test_oldest_and_stuck_gauges():
+    from tcptrace.sockets.stuck import Oldest
+
+    cw = int(S.CLOSE_WAIT)
+    oldest = Oldest(0, {cw: (42_000_000_000, False)}, {}, {cw: 2})
+    registry = CollectorRegistry()
+    registry.register(StateCollector(sample_summary, "", lambda: oldest, stuck_states=[cw, 2]))
+    found = samples(generate_latest(registry).decode())
+    assert value(found, "tcptrace_state_oldest_seconds", state="CLOSE_WAIT") == 42.0
+    assert value(found, "tcptrace_sockets_stuck", state="CLOSE_WAIT") == 2
+    assert value(found, "tcptrace_sockets_stuck", state="SYN_SENT") == 0

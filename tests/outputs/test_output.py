@@ -386,3 +386,21 @@ def test_wide_shows_the_columns_from_the_start():
     header, line = out.getvalue().splitlines()
     assert header.split()[2:4] == ["NETNS", "CGROUP"]
     assert line.split()[:4] == ["-", "-", "blue", "-"]
+
+
+def test_a_stuck_report_reads_state_and_age():
+    from tcptrace.kernel.events import F_STUCK
+
+    clock = Clock(TS_RELATIVE, start_mono_ns=4_000_000_000)
+    fmt = TextFormatter(io.StringIO(), clock, numeric=True)
+    cw = TcpState.CLOSE_WAIT
+    stuck = make_event(cw, cw, delta=31_200_000_000, flags=F_STUCK | F_DELTA_KNOWN | F_OWNER_KNOWN)
+    assert fmt.line(stuck).split()[-4:] == ["STUCK", "in", "CLOSE_WAIT", "31.200s"]
+    lower = stuck._replace(flags=F_STUCK | F_DELTA_LOWER | F_OWNER_KNOWN)
+    assert fmt.line(lower).split()[-1] == ">=31.200s"
+    fmt.write([stuck], transitions=False)
+    assert fmt.printed == 0  # not a transition shown
+    fmt.write_still_stuck([stuck, lower])
+    text = fmt.out.getvalue().splitlines()
+    assert "2 still stuck at exit, oldest first:" in text
+    assert text[-1].endswith(">=31.200s") and text[-3].split()[0] == "TIME"

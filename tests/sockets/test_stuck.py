@@ -1,0 +1,167 @@
+"""The stuck watch over a fake kernel scan: thresholds, scan pace, reports, the exit
+list, each state's oldest socket (sockets older than tracing as lower bounds)."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from tcptrace.filters import ALL_STATES
+from tcptrace.kernel.events import F_DELTA_LOWER, F_STUCK
+from tcptrace.kernel.loader import ScanResult
+from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
+from tcptrace.sockets.sockdiag import SockEntry
+from tcptrace.sockets.stuck import (
+    MAX_SCAN_S,
+    MIN_SCAN_S,
+    STUCK_STATES,
+    Scanner,
+    StuckWatch,
+    raw_address,
+    scan_interval,
+    thresholds,
+)
+from tcptrace.states import TcpState as S
+from tests.outputs.test_output import make_event
+
+SECOND = 1_000_000_000
+CW = int(S.CLOSE_WAIT)
+
+
+def test_a_bare_duration_watches_the_states_a_socket_can_be_stuck_in() -> None:
+    got = thresholds({ALL_STATES: SECOND, int(S.SYN_SENT): 100})
+    assert set(got) == {int(s) for s in STUCK_STATES}
+    assert got[int(S.SYN_SENT)] == 100 and got[CW] == SECOND
+    assert int(S.LISTEN) not in got and int(S.TIME_WAIT) not in got
+    assert thresholds({CW: SECOND}) == {CW: SECOND}
+
+
+@pytest.mark.parametrize("state", [S.LISTEN, S.CLOSE, S.TIME_WAIT])
+def test_states_nobody_is_stuck_in_are_refused(state: S) -> None:
+    with pytest.raises(ValueError, match=state.name):
+        thresholds({int(state): SECOND})
+
+
+def test_scan_interval_is_half_the_shortest_threshold_within_bounds() -> None:
+    assert scan_interval({CW: 30 * SECOND}) == MAX_SCAN_S
+    assert scan_interval({CW: SECOND, 2: SECOND // 2}) == 0.25
+    assert scan_interval({CW: 1000}) == MIN_SCAN_S
+    assert scan_interval({}) == MAX_SCAN_S
+
+
+class FakeKernel:
+    """Answers scans like kernel/loader.Probe.scan: reports each crossing once."""
+
+    def __init__(self) -> None:
+        self.sockets: dict[int, tuple[int, int]] = {}  # skaddr -> (state, entered ns)
+        self.reported: set[int] = set()
+        self.scans: list[bool] = []
+        self.threshold = SECOND
+
+    def scan(self, now_ns: int, list_all: bool = False) -> ScanResult:
+        self.scans.append(list_all)
+        records, oldest, stuck = [], {}, {}
+        for sk, (state, entered) in self.sockets.items():
+            oldest[state] = min(oldest.get(state, entered), entered)
+            if now_ns - entered < self.threshold:
+                continue
+            stuck[state] = stuck.get(state, 0) + 1
+            if list_all or sk not in self.reported:
+                self.reported.add(sk)
+                records.append(
+                    make_event(
+                        old=state,
+                        new=state,
+                        delta=now_ns - entered,
+                        skaddr=sk,
+                        ts_ns=now_ns,
+                        flags=F_STUCK,
+                    )
+                )
+        return ScanResult(now_ns, oldest, {}, stuck, records)
+
+
+def test_reports_pass_on_at_the_scan_pace_and_the_exit_list_is_oldest_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100 * SECOND]
+    monkeypatch.setattr("tcptrace.sockets.stuck.time.monotonic_ns", lambda: clock[0])
+    kernel = FakeKernel()
+    watch = StuckWatch(Scanner(kernel), {CW: SECOND})
+    watch.on_start()
+    kernel.sockets = {1: (CW, clock[0] - 3 * SECOND), 2: (CW, clock[0])}
+    assert watch.on_tick(clock[0]) is None  # not yet a scan interval (0.5 s) since start
+    clock[0] += SECOND // 2
+    first = watch.on_tick(clock[0])
+    assert [ev.skaddr for ev in first] == [1]
+    assert watch.on_tick(clock[0] + 1) is None  # the next scan is half a second away
+    clock[0] += SECOND
+    second = watch.on_tick(clock[0])
+    assert [ev.skaddr for ev in second] == [2]  # 1 is not reported twice
+    clock[0] += SECOND
+    watch.on_finish(None)
+    assert [ev.skaddr for ev in watch.still] == [1, 2]  # oldest first
+    assert kernel.scans[-1] is True
+
+
+def old_row(state: S, port: int, inode: int) -> SnapshotRow:
+    entry = SockEntry(
+        family=socket.AF_INET,
+        state=int(state),
+        local_addr="127.0.0.1",
+        local_port=port,
+        remote_addr="127.0.0.1",
+        remote_port=40000,
+        inode=inode,
+        uid=0,
+        cookie=inode,
+        timer=0,
+        expires_ms=0,
+    )
+    return SnapshotRow(entry, None, netns=7)
+
+
+class FakeTable:
+    def __init__(self, rows: list[SockEntry]) -> None:
+        self.rows = rows
+
+    def dump(self, states, filters=None):
+        return [row for row in self.rows if row.state in states]
+
+
+class FakeTables:
+    def __init__(self, table: FakeTable) -> None:
+        self.table = table
+
+    def get(self, netns: int = 0):
+        return self.table
+
+
+def test_sockets_older_than_tracing_are_checked_then_reported_as_lower_bounds(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [100 * SECOND]
+    monkeypatch.setattr("tcptrace.sockets.stuck.time.monotonic_ns", lambda: clock[0])
+    kept, gone = old_row(S.CLOSE_WAIT, 80, 11), old_row(S.CLOSE_WAIT, 81, 12)
+    table = FakeTable([kept.entry])  # the second one closed since the snapshot
+    watch = StuckWatch(Scanner(FakeKernel()), {CW: SECOND}, FakeTables(table))  # type: ignore[arg-type]
+    snap = Snapshot(clock[0], [kept, gone, old_row(S.LISTEN, 82, 13)])
+    watch.snapshot = lambda: snap
+    watch.on_start()
+    clock[0] += SECOND // 2
+    assert watch.on_tick(clock[0]) is None  # read the snapshot; nothing over 1 s yet
+    assert {o.row.entry.local_port for o in watch.old} == {80, 81}  # no listeners
+    clock[0] += SECOND
+    reports = watch.on_tick(clock[0])
+    assert [(ev.sport, ev.oldstate, ev.delta_ns) for ev in reports] == [(80, CW, 3 * SECOND // 2)]
+    assert reports[0].flags & F_DELTA_LOWER and reports[0].netns == 7
+    oldest = watch.oldest()
+    assert oldest.ages[CW] == (3 * SECOND // 2, True)
+    assert oldest.stuck[CW] == 1
+
+
+def test_raw_address_is_the_kernels_16_bytes() -> None:
+    assert raw_address(socket.AF_INET, "10.0.0.1") == bytes([10, 0, 0, 1]) + bytes(12)
+    mapped = raw_address(socket.AF_INET6, "10.0.0.1")
+    assert mapped == socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
