@@ -403,4 +403,4 @@ def test_a_stuck_report_reads_state_and_age():
     fmt.write_still_stuck([stuck, lower])
     text = fmt.out.getvalue().splitlines()
     assert "2 still stuck at exit, oldest first:" in text
-    assert text[-1].endswith(">=31.200s") and text[-3].split()[0] == "TIME"
+    assert text[-1].endswith(">=31.200s") and text[-3].split()[1] == "PID"
