@@ -21,7 +21,7 @@ from .netutil import free_port
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 REPO = __file__.rsplit("/tests/", 1)[0]
-# the scan runs at half the shortest threshold, at most every second (sockets/stuck.py)
+# the scan runs every shortest threshold, at most every second (sockets/stuck.py)
 SCAN_S = 1.0
 # scheduling, start-up and the report's own path on a shared machine
 SLACK_S = 1.0

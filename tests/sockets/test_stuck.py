@@ -45,7 +45,7 @@ def test_states_nobody_is_stuck_in_are_refused(state: S) -> None:
 
 def test_scan_interval_is_half_the_shortest_threshold_within_bounds() -> None:
     assert scan_interval({CW: 30 * SECOND}) == MAX_SCAN_S
-    assert scan_interval({CW: SECOND, 2: SECOND // 2}) == 0.25
+    assert scan_interval({CW: SECOND, 2: SECOND // 2}) == 0.5
     assert scan_interval({CW: 1000}) == MIN_SCAN_S
     assert scan_interval({}) == MAX_SCAN_S
 
@@ -90,12 +90,12 @@ def test_reports_pass_on_at_the_scan_pace_and_the_exit_list_is_oldest_first(
     kernel = FakeKernel()
     watch = StuckWatch(Scanner(kernel), {CW: SECOND})
     watch.on_start()
-    kernel.sockets = {1: (CW, clock[0] - 3 * SECOND), 2: (CW, clock[0])}
-    assert watch.on_tick(clock[0]) is None  # not yet a scan interval (0.5 s) since start
-    clock[0] += SECOND // 2
+    kernel.sockets = {1: (CW, clock[0] - 3 * SECOND), 2: (CW, clock[0] + SECOND // 2)}
+    assert watch.on_tick(clock[0]) is None  # not yet a scan interval (1 s) since start
+    clock[0] += SECOND
     first = watch.on_tick(clock[0])
     assert [ev.skaddr for ev in first] == [1]
-    assert watch.on_tick(clock[0] + 1) is None  # the next scan is half a second away
+    assert watch.on_tick(clock[0] + 1) is None  # the next scan is a second away
     clock[0] += SECOND
     second = watch.on_tick(clock[0])
     assert [ev.skaddr for ev in second] == [2]  # 1 is not reported twice
@@ -150,7 +150,7 @@ def test_sockets_older_than_tracing_are_checked_then_reported_as_lower_bounds(
     watch.snapshot = lambda: snap
     watch.on_start()
     clock[0] += SECOND // 2
-    assert watch.on_tick(clock[0]) is None  # read the snapshot; nothing over 1 s yet
+    assert watch.on_tick(clock[0]) is None  # read the snapshot; no scan before 1 s
     assert {o.row.entry.local_port for o in watch.old} == {80, 81}  # no listeners
     clock[0] += SECOND
     reports = watch.on_tick(clock[0])
