@@ -176,7 +176,19 @@ class Result:
     cpu_pct: float | None = None
     rss_mb: float | None = None  # consumer peak RSS
     ready_s: float | None = None
+    idle_pct: float | None = None  # the machine's idle CPU while the churn ran (all CPUs)
     note: str = ""
+
+
+def cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs together (/proc/stat), idle counting iowait."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return fields[3] + fields[4], sum(fields[:8])  # user..steal; guest is inside user
+
+
+def idle_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    idle, total = after[0] - before[0], after[1] - before[1]
+    return 100 * idle / total if total > 0 else 0.0
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -280,7 +292,9 @@ def run_one(
         cpu0 = proc_cpu_s(tracer.pid) if tracer else 0.0
         churn_cmd = [str(churn), "-p", str(port), "-d", str(args.seconds)]
         churn_cmd += ["-c", str(args.clients), "-s", str(args.servers)]
+        times = cpu_times()
         done = ns.run(churn_cmd, capture_output=True, text=True).stdout
+        result.idle_pct = idle_percent(times, cpu_times())
         fields = dict(kv.split("=") for kv in done.split())
         result.rate = float(fields["rate"])
         result.connections = int(fields["connections"])
@@ -381,9 +395,9 @@ def table(results: list[Result]) -> str:
     base = {r.regime: r.rate for r in results if r.mode == "untraced"}
     head = (
         "| regime | mode | conn/s | ratio | kernel transitions | tcptrace seen | printed "
-        "| printed % | lost | consumer CPU | peak RSS | ready |"
+        "| printed % | lost | consumer CPU | idle CPU | peak RSS | ready |"
     )
-    rows = [head, "|" + "---|" * 12]
+    rows = [head, "|" + "---|" * 13]
     for r in results:
         ratio = r.rate / base[r.regime] if base.get(r.regime) else None
         pct = None
@@ -393,6 +407,7 @@ def table(results: list[Result]) -> str:
             f"| {r.regime} | {r.mode} | {r.rate:,.0f} | {fmt(ratio, '.2f')} "
             f"| {fmt(r.produced)} | {fmt(r.seen)} | {fmt(r.printed)} | {fmt(pct, '.1f')} "
             f"| {fmt(r.lost)} | {fmt(r.cpu_pct, '.0f')}{'%' if r.cpu_pct is not None else ''} "
+            f"| {fmt(r.idle_pct, '.0f')}{'%' if r.idle_pct is not None else ''} "
             f"| {fmt(r.rss_mb, '.0f')}{' MB' if r.rss_mb is not None else ''} "
             f"| {fmt(r.ready_s, '.2f')}{' s' if r.ready_s is not None else ''} |"
             + (f" {r.note}" if r.note else "")
@@ -548,6 +563,7 @@ def default_modes() -> list[Mode]:
         Mode("counter", "counter"),
         Mode("tcptrace text", "tcptrace"),
         Mode("tcptrace --quiet", "tcptrace", ["--quiet"]),
+        Mode("tcptrace --stuck 1s", "tcptrace", ["--stuck", "1s"]),
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))
@@ -635,7 +651,8 @@ def main() -> int:
                 runs.setdefault((regime, mode.name), []).append(r)
                 print(
                     f"  {regime:8} #{rnd + 1} {mode.name:22} {r.rate:>9,.0f} conn/s  produced "
-                    f"{fmt(r.produced):>10}  printed {fmt(r.printed):>10}  lost {fmt(r.lost)}",
+                    f"{fmt(r.produced):>10}  printed {fmt(r.printed):>10}  lost {fmt(r.lost)}  "
+                    f"idle {fmt(r.idle_pct, '.0f')}%",
                     flush=True,
                 )
     # per mode, the run with the median rate
