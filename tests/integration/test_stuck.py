@@ -212,3 +212,11 @@ def test_live_table_and_metrics_show_the_oldest() -> None:
     assert oldest and float(oldest.group(1)) >= 1.0, page
     assert 'tcptrace_sockets_stuck{state="CLOSE_WAIT"} 1.0' in page
     assert "1 still stuck at exit, oldest first:" in out.lines
+
+
+def test_without_btf_stuck_is_one_clear_error() -> None:
+    run = Running("--stuck", "1s", "-p", str(free_port()), env={"TCPTRACE_BTF": "/nonexistent"})
+    code, out, err = run.wait()
+    assert code == 1, err
+    assert "tcptrace: --stuck needs the kernel to scan its socket map: no usable BTF" in err
+    assert "Traceback" not in err and out == ""
