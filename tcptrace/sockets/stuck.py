@@ -61,7 +61,8 @@ NOT_STUCK = {
 # second keeps a full map under 2% of a CPU.
 MIN_SCAN_S = 0.1
 MAX_SCAN_S = 1.0
-# How often sockets older than tracing are checked again for the OLDEST column.
+# How often sockets older than tracing are checked again (still there, in the same
+# state?) for the OLDEST column.
 OLD_RECHECK_S = 5.0
 
 
@@ -182,6 +183,14 @@ class StuckWatch(Stage):
         if self.old is None:
             with self.lock:
                 self._take_old()
+            self.old_checked_ns = now_ns
+        elif self.old and now_ns - self.old_checked_ns >= OLD_RECHECK_S * 1e9:
+            # here, not in oldest(): sock_diag is this thread's (the metrics thread's
+            # scrapes only read the list)
+            alive = {id(o) for o in self._verify(self.old)}
+            with self.lock:
+                self.old = [o for o in self.old if id(o) in alive]
+                self.old_checked_ns = now_ns
         if now_ns < self.next_scan_ns or not self.stuck_ns:
             return None
         self.next_scan_ns = now_ns + self.interval_ns
@@ -215,7 +224,7 @@ class StuckWatch(Stage):
         ages = {st: (age, False) for st in result.oldest if (age := result.oldest_age_ns(st))}
         now = result.now_ns
         with self.lock:
-            alive = self._old_alive(now) if self.old is not None else []
+            alive = list(self.old or ())
         stuck = dict(result.stuck)
         for old in alive:
             state = old.row.entry.state
@@ -261,6 +270,10 @@ class StuckWatch(Stage):
         alive = self._verify(due)
         for o in due:
             o.reported = True  # reported now, or gone: never again either way
+        kept = {id(o) for o in alive}
+        gone = {id(o) for o in due if id(o) not in kept}
+        if gone:
+            self.old = [o for o in self.old or () if id(o) not in gone]
         return [self._report(o, now_ns) for o in alive]
 
     def _old_still(self, now_ns: int) -> list[Event]:
@@ -271,14 +284,6 @@ class StuckWatch(Stage):
             and now_ns - o.since_ns >= self.stuck_ns[o.row.entry.state]
         ]
         return [self._report(o, now_ns) for o in self._verify(watched)]
-
-    def _old_alive(self, now_ns: int) -> list[OldSocket]:
-        if not self.old:
-            return []
-        if now_ns - self.old_checked_ns >= OLD_RECHECK_S * 1e9:
-            self.old = self._verify(self.old)
-            self.old_checked_ns = now_ns
-        return self.old
 
     def _verify(self, sockets: list[OldSocket]) -> list[OldSocket]:
         """Those still there, in the same state (one sock_diag dump per namespace)."""
