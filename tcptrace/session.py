@@ -108,6 +108,7 @@ class TextOutput(Stage):
             numeric=options.numeric,
             places=None if options.quiet and not options.stuck else Places(),
             wide=options.wide,
+            stuck_only=bool(options.stuck) and (options.quiet or not options.transitions),
         )
 
     def on_start(self) -> None:

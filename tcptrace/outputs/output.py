@@ -240,10 +240,12 @@ class TextFormatter:
         numeric: bool = False,
         places: Places | None = None,
         wide: bool = False,
+        stuck_only: bool = False,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
+        self.stuck_only = stuck_only  # no transitions, only stuck reports (their header)
         # the NETNS and CGROUP columns after the owner: with -w, or from the first
         # transition of a second namespace on (a header marks the change)
         self.places = places
@@ -269,10 +271,11 @@ class TextFormatter:
         w = self.width
         time_col = self._time_header()
         where = f" {'NETNS':<{_NETNS_WIDTH}} {'CGROUP':<{_CGROUP_WIDTH}}" if self.wide else ""
-        return (
-            f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} "
-            f"{'OLD':>{_STATE_WIDTH}} -> {'NEW':<{_STATE_WIDTH}} {'IN OLD':>9}"
-        )
+        if self.stuck_only:  # --stuck alone: every line is "STUCK in STATE  AGE"
+            change = f"{'':>{_STATE_WIDTH}}    {'STATE':<{_STATE_WIDTH}} {'AGE':>9}"
+        else:
+            change = f"{'OLD':>{_STATE_WIDTH}} -> {'NEW':<{_STATE_WIDTH}} {'IN OLD':>9}"
+        return f"{time_col}{'PID':>7} {'COMM':<15}{where} {'LOCAL':<{w}} {'REMOTE':<{w}} {change}"
 
     def _time_header(self) -> str:
         return time_header(self.clock.style)
@@ -520,10 +523,12 @@ class LifetimeFormatter:
         numeric: bool = False,
         places: Places | None = None,
         wide: bool = False,
+        stuck_only: bool = False,
     ) -> None:
         self.out = out
         self.clock = clock
         self.numeric = numeric
+        self.stuck_only = stuck_only  # no transitions, only stuck reports (their header)
         # the NETNS and CGROUP columns, as TextFormatter shows them
         self.places = places
         self.wide = wide and places is not None
