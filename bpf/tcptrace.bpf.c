@@ -642,13 +642,19 @@ struct bpf_iter__bpf_map_elem {
 	void *value;
 };
 
-/* One scan's input and output: user space sets now and list_all, zeroes the rest. */
+/* One scan's input and output: user space sets now and list_all, zeroes the rest.
+ * Per-state arrays have a power-of-two length, indexed through a mask: older
+ * verifiers (Linux 6.1) lose the bound of a compared index across the reloads. */
+#define SCAN_SLOTS 16
+/* An index into them, masked where it is used, behind a barrier the compiler cannot
+ * see through (it would drop the mask as implied by the check before). */
+#define SCAN_SLOT(st) ({ u32 __slot = (st); asm volatile("" : "+r"(__slot)); __slot & (SCAN_SLOTS - 1); })
 struct scan {
 	u64 now;      /* CLOCK_MONOTONIC at the scan's start: ages are measured to it */
 	u64 list_all; /* 1: write every socket past its threshold, reported or not (exit) */
-	u64 oldest[TCPTRACE_NSTATES]; /* earliest entry time of a socket in each state, 0: none */
-	u64 count[TCPTRACE_NSTATES];  /* sockets in each state */
-	u64 stuck[TCPTRACE_NSTATES];  /* of them, past the state's threshold */
+	u64 oldest[SCAN_SLOTS]; /* earliest entry time of a socket in each state, 0: none */
+	u64 count[SCAN_SLOTS];  /* sockets in each state */
+	u64 stuck[SCAN_SLOTS];  /* of them, past the state's threshold */
 };
 BPF_ARRAY(scan, struct scan, 1);
 /* --stuck thresholds per state, in ns (0: not watched). */
@@ -668,13 +674,13 @@ BPF_ITER(bpf_map_elem)
 	u64 entered = info->ts;
 	if (st >= TCPTRACE_NSTATES || entered > sc->now)
 		return 0; /* unknown, or it moved after the scan began: young */
-	sc->count[st]++;
-	if (!sc->oldest[st] || entered < sc->oldest[st])
-		sc->oldest[st] = entered;
+	sc->count[SCAN_SLOT(st)]++;
+	if (!sc->oldest[SCAN_SLOT(st)] || entered < sc->oldest[SCAN_SLOT(st)])
+		sc->oldest[SCAN_SLOT(st)] = entered;
 	u64 *limit = stuck_ns.lookup(&st);
 	if (!limit || !*limit || sc->now - entered < *limit)
 		return 0;
-	sc->stuck[st]++;
+	sc->stuck[SCAN_SLOT(st)]++;
 	/* reported for this stay in the state: the entry time it was reported at
 	 * (a transition racing this scan changes ts, so the mark cannot outlive it) */
 	if (!sc->list_all && info->reported == entered)
