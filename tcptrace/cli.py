@@ -304,8 +304,8 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     multiple=True,
     type=StateDurationsType("[STATE=]DUR", parse_slower_than),
     help="Show only transitions that left a state after at least DUR (100ms, 2s, 1.5m), "
-    "decided in the kernel; per state: SYN_SENT=100ms,ESTABLISHED=5s (a bare DUR applies "
-    "to the states not named, the others are never shown). Repeatable: later items win. "
+    "decided in the kernel. Per state: SYN_SENT=100ms,ESTABLISHED=5s; a bare DUR covers "
+    "the states not named (without one, they are not shown). Repeatable, later items win. "
     "The summary still counts every transition.",
 )
 @click.option("-n", "--numeric", is_flag=True, help="Numeric ports, no service names (as ss -n).")

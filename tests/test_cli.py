@@ -141,7 +141,7 @@ def complete(words: str) -> list[str]:
     }
     result = CliRunner().invoke(main, [], prog_name="tcptrace", env=env)
     assert result.exit_code == 0
-    return [line.split(",", 1)[1] for line in result.output.splitlines()]
+    return [line.split(",", 1)[1] for line in result.output.splitlines() if line]
 
 
 def test_completion_of_options_and_states():
@@ -149,6 +149,11 @@ def test_completion_of_options_and_states():
     assert complete("tcptrace --state SYN_") == ["SYN_SENT", "SYN_RECV"]
     assert complete("tcptrace --state LISTEN,time") == ["LISTEN,TIME_WAIT"]
     assert set(complete("tcptrace -T ")) == {"wall", "relative", "iso", "none"}
+    # --slower-than: the state of the last item, ready for its duration
+    assert complete("tcptrace --slower-than SYN_") == ["SYN_SENT=", "SYN_RECV="]
+    assert complete("tcptrace --slower-than 1s,est") == ["1s,ESTABLISHED="]
+    assert complete("tcptrace --slower-than TIME") == []  # never judged
+    assert complete("tcptrace --slower-than LISTEN=1") == []
 
 
 def test_library_errors_are_one_line_exit_1(monkeypatch):
