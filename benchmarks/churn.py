@@ -171,6 +171,7 @@ class Result:
     produced: int | None = None  # transitions counted by the independent counter
     seen: int | None = None  # tcptrace's own count of matching transitions
     printed: int | None = None
+    faster: int | None = None  # with --slower-than: not submitted, faster than the threshold
     lost: int | None = None
     cpu_s: float | None = None  # consumer CPU while the churn ran
     cpu_pct: float | None = None
@@ -233,7 +234,12 @@ def wait_ready(proc: subprocess.Popen, kind: str, err_path: Path, timeout: float
     raise RuntimeError(f"{kind} did not start within {timeout} s")
 
 
-SUMMARY_RE = re.compile(r"^(\d+) transitions traced(?:, (\d+) shown)?, (\d+) lost", re.M)
+# traced, shown (with --slower-than: "(slower than 1ms), F faster"), lost
+SUMMARY_RE = re.compile(
+    r"^(\d+) transitions traced(?:, (\d+) shown(?: \(slower than [^)]*\))?)?"
+    r"(?:, (\d+) faster)?, (\d+) lost",
+    re.M,
+)
 DETAIL_RE = re.compile(r"lost \((\d+) shed, (\d+) dropped\)")
 # bcc's Python tools, then libbpf-tools' C ones
 TCPSTATES_LOST_RE = re.compile(r"Possibly lost (\d+) samples|lost (\d+) events on CPU")
@@ -338,6 +344,7 @@ def parse_json_summary(result: Result, text: str) -> bool:
         return False
     result.seen = summary["transitions_traced"]
     result.printed = summary["written"]
+    result.faster = summary.get("faster")
     result.lost = summary["lost"]
     lines = text.count('{"type":"transition"')
     if lines != result.printed:
@@ -354,12 +361,14 @@ def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Pa
         if not found:
             result.note = "no summary line: " + err_path.read_text()[-300:]
             return
-        seen, shown, lost = found[-1]
+        seen, shown, faster, lost = found[-1]
         detail = DETAIL_RE.search(text)
         if detail:
             result.note = f"{detail.group(1)} shed, {detail.group(2)} dropped"
         result.seen = int(seen)
         result.lost = int(lost)
+        if faster:
+            result.faster = int(faster)
         if shown:
             result.printed = int(shown)
             # cross-check the summary against the lines really written
@@ -410,6 +419,7 @@ def table(results: list[Result]) -> str:
             f"| {fmt(r.idle_pct, '.0f')}{'%' if r.idle_pct is not None else ''} "
             f"| {fmt(r.rss_mb, '.0f')}{' MB' if r.rss_mb is not None else ''} "
             f"| {fmt(r.ready_s, '.2f')}{' s' if r.ready_s is not None else ''} |"
+            + (f" {r.faster:,} faster;" if r.faster is not None else "")
             + (f" {r.note}" if r.note else "")
         )
     return "\n".join(rows)
@@ -564,12 +574,25 @@ def default_modes() -> list[Mode]:
         Mode("tcptrace text", "tcptrace"),
         Mode("tcptrace --quiet", "tcptrace", ["--quiet"]),
         Mode("tcptrace --stuck 1s", "tcptrace", ["--stuck", "1s"]),
+        # lines for the slow transitions only: the kernel counts the rest, never submits them
+        Mode("tcptrace --slower-than 1ms", "tcptrace", ["--slower-than", "1ms"]),
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))
     if os.access(LIBBPF_TCPSTATES, os.X_OK):
         modes.append(Mode("tcpstates (libbpf)", "tcpstates", program=LIBBPF_TCPSTATES))
     return modes
+
+
+def short_name(mode: Mode) -> str:
+    """What --only also accepts: "quiet" for "tcptrace --quiet", "slower" for
+    "tcptrace --slower-than 1ms", "text", "tcpstates"."""
+    words = mode.name.removeprefix("tcptrace ").split()
+    return words[0].lstrip("-").split("-")[0] if words else mode.name
+
+
+def selected(mode: Mode, only: list[str]) -> bool:
+    return mode.name in only or short_name(mode) in only
 
 
 def parse_mode(text: str) -> Mode:
@@ -602,7 +625,12 @@ def main() -> int:
         metavar="NAME=ARGS",
         help='extra tcptrace mode, e.g. json="--json" (repeatable)',
     )
-    ap.add_argument("--only", action="append", default=[], help="run only modes named so")
+    ap.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        help='run only modes named so, in full or short ("quiet", "slower", "text")',
+    )
     ap.add_argument(
         "--busy",
         action="append",
@@ -632,7 +660,7 @@ def main() -> int:
     counter = Counter(port)
     modes = default_modes() + [parse_mode(m) for m in args.mode]
     if args.only:
-        modes = [m for m in modes if m.name in args.only or m.name == "untraced"]
+        modes = [m for m in modes if selected(m, args.only) or m.name == "untraced"]
     modes += [Mode(f"busy loop {pct}%", "busy", [str(pct)]) for pct in args.busy]
     regimes = list(REGIMES) if args.regime == "both" else [args.regime]
     workdir = Path(tempfile.mkdtemp(prefix="tcptrace-bench-"))
@@ -650,9 +678,10 @@ def main() -> int:
                 r = run_one(regime, mode, churn, counter, port, args, workdir)
                 runs.setdefault((regime, mode.name), []).append(r)
                 print(
-                    f"  {regime:8} #{rnd + 1} {mode.name:22} {r.rate:>9,.0f} conn/s  produced "
+                    f"  {regime:8} #{rnd + 1} {mode.name:26} {r.rate:>9,.0f} conn/s  produced "
                     f"{fmt(r.produced):>10}  printed {fmt(r.printed):>10}  lost {fmt(r.lost)}  "
-                    f"idle {fmt(r.idle_pct, '.0f')}%",
+                    f"idle {fmt(r.idle_pct, '.0f')}%"
+                    + (f"  faster {fmt(r.faster)}" if r.faster is not None else ""),
                     flush=True,
                 )
     # per mode, the run with the median rate

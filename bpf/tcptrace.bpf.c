@@ -29,6 +29,9 @@
  *   MAX_LISTENERS   capacity of the listeners map (listening addresses)
  *   KEEP_ENDS       1: the per-socket map keeps each socket's ends, for the
  *                   stuck reports of the scan below (--stuck)
+ *   SLOWER_THAN     1: submit only transitions that left their state after at
+ *                   least its slow_ns threshold (--slower-than); the rest are
+ *                   counted (TCPTRACE_C_FAST), in the statistics as always
  * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
@@ -142,6 +145,9 @@ BPF_ARRAY(cgroup_filters, struct cgroup_filter, MAX_CGROUP_FILTERS);
 #define CHECK_ARMED 0
 #define CHECK_NETNS 1
 BPF_ARRAY(self_check, u32, 2);
+/* --slower-than thresholds per state, in ns (0: never slow), filled by user space
+ * before attaching; read only with SLOWER_THAN. */
+BPF_ARRAY(slow_ns, u64, TCPTRACE_NSTATES);
 /* Set in sk_info.flags and owner.flags: the owner was in a filtered cgroup. */
 #define OWNER_IN_CGROUP 0x100
 
@@ -308,6 +314,18 @@ static __always_inline int owner_match(struct tcptrace_event *ev, u32 owner_flag
 #endif
 #endif
 	return 1;
+}
+
+/* --slower-than: the transition left `old` after at least its threshold. A birth
+ * (from CLOSE, or a child from its listener) has no time in a state and a socket
+ * seen mid-life no known time: neither has DELTA_KNOWN, neither is slow. */
+static __always_inline int slow_enough(int old, struct tcptrace_event *ev)
+{
+	if (!(ev->flags & TCPTRACE_F_DELTA_KNOWN))
+		return 0;
+	u32 s = old;
+	u64 *limit = slow_ns.lookup(&s);
+	return limit && *limit && ev->delta_ns >= *limit;
 }
 
 static __always_inline void record_stats(int old, int new, u64 delta, int known)
@@ -605,6 +623,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	 * (tcptrace/timewait.py) and filters again. */
 	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING))
 		show = 1;
+#endif
+#if SLOWER_THAN
+	/* decided before the perf buffer: the fast majority costs neither ring
+	 * space nor the reader's CPU, and is not shed or lost but counted */
+	if (show && !slow_enough(old, &ev)) {
+		count(TCPTRACE_C_FAST);
+		show = 0;
+	}
 #endif
 	if (show) {
 		if (lagging() || over_budget(now))

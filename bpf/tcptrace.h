@@ -35,7 +35,10 @@
 /* A socket's first transition found an entry at its address: another socket's,
  * whose CLOSE the kernel skipped (recursion). Removed (and counted deleted). */
 #define TCPTRACE_C_STALE 7
-#define TCPTRACE_NCOUNTERS 8
+/* Not submitted: it left its state sooner than that state's --slower-than threshold
+ * (or left a state without one, or after an unknown time). */
+#define TCPTRACE_C_FAST 8
+#define TCPTRACE_NCOUNTERS 9
 
 struct tcptrace_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns() at the transition */

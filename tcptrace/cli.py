@@ -13,11 +13,13 @@ from click.core import ParameterSource
 from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import (
+    JUDGED_STATES,
     Filters,
     merge_state_durations,
     parse_comm,
     parse_pid,
     parse_ports,
+    parse_slower_than,
     parse_state_durations,
     parse_states,
 )
@@ -90,6 +92,21 @@ class ParsedType(click.ParamType):
             return self.parse(value)
         except ValueError as exc:
             self.fail(str(exc), param, ctx)
+
+
+class StateDurationsType(ParsedType):
+    """[STATE=]DUR lists (--slower-than); completes the state of the last item."""
+
+    def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str):
+        head, _, last = incomplete.rpartition(",")
+        if "=" in last:
+            return []  # a duration: nothing to offer
+        prefix = f"{head}," if head else ""
+        return [
+            click.shell_completion.CompletionItem(f"{prefix}{state.name}=")
+            for state in JUDGED_STATES
+            if state.name.startswith(last.upper())
+        ]
 
 
 def _netns(text: str) -> int:
@@ -179,6 +196,8 @@ Examples:
   tcptrace --metrics 0.0.0.0:9876     metrics for the whole network, and the lines
   tcptrace --interval 2               a per-state table every 2 s, like top
   tcptrace --interval 1 --no-color    the same without colour (NO_COLOR=1 too)
+  tcptrace --slower-than 1s           only transitions that left a state after 1 s or more
+  tcptrace --slower-than SYN_SENT=100ms,ESTABLISHED=5s   slow connects, long connections
   tcptrace --lifetime --port 5432     one line per finished connection (like tcplife)
   tcptrace --snapshot -l -n -e        listening sockets now, with owners (like ss -tlpen)
   tcptrace --quiet --max-sockets 1048576   a busy server: room for 1M sockets in the kernel
@@ -282,6 +301,16 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     multiple=True,
     type=StatesType(),
     help="Show only transitions into or out of these states: SYN_SENT,TIME_WAIT. Repeatable.",
+)
+@click.option(
+    "--slower-than",
+    "slower_than",
+    multiple=True,
+    type=StateDurationsType("[STATE=]DUR", parse_slower_than),
+    help="Show only transitions that left a state after at least DUR (100ms, 2s, 1.5m), "
+    "decided in the kernel. Per state: SYN_SENT=100ms,ESTABLISHED=5s; a bare DUR covers "
+    "the states not named (without one, they are not shown). Repeatable, later items win. "
+    "The summary still counts every transition.",
 )
 @click.option("-n", "--numeric", is_flag=True, help="Numeric ports, no service names (as ss -n).")
 @click.option(
@@ -435,8 +464,14 @@ def main(**opts: object) -> None:
         # lifetimes are text lines or JSON records; a CSV table has transition columns
         if opts["lifetime"] and streams[flag]:
             raise click.UsageError(f"--lifetime and --{flag} exclude each other")
+    if opts["stuck"] and not opts["slower_than"] and _given("states"):
+        raise click.UsageError("--state selects transitions: --stuck alone shows none")
     if opts["stuck"] and opts["as_csv"]:
         raise click.UsageError("--stuck reports are not transitions: use --json, not --csv")
+    if opts["lifetime"] and opts["slower_than"]:
+        raise click.UsageError(
+            "--slower-than selects transitions: --lifetime shows connections, not transitions"
+        )
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),
@@ -448,6 +483,7 @@ def main(**opts: object) -> None:
         pids=frozenset(opts["pids"]),
         comms=frozenset(opts["comms"]),
         cgroups=tuple(dict.fromkeys(opts["cgroups"])),
+        slower_than=tuple(merge_state_durations(opts["slower_than"]).items()),
     )
     if len(filters.cgroups) > MAX_CGROUP_FILTERS:
         raise click.UsageError(f"at most {MAX_CGROUP_FILTERS} --cgroup filters")
@@ -476,8 +512,8 @@ def main(**opts: object) -> None:
         max_sockets=int(opts["max_sockets"]),
         wide=bool(opts["wide"]),
         stuck=stuck,
-        # --stuck alone prints its reports only
-        transitions=not stuck,
+        # --stuck alone prints its reports only; with --slower-than, the slow lines too
+        transitions=not stuck or bool(opts["slower_than"]),
     )
     try:
         code = run(options)
@@ -525,11 +561,19 @@ _NO_EFFECT = (
     ("interval", "states", "--state"),
     ("interval", "numeric", "--numeric"),
     ("interval", "timestamp", "--timestamp"),
+    # it selects the lines; both modes print none
+    ("quiet", "slower_than", "--slower-than"),
+    ("interval", "slower_than", "--slower-than"),
+    ("snapshot", "slower_than", "--slower-than"),
 )
 
 
 def _refuse_ignored(opts: dict[str, object]) -> None:
-    modes = {"snapshot": bool(opts["snapshot"]), "interval": opts["interval"] is not None}
+    modes = {
+        "snapshot": bool(opts["snapshot"]),
+        "interval": opts["interval"] is not None,
+        "quiet": bool(opts["quiet"]),
+    }
     for mode, name, flag in _NO_EFFECT:
         if modes[mode] and _given(name):
             raise click.UsageError(f"{flag} has no effect with --{mode}")

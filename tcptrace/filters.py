@@ -117,6 +117,45 @@ def merge_state_durations(values: tuple[dict[int, int], ...]) -> dict[int, int]:
     return merged
 
 
+# States whose time --slower-than cannot judge, and why (naming one is a usage error).
+UNJUDGED_STATES = {
+    TcpState.TIME_WAIT: "TIME_WAIT: the kernel never reports its end, so its time cannot be "
+    "judged (entering it is judged by the time in FIN_WAIT2 or CLOSING)",
+    TcpState.CLOSE: "CLOSE is never left: a transition from it starts a socket, "
+    "after no time in a state",
+    TcpState.NEW_SYN_RECV: "NEW_SYN_RECV: the kernel never reports it (a new connection "
+    "shows as LISTEN -> SYN_RECV)",
+}
+# The states --slower-than judges (a bare duration applies to each not named).
+JUDGED_STATES = tuple(s for s in TcpState if s not in UNJUDGED_STATES)
+
+
+def parse_slower_than(text: str) -> dict[int, int]:
+    """--slower-than: parse_state_durations, for the states whose time can be judged."""
+    durations = parse_state_durations(text)
+    for key in durations:
+        if key in UNJUDGED_STATES:
+            raise ValueError(UNJUDGED_STATES[TcpState(key)])
+    return durations
+
+
+def format_duration_exact(ns: int) -> str:
+    """A duration as parse_duration reads it back, in the largest unit that divides it."""
+    for unit, size in sorted(DURATION_UNITS.items(), key=lambda item: -item[1]):
+        if ns % size == 0:
+            return f"{ns // size}{unit}"
+    return f"{ns}ns"  # not reached: ns divides everything
+
+
+def describe_state_durations(durations: Iterable[tuple[int, int]]) -> str:
+    """'2s,SYN_SENT=100ms': the duration for every state first, as the user writes it."""
+    texts = []
+    for key, ns in sorted(durations, key=lambda item: item[0] != ALL_STATES):
+        text = format_duration_exact(ns)
+        texts.append(text if key == ALL_STATES else f"{TcpState(key).name}={text}")
+    return ",".join(texts)
+
+
 def per_state(durations: dict[int, int], states: Iterable[int]) -> dict[int, int]:
     """{state: ns} for each of these states that a duration applies to."""
     default = durations.get(ALL_STATES)
@@ -150,6 +189,14 @@ class Filters:
     pids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
     cgroups: tuple[CgroupFilter, ...] = ()
+    # --slower-than: (state, ns) pairs, ALL_STATES for every state not named. Only
+    # transitions that left a state after at least its duration are shown (the kernel
+    # decides); a state without one is never slow.
+    slower_than: tuple[tuple[int, int], ...] = ()
+
+    def slow_ns(self) -> dict[int, int]:
+        """The kernel's slow_ns map: each judged state's --slower-than threshold, in ns."""
+        return per_state(dict(self.slower_than), JUDGED_STATES)
 
     @property
     def owner_checks(self) -> int:
@@ -229,7 +276,10 @@ class Filters:
             parts.append("comm " + ",".join(sorted(self.comms)))
         if self.cgroups:
             parts.append("cgroup " + ",".join(c.path for c in self.cgroups))
-        return ", ".join(parts) if parts else "all TCP sockets"
+        text = ", ".join(parts) if parts else "all TCP sockets"
+        if self.slower_than:
+            text += f", slower than {describe_state_durations(self.slower_than)}"
+        return text
 
 
 def describe_ports(ports: frozenset[int]) -> str:

@@ -58,6 +58,22 @@ def test_no_evictions_no_noise_and_races_never_negative():
     assert s.evicted == 0
 
 
+def test_faster_than_slower_than_adds_up_and_is_not_lost():
+    # the kernel counts what it did not submit for being fast: shown + faster + lost
+    s = summary(C_SEEN=1200, C_FAST=1186)
+    s.slower_than = "1s"
+    assert s.faster == 1186 and s.lost_total == 0
+    assert format_accounting(s, printed=14) == (
+        "1200 transitions traced, 14 shown (slower than 1s), 1186 faster, 0 lost"
+    )
+    s = summary(C_SEEN=100, C_FAST=0, C_SHED=3)
+    s.slower_than = "SYN_SENT=100ms,ESTABLISHED=5s"
+    assert format_accounting(s, printed=97) == (
+        "100 transitions traced, 97 shown (slower than SYN_SENT=100ms,ESTABLISHED=5s), "
+        "0 faster, 3 lost"
+    )
+
+
 def test_kernel_misses_stay_off_the_accounting_line():
     # they count every TCP socket's hits, not only the traced ones: stderr says so
     s = summary(C_SEEN=59902)

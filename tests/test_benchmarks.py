@@ -36,3 +36,30 @@ def test_sockdiag_benchmark_dumps_every_socket_both_ways():
     # both read exactly our 300 sockets: the namespace holds nothing else
     assert [line.split()[2] for line in lines[1:3]] == ["300", "300"]
     assert "faster a row" in lines[3]
+
+
+def load_churn():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("churn_benchmark", BENCHMARKS / "churn.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.host_only  # parsing only
+def test_churn_has_a_slower_than_mode_and_reads_its_summary():
+    churn = load_churn()
+    modes = {churn.short_name(m): m for m in churn.default_modes()}
+    assert modes["slower"].args == ["--slower-than", "1ms"]
+    assert modes["slower"].kind == "tcptrace"
+    assert churn.selected(modes["quiet"], ["quiet"])
+    assert churn.selected(modes["quiet"], ["tcptrace --quiet"])
+    assert not churn.selected(modes["text"], ["slower", "quiet"])
+    found = churn.SUMMARY_RE.findall(
+        "1200 transitions traced, 14 shown (slower than 1ms), 1186 faster, 0 lost\n"
+        "36 transitions traced, 0 lost\n"
+        "12 transitions traced, 12 shown, 3 lost\n"
+    )
+    assert found == [("1200", "14", "1186", "0"), ("36", "", "", "0"), ("12", "12", "", "3")]

@@ -45,6 +45,10 @@ from tcptrace.cli import main
         (["--lifetime", "--csv"], "exclude each other"),
         (["--lifetime", "--json", "--csv"], "exclude"),
         (["--lifetime", "--interval", "1"], "exclude each other"),
+        (["--slower-than", "1x"], "is not a duration"),
+        (["--slower-than", "TIME_WAIT=1s"], "TIME_WAIT"),
+        (["--quiet", "--slower-than", "1s"], "no effect with --quiet"),
+        (["--lifetime", "--slower-than", "1s"], "--lifetime"),
     ],
 )
 def test_usage_errors(args, message):
@@ -98,6 +102,19 @@ def test_output_options_reach_the_session(monkeypatch):
     assert not seen[2].emit_events  # the table reads the kernel's maps only
 
 
+def test_slower_than_reaches_the_filters(monkeypatch):
+    seen = []
+    monkeypatch.setattr("tcptrace.session.run", lambda options: seen.append(options) or 0)
+    args = ["--slower-than", "1m,SYN_SENT=100ms", "--slower-than", "ESTABLISHED=5s,2s"]
+    assert CliRunner().invoke(main, [*args, "--json"]).exit_code == 0
+    filters = seen[0].filters
+    # later items override earlier ones, state by state; the bare duration too
+    assert dict(filters.slower_than) == {0: 2_000_000_000, 2: 100_000_000, 1: 5_000_000_000}
+    assert filters.describe() == "all TCP sockets, slower than 2s,SYN_SENT=100ms,ESTABLISHED=5s"
+    assert CliRunner().invoke(main, ["-s", "LISTEN", "--slower-than", "LISTEN=1h"]).exit_code == 0
+    assert dict(seen[1].filters.slower_than) == {10: 3_600_000_000_000}
+
+
 def test_every_option_has_an_example_in_help():
     result = CliRunner().invoke(main, ["--help"])
     examples = result.output.split("Examples:", 1)[1]
@@ -124,7 +141,7 @@ def complete(words: str) -> list[str]:
     }
     result = CliRunner().invoke(main, [], prog_name="tcptrace", env=env)
     assert result.exit_code == 0
-    return [line.split(",", 1)[1] for line in result.output.splitlines()]
+    return [line.split(",", 1)[1] for line in result.output.splitlines() if line]
 
 
 def test_completion_of_options_and_states():
@@ -132,6 +149,11 @@ def test_completion_of_options_and_states():
     assert complete("tcptrace --state SYN_") == ["SYN_SENT", "SYN_RECV"]
     assert complete("tcptrace --state LISTEN,time") == ["LISTEN,TIME_WAIT"]
     assert set(complete("tcptrace -T ")) == {"wall", "relative", "iso", "none"}
+    # --slower-than: the state of the last item, ready for its duration
+    assert complete("tcptrace --slower-than SYN_") == ["SYN_SENT=", "SYN_RECV="]
+    assert complete("tcptrace --slower-than 1s,est") == ["1s,ESTABLISHED="]
+    assert complete("tcptrace --slower-than TIME") == []  # never judged
+    assert complete("tcptrace --slower-than LISTEN=1") == []
 
 
 def test_library_errors_are_one_line_exit_1(monkeypatch):

@@ -113,3 +113,46 @@ def test_state_durations_name_states_or_all() -> None:
     for bad in ("SYN=1s", "CLOSE_WAIT=0", "1s,2s", "CLOSE_WAIT=1s,close-wait=2s", ","):
         with pytest.raises(ValueError):
             parse_state_durations(bad)
+
+
+def test_slower_than_refuses_states_it_cannot_judge() -> None:
+    from tcptrace.filters import ALL_STATES, parse_slower_than
+    from tcptrace.states import TcpState
+
+    assert parse_slower_than("1s,LISTEN=1h") == {
+        ALL_STATES: 1_000_000_000,
+        int(TcpState.LISTEN): 3_600_000_000_000,  # a long-lived listener's close is slow
+    }
+    for text, reason in (
+        ("TIME_WAIT=1s", "TIME_WAIT: the kernel never reports its end"),
+        ("1s,time-wait=2s", "judged by the time in FIN_WAIT2 or CLOSING"),
+        ("CLOSED=1s", "CLOSE is never left"),
+        ("NEW_SYN_RECV=1ms", "NEW_SYN_RECV: the kernel never reports it"),
+    ):
+        with pytest.raises(ValueError, match=reason):
+            parse_slower_than(text)
+
+
+def test_slower_than_thresholds_per_state_and_description() -> None:
+    from tcptrace.filters import ALL_STATES, JUDGED_STATES, describe_state_durations
+    from tcptrace.states import TcpState
+
+    est, syn = int(TcpState.ESTABLISHED), int(TcpState.SYN_SENT)
+    # a bare duration covers every judged state not named; never CLOSE or TIME_WAIT
+    filters = Filters(slower_than=((est, 5_000_000_000), (ALL_STATES, 2_000_000_000)))
+    slow = filters.slow_ns()
+    assert set(slow) == {int(s) for s in JUDGED_STATES}
+    assert {TcpState.CLOSE, TcpState.TIME_WAIT, TcpState.NEW_SYN_RECV}.isdisjoint(slow)
+    assert slow[est] == 5_000_000_000 and slow[int(TcpState.LISTEN)] == 2_000_000_000
+    # states not named, without a bare duration: never slow (no threshold)
+    assert Filters(slower_than=((syn, 100_000_000),)).slow_ns() == {syn: 100_000_000}
+    assert Filters().slow_ns() == {}
+    # as the user writes it, the bare duration first, in the largest exact unit
+    assert describe_state_durations(filters.slower_than) == "2s,ESTABLISHED=5s"
+    assert describe_state_durations([(syn, 1_500_000_000), (est, 90 * 10**9)]) == (
+        "SYN_SENT=1500ms,ESTABLISHED=90s"
+    )
+    assert describe_state_durations([(ALL_STATES, 250_000)]) == "250us"
+    assert Filters(ports=frozenset({443}), slower_than=filters.slower_than).describe() == (
+        "port 443, slower than 2s,ESTABLISHED=5s"
+    )

@@ -75,7 +75,9 @@ C_NO_START = 4
 C_INSERTED = 5
 C_DELETED = 6
 C_STALE = 7
-NCOUNTERS = 8
+# Not submitted: faster than its state's --slower-than threshold (bpf/tcptrace.h).
+C_FAST = 8
+NCOUNTERS = 9
 HIST_SUB_BITS = 3
 HIST_SLOTS = 512
 

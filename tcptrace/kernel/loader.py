@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from tcptrace.errors import TcptraceError
-from tcptrace.filters import Filters
+from tcptrace.filters import Filters, describe_state_durations
 from tcptrace.kernel import perfbuf
 from tcptrace.kernel.btf import BtfError, NetnsOffsets, map_iter_problem, netns_offsets
 from tcptrace.kernel.events import (
@@ -153,6 +153,7 @@ class ProbeConfig:
             f"-DFILTER_NETNS={int(bool(self.filters.netns))}",
             f"-DFILTER_OWNER={self.filters.owner_checks}",
             f"-DKEEP_ENDS={int(self.keep_ends)}",
+            f"-DSLOWER_THAN={int(bool(self.filters.slower_than))}",
             *(self.netns_offsets or NO_OFFSETS).cflags(),
         ]
 
@@ -199,6 +200,7 @@ class Probe:
             self._fill_ports()
             self._fill_owner_filters()
             self._fill_stuck()
+            self._fill_slow_ns()
             if config.emit_events:
                 # bcc attached the program while compiling it; until the rings are in
                 # the perf event array every submission would fail (counted dropped)
@@ -357,6 +359,12 @@ class Probe:
             leaf.id, leaf.level, leaf.used = cgroup.id, cgroup.level, 1
             cgroups[ctypes.c_int(index)] = leaf
 
+    def _fill_slow_ns(self) -> None:
+        """--slower-than: each state's threshold (the program reads them with SLOWER_THAN)."""
+        table = self.bpf[b"slow_ns"]
+        for state, ns in self.config.filters.slow_ns().items():
+            table[ctypes.c_int(state)] = ctypes.c_uint64(ns)
+
     def _fill_ports(self) -> None:
         table = self.bpf[b"ports"]
         for port, bits in self.config.filters.port_flags().items():
@@ -481,6 +489,7 @@ class Probe:
         )
         summary.lost = self.lost
         summary.missed = self.missed()
+        summary.slower_than = describe_state_durations(self.config.filters.slower_than)
         return summary
 
     def finish_accounting(self, summary: Summary) -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from tcptrace.kernel.events import (
     C_DELETED,
     C_DROPPED,
+    C_FAST,
     C_INSERTED,
     C_SHED,
     C_STALE,
@@ -115,6 +116,8 @@ class Summary:
     # tracepoint hits the kernel skipped: a BPF program was already running on that CPU
     # (every TCP socket's, not only the filtered ones: an upper bound)
     missed: int = 0
+    # --slower-than as given ("1s", "2s,SYN_SENT=100ms"); empty without it
+    slower_than: str = ""
 
     def state(self, state: int) -> StateStats:
         stats = self.states.get(state)
@@ -174,6 +177,11 @@ class Summary:
         """
         dropped = max(self.counters[C_DROPPED], self.lost)
         return dropped + self.counters[C_SHED] + self.unread
+
+    @property
+    def faster(self) -> int:
+        """Transitions the kernel did not submit: faster than --slower-than (not lost)."""
+        return self.counters[C_FAST]
 
     @property
     def evicted(self) -> int:

@@ -8,7 +8,7 @@ builds its dict and calls write_record (see RecordOutput.transition/summary).
 Schema (README "Machine-readable output"):
   transition: time, ts_ns, pid, comm, family, local_addr, local_port,
               remote_addr, remote_port, old, new, duration_ns
-  summary:    transitions_traced, written, lost, held, states{...}, transitions[...]
+  summary:    transitions_traced, written, faster, lost, held, states{...}, transitions[...]
 """
 
 from __future__ import annotations
@@ -134,6 +134,8 @@ def summary_record(summary: Summary, written: int | None) -> Record:
     return {
         "transitions_traced": summary.counters[C_SEEN],
         "written": written,
+        # not written because faster than --slower-than (null without it)
+        "faster": summary.faster if summary.slower_than else None,
         "lost": lost_events(summary),
         "held": summary.held,
         "states": states,

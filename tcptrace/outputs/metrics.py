@@ -10,6 +10,8 @@ and works with --quiet (no per-event stream at all):
   tcptrace_sockets{state}                      gauge: sockets in the state now
   tcptrace_events_traced_total                 transitions that passed the filters
   tcptrace_events_lost_total                   events not delivered to user space
+  tcptrace_events_faster_total                 with --slower-than: transitions not
+                                               shown, faster than their threshold
   tcptrace_info{version,filter}                1
 
 Histogram buckets sit on powers of two nanoseconds, which are bucket edges of
@@ -207,6 +209,13 @@ class StateCollector:
             "Transition events not delivered to user space (statistics stay exact)",
             value=self._counter(("lost",), lost_events(summary)),
         )
+        if summary.slower_than:
+            yield CounterMetricFamily(
+                "tcptrace_events_faster",
+                "Transitions not shown: faster than their --slower-than threshold "
+                "(counted in the kernel, not lost)",
+                value=self._counter(("faster",), summary.faster),
+            )
 
     def _ages(self, gauge: Any) -> Iterator[Any]:
         assert self.oldest is not None

@@ -494,6 +494,9 @@ def format_accounting(summary: Summary, printed: int | None) -> str:
     text = f"{seen} transitions traced"
     if printed is not None:
         text += f", {printed} shown"
+        if summary.slower_than:
+            # the rest were not lost: the kernel judged them too fast to show
+            text += f" (slower than {summary.slower_than}), {summary.faster} faster"
     text += f", {summary.lost_total} lost"
     if summary.held:
         text += f", {summary.held} held: still in FIN_WAIT2 at exit"

@@ -5,6 +5,7 @@ import io
 import json
 import socket
 
+from tcptrace.kernel.events import C_FAST, C_SEEN
 from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.export import (
     FORMAT_CSV,
@@ -183,6 +184,17 @@ def test_summary_record_numbers():
     assert "CLOSE" not in record["states"]  # births have no time in CLOSE
     assert {"old": "CLOSE", "new": "SYN_SENT", "count": 1} in record["transitions"]
     json.dumps(record)  # plain values only
+    assert record["faster"] is None  # no --slower-than
+
+
+def test_summary_record_counts_what_was_faster_than_slower_than():
+    s = Summary()
+    s.counters[C_SEEN], s.counters[C_FAST] = 1200, 1186
+    s.slower_than = "1s"
+    record = summary_record(s, written=14)
+    assert (record["transitions_traced"], record["written"]) == (1200, 14)
+    assert (record["faster"], record["lost"]) == (1186, 0)
+    assert list(record)[:4] == ["transitions_traced", "written", "faster", "lost"]
 
 
 def varied_events():

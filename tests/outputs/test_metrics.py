@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tcptrace.errors import TcptraceError
+from tcptrace.kernel.events import C_FAST
 from tcptrace.kernel.stats import StateStats, Summary
 from tcptrace.outputs.metrics import (
     BUCKET_EXPONENTS,
@@ -125,6 +126,23 @@ def test_collector_exposes_the_summary():
     assert value(found, "tcptrace_events_traced_total") == 15
     assert value(found, "tcptrace_events_lost_total") == 4  # dropped 4, perf's 1 among them
     assert value(found, "tcptrace_info", version="0.1.0", filter="port 443") == 1
+    assert not any(name == "tcptrace_events_faster_total" for name, _ in found)
+
+
+def test_collector_counts_what_was_faster_than_slower_than():
+    def slower_summary():
+        s = sample_summary()
+        s.slower_than = "1s"
+        s.counters[C_FAST] = 11
+        return s
+
+    registry = CollectorRegistry()
+    registry.register(StateCollector(slower_summary, "port 443, slower than 1s"))
+    found = samples(generate_latest(registry).decode())
+    # every transition is still traced and counted; the fast ones were not lost
+    assert value(found, "tcptrace_events_traced_total") == 15
+    assert value(found, "tcptrace_events_faster_total") == 11
+    assert value(found, "tcptrace_events_lost_total") == 4
 
 
 def test_server_answers_over_loopback_and_stops():

@@ -1,0 +1,47 @@
+"""The loader's compile knobs and map contents, without loading anything."""
+
+from __future__ import annotations
+
+import ctypes
+
+from tcptrace.filters import ALL_STATES, JUDGED_STATES, Filters
+from tcptrace.kernel.loader import Probe, ProbeConfig
+from tcptrace.states import TcpState
+
+
+class FakeMap:
+    """What Probe writes into a map, by integer key."""
+
+    def __init__(self) -> None:
+        self.values: dict[int, int] = {}
+
+    def __setitem__(self, key: ctypes.c_int, value: ctypes.c_uint64) -> None:
+        self.values[key.value] = value.value
+
+
+def knob(config: ProbeConfig, name: str) -> str:
+    (flag,) = [f for f in config.cflags() if f.startswith(f"-D{name}=")]
+    return flag.split("=", 1)[1]
+
+
+def test_slower_than_is_a_compile_knob_off_by_default():
+    # the default program is compiled without the check: it pays nothing for it
+    assert knob(ProbeConfig(), "SLOWER_THAN") == "0"
+    filters = Filters(slower_than=((int(TcpState.SYN_SENT), 100_000_000),))
+    assert knob(ProbeConfig(filters=filters), "SLOWER_THAN") == "1"
+
+
+def test_slow_ns_map_holds_each_judged_states_threshold():
+    est = int(TcpState.ESTABLISHED)
+    filters = Filters(slower_than=((ALL_STATES, 10**9), (est, 5 * 10**9)))
+    probe = Probe.__new__(Probe)  # no bcc: only the filling
+    probe.config = ProbeConfig(filters=filters)
+    slow_ns = FakeMap()
+    probe.bpf = {b"slow_ns": slow_ns}
+    probe._fill_slow_ns()
+    assert slow_ns.values == {int(s): 5 * 10**9 if s == est else 10**9 for s in JUDGED_STATES}
+    # without --slower-than nothing is written (the map stays zero: never slow)
+    probe.config = ProbeConfig()
+    slow_ns.values.clear()
+    probe._fill_slow_ns()
+    assert slow_ns.values == {}
