@@ -89,6 +89,7 @@ BAD = [
     (["--stuck", "1s", "--lifetime"], "--lifetime and --stuck exclude each other"),
     (["--stuck", "1s", "--count", "3"], "--count counts transitions shown: --stuck shows none"),
     (["--stuck", "1s", "--snapshot"], "--stuck and --snapshot exclude each other"),
+    (["--stuck", "1s", "-s", "SYN_SENT"], "--state selects transitions: --stuck alone shows none"),
 ]
 
 
