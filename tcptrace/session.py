@@ -219,7 +219,13 @@ def build_stages(
         from tcptrace.sockets.stuck import StuckWatch
 
         # first: its reports go through the owners' look-ups like transitions
-        watch = StuckWatch(scanner, options.stuck, tables, filters=options.filters)
+        watch = StuckWatch(
+            scanner,
+            options.stuck,
+            tables,
+            filters=options.filters,
+            oldest_wanted=bool(options.interval) or options.metrics is not None,
+        )
         stages.append(watch)
     if tables is not None and (options.emit_events or options.stuck):
         from tcptrace.sockets.enrich import Owners
@@ -261,7 +267,8 @@ def build_stages(
 
         color = want_color(out, options.no_color)
         redraw = out.isatty()  # like top on a terminal; one table after another in a pipe
-        oldest = watch.oldest if watch is not None else None
+        # drawn on this thread: the sockets older than tracing are checked before each frame
+        oldest = (lambda: watch.oldest(verify=True)) if watch is not None else None
         stages.append(
             IntervalView(
                 out,

@@ -112,7 +112,7 @@ class LiveTable:
         )
         pcts = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
         ages = oldest.ages if oldest is not None else {}
-        extra = f"{'OLDEST':>9}" if oldest is not None else ""
+        extra = f"{'OLDEST':>{_OLDEST_WIDTH}}" if oldest is not None else ""
         if self.stuck:
             extra += f"{'STUCK':>7}"
         header = f"{'STATE':<12}{'ENTER':>9}{'LEAVE':>9}{'NOW':>9}{extra}{pcts}"
@@ -135,7 +135,7 @@ class LiveTable:
             name = self._paint(f"{state.name:<12}", _STATE_COLORS.get(state))
             cols = ""
             if oldest is not None:
-                cols = f"{_age(ages.get(s)):>9}"
+                cols = f"{_age(ages.get(s)):>{_OLDEST_WIDTH}}"
                 if self.stuck:
                     cols += f"{oldest.stuck.get(s, 0):>7}"
             row = f"{entered:>9}{left:>9}{now_cell:>9}{cols}{cells}"
@@ -145,6 +145,10 @@ class LiveTable:
         if not shown:
             lines.append("(no transitions yet)")
         return "\n".join(lines) + "\n"
+
+
+# ">=542.96ms": a lower bound takes two more characters than a duration
+_OLDEST_WIDTH = 11
 
 
 def _age(age: tuple[int, bool] | None) -> str:

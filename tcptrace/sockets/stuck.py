@@ -62,8 +62,8 @@ NOT_STUCK = {
 MIN_SCAN_S = 0.1
 MAX_SCAN_S = 1.0
 # How often sockets older than tracing are checked again (still there, in the same
-# state?) for the OLDEST column.
-OLD_RECHECK_S = 5.0
+# state?) while something reads OLDEST: an age shown is never staler than this.
+OLD_RECHECK_S = 1.0
 
 
 def thresholds(durations: dict[int, int]) -> dict[int, int]:
@@ -151,6 +151,7 @@ class StuckWatch(Stage):
         stuck_ns: dict[int, int],
         tables: SocketTables | None = None,
         filters: Filters | None = None,
+        oldest_wanted: bool = False,
     ) -> None:
         self.scanner = scanner
         self.stuck_ns = stuck_ns
@@ -167,6 +168,8 @@ class StuckWatch(Stage):
         self.old_checked_ns = 0
         self.lock = threading.Lock()  # the old sockets: the metrics thread reads them too
         self.reported = 0
+        # OLDEST is read (live table, metrics): the old sockets are checked every second
+        self.oldest_read = oldest_wanted
         # at exit: every socket still past its threshold, oldest first
         self.still: list[Event] = []
 
@@ -184,13 +187,10 @@ class StuckWatch(Stage):
             with self.lock:
                 self._take_old()
             self.old_checked_ns = now_ns
-        elif self.old and now_ns - self.old_checked_ns >= OLD_RECHECK_S * 1e9:
-            # here, not in oldest(): sock_diag is this thread's (the metrics thread's
-            # scrapes only read the list)
-            alive = {id(o) for o in self._verify(self.old)}
-            with self.lock:
-                self.old = [o for o in self.old if id(o) in alive]
-                self.old_checked_ns = now_ns
+        elif self.old and self.oldest_read and now_ns - self.old_checked_ns >= OLD_RECHECK_S * 1e9:
+            # here, not in the metrics thread: sock_diag is this thread's (scrapes only
+            # read the list)
+            self._recheck(now_ns)
         if now_ns < self.next_scan_ns or not self.stuck_ns:
             return None
         self.next_scan_ns = now_ns + self.interval_ns
@@ -216,9 +216,25 @@ class StuckWatch(Stage):
     def close(self) -> None:
         self.scanner.close()
 
-    def oldest(self) -> Oldest:
-        """Each state's oldest socket now (for the live table and the metrics)."""
-        result = self.scanner.latest(self.interval_ns / 2e9)
+    def _recheck(self, now_ns: int) -> None:
+        """Keep only the old sockets still there, in the same state."""
+        alive = {id(o) for o in self._verify(self.old or [])}
+        with self.lock:
+            self.old = [o for o in self.old or () if id(o) in alive]
+            self.old_checked_ns = now_ns
+
+    def oldest(self, verify: bool = False) -> Oldest:
+        """Each state's oldest socket now (for the live table and the metrics).
+
+        verify: check the sockets older than tracing first, and scan anew (the main
+        thread only: the live table); else the old sockets are as of the last check, at
+        most OLD_RECHECK_S ago, and a scan up to half a scan interval old is reused.
+        """
+        self.oldest_read = True
+        if verify and self.old:
+            self._recheck(time.monotonic_ns())
+        # a frame scans anew; scrapes close together share a scan
+        result = self.scanner.scan() if verify else self.scanner.latest(self.interval_ns / 2e9)
         if result is None:
             return Oldest()
         ages = {st: (age, False) for st in result.oldest if (age := result.oldest_age_ns(st))}
@@ -298,7 +314,7 @@ class StuckWatch(Stage):
             if table is None:
                 continue  # the namespace has gone, and its sockets with it
             states = {o.row.entry.state for o in group}
-            now = {_identity(e) for e in table.dump(states)}
+            now = {_identity(e) for e in table.dump(states, self.filters)}
             alive += [o for o in group if _identity(o.row.entry) in now]
         return alive
 

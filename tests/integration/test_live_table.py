@@ -24,7 +24,7 @@ CONNECTIONS = 3
 
 
 def frames(out: str) -> list[dict[str, list[str]]]:
-    """Each table as {state: [ENTER, LEAVE, NOW, p50, p90, p99]}."""
+    """Each table as {state: [ENTER, LEAVE, NOW, OLDEST, p50, p90, p99]}."""
     tables = []
     for block in out.split("\n\n"):
         lines = block.splitlines()
@@ -55,7 +55,9 @@ def test_table_in_a_pipe_counts_real_connections_without_colour():
     assert enter("LISTEN") == leave("LISTEN") == CONNECTIONS  # each connect_and_close listens
     assert all(t[state][2] == "0" for t in tables[-1:] for state in ("ESTABLISHED", "LISTEN"))
     busy = next(t for t in tables if "SYN_SENT" in t and int(t["SYN_SENT"][1]))
-    assert busy["SYN_SENT"][3].endswith(("ns", "µs", "ms"))  # a p50 for those that left
+    assert busy["SYN_SENT"][4].endswith(("ns", "µs", "ms"))  # a p50 for those that left
+    # OLDEST: no socket is left in SYN_SENT at the end
+    assert tables[-1]["SYN_SENT"][3] == "-"
     # the exit summary follows the last table
     assert out.splitlines()[-1] == f"{12 * CONNECTIONS} transitions traced, 0 lost"
 
