@@ -101,6 +101,10 @@ class LiveTable:
         entered_now, left_now = state_flows(now)
         entered_before, left_before = state_flows(before)
         current = sockets_in_states(now)
+        if oldest is not None:
+            # the walk counted them at one instant: exact, where entries minus exits
+            # read from maps that change while they are read run ahead at high rates
+            current = {st: oldest.count.get(st, 0) for st in current}
         traced = now.counters[C_SEEN] - before.counters[C_SEEN]
         rate = traced / seconds if seconds > 0 else 0.0
         clock = time.strftime("%H:%M:%S", time.localtime(wall))

@@ -91,7 +91,8 @@ class ScanSource(Protocol):
 
 @dataclass
 class Oldest:
-    """Each state's oldest socket now: age in ns, and whether that is a lower bound."""
+    """Each state's oldest socket now (age in ns, and whether that is a lower bound), how
+    many sockets are in it (older ones included) and how many are stuck."""
 
     taken_ns: int = 0
     ages: dict[int, tuple[int, bool]] = field(default_factory=dict)
@@ -242,14 +243,16 @@ class StuckWatch(Stage):
         with self.lock:
             alive = list(self.old or ())
         stuck = dict(result.stuck)
+        count = dict(result.count)
         for old in alive:
             state = old.row.entry.state
+            count[state] = count.get(state, 0) + 1
             age = now - old.since_ns
             if state not in ages or ages[state][0] < age:
                 ages[state] = (age, True)
             if state in self.stuck_ns and age >= self.stuck_ns[state]:
                 stuck[state] = stuck.get(state, 0) + 1
-        return Oldest(now, ages, dict(result.count), stuck)
+        return Oldest(now, ages, count, stuck)
 
     # Sockets older than tracing ------------------------------------------------
 
