@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import asdict
 from functools import lru_cache
 from typing import Any, TextIO
@@ -207,6 +208,7 @@ class RecordOutput(Stage):
         clock: Clock,
         quiet: bool = False,
         lifetimes: bool = False,
+        states: Iterable[int] = (),
     ) -> None:
         self.fmt = fmt
         self.err = err
@@ -214,7 +216,8 @@ class RecordOutput(Stage):
         self.iso = IsoClock(clock)
         self.written = 0
         # --lifetime: one record per finished connection instead of per transition
-        self.lifetimes = Lifetimes(self._write_lifetimes) if lifetimes else None
+        # (--state: those that visited one of these states)
+        self.lifetimes = Lifetimes(self._write_lifetimes, states) if lifetimes else None
         if fmt == FORMAT_JSON:
             self.writer: JsonLinesWriter | CsvWriter = JsonLinesWriter(out)
         elif fmt == FORMAT_CSV:

@@ -444,8 +444,9 @@ class TextFormatter:
             self.printed += shown
 
 
-def format_summary(summary: Summary, printed: int | None = None) -> str:
-    """The exit summary: per state, sockets that left it and the time spent in it."""
+def format_summary(summary: Summary, printed: int | None = None, lifetimes: bool = False) -> str:
+    """The exit summary: per state, sockets that left it and the time spent in it.
+    lifetimes: printed counts connections (--lifetime), and so do the losses."""
     cols = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
     lines = [
         f"{'STATE':<12}{'LEFT':>9}{'MEAN':>9}{cols}{'MAX':>9}{'UNTIMED':>9}",
@@ -463,17 +464,20 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
         lines.append(f"{state.name:<12}{left:>9}{timed}{stats.unknown:>9}")
     if len(lines) == 1:
         lines.append("(no transitions)")
-    lines.append(format_accounting(summary, printed))
+    lines.append(format_accounting(summary, printed, lifetimes))
     lines.extend(summary.notes)
     return "\n".join(lines) + "\n"
 
 
-def format_accounting(summary: Summary, printed: int | None) -> str:
+def format_accounting(summary: Summary, printed: int | None, lifetimes: bool = False) -> str:
     seen = summary.counters[C_SEEN]
     text = f"{seen} transitions traced"
+    # --lifetime: the kernel sends one record per connection, and a lost one is a
+    # connection not shown
+    unit = " connections" if lifetimes else ""
     if printed is not None:
-        text += f", {printed} shown"
-    text += f", {summary.lost_total} lost"
+        text += f", {printed}{unit} shown"
+    text += f", {summary.lost_total}{unit} lost"
     if summary.held:
         text += f", {summary.held} held: still in FIN_WAIT2 at exit"
     if summary.evicted:

@@ -1,17 +1,23 @@
 """Connection lifetimes, like tcplife: one record per finished connection.
 
-Built from the same event stream as the per-transition lines (after
-enrichment and TIME_WAIT following), so a connection that ends in TIME_WAIT is
-finished when its timewait socket goes. Records are plain dataclasses:
+The kernel sums each connection's time in each state and sends one life record when
+its socket closes (kernel.events.Life): the probe hands on its closing transition as
+an Event, which enrichment (owner) and TIME_WAIT following (FIN_WAIT2 -> TIME_WAIT,
+later TIME_WAIT -> CLOSE) treat like any other, and keeps the record for this stage
+(use_kernel), found by the Event's (skaddr, ts_ns). A connection that ends in
+TIME_WAIT is finished when its timewait socket goes.
+
+Without the kernel's records (use_kernel not called) a connection is built from its
+transitions as they come, as before. Records are plain dataclasses:
 `dataclasses.asdict` turns one into JSON- or CSV-ready values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tcptrace.kernel.events import Event
+from tcptrace.kernel.events import LIFE_VISITS, Event, Life
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState, is_birth, state_name
 
@@ -50,8 +56,13 @@ class Lifetime:
 class Lifetimes(Stage):
     """Follows each connection through its transitions; hands finished ones to `emit`."""
 
-    def __init__(self, emit: Callable[[list[Lifetime]], None]) -> None:
+    def __init__(self, emit: Callable[[list[Lifetime]], None], states: Iterable[int] = ()) -> None:
         self.emit = emit
+        # --state: only connections that spent time in one of these states
+        self.states = frozenset(state_name(int(s)) for s in states)
+        # the kernel's life records of the batch being handled (loader.Probe.lives), by
+        # (skaddr, ts_ns) of their closing Event; None: built from transitions
+        self.kernel: dict[tuple[int, int], Life] | None = None
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
@@ -63,12 +74,19 @@ class Lifetimes(Stage):
         """Hand on `count` finished connections, then call `stop` and take no more."""
         self.remaining, self.stop = count, stop
 
+    def use_kernel(self, lives: dict[tuple[int, int], Life]) -> None:
+        """Take each connection from the kernel's life record (the probe refills `lives`
+        with each batch's records)."""
+        self.kernel = lives
+
     def on_events(self, events: list[Event]) -> None:
         if self.remaining is not None and self.remaining <= 0:
             return  # --count reached: the run is stopping
         done: list[Lifetime] = []
+        kernel = self.kernel
         for ev in events:
-            life = self._find(ev)
+            record = kernel.pop((ev.skaddr, ev.ts_ns), None) if kernel else None
+            life = _from_record(ev, record) if record is not None else self._find(ev)
             if life is None:
                 continue
             if ev.owner_known and not life.pid:
@@ -83,6 +101,10 @@ class Lifetimes(Stage):
                 life.end_ns = ev.ts_ns
                 life.duration_ns = max(0, ev.ts_ns - life.start_ns)
                 done.append(life)
+        if kernel:
+            self._held(kernel)
+        if done and self.states:
+            done = [life for life in done if any(s.state in self.states for s in life.states)]
         if done and self.remaining is not None:
             done = done[: self.remaining]
             self.remaining -= len(done)
@@ -90,6 +112,19 @@ class Lifetimes(Stage):
                 self.stop()
         if done:
             self.emit(done)
+
+    def _held(self, kernel: dict[tuple[int, int], Life]) -> None:
+        """Records whose closing Event a stage held back: TIME_WAIT following keeps a
+        socket's FIN_WAIT2 -> CLOSE while its timewait socket still waits in FIN_WAIT2
+        for the peer, and hands on FIN_WAIT2 -> TIME_WAIT (or -> CLOSE) later, with the
+        whole time in FIN_WAIT2. Until then the connection waits here, without it."""
+        for record in kernel.values():
+            ev = record.event
+            life = _from_record(ev, record)
+            life.states.pop()  # the closing visit: the later event gives its whole time
+            self.open[ev.skaddr] = life
+        _bound(self.open)
+        kernel.clear()
 
     def _find(self, ev: Event) -> Lifetime | None:
         if ev.oldstate == TIME_WAIT:
@@ -114,6 +149,28 @@ class Lifetimes(Stage):
             _bound(self.open)
         life.states.append(_state_time(ev))
         return life
+
+
+def _from_record(ev: Event, record: Life) -> Lifetime:
+    """A connection from the kernel's record; ev is its closing transition as enriched
+    (the owner found in user space, the time in a state older than tracing)."""
+    visited = record.visited()
+    states = [StateTime(_STATE_NAMES.get(s) or state_name(s), ns) for s, ns in visited]
+    if record.visits > LIFE_VISITS:
+        # (not in Linux's state machine) the last slot holds the time of the rest
+        states[-1].state += f"+{record.visits - LIFE_VISITS}"
+    if len(visited) == 1 and visited[0][1] is None and ev.delta_lower:
+        # first seen as it closed: enrichment knows it was in that state since the snapshot
+        states[0] = StateTime(states[0].state, ev.delta_ns, lower_bound=True)
+    # first seen mid-life: it began at least as long ago as the times known
+    known = sum(s.duration_ns or 0 for s in states)
+    start = record.birth_ns if record.born else ev.ts_ns - known
+    life = _new(ev, start, complete=record.born)
+    life.states = states
+    return life
+
+
+_STATE_NAMES = {int(s): s.name for s in TcpState}
 
 
 def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:
