@@ -517,6 +517,9 @@ class LifetimeFormatter:
         self.width = _ENDPOINT_WIDTH
         self.headed: tuple[int, bool] | None = None  # (width, wide) of the last header
         self.printed = 0
+        # the parts that repeat, formatted once: "address:port", and the owner columns
+        self._ends: dict[tuple[str, int], str] = {}
+        self._owners: dict[tuple[int, str], str] = {}
 
     def header(self) -> str:
         w = self.width
@@ -527,18 +530,44 @@ class LifetimeFormatter:
             f"{'LIFETIME':>10}  STATES"
         )
 
+    def _end(self, addr: str, port: int) -> str:
+        if len(self._ends) > _CACHE_MAX:
+            self._ends.clear()
+        text = self._ends[(addr, port)] = endpoint_text(addr, port, self.numeric)
+        return text
+
+    def _owner(self, pid: int, comm: str) -> str:
+        if len(self._owners) > _CACHE_MAX:
+            self._owners.clear()
+        pid_col, comm_col = _owner_columns(pid, comm)
+        text = self._owners[(pid, comm)] = f"{pid_col:>7} {comm_col:<15.15}"
+        return text
+
     def line(self, life) -> str:  # life: lifetimes.Lifetime
-        local = endpoint_text(life.local_addr, life.local_port, self.numeric)
-        remote = endpoint_text(life.remote_addr, life.remote_port, self.numeric)
-        self.width = wider(wider(self.width, local), remote)
+        ends = self._ends
+        local = ends.get((life.local_addr, life.local_port)) or self._end(
+            life.local_addr, life.local_port
+        )
+        remote = ends.get((life.remote_addr, life.remote_port)) or self._end(
+            life.remote_addr, life.remote_port
+        )
         w = self.width
-        pid, comm = _owner_columns(life.pid, life.comm)
+        if len(local) > w or len(remote) > w:
+            self.width = w = wider(wider(w, local), remote)
+        owner = self._owners.get((life.pid, life.comm)) or self._owner(life.pid, life.comm)
         stamp = self.clock.format(life.end_ns)
         stamp = f"{stamp} " if stamp else ""
         total = format_duration(life.duration_ns)
         if not life.complete:
             total = ">=" + total
-        states = "  ".join(f"{s.state} {_state_time(s)}" for s in life.states)
+        states = "  ".join(
+            [
+                f"{s.state} {format_duration(s.duration_ns)}"
+                if s.duration_ns is not None and not s.lower_bound
+                else f"{s.state} {_state_time(s)}"
+                for s in life.states
+            ]
+        )
         where = ""
         if self.places is not None and not self.wide and life.netns:
             if self.home_netns and life.netns != self.home_netns:
@@ -551,9 +580,7 @@ class LifetimeFormatter:
                 f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
                 f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
             )
-        return (
-            f"{stamp}{pid:>7} {comm:<15.15}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
-        )
+        return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")

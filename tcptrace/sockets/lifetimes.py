@@ -17,7 +17,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tcptrace.kernel.events import LIFE_VISITS, Event, Life
+from tcptrace.kernel.events import (
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    LIFE_VISITS,
+    Event,
+    Life,
+    decode_comm,
+    format_addr,
+)
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState, is_birth, state_name
 
@@ -26,16 +34,21 @@ LISTEN = int(TcpState.LISTEN)
 TIME_WAIT = int(TcpState.TIME_WAIT)
 # Connections being tracked at once; the oldest are dropped beyond this.
 MAX_OPEN = 65536
+# Positions in an Event tuple, for the per-record path (C-level indexing).
+_SKADDR = Event._fields.index("skaddr")
+_NEW = Event._fields.index("newstate")
+# State names by number, for the per-record path.
+_NAMES = tuple(state_name(n) for n in range(256))
 
 
-@dataclass
+@dataclass(slots=True)
 class StateTime:
     state: str
     duration_ns: int | None  # None: unknown (the socket predates tracing)
     lower_bound: bool = False  # at least this long (it was in the state when tracing began)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lifetime:
     start_ns: int  # CLOCK_MONOTONIC, as event timestamps; a lower bound unless complete
     end_ns: int
@@ -84,9 +97,21 @@ class Lifetimes(Stage):
             return  # --count reached: the run is stopping
         done: list[Lifetime] = []
         kernel = self.kernel
+        take = kernel.pop if kernel else None
         for ev in events:
-            record = kernel.pop((ev.skaddr, ev.ts_ns), None) if kernel else None
-            life = _from_record(ev, record) if record is not None else self._find(ev)
+            if take is not None:
+                record = take((ev[_SKADDR], ev[0]), None)
+                if record is not None:
+                    # the kernel's whole connection: it ends now, or enters TIME_WAIT
+                    life = _from_record(ev, record)
+                    if ev[_NEW] == CLOSE:
+                        life.end_ns = end = ev[0]
+                        life.duration_ns = max(0, end - life.start_ns)
+                        done.append(life)
+                    else:
+                        self.waiting[_key(ev)] = life
+                    continue
+            life = self._find(ev)
             if life is None:
                 continue
             if ev.owner_known and not life.pid:
@@ -153,24 +178,48 @@ class Lifetimes(Stage):
 
 def _from_record(ev: Event, record: Life) -> Lifetime:
     """A connection from the kernel's record; ev is its closing transition as enriched
-    (the owner found in user space, the time in a state older than tracing)."""
-    visited = record.visited()
-    states = [StateTime(_STATE_NAMES.get(s) or state_name(s), ns) for s, ns in visited]
-    if record.visits > LIFE_VISITS:
+    (the owner found in user space, the time in a state older than tracing). Not yet
+    ended: end_ns and duration_ns are the caller's. The per-connection path: no
+    Event properties, no helpers."""
+    (ts, delta, _sk, cgroup_id, pid, flags, netns, _r, saddr, daddr, sport, dport, family,
+     _old, _new, comm) = ev  # fmt: skip
+    _event, birth, visited, times, visits = record
+    names = _NAMES
+    if visits < LIFE_VISITS:
+        visited = visited[:visits]
+    states = [StateTime(names[state], ns) for state, ns in zip(visited, times)]
+    if visits > LIFE_VISITS:
         # (not in Linux's state machine) the last slot holds the time of the rest
-        states[-1].state += f"+{record.visits - LIFE_VISITS}"
-    if len(visited) == 1 and visited[0][1] is None and ev.delta_lower:
-        # first seen as it closed: enrichment knows it was in that state since the snapshot
-        states[0] = StateTime(states[0].state, ev.delta_ns, lower_bound=True)
-    # first seen mid-life: it began at least as long ago as the times known
-    known = sum(s.duration_ns or 0 for s in states)
-    start = record.birth_ns if record.born else ev.ts_ns - known
-    life = _new(ev, start, complete=record.born)
-    life.states = states
-    return life
-
-
-_STATE_NAMES = {int(s): s.name for s in TcpState}
+        states[-1].state += f"+{visits - LIFE_VISITS}"
+    if birth:
+        start = birth
+    else:
+        # first seen mid-life: untimed in the state it was first seen in, unless
+        # enrichment knew it from the snapshot (it was first seen as it closed)
+        first = states[0]
+        if len(states) == 1 and flags & F_DELTA_LOWER:
+            first.duration_ns, first.lower_bound = delta, True
+        else:
+            first.duration_ns = None
+        # it began at least as long ago as the times known
+        start = ts - sum(s.duration_ns or 0 for s in states)
+    owned = flags & F_OWNER_KNOWN
+    return Lifetime(
+        start,
+        0,
+        pid if owned else 0,
+        decode_comm(comm) if owned else "",
+        family,
+        format_addr(family, saddr),
+        sport,
+        format_addr(family, daddr),
+        dport,
+        0,
+        bool(birth),
+        states,
+        netns,
+        cgroup_id if owned else 0,
+    )
 
 
 def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:
