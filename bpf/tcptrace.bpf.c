@@ -447,8 +447,7 @@ static __always_inline void life_visit(struct sk_info *info, u32 state, u64 ns)
 	info->visits++;
 }
 
-/* The record of a connection ending with this transition (info: its entry, if any),
- * or 0 when it visited no state SHOW_STATES asks for. */
+/* The record of a connection ending with this transition (info: its entry, if any). */
 static __always_inline struct tcptrace_life *life_end(struct sk_info *info,
 						      struct tcptrace_event *ev)
 {
@@ -476,16 +475,22 @@ static __always_inline struct tcptrace_life *life_end(struct sk_info *info,
 		i = TCPTRACE_LIFE_VISITS - 1;
 	life->visit_ns[i] += ev->delta_ns; /* 0 when untimed */
 	life->visits++;
+	return life;
+}
+
+/* Whether the connection visited a state SHOW_STATES asks for. */
+static __always_inline int life_shown(struct tcptrace_life *life)
+{
 	u32 seen = 0;
 	for (u32 j = 0; j < TCPTRACE_LIFE_VISITS; j++)
 		if (j < life->visits)
 			seen |= 1U << (life->visit_state[j] & 31);
 #if SHOW_STATES & (1 << TT_TIME_WAIT)
 	/* user space follows the timewait socket that may follow these */
-	if (ev->oldstate == TT_FIN_WAIT2 || ev->oldstate == TT_CLOSING)
+	if (life->ev.oldstate == TT_FIN_WAIT2 || life->ev.oldstate == TT_CLOSING)
 		seen |= 1U << TT_TIME_WAIT;
 #endif
-	return (seen & SHOW_STATES) ? life : 0;
+	return (seen & SHOW_STATES) != 0;
 }
 #endif
 
@@ -695,7 +700,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 #if EMIT_EVENTS && KERNEL_LIFETIMES
 	/* one record per connection, at its end; no transition events */
-	if (life) {
+	if (life && life_shown(life)) {
 		if (lagging() || over_budget(now))
 			count(TCPTRACE_C_SHED);
 		else if (events.perf_submit(args, life, sizeof(*life)) == 0)

@@ -81,6 +81,26 @@ def test_a_connection_held_established_shows_its_time_and_states_in_order():
     # the server's side waits in TIME_WAIT (60 s): not finished, not printed
     assert [r for r in lifetimes(out) if r[2] == f"127.0.0.1:{port}"] == [], out
     assert accounting(out).endswith(", 1 connections shown, 0 connections lost"), out
+    assert "\n1 connections still in TIME_WAIT at exit: not finished, not shown\n" in out
+
+
+def test_state_keeps_the_connections_that_visited_it_whole():
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none", "--lifetime", "--state", "SYN_RECV")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        cli = socket.create_connection(("127.0.0.1", port))
+        chosen = cli.getsockname()[1]
+        conn, _ = srv.accept()
+        cli.close()  # the client closes first: the accepted socket closes passively
+        time.sleep(0.05)
+        conn.close()
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    (row,) = lifetimes(out)
+    assert row[2:4] == [f"127.0.0.1:{port}", f"127.0.0.1:{chosen}"], out
+    assert states(row) == ["SYN_RECV", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"], out
 
 
 def test_a_client_that_closes_first_ends_with_its_time_wait():
