@@ -192,10 +192,16 @@ def decode(raw: bytes) -> Event:
     return make_event(EVENT_STRUCT.unpack_from(raw))
 
 
+# Life from a tuple of its fields, without Life.__new__'s Python-level frame (one a record).
+_make_life = functools.partial(tuple.__new__, Life)
+
+
 def life_of(fields: tuple) -> Life:
     """A life record from its unpacked LIFE_STRUCT fields."""
-    event = make_event(fields[:_NEVENT])
-    return Life(event, fields[_BIRTH], fields[_STATES], fields[_TIMES], fields[_VISITS])
+    return _make_life(
+        (make_event(fields[:_NEVENT]), fields[_BIRTH], fields[_STATES], fields[_TIMES],
+         fields[_VISITS])
+    )  # fmt: skip
 
 
 def decode_life(raw: bytes) -> Life:
