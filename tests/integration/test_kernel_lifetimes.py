@@ -25,6 +25,9 @@ HOLD_S = 1.0
 # over a timewait socket once its last timestamp is net.ipv4.tcp_tw_reuse_delay
 # (1000 ms, or the next second before Linux 6.13) old.
 TW_REUSE_AFTER_S = 1.3
+# How long the peer of a client that closed first keeps its side open: the client's
+# socket waits in FIN_WAIT2 (as a timewait socket: the kernel reports its close at once).
+PEER_CLOSES_AFTER_S = 0.3
 # Connections of the churn test, made at this rate.
 CHURN_RATE = 1000
 CHURN_SECONDS = 2.0
@@ -118,8 +121,8 @@ def test_a_client_that_closes_first_ends_with_its_time_wait():
     with listener(port=port) as srv:
         cli = connect()
         conn, _ = srv.accept()
-        cli.close()  # the client closes first: its side goes to TIME_WAIT
-        time.sleep(0.05)
+        cli.close()  # the client closes first: its side goes to FIN_WAIT2, then TIME_WAIT
+        time.sleep(PEER_CLOSES_AFTER_S)
         conn.close()
         time.sleep(TW_REUSE_AFTER_S)
         # the same 4-tuple again: the kernel ends the first TIME_WAIT for it
@@ -137,8 +140,12 @@ def test_a_client_that_closes_first_ends_with_its_time_wait():
         ["SYN_SENT", "ESTABLISHED", "FIN_WAIT1", "FIN_WAIT2", "TIME_WAIT"],
         ["SYN_SENT", "ESTABLISHED", "CLOSE_WAIT", "LAST_ACK"],
     ], out
-    # in TIME_WAIT until the second connection began: exact, not a poll's guess
-    assert TW_REUSE_AFTER_S <= times(clients[0])["TIME_WAIT"] < TW_REUSE_AFTER_S + 0.3, out
+    # in FIN_WAIT2 until the peer closed (the kernel had reported the socket closed
+    # at once), and in TIME_WAIT until the second connection began: exact, not a poll's
+    # guess (to the timewait socket's timer: a jiffy or two)
+    spent = times(clients[0])
+    assert PEER_CLOSES_AFTER_S - 0.01 <= spent["FIN_WAIT2"] < PEER_CLOSES_AFTER_S + 0.1, out
+    assert TW_REUSE_AFTER_S - 0.01 <= spent["TIME_WAIT"] < TW_REUSE_AFTER_S + 0.3, out
     # and the server's two accepted sockets: the first closed passively, the second
     # waits in TIME_WAIT
     servers = [r for r in lifetimes(out) if r[2] == f"127.0.0.1:{port}"]
