@@ -16,6 +16,10 @@ and close()) and, for traced modes, the tracer started inside the namespace.
 The events the kernel produced are counted independently by a tiny BPF counter
 on the same tracepoint (only the benchmark's port), attached for every run but
 the bare "untraced" one; the "counter" row shows what that counter alone costs.
+It also counts the connections that ended (a socket's close, listeners' aside):
+the "lifetime" mode (tcptrace --lifetime) must print each one, or count it lost
+(in the standard regime the active closer's side is still in TIME_WAIT at exit,
+which tcptrace counts too).
 Ratios are to the bare untraced rate of the same regime, measured in the same
 invocation, so traced rows carry the counter's cost too (the figures are
 conservative).
@@ -58,7 +62,7 @@ REGIMES = {
 }
 
 COUNTER_SRC = r"""
-BPF_PERCPU_ARRAY(hits, u64, 1);
+BPF_PERCPU_ARRAY(hits, u64, 2);
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
     if (args->protocol != 6 || (args->sport != PORT && args->dport != PORT))
@@ -67,6 +71,13 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
     u64 *v = hits.lookup(&zero);
     if (v)
         (*v)++;
+    /* a connection's end: a socket's close that is not a listener's */
+    if (args->newstate == 7 && args->oldstate != 10) {
+        int one = 1;
+        v = hits.lookup(&one);
+        if (v)
+            (*v)++;
+    }
     return 0;
 }
 """
@@ -136,6 +147,10 @@ class Counter:
     def value(self) -> int:
         return sum(self.bpf[b"hits"][ctypes.c_int(0)])
 
+    def ended(self) -> int:
+        """Connections that ended (closes of sockets other than listeners)."""
+        return sum(self.bpf[b"hits"][ctypes.c_int(1)])
+
     def attach(self, on: bool) -> None:
         tp = b"sock:inet_sock_set_state"
         fn = b"tracepoint__sock__inet_sock_set_state"
@@ -169,6 +184,8 @@ class Result:
     rate: float = 0.0
     connections: int = 0
     produced: int | None = None  # transitions counted by the independent counter
+    ended: int | None = None  # connections ended, counted by the independent counter
+    waiting: int | None = None  # --lifetime: connections still in TIME_WAIT at exit
     seen: int | None = None  # tcptrace's own count of matching transitions
     printed: int | None = None
     faster: int | None = None  # with --slower-than: not submitted, faster than the threshold
@@ -234,12 +251,16 @@ def wait_ready(proc: subprocess.Popen, kind: str, err_path: Path, timeout: float
     raise RuntimeError(f"{kind} did not start within {timeout} s")
 
 
-# traced, shown (with --slower-than: "(slower than 1ms), F faster"), lost
+# traced, shown (with --slower-than: "(slower than 1ms), F faster"), lost ("connections
+# shown", "connections lost" with --lifetime: one record per connection)
 SUMMARY_RE = re.compile(
-    r"^(\d+) transitions traced(?:, (\d+) shown(?: \(slower than [^)]*\))?)?"
-    r"(?:, (\d+) faster)?, (\d+) lost",
+    r"^(\d+) transitions traced(?:, (\d+)(?: connections)? shown(?: \(slower than [^)]*\))?)?"
+    r"(?:, (\d+) faster)?, (\d+)(?: connections)? lost",
     re.M,
 )
+WAITING_RE = re.compile(r"^(\d+) connections still in TIME_WAIT at exit", re.M)
+HELD_RE = re.compile(r", (\d+) held: still in FIN_WAIT2 at exit")
+MISSED_RE = re.compile(r"up to (\d+) transitions were never seen")
 DETAIL_RE = re.compile(r"lost \((\d+) shed, (\d+) dropped\)")
 # bcc's Python tools, then libbpf-tools' C ones
 TCPSTATES_LOST_RE = re.compile(r"Possibly lost (\d+) samples|lost (\d+) events on CPU")
@@ -294,7 +315,7 @@ def run_one(
             result.ready_s = wait_ready(tracer, mode.kind, err_path)
         elif mode.kind == "busy":
             tracer = subprocess.Popen(tracer_command(mode, port))
-        before = counter.value()
+        before, ended_before = counter.value(), counter.ended()
         cpu0 = proc_cpu_s(tracer.pid) if tracer else 0.0
         churn_cmd = [str(churn), "-p", str(port), "-d", str(args.seconds)]
         churn_cmd += ["-c", str(args.clients), "-s", str(args.servers)]
@@ -313,6 +334,7 @@ def run_one(
             stop_tracer(tracer, result)
         if mode.counted:
             result.produced = counter.value() - before
+            result.ended = counter.ended() - ended_before
         if tracer and mode.kind != "busy":
             parse_tracer_output(mode, result, out_path, err_path, port)
     finally:
@@ -352,6 +374,32 @@ def parse_json_summary(result: Result, text: str) -> bool:
     return True
 
 
+def lifetime_lines(text: str) -> int:
+    """Connections in a --lifetime text output: the lines before the summary's blank
+    line, headers aside."""
+    lines = text.split("\n\n", 1)[0].splitlines()
+    return sum(1 for line in lines if not line.rstrip().endswith("LIFETIME  STATES"))
+
+
+def check_lifetimes(result: Result, text: str, err: str) -> None:
+    """Every connection that ended was printed, is still in TIME_WAIT, or was counted
+    lost (or its close was never seen by the program: stderr says how many may be)."""
+    waiting, held = WAITING_RE.search(text), HELD_RE.search(text)
+    # (a socket held in FIN_WAIT2 at exit has not finished either)
+    result.waiting = sum(int(m.group(1)) for m in (waiting, held) if m)
+    if result.ended is None or result.printed is None or result.lost is None:
+        return
+    accounted = result.printed + result.waiting + result.lost
+    if accounted != result.ended:
+        missed = MISSED_RE.search(err)
+        result.note += (
+            f" {result.ended} ended != {result.printed} printed + {result.waiting} "
+            f"unfinished + {result.lost} lost"
+            + (f" (up to {missed.group(1)} transitions never seen)" if missed else "")
+            + ";"
+        )
+
+
 def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Path, port: int):
     if mode.kind == "tcptrace":
         text = out_path.read_text(errors="replace")
@@ -372,11 +420,17 @@ def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Pa
         if shown:
             result.printed = int(shown)
             # cross-check the summary against the lines really written
-            lines = sum(1 for line in text.splitlines() if " -> " in line or '"new"' in line) - 1
+            if "--lifetime" in mode.args:
+                lines = lifetime_lines(text)
+            else:
+                lines = sum(1 for line in text.splitlines() if " -> " in line or '"new"' in line)
+                lines -= 1  # the header
             if lines != result.printed:
                 result.note += f" {lines} lines in the file"
         else:
             result.printed = 0
+        if "--lifetime" in mode.args:
+            check_lifetimes(result, text, err_path.read_text())
         return
     # tcpstates: count its lines for the benchmark's port (other traffic may be traced too)
     printed = 0
@@ -410,7 +464,10 @@ def table(results: list[Result]) -> str:
     for r in results:
         ratio = r.rate / base[r.regime] if base.get(r.regime) else None
         pct = None
-        if r.printed is not None and r.produced:
+        if r.waiting is not None and r.ended:
+            # --lifetime prints connections: those that ended, less those in TIME_WAIT
+            pct = 100 * r.printed / (r.ended - r.waiting) if r.ended > r.waiting else None
+        elif r.printed is not None and r.produced:
             pct = 100 * r.printed / r.produced
         rows.append(
             f"| {r.regime} | {r.mode} | {r.rate:,.0f} | {fmt(ratio, '.2f')} "
@@ -576,6 +633,7 @@ def default_modes() -> list[Mode]:
         Mode("tcptrace --stuck 1s", "tcptrace", ["--stuck", "1s"]),
         # lines for the slow transitions only: the kernel counts the rest, never submits them
         Mode("tcptrace --slower-than 1ms", "tcptrace", ["--slower-than", "1ms"]),
+        Mode("tcptrace lifetime", "tcptrace", ["--lifetime"]),
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))
@@ -677,11 +735,13 @@ def main() -> int:
             for mode in modes:
                 r = run_one(regime, mode, churn, counter, port, args, workdir)
                 runs.setdefault((regime, mode.name), []).append(r)
+                ended = "" if r.waiting is None else f"  ended {fmt(r.ended)}"
                 print(
                     f"  {regime:8} #{rnd + 1} {mode.name:26} {r.rate:>9,.0f} conn/s  produced "
                     f"{fmt(r.produced):>10}  printed {fmt(r.printed):>10}  lost {fmt(r.lost)}  "
                     f"idle {fmt(r.idle_pct, '.0f')}%"
-                    + (f"  faster {fmt(r.faster)}" if r.faster is not None else ""),
+                    + (f"  faster {fmt(r.faster)}" if r.faster is not None else "")
+                    + f"{ended}{'  ' + r.note if r.note else ''}",
                     flush=True,
                 )
     # per mode, the run with the median rate

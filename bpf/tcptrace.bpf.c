@@ -32,6 +32,9 @@
  *   SLOWER_THAN     1: submit only transitions that left their state after at
  *                   least its slow_ns threshold (--slower-than); the rest are
  *                   counted (TCPTRACE_C_FAST), in the statistics as always
+ *   KERNEL_LIFETIMES 1: --lifetime: the per-socket map adds up each connection's
+ *                   time in each state, and its end is submitted as one
+ *                   struct tcptrace_life instead of transition events
  * Events are also shed beyond the rate user space allows (rate_limit map).
  */
 #include "tcptrace.h"
@@ -86,6 +89,13 @@ struct sk_info {
 	u64 reported; /* ts when the scan reported it stuck in this state (--stuck) */
 #if KEEP_ENDS
 	struct sk_ends ends;
+#endif
+#if KERNEL_LIFETIMES
+	u64 birth; /* when the connection began; 0: seen mid-life (its first visit untimed) */
+	u64 visit_ns[TCPTRACE_LIFE_VISITS]; /* the states it visited and its time in each */
+	u8 visit_state[TCPTRACE_LIFE_VISITS];
+	u32 visits;
+	u32 life_reserved;
 #endif
 };
 
@@ -150,6 +160,10 @@ BPF_ARRAY(self_check, u32, 2);
 BPF_ARRAY(slow_ns, u64, TCPTRACE_NSTATES);
 /* Set in sk_info.flags and owner.flags: the owner was in a filtered cgroup. */
 #define OWNER_IN_CGROUP 0x100
+#if KERNEL_LIFETIMES
+/* Where a life record is put together (too large for the stack beside the event). */
+BPF_PERCPU_ARRAY(life_scratch, struct tcptrace_life, 1);
+#endif
 
 static __always_inline void count(u32 idx)
 {
@@ -427,6 +441,77 @@ static __always_inline void remember(struct sk_info *info, struct tcptrace_event
 #endif
 }
 
+#if KERNEL_LIFETIMES
+/* A new entry's life: it begins now, or was seen mid-life in `old` (untimed so far). */
+static __always_inline void life_begin(struct sk_info *info, int birth, u32 old, u64 now)
+{
+	if (birth) {
+		info->birth = now;
+	} else {
+		info->visit_state[0] = old;
+		info->visits = 1;
+	}
+}
+
+/* One more state visited: past the last slot, the last slot sums the rest. */
+static __always_inline void life_visit(struct sk_info *info, u32 state, u64 ns)
+{
+	u32 i = info->visits;
+	if (i < TCPTRACE_LIFE_VISITS)
+		info->visit_state[i] = state;
+	else
+		i = TCPTRACE_LIFE_VISITS - 1;
+	info->visit_ns[i] += ns;
+	info->visits++;
+}
+
+/* The record of a connection ending with this transition (info: its entry, if any). */
+static __always_inline struct tcptrace_life *life_end(struct sk_info *info,
+						      struct tcptrace_event *ev)
+{
+	u32 zero = 0;
+	struct tcptrace_life *life = life_scratch.lookup(&zero);
+	if (!life)
+		return 0;
+	__builtin_memcpy(&life->ev, ev, sizeof(life->ev));
+	if (info) {
+		life->birth_ns = info->birth;
+		__builtin_memcpy(life->visit_ns, info->visit_ns, sizeof(life->visit_ns));
+		__builtin_memcpy(life->visit_state, info->visit_state, sizeof(life->visit_state));
+		life->visits = info->visits;
+	} else {
+		/* first seen as it closes: one untimed visit */
+		__builtin_memset(life->visit_ns, 0, sizeof(life->visit_ns));
+		__builtin_memset(life->visit_state, 0, sizeof(life->visit_state));
+		life->birth_ns = 0;
+		life->visits = 0;
+	}
+	u32 i = life->visits;
+	if (i < TCPTRACE_LIFE_VISITS)
+		life->visit_state[i] = ev->oldstate;
+	else
+		i = TCPTRACE_LIFE_VISITS - 1;
+	life->visit_ns[i] += ev->delta_ns; /* 0 when untimed */
+	life->visits++;
+	return life;
+}
+
+/* Whether the connection visited a state SHOW_STATES asks for. */
+static __always_inline int life_shown(struct tcptrace_life *life)
+{
+	u32 seen = 0;
+	for (u32 j = 0; j < TCPTRACE_LIFE_VISITS; j++)
+		if (j < life->visits)
+			seen |= 1U << (life->visit_state[j] & 31);
+#if SHOW_STATES & (1 << TT_TIME_WAIT)
+	/* user space follows the timewait socket that may follow these */
+	if (life->ev.oldstate == TT_FIN_WAIT2 || life->ev.oldstate == TT_CLOSING)
+		seen |= 1U << TT_TIME_WAIT;
+#endif
+	return (seen & SHOW_STATES) != 0;
+}
+#endif
+
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
 	if (args->protocol != TT_IPPROTO_TCP)
@@ -487,6 +572,9 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 						  .cgroup_id = bpf_get_current_cgroup_id(),
 						  .flags = TCPTRACE_F_OWNER_KNOWN | current_in_cgroup(),
 						  .state = TT_SYN_SENT};
+#if KERNEL_LIFETIMES
+			pending.birth = now;
+#endif
 			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
@@ -596,7 +684,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 
 	/* Count the map's inserts and deletes: LRU evictions are invisible here,
 	 * user space infers them from these and the entries left. */
+#if KERNEL_LIFETIMES
+	struct tcptrace_life *life = 0; /* a connection's end: its record (not a listener's) */
+#endif
 	if (new == TT_CLOSE) {
+#if KERNEL_LIFETIMES
+		if (old != TT_LISTEN)
+			life = life_end(info, &ev); /* before the entry goes */
+#endif
 		if (sockets.delete(&sk) == 0)
 			count(TCPTRACE_C_DELETED);
 	} else {
@@ -604,9 +699,15 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			/* in place: the socket's transitions are serialised by its lock,
 			 * and an LRU update would take a new element and the bucket lock */
 			remember(info, &ev, owner_flags);
+#if KERNEL_LIFETIMES
+			life_visit(info, old, ev.delta_ns);
+#endif
 		} else {
 			struct sk_info next = {};
 			remember(&next, &ev, owner_flags);
+#if KERNEL_LIFETIMES
+			life_begin(&next, birth, old, now);
+#endif
 			if (sockets.update(&sk, &next) == 0)
 				count(TCPTRACE_C_INSERTED);
 		}
@@ -615,7 +716,17 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	count(TCPTRACE_C_SEEN);
 	record_stats(old, new, ev.delta_ns, ev.flags & TCPTRACE_F_DELTA_KNOWN);
 
-#if EMIT_EVENTS
+#if EMIT_EVENTS && KERNEL_LIFETIMES
+	/* one record per connection, at its end; no transition events */
+	if (life && life_shown(life)) {
+		if (lagging() || over_budget(now))
+			count(TCPTRACE_C_SHED);
+		else if (events.perf_submit(args, life, sizeof(*life)) == 0)
+			count(TCPTRACE_C_SUBMITTED);
+		else
+			count(TCPTRACE_C_DROPPED);
+	}
+#elif EMIT_EVENTS
 	int show = ((1 << old) | (1 << new)) & SHOW_STATES;
 #if SHOW_STATES & (1 << TT_TIME_WAIT)
 	/* The kernel never reports TIME_WAIT: a socket entering it ends as

@@ -59,4 +59,21 @@ struct tcptrace_event {
 	char comm[TCPTRACE_COMM_LEN];
 };
 
+/*
+ * --lifetime (KERNEL_LIFETIMES): the program adds up each connection's time in each
+ * state in its per-socket map and, when the socket closes, submits one record instead
+ * of the transitions. tcptrace/kernel/events.py mirrors it (LIFE_FIELDS).
+ */
+/* States recorded per connection; past them the last slot sums the rest (visits counts all). */
+#define TCPTRACE_LIFE_VISITS 8
+
+struct tcptrace_life {
+	struct tcptrace_event ev; /* the closing transition (newstate CLOSE); ts_ns leads */
+	__u64 birth_ns; /* when the connection began; 0: seen mid-life, its first visit untimed */
+	__u64 visit_ns[TCPTRACE_LIFE_VISITS]; /* time in each state visited, in order */
+	__u8 visit_state[TCPTRACE_LIFE_VISITS];
+	__u32 visits;   /* states visited, the closing one included */
+	__u32 reserved; /* zero: keeps the struct free of padding */
+};
+
 #endif /* TCPTRACE_H */

@@ -29,7 +29,9 @@ from tcptrace.stages import Stage
 from tcptrace.tracer import EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
+    from tcptrace.kernel.events import Life
     from tcptrace.outputs.metrics import ListenAddress
+    from tcptrace.sockets.lifetimes import Lifetimes
     from tcptrace.sockets.stuck import Scanner
 
 # Per-transition output formats (--json, --csv); text is the default.
@@ -152,7 +154,7 @@ class LifetimeOutput(Stage):
             places=Places(),
             wide=options.wide,
         )
-        self.lifetimes = Lifetimes(self._write)
+        self.lifetimes = Lifetimes(self._write, options.filters.states)
 
     def _write(self, lives: list) -> None:
         self.formatter.write(lives)
@@ -166,7 +168,12 @@ class LifetimeOutput(Stage):
         self.lifetimes.on_events(events)
 
     def on_finish(self, summary: Summary) -> None:
-        self.out.write("\n" + format_summary(summary))
+        waiting = len(self.lifetimes.waiting)
+        if waiting:
+            summary.notes.append(
+                f"{waiting} connections still in TIME_WAIT at exit: not finished, not shown"
+            )
+        self.out.write("\n" + format_summary(summary, self.formatter.printed, lifetimes=True))
         self.out.flush()
 
 
@@ -209,9 +216,11 @@ def build_stages(
     netns_fallback: bool = False,
     seed_listeners: Callable[[list], int] | None = None,
     scanner: Scanner | None = None,
+    lives: dict[tuple[int, int], Life] | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
-    sock_diag table and an event stream), metrics, then one output on `out`."""
+    sock_diag table and an event stream), metrics, then one output on `out`. With
+    --lifetime, lives are the kernel's life records of each batch (loader.Probe.lives)."""
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
@@ -244,7 +253,10 @@ def build_stages(
         if options.emit_events:
             from tcptrace.sockets.timewait import TimeWait
 
-            timewait = TimeWait(options.filters, tables, budget)
+            # --lifetime --state: whole connections are chosen by the states they
+            # visited (Lifetimes), their TIME_WAIT transitions are all needed
+            chosen = replace(options.filters, states=frozenset()) if options.lifetime else None
+            timewait = TimeWait(chosen or options.filters, tables, budget, lives=lives)
             stages.append(timewait)
             if summaries is not None:
                 # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
@@ -295,6 +307,7 @@ def build_stages(
                 # --stuck alone: its reports only, no transition records
                 quiet=options.quiet or not options.transitions,
                 lifetimes=options.lifetime,
+                states=options.filters.states,
                 still_stuck=still_stuck,
             )
         )
@@ -302,6 +315,9 @@ def build_stages(
         stages.append(LifetimeOutput(out, options))
     else:
         stages.append(TextOutput(out, options, still_stuck))
+    lifetimes = _lifetimes(stages)
+    if lifetimes is not None and lives is not None:
+        lifetimes.use_kernel(lives)
     from tcptrace.pipes import PipeWatch, is_pipe
 
     if is_pipe(out):
@@ -358,6 +374,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         max_sockets=options.max_sockets,
         keep_ends=bool(options.stuck),
         stuck_ns=options.stuck,
+        kernel_lifetimes=options.lifetime,
     )
     if options.buffer_pages is not None:
         config = replace(config, buffer_pages=options.buffer_pages)
@@ -392,9 +409,10 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             netns_fallback=netns_problem is not None,
             seed_listeners=probe.seed_listeners,
             scanner=scanner,
+            lives=probe.lives,
         )
         # first: its on_finish completes the final accounting the outputs print
-        stages.insert(0, LossReport(probe, err))
+        stages.insert(0, LossReport(probe, err, "connections" if options.lifetime else "events"))
         tracer = Tracer(
             probe,
             stages,
@@ -447,14 +465,22 @@ def _open_scanner(probe: object, options: Options, err: TextIO) -> Scanner | Non
     return None
 
 
-def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
-    """--lifetime --count N: stop after N finished connections."""
+def _lifetimes(stages: list[Stage]) -> Lifetimes | None:
+    """The --lifetime output's connection tracker, if there is one."""
     from tcptrace.sockets.lifetimes import Lifetimes
 
     for stage in stages:
         lifetimes = getattr(stage, "lifetimes", None)
         if isinstance(lifetimes, Lifetimes):
-            lifetimes.stop_after(count, stop)
+            return lifetimes
+    return None
+
+
+def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
+    """--lifetime --count N: stop after N finished connections."""
+    lifetimes = _lifetimes(stages)
+    if lifetimes is not None:
+        lifetimes.stop_after(count, stop)
 
 
 def _raise_priority(nice: int) -> None:

@@ -4,6 +4,10 @@ The C struct tcptrace_event is the one definition of the layout; EVENT_FIELDS
 spells it out field by field in the same order and tests/kernel/test_layout.py checks
 the two agree. Decoding is done in bulk with struct.iter_unpack, outside the
 perf buffer callback, so the hot path is a memcpy per event.
+
+With --lifetime the kernel sends one struct tcptrace_life per connection instead
+(LIFE_FIELDS): its closing transition as an Event, then the connection's states and
+its time in each (Life).
 """
 
 from __future__ import annotations
@@ -37,15 +41,21 @@ EVENT_FIELDS: tuple[tuple[str, str, int], ...] = (
 )
 
 _STRUCT_CODES = {"__u64": "Q", "__u32": "I", "__u16": "H", "__u8": "B", "char": "s"}
+_BYTES = frozenset({"__u8", "char"})
 
 
 def _struct_format(fields: Iterable[tuple[str, str, int]]) -> str:
     parts = []
     for _name, ctype, length in fields:
+        if ctype == "struct tcptrace_event":
+            parts.append(_struct_format(EVENT_FIELDS)[1:])
+            continue
         code = _STRUCT_CODES[ctype]
-        if length > 1:
+        if length > 1 and ctype in _BYTES:
             # byte arrays decode as bytes objects, not as many integers
             parts.append(f"{length}s")
+        elif length > 1:
+            parts.append(f"{length}{code}")
         else:
             parts.append(code)
     return "=" + "".join(parts)
@@ -53,6 +63,26 @@ def _struct_format(fields: Iterable[tuple[str, str, int]]) -> str:
 
 EVENT_STRUCT = struct.Struct(_struct_format(EVENT_FIELDS))
 EVENT_SIZE = EVENT_STRUCT.size
+
+# States recorded per connection in a life record (TCPTRACE_LIFE_VISITS).
+LIFE_VISITS = 8
+# (field name, C type, array length) in the order of struct tcptrace_life.
+LIFE_FIELDS: tuple[tuple[str, str, int], ...] = (
+    ("ev", "struct tcptrace_event", 1),
+    ("birth_ns", "__u64", 1),
+    ("visit_ns", "__u64", LIFE_VISITS),
+    ("visit_state", "__u8", LIFE_VISITS),
+    ("visits", "__u32", 1),
+    ("reserved", "__u32", 1),
+)
+LIFE_STRUCT = struct.Struct(_struct_format(LIFE_FIELDS))
+LIFE_SIZE = LIFE_STRUCT.size
+# Where a life record's parts are in its unpacked tuple: the event's fields first.
+_NEVENT = len(EVENT_FIELDS)
+_BIRTH = _NEVENT
+_TIMES = slice(_NEVENT + 1, _NEVENT + 1 + LIFE_VISITS)
+_STATES = _NEVENT + 1 + LIFE_VISITS
+_VISITS = _STATES + 1
 
 # Constants shared with bpf/tcptrace.h (checked by tests/kernel/test_layout.py).
 COMM_LEN = 16
@@ -137,9 +167,48 @@ make_event = functools.partial(tuple.__new__, Event)
 event_time = operator.itemgetter(0)
 
 
+class Life(NamedTuple):
+    """A connection as the kernel summed it up (--lifetime), besides its closing Event."""
+
+    event: Event  # the closing transition, as the kernel sent it
+    birth_ns: int  # when it began; 0: seen mid-life, the first visit is untimed
+    states: bytes  # the states it visited, in order (at most LIFE_VISITS)
+    times: tuple[int, ...]  # its time in each, ns (0 for an untimed first visit)
+    visits: int  # states visited: over LIFE_VISITS, the last recorded one sums the rest
+
+    @property
+    def born(self) -> bool:
+        return bool(self.birth_ns)
+
+    def visited(self) -> list[tuple[int, int | None]]:
+        """(state, ns) in visit order; ns None when untimed (seen mid-life in it)."""
+        n = min(self.visits, LIFE_VISITS)
+        out: list[tuple[int, int | None]] = list(zip(self.states[:n], self.times[:n]))
+        if out and not self.birth_ns:
+            out[0] = (out[0][0], None)
+        return out
+
+
 def decode(raw: bytes) -> Event:
     """Decode one raw perf sample (which the kernel pads past EVENT_SIZE)."""
     return make_event(EVENT_STRUCT.unpack_from(raw))
+
+
+# Life from a tuple of its fields, without Life.__new__'s Python-level frame (one a record).
+_make_life = functools.partial(tuple.__new__, Life)
+
+
+def life_of(fields: tuple) -> Life:
+    """A life record from its unpacked LIFE_STRUCT fields."""
+    return _make_life(
+        (make_event(fields[:_NEVENT]), fields[_BIRTH], fields[_STATES], fields[_TIMES],
+         fields[_VISITS])
+    )  # fmt: skip
+
+
+def decode_life(raw: bytes) -> Life:
+    """Decode one raw life record (--lifetime)."""
+    return life_of(LIFE_STRUCT.unpack_from(raw))
 
 
 def decode_many(raws: Iterable[bytes]) -> Iterator[Event]:

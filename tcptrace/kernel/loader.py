@@ -11,6 +11,7 @@ import ctypes
 import errno
 import mmap
 import os
+import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,12 +24,14 @@ from tcptrace.kernel.events import (
     C_SHED,
     C_SUBMITTED,
     COMM_LEN,
-    EVENT_SIZE,
     EVENT_STRUCT,
     HIST_SLOTS,
+    LIFE_STRUCT,
     NCOUNTERS,
     Event,
+    Life,
     event_time,
+    life_of,
     make_event,
 )
 from tcptrace.kernel.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
@@ -130,12 +133,20 @@ class ProbeConfig:
     scan: bool = False
     # --stuck thresholds: {state: ns}; the scan reports sockets past them
     stuck_ns: dict[int, int] = field(default_factory=dict)
+    # --lifetime: the kernel sums each connection's states and sends one life record
+    # (events.LIFE_STRUCT) at its end instead of its transitions
+    kernel_lifetimes: bool = False
+
+    @property
+    def record(self) -> struct.Struct:
+        """What the perf rings carry."""
+        return LIFE_STRUCT if self.kernel_lifetimes else EVENT_STRUCT
 
     def shed_lag(self) -> int:
         """Unread events per CPU at which the kernel starts shedding (0: never)."""
         if not self.shed_fraction:
             return 0
-        capacity = self.buffer_pages * mmap.PAGESIZE // perfbuf.record_size(EVENT_SIZE)
+        capacity = self.buffer_pages * mmap.PAGESIZE // perfbuf.record_size(self.record.size)
         return max(1, int(capacity * self.shed_fraction))
 
     def cflags(self) -> list[str]:
@@ -154,6 +165,7 @@ class ProbeConfig:
             f"-DFILTER_OWNER={self.filters.owner_checks}",
             f"-DKEEP_ENDS={int(self.keep_ends)}",
             f"-DSLOWER_THAN={int(bool(self.filters.slower_than))}",
+            f"-DKERNEL_LIFETIMES={int(self.kernel_lifetimes)}",
             *(self.netns_offsets or NO_OFFSETS).cflags(),
         ]
 
@@ -171,6 +183,9 @@ class Probe:
         self._scan_link: int | None = None  # the map iterator's link (open_scan)
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
+        # --lifetime: the last batch's life records by (skaddr, ts_ns) of their closing
+        # Event, which poll_events returns (sockets.lifetimes.Lifetimes reads them)
+        self.lives: dict[tuple[int, int], Life] | None = {} if config.kernel_lifetimes else None
         path = program_path()
         try:
             source = path.read_bytes()
@@ -376,7 +391,7 @@ class Probe:
         pages = config.buffer_pages
         while True:
             try:
-                return perfbuf.PerfReader(EVENT_STRUCT, pages)
+                return perfbuf.PerfReader(config.record, pages)
             except OSError as exc:
                 if config.shrink_buffer and exc.errno in (errno.EPERM, errno.ENOMEM) and pages > 1:
                     pages //= 2
@@ -434,14 +449,30 @@ class Probe:
         assert self.reader is not None
         unpack = self.reader.record.iter_unpack
         events: list[Event] = []
-        for run in self._read_runs():
-            events.extend(map(make_event, unpack(run)))
+        if self.lives is not None:
+            self._read_lives(events)
+        else:
+            for run in self._read_runs():
+                events.extend(map(make_event, unpack(run)))
         self.received += len(events)
         self._publish_progress()
         # each CPU's ring is in order; interleave the CPUs by time
         if len(self.reader.rings) > 1:
             events.sort(key=event_time)
         return events
+
+    def _read_lives(self, events: list[Event]) -> None:
+        """--lifetime: each life record's closing Event into events, the record into
+        self.lives (which holds this batch's only)."""
+        assert self.reader is not None and self.lives is not None
+        lives = self.lives
+        lives.clear()
+        unpack = self.reader.record.iter_unpack
+        for run in self._read_runs():
+            for fields in unpack(run):
+                life = life_of(fields)
+                events.append(life.event)
+                lives[(fields[2], fields[0])] = life  # (skaddr, ts_ns)
 
     def set_rate_limit(self, events_per_s: float | None) -> None:
         """Let the kernel submit at most this many events a second (None: no limit).

@@ -33,8 +33,10 @@ class LossReport(Stage):
     accounting (unread events, map evictions) before the outputs print it.
     """
 
-    def __init__(self, source: LossSource, err: TextIO) -> None:
+    def __init__(self, source: LossSource, err: TextIO, unit: str = "events") -> None:
         self.lost_so_far = source.lost_so_far
+        # what the kernel sends: "events", or "connections" (--lifetime: one record each)
+        self.unit = unit
         self.finish_accounting = source.finish_accounting
         self.err = err
         self.reported = 0
@@ -47,13 +49,13 @@ class LossReport(Stage):
         lost = self.lost_so_far()
         if lost > self.reported:
             self.reported = lost
-            self._say(f"{lost} events lost so far: {ADVICE}")
+            self._say(f"{lost} {self.unit} lost so far: {ADVICE}")
         return None
 
     def on_finish(self, summary: Summary) -> None:
         self.finish_accounting(summary)
         if summary.lost_total:
-            self._say(f"{summary.lost_total} events lost in all: {ADVICE}")
+            self._say(f"{summary.lost_total} {self.unit} lost in all: {ADVICE}")
         if summary.missed:
             closes = (
                 f" ({summary.stale} of them a traced socket's close, found when a new "

@@ -461,8 +461,9 @@ class TextFormatter:
         write_all(self.out, "\n".join([self.header(), *lines, ""]))
 
 
-def format_summary(summary: Summary, printed: int | None = None) -> str:
-    """The exit summary: per state, sockets that left it and the time spent in it."""
+def format_summary(summary: Summary, printed: int | None = None, lifetimes: bool = False) -> str:
+    """The exit summary: per state, sockets that left it and the time spent in it.
+    lifetimes: printed counts connections (--lifetime), and so do the losses."""
     cols = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
     lines = [
         f"{'STATE':<12}{'LEFT':>9}{'MEAN':>9}{cols}{'MAX':>9}{'UNTIMED':>9}",
@@ -480,7 +481,7 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
         lines.append(f"{state.name:<12}{left:>9}{timed}{stats.unknown:>9}")
     if len(lines) == 1:
         lines.append("(no transitions)")
-    lines.append(format_accounting(summary, printed))
+    lines.append(format_accounting(summary, printed, lifetimes))
     lines.extend(summary.notes)
     return "\n".join(lines) + "\n"
 
@@ -489,15 +490,18 @@ def format_summary(summary: Summary, printed: int | None = None) -> str:
 STUCK_LABEL = "STUCK"
 
 
-def format_accounting(summary: Summary, printed: int | None) -> str:
+def format_accounting(summary: Summary, printed: int | None, lifetimes: bool = False) -> str:
     seen = summary.counters[C_SEEN]
     text = f"{seen} transitions traced"
+    # --lifetime: the kernel sends one record per connection, and a lost one is a
+    # connection not shown
+    unit = " connections" if lifetimes else ""
     if printed is not None:
-        text += f", {printed} shown"
+        text += f", {printed}{unit} shown"
         if summary.slower_than:
             # the rest were not lost: the kernel judged them too fast to show
             text += f" (slower than {summary.slower_than}), {summary.faster} faster"
-    text += f", {summary.lost_total} lost"
+    text += f", {summary.lost_total}{unit} lost"
     if summary.held:
         text += f", {summary.held} held: still in FIN_WAIT2 at exit"
     if summary.evicted:
@@ -539,6 +543,9 @@ class LifetimeFormatter:
         self.width = _ENDPOINT_WIDTH
         self.headed: tuple[int, bool] | None = None  # (width, wide) of the last header
         self.printed = 0
+        # the parts that repeat, formatted once: "address:port", and the owner columns
+        self._ends: dict[tuple[str, int], str] = {}
+        self._owners: dict[tuple[int, str], str] = {}
 
     def header(self) -> str:
         w = self.width
@@ -549,18 +556,44 @@ class LifetimeFormatter:
             f"{'LIFETIME':>10}  STATES"
         )
 
+    def _end(self, addr: str, port: int) -> str:
+        if len(self._ends) > _CACHE_MAX:
+            self._ends.clear()
+        text = self._ends[(addr, port)] = endpoint_text(addr, port, self.numeric)
+        return text
+
+    def _owner(self, pid: int, comm: str) -> str:
+        if len(self._owners) > _CACHE_MAX:
+            self._owners.clear()
+        pid_col, comm_col = _owner_columns(pid, comm)
+        text = self._owners[(pid, comm)] = f"{pid_col:>7} {comm_col:<15.15}"
+        return text
+
     def line(self, life) -> str:  # life: lifetimes.Lifetime
-        local = endpoint_text(life.local_addr, life.local_port, self.numeric)
-        remote = endpoint_text(life.remote_addr, life.remote_port, self.numeric)
-        self.width = wider(wider(self.width, local), remote)
+        ends = self._ends
+        local = ends.get((life.local_addr, life.local_port)) or self._end(
+            life.local_addr, life.local_port
+        )
+        remote = ends.get((life.remote_addr, life.remote_port)) or self._end(
+            life.remote_addr, life.remote_port
+        )
         w = self.width
-        pid, comm = _owner_columns(life.pid, life.comm)
+        if len(local) > w or len(remote) > w:
+            self.width = w = wider(wider(w, local), remote)
+        owner = self._owners.get((life.pid, life.comm)) or self._owner(life.pid, life.comm)
         stamp = self.clock.format(life.end_ns)
         stamp = f"{stamp} " if stamp else ""
         total = format_duration(life.duration_ns)
         if not life.complete:
             total = ">=" + total
-        states = "  ".join(f"{s.state} {_state_time(s)}" for s in life.states)
+        states = "  ".join(
+            [
+                f"{s.state} {format_duration(s.duration_ns)}"
+                if s.duration_ns is not None and not s.lower_bound
+                else f"{s.state} {_state_time(s)}"
+                for s in life.states
+            ]
+        )
         where = ""
         if self.places is not None and not self.wide and life.netns:
             if self.home_netns and life.netns != self.home_netns:
@@ -573,9 +606,7 @@ class LifetimeFormatter:
                 f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
                 f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
             )
-        return (
-            f"{stamp}{pid:>7} {comm:<15.15}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
-        )
+        return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")

@@ -1,17 +1,31 @@
 """Connection lifetimes, like tcplife: one record per finished connection.
 
-Built from the same event stream as the per-transition lines (after
-enrichment and TIME_WAIT following), so a connection that ends in TIME_WAIT is
-finished when its timewait socket goes. Records are plain dataclasses:
+The kernel sums each connection's time in each state and sends one life record when
+its socket closes (kernel.events.Life): the probe hands on its closing transition as
+an Event, which enrichment (owner) and TIME_WAIT following (FIN_WAIT2 -> TIME_WAIT,
+later TIME_WAIT -> CLOSE) treat like any other, and keeps the record for this stage
+(use_kernel), found by the Event's (skaddr, ts_ns). A connection that ends in
+TIME_WAIT is finished when its timewait socket goes.
+
+Without the kernel's records (use_kernel not called) a connection is built from its
+transitions as they come, as before. Records are plain dataclasses:
 `dataclasses.asdict` turns one into JSON- or CSV-ready values.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from tcptrace.kernel.events import Event
+from tcptrace.kernel.events import (
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    LIFE_VISITS,
+    Event,
+    Life,
+    decode_comm,
+    format_addr,
+)
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState, is_birth, state_name
 
@@ -20,16 +34,21 @@ LISTEN = int(TcpState.LISTEN)
 TIME_WAIT = int(TcpState.TIME_WAIT)
 # Connections being tracked at once; the oldest are dropped beyond this.
 MAX_OPEN = 65536
+# Positions in an Event tuple, for the per-record path (C-level indexing).
+_SKADDR = Event._fields.index("skaddr")
+_NEW = Event._fields.index("newstate")
+# State names by number, for the per-record path.
+_NAMES = tuple(state_name(n) for n in range(256))
 
 
-@dataclass
+@dataclass(slots=True)
 class StateTime:
     state: str
     duration_ns: int | None  # None: unknown (the socket predates tracing)
     lower_bound: bool = False  # at least this long (it was in the state when tracing began)
 
 
-@dataclass
+@dataclass(slots=True)
 class Lifetime:
     start_ns: int  # CLOCK_MONOTONIC, as event timestamps; a lower bound unless complete
     end_ns: int
@@ -50,8 +69,13 @@ class Lifetime:
 class Lifetimes(Stage):
     """Follows each connection through its transitions; hands finished ones to `emit`."""
 
-    def __init__(self, emit: Callable[[list[Lifetime]], None]) -> None:
+    def __init__(self, emit: Callable[[list[Lifetime]], None], states: Iterable[int] = ()) -> None:
         self.emit = emit
+        # --state: only connections that spent time in one of these states
+        self.states = frozenset(state_name(int(s)) for s in states)
+        # the kernel's life records of the batch being handled (loader.Probe.lives), by
+        # (skaddr, ts_ns) of their closing Event; None: built from transitions
+        self.kernel: dict[tuple[int, int], Life] | None = None
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
@@ -63,11 +87,30 @@ class Lifetimes(Stage):
         """Hand on `count` finished connections, then call `stop` and take no more."""
         self.remaining, self.stop = count, stop
 
+    def use_kernel(self, lives: dict[tuple[int, int], Life]) -> None:
+        """Take each connection from the kernel's life record (the probe refills `lives`
+        with each batch's records)."""
+        self.kernel = lives
+
     def on_events(self, events: list[Event]) -> None:
         if self.remaining is not None and self.remaining <= 0:
             return  # --count reached: the run is stopping
         done: list[Lifetime] = []
+        kernel = self.kernel
+        take = kernel.pop if kernel else None
         for ev in events:
+            if take is not None:
+                record = take((ev[_SKADDR], ev[0]), None)
+                if record is not None:
+                    # the kernel's whole connection: it ends now, or enters TIME_WAIT
+                    life = _from_record(ev, record)
+                    if ev[_NEW] == CLOSE:
+                        life.end_ns = end = ev[0]
+                        life.duration_ns = max(0, end - life.start_ns)
+                        done.append(life)
+                    else:
+                        self.waiting[_key(ev)] = life
+                    continue
             life = self._find(ev)
             if life is None:
                 continue
@@ -83,6 +126,10 @@ class Lifetimes(Stage):
                 life.end_ns = ev.ts_ns
                 life.duration_ns = max(0, ev.ts_ns - life.start_ns)
                 done.append(life)
+        if kernel:
+            self._held(kernel)
+        if done and self.states:
+            done = [life for life in done if any(s.state in self.states for s in life.states)]
         if done and self.remaining is not None:
             done = done[: self.remaining]
             self.remaining -= len(done)
@@ -90,6 +137,19 @@ class Lifetimes(Stage):
                 self.stop()
         if done:
             self.emit(done)
+
+    def _held(self, kernel: dict[tuple[int, int], Life]) -> None:
+        """Records whose closing Event a stage held back: TIME_WAIT following keeps a
+        socket's FIN_WAIT2 -> CLOSE while its timewait socket still waits in FIN_WAIT2
+        for the peer, and hands on FIN_WAIT2 -> TIME_WAIT (or -> CLOSE) later, with the
+        whole time in FIN_WAIT2. Until then the connection waits here, without it."""
+        for record in kernel.values():
+            ev = record.event
+            life = _from_record(ev, record)
+            life.states.pop()  # the closing visit: the later event gives its whole time
+            self.open[ev.skaddr] = life
+        _bound(self.open)
+        kernel.clear()
 
     def _find(self, ev: Event) -> Lifetime | None:
         if ev.oldstate == TIME_WAIT:
@@ -114,6 +174,52 @@ class Lifetimes(Stage):
             _bound(self.open)
         life.states.append(_state_time(ev))
         return life
+
+
+def _from_record(ev: Event, record: Life) -> Lifetime:
+    """A connection from the kernel's record; ev is its closing transition as enriched
+    (the owner found in user space, the time in a state older than tracing). Not yet
+    ended: end_ns and duration_ns are the caller's. The per-connection path: no
+    Event properties, no helpers."""
+    (ts, delta, _sk, cgroup_id, pid, flags, netns, _r, saddr, daddr, sport, dport, family,
+     _old, _new, comm) = ev  # fmt: skip
+    _event, birth, visited, times, visits = record
+    names = _NAMES
+    if visits < LIFE_VISITS:
+        visited = visited[:visits]
+    states = [StateTime(names[state], ns) for state, ns in zip(visited, times)]
+    if visits > LIFE_VISITS:
+        # (not in Linux's state machine) the last slot holds the time of the rest
+        states[-1].state += f"+{visits - LIFE_VISITS}"
+    if birth:
+        start = birth
+    else:
+        # first seen mid-life: untimed in the state it was first seen in, unless
+        # enrichment knew it from the snapshot (it was first seen as it closed)
+        first = states[0]
+        if len(states) == 1 and flags & F_DELTA_LOWER:
+            first.duration_ns, first.lower_bound = delta, True
+        else:
+            first.duration_ns = None
+        # it began at least as long ago as the times known
+        start = ts - sum(s.duration_ns or 0 for s in states)
+    owned = flags & F_OWNER_KNOWN
+    return Lifetime(
+        start,
+        0,
+        pid if owned else 0,
+        decode_comm(comm) if owned else "",
+        family,
+        format_addr(family, saddr),
+        sport,
+        format_addr(family, daddr),
+        dport,
+        0,
+        bool(birth),
+        states,
+        netns,
+        cgroup_id if owned else 0,
+    )
 
 
 def _new(ev: Event, start_ns: int, complete: bool) -> Lifetime:

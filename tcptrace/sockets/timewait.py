@@ -19,7 +19,9 @@ FAST_POLL_INTERVAL while one waits in FIN_WAIT2. When one disappears, a
 synthetic TIME_WAIT -> CLOSE (or FIN_WAIT2 -> CLOSE) carries the time spent.
 A new connection on the same 4-tuple ends a TIME_WAIT at once (the kernel lets
 a new SYN, or tcp_tw_reuse, replace it): its first event closes the followed
-socket, with an exact time.
+socket, with an exact time. With --lifetime the kernel sends a connection only as
+it ends: its life record's birth closes the followed socket, exactly, when it comes
+before the next poll has found the timewait socket gone.
 Times come from the socket's own timer when it fits (sock_diag reports when it
 expires, and TIME_WAIT lasts a fixed TCP_TIMEWAIT_LEN): exact to a jiffy or two
 (4 ms at HZ=250); otherwise the resolution is the poll interval. Synthetic events carry F_POLLED.
@@ -33,10 +35,11 @@ from __future__ import annotations
 import operator
 import time
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from tcptrace.filters import Filters
-from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event
+from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event, Life
 from tcptrace.kernel.stats import StateStats, Summary
 from tcptrace.sockets.sockdiag import (
     LOCAL,
@@ -85,6 +88,7 @@ _NEW = Event._fields.index("newstate")
 _new_state = operator.itemgetter(_NEW)
 _SPORT = Event._fields.index("sport")
 _DPORT = Event._fields.index("dport")
+_SKADDR = Event._fields.index("skaddr")
 _NONE: frozenset[int] = frozenset()
 
 
@@ -157,8 +161,12 @@ class TimeWait(Stage):
         tables: SocketTables,
         budget: Budget | None = None,
         poll_interval: float = POLL_INTERVAL,
+        lives: Mapping[tuple[int, int], Life] | None = None,
     ) -> None:
         self.filters = filters
+        # --lifetime: the kernel's life records of the batch (loader.Probe.lives), whose
+        # births are the openings that end a TIME_WAIT on their 4-tuple
+        self.lives = lives
         self.tables = tables
         self.budget = budget or Budget()
         self.poll_interval = poll_interval
@@ -182,6 +190,7 @@ class TimeWait(Stage):
         # one C-level pass tells whether the batch needs the per-event loop at all
         news = set(map(_new_state, events))
         opening = _OPENING if self.followed and not news.isdisjoint(_OPENING) else _NONE
+        lives = self.lives if self.followed and self.lives else None
         # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
         found = self._look_up(candidates) if candidates else None
@@ -189,13 +198,15 @@ class TimeWait(Stage):
             self.unfollowed += len(candidates)
         if not found:
             # no timewait socket behind these ends: the kernel's events stand
-            return self._reused(events) if opening else None
+            return self._reused(events, lives) if opening or lives else None
         out: list[Event] = []
         keep = out.append
         for ev in events:
             new = ev[_NEW]
             if new in opening and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
                 self._end_if_reused(out, ev)
+            elif lives is not None and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
+                self._end_if_reborn(out, ev, lives)
             if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
                 keep(ev)
                 continue
@@ -221,15 +232,28 @@ class TimeWait(Stage):
                     self.fixes.remove(FIN_WAIT2, ev.delta_ns)
         return out
 
-    def _reused(self, events: list[Event]) -> list[Event]:
+    def _reused(
+        self, events: list[Event], lives: Mapping[tuple[int, int], Life] | None = None
+    ) -> list[Event]:
         out: list[Event] = []
         keep = out.append
         pairs = self.port_pairs
         for ev in events:
-            if ev[_NEW] in _OPENING and (ev[_SPORT], ev[_DPORT]) in pairs:
-                self._end_if_reused(out, ev)
+            if (ev[_SPORT], ev[_DPORT]) in pairs:
+                if ev[_NEW] in _OPENING:
+                    self._end_if_reused(out, ev)
+                elif lives is not None:
+                    self._end_if_reborn(out, ev, lives)
             keep(ev)
         return out
+
+    def _end_if_reborn(
+        self, out: list[Event], ev: Event, lives: Mapping[tuple[int, int], Life]
+    ) -> None:
+        """A connection's end from its life record: its birth was an opening."""
+        record = lives.get((ev[_SKADDR], ev[0]))
+        if record is not None and record.birth_ns:
+            self._end_if_reused(out, ev._replace(ts_ns=record.birth_ns))
 
     def _end_if_reused(self, out: list[Event], ev: Event) -> None:
         """A new connection on a followed 4-tuple: the kernel ended that TIME_WAIT for it

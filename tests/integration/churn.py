@@ -69,11 +69,14 @@ def churn(port: int, seconds: float, rate: float) -> int:
     return done
 
 
-def run_in_netns(port: int, seconds: float, rate: float) -> subprocess.Popen:
-    """Start the churn in a fresh network namespace (unshare -n, loopback up)."""
+def run_in_netns(
+    port: int, seconds: float, rate: float, sysctls: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Start the churn in a fresh network namespace (unshare -n, loopback up, these
+    sysctls of the namespace set)."""
     from .netutil import script_in_fresh_netns  # imported here: this file also runs as a script
 
-    return script_in_fresh_netns(__file__, port, seconds, rate)
+    return script_in_fresh_netns(__file__, port, seconds, rate, sysctls=sysctls)
 
 
 if __name__ == "__main__":

@@ -48,16 +48,19 @@ def set_reset_on_close(sock: socket.socket) -> None:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
-def script_in_fresh_netns(script: str, *args: object) -> subprocess.Popen:
-    """Run a Python script in a fresh network namespace (unshare -n, loopback up);
-    its stdout is a pipe."""
+def script_in_fresh_netns(
+    script: str, *args: object, sysctls: dict[str, str] | None = None
+) -> subprocess.Popen:
+    """Run a Python script in a fresh network namespace (unshare -n, loopback up, these
+    sysctls of the namespace set); its stdout is a pipe."""
+    setup = "".join(f"sysctl -qw {key}={value} && " for key, value in (sysctls or {}).items())
     return subprocess.Popen(
         [
             "unshare",
             "--net",
             "sh",
             "-c",
-            'ip link set lo up && exec "$0" "$@"',
+            f'ip link set lo up && {setup}exec "$0" "$@"',
             sys.executable,
             script,
             *map(str, args),

@@ -5,10 +5,14 @@ from tcptrace.kernel.events import (
     EVENT_STRUCT,
     F_DELTA_KNOWN,
     F_OWNER_KNOWN,
+    LIFE_STRUCT,
+    LIFE_VISITS,
     decode,
+    decode_life,
     decode_many,
     format_addr,
 )
+from tcptrace.states import TcpState as S
 
 
 def raw_event(**kw) -> bytes:
@@ -33,6 +37,15 @@ def raw_event(**kw) -> bytes:
     values.update(kw)
     # the kernel pads perf samples past the struct: decoding must ignore the tail
     return EVENT_STRUCT.pack(*values.values()) + b"\0\0\0\0"
+
+
+def raw_life(birth_ns: int, visited: list[tuple[int, int]], visits: int | None = None, **ev):
+    """A life record: the closing event's fields, then the states and their times."""
+    event = EVENT_STRUCT.unpack(raw_event(**ev)[:EVENT_SIZE])
+    states = bytes(s for s, _ in visited).ljust(LIFE_VISITS, b"\0")
+    times = [t for _, t in visited] + [0] * (LIFE_VISITS - len(visited))
+    n = len(visited) if visits is None else visits
+    return LIFE_STRUCT.pack(*event, birth_ns, *times, states, n, 0) + b"\0\0\0\0"
 
 
 def test_decode_fields():
@@ -83,3 +96,34 @@ def test_default_buffer_pages_share_64_mib_within_bounds():
             assert pages * cpus * mmap.PAGESIZE <= 64 << 20
     assert default_buffer_pages(2) == MAX_BUFFER_PAGES
     assert default_buffer_pages(1024) == MIN_BUFFER_PAGES
+
+
+def test_decode_life_record():
+    raw = raw_life(
+        1000,
+        [(S.SYN_SENT, 10), (S.ESTABLISHED, 500), (S.CLOSE_WAIT, 30), (S.LAST_ACK, 7)],
+        ts_ns=1547,
+        delta_ns=7,
+        oldstate=S.LAST_ACK,
+        newstate=S.CLOSE,
+    )
+    life = decode_life(raw)
+    # the closing transition, as any event
+    assert (life.event.ts_ns, life.event.oldstate, life.event.newstate) == (1547, 9, 7)
+    assert life.event.pid == 42 and life.event.command == "curl" and life.event.sport == 40000
+    assert life.born and life.birth_ns == 1000
+    assert life.visited() == [(2, 10), (1, 500), (8, 30), (9, 7)]
+
+
+def test_life_record_of_a_socket_seen_mid_life():
+    life = decode_life(raw_life(0, [(S.ESTABLISHED, 0), (S.FIN_WAIT1, 40), (S.FIN_WAIT2, 9)]))
+    assert not life.born
+    # the state it was in when first seen: for an unknown time
+    assert life.visited() == [(1, None), (4, 40), (5, 9)]
+
+
+def test_life_record_past_its_slots():
+    visited = [(S.ESTABLISHED, i + 1) for i in range(LIFE_VISITS)]
+    life = decode_life(raw_life(5, visited, visits=LIFE_VISITS + 2))
+    # the states recorded; the last slot holds the time of the rest
+    assert life.visits == LIFE_VISITS + 2 and len(life.visited()) == LIFE_VISITS

@@ -9,6 +9,8 @@ from tcptrace.states import NSTATES, TcpState
 HEADER = Path(__file__).resolve().parents[2] / "bpf" / "tcptrace.h"
 PROGRAM = HEADER.parent / "tcptrace.bpf.c"
 C_SIZES = {"__u64": 8, "__u32": 4, "__u16": 2, "__u8": 1, "char": 1}
+# A struct inside another, as C names it: its size is the mirrored struct's.
+NESTED = {"struct tcptrace_event": events.EVENT_SIZE}
 
 
 def header_text() -> str:
@@ -22,18 +24,31 @@ def defines(text: str) -> dict[str, int]:
     }
 
 
-def c_fields() -> list[tuple[str, str, int]]:
+def c_fields(struct: str = "tcptrace_event") -> list[tuple[str, str, int]]:
     text = header_text()
-    body = re.search(r"struct tcptrace_event\s*{(.*?)};", text, re.S).group(1)
+    body = re.search(rf"struct {struct}\s*{{(.*?)}};", text, re.S).group(1)
     body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
     consts = defines(text)
     fields = []
     for ctype, name, length in re.findall(
-        r"(__u64|__u32|__u16|__u8|char)\s+(\w+)(?:\[(\w+)\])?;", body
+        r"(__u64|__u32|__u16|__u8|char|struct \w+)\s+(\w+)(?:\[(\w+)\])?;", body
     ):
         n = int(consts.get(length, length)) if length else 1
         fields.append((name, ctype, n))
     return fields
+
+
+def c_size(fields: list[tuple[str, str, int]]) -> int:
+    """The struct's size, checking that C needs no padding: C lays the fields out
+    naturally aligned, and the packed Python format ("=") must equal that byte for byte."""
+    offset = 0
+    for name, ctype, n in fields:
+        size = NESTED.get(ctype) or C_SIZES[ctype]
+        align = 8 if ctype in NESTED else size  # the nested struct leads with a __u64
+        assert offset % align == 0, f"padding before {name}"
+        offset += size * n
+    assert offset % 8 == 0, "padding at the end"
+    return offset
 
 
 def test_fields_match_header():
@@ -41,15 +56,18 @@ def test_fields_match_header():
 
 
 def test_size_matches_c_layout():
-    # C lays the fields out naturally aligned; the struct must need no padding
-    # so that the packed Python format ("=") equals the C layout byte for byte.
-    offset = 0
-    for _name, ctype, n in c_fields():
-        size = C_SIZES[ctype]
-        assert offset % size == 0, f"padding before {_name}"
-        offset += size * n
-    assert offset % 8 == 0
-    assert events.EVENT_SIZE == offset == 104
+    assert events.EVENT_SIZE == c_size(c_fields()) == 104
+
+
+def test_life_record_matches_header():
+    """--lifetime's record: the closing event first (its ts_ns is what the perf reader
+    orders records by), then the connection's states."""
+    fields = c_fields("tcptrace_life")
+    assert fields == list(events.LIFE_FIELDS)
+    assert fields[0] == ("ev", "struct tcptrace_event", 1)
+    assert events.EVENT_FIELDS[0][0] == "ts_ns"
+    assert events.LIFE_SIZE == c_size(fields) == 192
+    assert defines(header_text())["TCPTRACE_LIFE_VISITS"] == events.LIFE_VISITS
 
 
 def test_constants_match_header():

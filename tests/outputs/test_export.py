@@ -247,3 +247,37 @@ def test_stuck_records_pass_quiet_and_end_with_what_is_still_stuck():
     assert record["age_lower_bound"] is False and record["pid"] == 2588
     assert "old" not in record and "duration_ns" not in record
     assert records[2]["written"] is None
+
+
+def test_lifetime_record_is_the_connections_fields_in_order():
+    """The documented lifetime object: the Lifetime's fields as dataclasses.asdict gives
+    them (the owner's cgroup id as a path instead), then start and end as text."""
+    from dataclasses import asdict
+
+    from tcptrace.sockets.lifetimes import Lifetime, StateTime
+
+    life = Lifetime(
+        start_ns=5_000_000_000,
+        end_ns=6_500_000_000,
+        pid=2588,
+        comm="curl",
+        family=socket.AF_INET6,
+        local_addr="::1",
+        local_port=42374,
+        remote_addr="::1",
+        remote_port=30123,
+        duration_ns=1_500_000_000,
+        complete=False,
+        states=[StateTime("ESTABLISHED", 1_000, lower_bound=True), StateTime("FIN_WAIT1", None)],
+    )
+    stage, out, _ = output(FORMAT_JSON)
+    record = stage.lifetime(life)
+    expected = asdict(life)
+    del expected["cgroup_id"]
+    expected.update(netns=None, netns_name=None, cgroup=None, container=None)
+    expected.update(family="ipv6", start="2023-11-14T22:13:25.000000Z")
+    expected["end"] = "2023-11-14T22:13:26.500000Z"
+    assert list(record.items()) == list(expected.items())
+    stage._write_lifetimes([life, life])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert lines == [{"type": "lifetime", **expected}] * 2 and stage.written == 2

@@ -6,7 +6,14 @@ import dataclasses
 import socket
 
 from tcptrace.filters import Filters
-from tcptrace.kernel.events import F_DELTA_KNOWN, F_DELTA_LOWER, F_OWNER_KNOWN, Event
+from tcptrace.kernel.events import (
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    LIFE_VISITS,
+    Event,
+    Life,
+)
 from tcptrace.sockets.enrich import Owners
 from tcptrace.sockets.lifetimes import Lifetimes
 from tcptrace.sockets.procs import Owner
@@ -126,3 +133,126 @@ def test_snapshot_gives_owner_and_lower_bound():
     # kernel left unnamed has several listeners since, and only sock_diag can tell
     assert (out[1].pid, out[1].command) == (0, "")
     assert not out[1].delta_lower  # a birth: no time in LISTEN to speak of
+
+
+def kernel_life(close_ev, birth_ms, visited, visits=None):
+    """The kernel's life record of a connection ending with close_ev."""
+    return Life(
+        close_ev,
+        birth_ms * MS,
+        bytes(int(s) for s, _ in visited).ljust(LIFE_VISITS, b"\0"),
+        tuple(ms * MS for _, ms in visited) + (0,) * (LIFE_VISITS - len(visited)),
+        len(visited) if visits is None else visits,
+    )
+
+
+def kernel_tracker(*records):
+    done: list = []
+    lives: dict = {}
+    tracker = Lifetimes(done.extend)
+    tracker.use_kernel(lives)
+    for record in records:
+        lives[(record.event.skaddr, record.event.ts_ns)] = record
+    return done, tracker, lives
+
+
+def test_a_kernel_record_is_a_whole_connection():
+    close = ev(S.LAST_ACK, S.CLOSE, 1100, 2)
+    record = kernel_life(
+        close, 100, [(S.SYN_SENT, 1), (S.ESTABLISHED, 900), (S.CLOSE_WAIT, 97), (S.LAST_ACK, 2)]
+    )
+    done, tracker, lives = kernel_tracker(record)
+    tracker.on_events([close])
+    (life,) = done
+    assert (life.pid, life.comm, life.local_port, life.remote_port) == (7, "curl", 40000, 443)
+    assert life.complete and (life.start_ns, life.end_ns) == (100 * MS, 1100 * MS)
+    assert life.duration_ns == 1000 * MS
+    assert [(s.state, s.duration_ns // MS) for s in life.states] == [
+        ("SYN_SENT", 1),
+        ("ESTABLISHED", 900),
+        ("CLOSE_WAIT", 97),
+        ("LAST_ACK", 2),
+    ]
+    assert not lives and not tracker.open  # taken: nothing kept
+
+
+def test_a_kernel_record_ending_in_time_wait_waits_for_its_end():
+    close = ev(S.FIN_WAIT2, S.CLOSE, 1010, 8)
+    record = kernel_life(
+        close, 1, [(S.SYN_SENT, 1), (S.ESTABLISHED, 1000), (S.FIN_WAIT1, 1), (S.FIN_WAIT2, 8)]
+    )
+    done, tracker, _ = kernel_tracker(record)
+    # TIME_WAIT following relabelled the kernel's end
+    tracker.on_events([close._replace(newstate=int(S.TIME_WAIT))])
+    assert done == []
+    tracker.on_events([ev(S.TIME_WAIT, S.CLOSE, 61010, 60000, sk=99)])
+    (life,) = done
+    assert [s.state for s in life.states][-2:] == ["FIN_WAIT2", "TIME_WAIT"]
+    assert life.duration_ns == 61009 * MS
+
+
+def test_a_kernel_record_held_back_takes_its_whole_fin_wait2_later():
+    """TIME_WAIT following holds back the kernel's FIN_WAIT2 -> CLOSE of a socket whose
+    timewait socket still waits for the peer's FIN: the record waits, and the later
+    FIN_WAIT2 -> TIME_WAIT has the whole time in FIN_WAIT2."""
+    close = ev(S.FIN_WAIT2, S.CLOSE, 1010, 8)
+    record = kernel_life(
+        close, 1, [(S.SYN_SENT, 1), (S.ESTABLISHED, 1000), (S.FIN_WAIT1, 1), (S.FIN_WAIT2, 8)]
+    )
+    done, tracker, lives = kernel_tracker(record)
+    tracker.on_events([])  # the stage before held the event back
+    assert not lives and done == []
+    tracker.on_events([ev(S.FIN_WAIT2, S.TIME_WAIT, 3002, 2000, flags=F_OWNER_KNOWN | 0x20001)])
+    tracker.on_events([ev(S.TIME_WAIT, S.CLOSE, 63002, 60000)])
+    (life,) = done
+    assert [(s.state, s.duration_ns // MS) for s in life.states] == [
+        ("SYN_SENT", 1),
+        ("ESTABLISHED", 1000),
+        ("FIN_WAIT1", 1),
+        ("FIN_WAIT2", 2000),
+        ("TIME_WAIT", 60000),
+    ]
+
+
+def test_a_kernel_record_of_a_socket_older_than_tracing():
+    close = ev(S.FIN_WAIT2, S.CLOSE, 5000, 10)
+    record = kernel_life(close, 0, [(S.ESTABLISHED, 0), (S.FIN_WAIT1, 40), (S.FIN_WAIT2, 10)])
+    done, tracker, _ = kernel_tracker(record)
+    tracker.on_events([close])
+    (life,) = done
+    assert not life.complete
+    assert (life.states[0].state, life.states[0].duration_ns) == ("ESTABLISHED", None)
+    # it began at least as long ago as the times known
+    assert life.start_ns == 4950 * MS and life.duration_ns == 50 * MS
+
+
+def test_a_kernel_record_first_seen_closing_takes_enrichments_lower_bound():
+    close = ev(S.ESTABLISHED, S.CLOSE, 5000, 2000, flags=F_OWNER_KNOWN | F_DELTA_LOWER)
+    record = kernel_life(close._replace(flags=F_OWNER_KNOWN), 0, [(S.ESTABLISHED, 0)])
+    done, tracker, _ = kernel_tracker(record)
+    tracker.on_events([close])
+    (life,) = done
+    assert life.states[0].lower_bound and life.states[0].duration_ns == 2000 * MS
+    assert life.start_ns == 3000 * MS and not life.complete
+
+
+def test_kernel_records_with_state_filter_keep_connections_that_visited_them():
+    done: list = []
+    lives: dict = {}
+    tracker = Lifetimes(done.extend, states=[S.SYN_RECV])
+    tracker.use_kernel(lives)
+    client = ev(S.LAST_ACK, S.CLOSE, 100, 1, sk=1)
+    server = ev(S.LAST_ACK, S.CLOSE, 100, 1, sk=2, sport=443, dport=40000)
+    lives[(1, 100 * MS)] = kernel_life(client, 1, [(S.SYN_SENT, 1), (S.LAST_ACK, 1)])
+    lives[(2, 100 * MS)] = kernel_life(server, 1, [(S.SYN_RECV, 1), (S.LAST_ACK, 1)])
+    tracker.on_events([client, server])
+    assert [life.local_port for life in done] == [443]
+
+
+def test_a_kernel_record_past_its_slots_names_the_last_one_so():
+    close = ev(S.LAST_ACK, S.CLOSE, 100, 1)
+    visited = [(S.ESTABLISHED, 1)] * (LIFE_VISITS - 1) + [(S.LAST_ACK, 3)]
+    done, tracker, _ = kernel_tracker(kernel_life(close, 1, visited, visits=LIFE_VISITS + 2))
+    tracker.on_events([close])
+    (life,) = done
+    assert life.states[-1].state == "LAST_ACK+2" and len(life.states) == LIFE_VISITS

@@ -119,3 +119,37 @@ def test_an_opening_from_before_a_time_wait_began_does_not_end_it():
         (2, 1, 9_000, 10),
     ]
     assert key not in tw.followed
+
+
+def test_a_life_records_birth_ends_a_time_wait_on_its_4_tuple():
+    """--lifetime: the kernel sends a connection only at its end; its birth is when it
+    took the 4-tuple, and the followed TIME_WAIT ended then."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN, Event, Life
+    from tcptrace.sockets.timewait import CLOSE, TIME_WAIT, Followed, key_of
+
+    lives: dict = {}
+    table = RecordingTable()
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table), lives=lives)  # type: ignore[arg-type]
+    lo = b"\x7f\0\0\1" + bytes(12)
+    closed = Event(
+        5_000, 10, 0xA, 0, 7, F_DELTA_KNOWN, OWN, 0, lo, lo, 40000, 8080, 2, 5, 6, b"cli"
+    )
+    tw.followed[key_of(closed)] = Followed(
+        template=closed,
+        cookie=1,
+        state=TIME_WAIT,
+        since_ns=5_000,
+        since_flags=F_DELTA_KNOWN,
+        last_seen_ns=5_000,
+        due_ns=60_000_005_000,
+    )
+    tw.port_pairs.add((40000, 8080))
+    # the next connection on the 4-tuple, born at 8_000, ends (passive close) at 20_000
+    ended = closed._replace(skaddr=0xB, ts_ns=20_000, delta_ns=5, oldstate=9, newstate=CLOSE)
+    lives[(0xB, 20_000)] = Life(ended, 8_000, bytes([2, 1, 8, 9]), (1, 2, 3, 5), 4)
+    out = tw.on_events([ended])
+    assert [(e.oldstate, e.newstate, e.ts_ns, e.delta_ns) for e in out] == [
+        (TIME_WAIT, CLOSE, 8_000, 3_000),
+        (9, CLOSE, 20_000, 5),
+    ]
+    assert not tw.followed
