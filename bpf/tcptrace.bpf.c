@@ -517,10 +517,6 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (args->protocol != TT_IPPROTO_TCP)
 		return 0;
 	u16 family = args->family;
-#if FILTER_FAMILY
-	if (family != FILTER_FAMILY)
-		return 0;
-#endif
 	int old = args->oldstate, new = args->newstate;
 	if (old <= 0 || old >= TCPTRACE_NSTATES || new <= 0 || new >= TCPTRACE_NSTATES)
 		return 0;
@@ -545,6 +541,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 			return 0;
 		}
 	}
+#if FILTER_FAMILY
+	/* after the check: its socket is IPv4 whatever the filter */
+	if (family != FILTER_FAMILY)
+		return 0;
+#endif
 #if FILTER_NETNS
 	netns = sock_netns(sk);
 	if (!netns_filter.lookup(&netns))

@@ -316,3 +316,14 @@ def test_lifetimes_carry_their_namespace():
     # the server's ends close; the clients' wait in TIME_WAIT (60 s), not finished yet
     assert len(lives) == CONNECTIONS, out
     assert {(life["netns"], life["netns_name"]) for life in lives} == {(inode, name)}
+
+
+@pytest.mark.parametrize("family", ["-4", "-6"])
+def test_the_namespace_check_passes_whatever_the_family_filter(family: str) -> None:
+    """The start-up check listens on an IPv4 socket of tcptrace's own: a family filter
+    must not hide it from the program (tcptrace -6 used to fall back on owners'
+    namespaces, saying the kernel could not read them)."""
+    run = Running(family, "-p", str(free_port()), "-d", "0.5")
+    code, _, err = run.wait()
+    assert code == 0, err
+    assert "cannot read sockets' network namespaces" not in err, err
