@@ -28,7 +28,7 @@
  *                   only sockets whose owner the kernel knows and that match
  *   MAX_LISTENERS   capacity of the listeners map (listening addresses)
  *   KEEP_ENDS       1: the per-socket map keeps each socket's ends, for the
- *                   stuck reports of the scan below (--stuck)
+ *                   records of the scan below (--stuck, OLDEST)
  *   SLOWER_THAN     1: submit only transitions that left their state after at
  *                   least its slow_ns threshold (--slower-than); the rest are
  *                   counted (TCPTRACE_C_FAST), in the statistics as always
@@ -789,11 +789,17 @@ struct bpf_iter__bpf_map_elem {
 #define SCAN_SLOT(st) ({ u32 __slot = (st); asm volatile("" : "+r"(__slot)); __slot & (SCAN_SLOTS - 1); })
 struct scan {
 	u64 now;      /* CLOCK_MONOTONIC at the scan's start: ages are measured to it */
-	u64 list_all; /* 1: write every socket past its threshold, reported or not (exit) */
+	u64 list_all; /* SCAN_NEW, SCAN_STUCK or SCAN_EVERY: which sockets are written */
 	u64 oldest[SCAN_SLOTS]; /* earliest entry time of a socket in each state, 0: none */
 	u64 count[SCAN_SLOTS];  /* sockets in each state */
 	u64 stuck[SCAN_SLOTS];  /* of them, past the state's threshold */
 };
+/* What a scan writes: the sockets that crossed their threshold since the last scan;
+ * every socket past its threshold (the list at exit); every socket (its ends tell
+ * user space which sockets of its start-up snapshot the map already holds). */
+#define SCAN_NEW 0
+#define SCAN_STUCK 1
+#define SCAN_EVERY 2
 BPF_ARRAY(scan, struct scan, 1);
 /* --stuck thresholds per state, in ns (0: not watched). */
 BPF_ARRAY(stuck_ns, u64, TCPTRACE_NSTATES);
@@ -816,14 +822,16 @@ BPF_ITER(bpf_map_elem)
 	if (!sc->oldest[SCAN_SLOT(st)] || entered < sc->oldest[SCAN_SLOT(st)])
 		sc->oldest[SCAN_SLOT(st)] = entered;
 	u64 *limit = stuck_ns.lookup(&st);
-	if (!limit || !*limit || sc->now - entered < *limit)
-		return 0;
-	sc->stuck[SCAN_SLOT(st)]++;
-	/* reported for this stay in the state: the entry time it was reported at
-	 * (a transition racing this scan changes ts, so the mark cannot outlive it) */
-	if (!sc->list_all && info->reported == entered)
-		return 0;
-	info->reported = entered;
+	if (sc->list_all != SCAN_EVERY) {
+		if (!limit || !*limit || sc->now - entered < *limit)
+			return 0;
+		sc->stuck[SCAN_SLOT(st)]++;
+		/* reported for this stay in the state: the entry time it was reported at
+		 * (a transition racing this scan changes ts, so the mark cannot outlive it) */
+		if (sc->list_all != SCAN_STUCK && info->reported == entered)
+			return 0;
+		info->reported = entered;
+	}
 #if KEEP_ENDS
 	struct tcptrace_event ev = {};
 	ev.ts_ns = sc->now;

@@ -372,7 +372,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         filters=options.filters,
         emit_events=options.emit_events,
         max_sockets=options.max_sockets,
-        keep_ends=bool(options.stuck),
+        # the scan's records: stuck reports, and which snapshot sockets the map holds
+        keep_ends=options.scan,
         stuck_ns=options.stuck,
         kernel_lifetimes=options.lifetime,
     )

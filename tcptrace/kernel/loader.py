@@ -58,6 +58,11 @@ WRITE_SLACK_NS = 10_000_000
 
 # The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
 SCAN_FN = b"bpf_iter__bpf_map_elem"
+# Which sockets a scan writes (SCAN_* in bpf/tcptrace.bpf.c): those that crossed their
+# threshold since the last scan, every one past it, every one in the map.
+SCAN_NEW = 0
+SCAN_STUCK = 1
+SCAN_EVERY = 2
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
 SCAN_READ_BYTES = 1 << 16
 
@@ -259,17 +264,18 @@ class Probe:
         self._scan_link = link
         return None
 
-    def scan(self, now_ns: int, list_all: bool = False) -> ScanResult:
+    def scan(self, now_ns: int, list_all: int = SCAN_NEW) -> ScanResult:
         """Walk the per-socket map in the kernel: per state the oldest socket, how many
-        there are and how many are past their --stuck threshold; the stuck reports of
-        sockets that crossed it since the last scan (every socket past it: list_all)."""
+        there are and how many are past their --stuck threshold; records (F_STUCK
+        events) of the sockets that crossed it since the last scan (SCAN_NEW), of every
+        socket past it (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
         from bcc.libbcc import lib
 
         assert self._scan_link is not None, "open_scan() first"
         table = self.bpf[b"scan"]
         key = ctypes.c_int(0)
         leaf = table.Leaf()
-        leaf.now, leaf.list_all = now_ns, int(list_all)
+        leaf.now, leaf.list_all = now_ns, list_all
         table[key] = leaf
         fd = lib.bcc_iter_create(self._scan_link)
         if fd < 0:

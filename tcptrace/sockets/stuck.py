@@ -28,6 +28,7 @@ from tcptrace.kernel.events import (
     Event,
     make_event,
 )
+from tcptrace.kernel.loader import SCAN_EVERY, SCAN_NEW, SCAN_STUCK
 from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
 from tcptrace.sockets.sockdiag import SockEntry, SocketTables
 from tcptrace.stages import Stage
@@ -86,7 +87,7 @@ def scan_interval(stuck_ns: dict[int, int]) -> float:
 class ScanSource(Protocol):
     """What the kernel side offers (kernel/loader.Probe)."""
 
-    def scan(self, now_ns: int, list_all: bool = False): ...
+    def scan(self, now_ns: int, list_all: int = SCAN_NEW): ...
 
 
 @dataclass
@@ -120,12 +121,13 @@ class Scanner:
         self.last = None  # the latest ScanResult
         self.closed = False
 
-    def scan(self, list_all: bool = False):
+    def scan(self, which: int = SCAN_NEW):
+        """A walk of the map now; its records are which's (loader.SCAN_*)."""
         with self.lock:
             if self.closed:
                 return self.last
-            result = self.source.scan(time.monotonic_ns(), list_all=list_all)
-            if not list_all:
+            result = self.source.scan(time.monotonic_ns(), list_all=which)
+            if which == SCAN_NEW:
                 self.last = result
             return result
 
@@ -205,7 +207,7 @@ class StuckWatch(Stage):
     def on_finish(self, summary: object) -> None:
         if not self.stuck_ns:
             return
-        result = self.scanner.scan(list_all=True)
+        result = self.scanner.scan(SCAN_STUCK)
         still = list(result.records) if result is not None else []
         with self.lock:
             still += self._old_still(time.monotonic_ns())
@@ -270,11 +272,18 @@ class StuckWatch(Stage):
             snap = None
         rows = snap.rows if snap is not None else []
         since = snap.taken_ns if snap is not None else self.started_ns
-        self.old = [
+        old = [
             OldSocket(row, since)
             for row in rows
             if row.entry.state in STATE_VALUES and not row.entry.timewait
         ]
+        if old:
+            # the snapshot came after the program attached: a socket born or moved
+            # since is in the kernel's map already, and counts there only
+            every = self.scanner.scan(SCAN_EVERY)
+            mapped = {_key_of(ev) for ev in every.records} if every is not None else set()
+            old = [o for o in old if o.row.key not in mapped]
+        self.old = old
 
     def _old_crossed(self, now_ns: int) -> list[Event]:
         due = [
@@ -350,6 +359,11 @@ class StuckWatch(Stage):
 
 
 STATE_VALUES = frozenset(int(s) for s in STUCK_STATES)
+
+
+def _key_of(ev: Event) -> tuple[int, str, int, str, int]:
+    """A map record's socket as a snapshot row's key (snapshot.SnapshotRow.key)."""
+    return (ev.netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
 def _identity(entry: SockEntry) -> tuple[int, tuple[str, int, str, int], int]:

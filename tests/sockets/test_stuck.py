@@ -9,7 +9,7 @@ import pytest
 
 from tcptrace.filters import ALL_STATES
 from tcptrace.kernel.events import F_DELTA_LOWER, F_STUCK
-from tcptrace.kernel.loader import ScanResult
+from tcptrace.kernel.loader import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, ScanResult
 from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
 from tcptrace.sockets.sockdiag import SockEntry
 from tcptrace.sockets.stuck import (
@@ -56,18 +56,21 @@ class FakeKernel:
     def __init__(self) -> None:
         self.sockets: dict[int, tuple[int, int]] = {}  # skaddr -> (state, entered ns)
         self.reported: set[int] = set()
-        self.scans: list[bool] = []
+        self.scans: list[int] = []
         self.threshold = SECOND
+        self.every: list = []  # what a SCAN_EVERY walk finds
 
-    def scan(self, now_ns: int, list_all: bool = False) -> ScanResult:
+    def scan(self, now_ns: int, list_all: int = SCAN_NEW) -> ScanResult:
         self.scans.append(list_all)
+        if list_all == SCAN_EVERY:
+            return ScanResult(now_ns, {}, {}, {}, list(self.every))
         records, oldest, stuck = [], {}, {}
         for sk, (state, entered) in self.sockets.items():
             oldest[state] = min(oldest.get(state, entered), entered)
             if now_ns - entered < self.threshold:
                 continue
             stuck[state] = stuck.get(state, 0) + 1
-            if list_all or sk not in self.reported:
+            if list_all == SCAN_STUCK or sk not in self.reported:
                 self.reported.add(sk)
                 records.append(
                     make_event(
@@ -102,7 +105,7 @@ def test_reports_pass_on_at_the_scan_pace_and_the_exit_list_is_oldest_first(
     clock[0] += SECOND
     watch.on_finish(None)
     assert [ev.skaddr for ev in watch.still] == [1, 2]  # oldest first
-    assert kernel.scans[-1] is True
+    assert kernel.scans[-1] == SCAN_STUCK
 
 
 def old_row(state: S, port: int, inode: int) -> SnapshotRow:
@@ -165,3 +168,23 @@ def test_raw_address_is_the_kernels_16_bytes() -> None:
     assert raw_address(socket.AF_INET, "10.0.0.1") == bytes([10, 0, 0, 1]) + bytes(12)
     mapped = raw_address(socket.AF_INET6, "10.0.0.1")
     assert mapped == socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
+
+
+def test_a_snapshot_socket_the_map_already_holds_counts_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The snapshot is taken after the program attached: a socket born (or moved) in
+    between is in both, and must count in the map only."""
+    clock = [100 * SECOND]
+    monkeypatch.setattr("tcptrace.sockets.stuck.time.monotonic_ns", lambda: clock[0])
+    kept, mapped = old_row(S.CLOSE_WAIT, 80, 11), old_row(S.CLOSE_WAIT, 81, 12)
+    kernel = FakeKernel()
+    kernel.every = [make_event(CW, CW, sport=81, dport=40000, netns=7, flags=F_STUCK)]
+    table = FakeTable([kept.entry, mapped.entry])
+    watch = StuckWatch(Scanner(kernel), {CW: SECOND}, FakeTables(table))  # type: ignore[arg-type]
+    snap = Snapshot(clock[0], [kept, mapped])
+    watch.snapshot = lambda: snap
+    watch.on_start()
+    watch.on_tick(clock[0])
+    assert SCAN_EVERY in kernel.scans
+    assert [o.row.entry.local_port for o in watch.old] == [80]
