@@ -108,9 +108,11 @@ class TextOutput(Stage):
             out,
             Clock.now(options.timestamp),
             numeric=options.numeric,
-            places=None if options.quiet and not options.stuck else Places(),
+            places=None if options.quiet and not (options.stuck or still_stuck) else Places(),
             wide=options.wide,
-            stuck_only=bool(options.stuck) and (options.quiet or not options.transitions),
+            # only stuck reports and the list at exit (the live table's too): their header
+            stuck_only=(bool(options.stuck) or still_stuck is not None)
+            and (options.quiet or not options.transitions),
         )
 
     def on_start(self) -> None:
