@@ -156,7 +156,8 @@ class LifetimeOutput(Stage):
             places=Places(),
             wide=options.wide,
         )
-        self.lifetimes = Lifetimes(self._write, options.filters.states)
+        # whole connections come as kernel records: the formatter reads them directly
+        self.lifetimes = Lifetimes(self._write, options.filters.states, records=True)
 
     def _write(self, lives: list) -> None:
         self.formatter.write(lives)

@@ -516,6 +516,10 @@ def endpoint_text(addr: str, port: int, numeric: bool) -> str:
     return f"{addr}:{port_name(port, numeric)}"
 
 
+# State names by number, for record_line.
+_STATE_NAMES = tuple(state_name(n) for n in range(256))
+
+
 def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
     return (str(pid), printable(comm)) if pid else ("-", "-")
 
@@ -546,6 +550,10 @@ class LifetimeFormatter:
         # the parts that repeat, formatted once: "address:port", and the owner columns
         self._ends: dict[tuple[str, int], str] = {}
         self._owners: dict[tuple[int, str], str] = {}
+        # the same from the kernel's raw fields (record_line): (family, address, port)
+        # and (pid, comm bytes)
+        self._raw_ends: dict[tuple[int, bytes, int], str] = {}
+        self._raw_owners: dict[tuple[int, bytes], str] = {}
 
     def header(self) -> str:
         w = self.width
@@ -608,15 +616,70 @@ class LifetimeFormatter:
             )
         return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
 
+    def record_line(self, ev: Event, record) -> str:  # record: events.Life
+        """line() of a connection straight from the kernel's record, as the Lifetime
+        made of it would print, for less: what sockets/lifetimes.Lifetimes hands on as
+        (closing Event, record) when the connection is whole (born traced, closed, at
+        most LIFE_VISITS states). The per-connection path at churn."""
+        (end, _d, _sk, cgroup_id, pid, flags, netns, _r, saddr, daddr, sport, dport, family,
+         _old, _new, comm) = ev  # fmt: skip
+        _event, birth, visited, times, visits = record
+        raw_ends = self._raw_ends
+        local = raw_ends.get((family, saddr, sport)) or self._raw_end(family, saddr, sport)
+        remote = raw_ends.get((family, daddr, dport)) or self._raw_end(family, daddr, dport)
+        w = self.width
+        if len(local) > w or len(remote) > w:
+            self.width = w = wider(wider(w, local), remote)
+        if not flags & F_OWNER_KNOWN:
+            pid, comm = 0, b""
+        owner = self._raw_owners.get((pid, comm)) or self._raw_owner(pid, comm)
+        stamp = self.clock.format(end)
+        stamp = f"{stamp} " if stamp else ""
+        total = format_duration(max(0, end - birth))
+        names = _STATE_NAMES
+        states = "  ".join(
+            [f"{names[state]} {format_duration(ns)}" for state, ns in zip(visited[:visits], times)]
+        )
+        where = ""
+        if self.places is not None and not self.wide and netns:
+            if self.home_netns and netns != self.home_netns:
+                self.wide = True  # a second namespace: the columns from now on
+            self.home_netns = self.home_netns or netns
+        if self.wide:
+            assert self.places is not None
+            place = self.places.of(netns, cgroup_id if pid else 0, pid, bool(pid))
+            where = (
+                f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
+                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+            )
+        return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+
+    def _raw_end(self, family: int, raw: bytes, port: int) -> str:
+        if len(self._raw_ends) > _CACHE_MAX:
+            self._raw_ends.clear()
+        text = endpoint_text(format_addr(family, raw), port, self.numeric)
+        self._raw_ends[(family, raw, port)] = text
+        return text
+
+    def _raw_owner(self, pid: int, comm: bytes) -> str:
+        if len(self._raw_owners) > _CACHE_MAX:
+            self._raw_owners.clear()
+        text = self._raw_owners[(pid, comm)] = self._owner(pid, decode_comm(comm) if pid else "")
+        return text
+
+    def _any_line(self, item) -> str:
+        # a Lifetime, or (closing Event, kernel record) for record_line
+        return self.record_line(*item) if type(item) is tuple else self.line(item)
+
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
         self.headed = (self.width, self.wide)
 
     def write(self, lives) -> None:
         layout = (self.width, self.wide)
-        lines = [self.line(life) for life in lives]
+        lines = [self._any_line(life) for life in lives]
         if (self.width, self.wide) != layout:
-            lines = [self.line(life) for life in lives]  # all at the new columns
+            lines = [self._any_line(life) for life in lives]  # all at the new columns
         if lines:
             shown = len(lines)
             if self.headed not in (None, (self.width, self.wide)):

@@ -37,6 +37,9 @@ MAX_OPEN = 65536
 # Positions in an Event tuple, for the per-record path (C-level indexing).
 _SKADDR = Event._fields.index("skaddr")
 _NEW = Event._fields.index("newstate")
+# Positions in a Life tuple (events.Life), for the per-record path.
+_BIRTH = Life._fields.index("birth_ns")
+_VISITS = Life._fields.index("visits")
 # State names by number, for the per-record path.
 _NAMES = tuple(state_name(n) for n in range(256))
 
@@ -69,8 +72,17 @@ class Lifetime:
 class Lifetimes(Stage):
     """Follows each connection through its transitions; hands finished ones to `emit`."""
 
-    def __init__(self, emit: Callable[[list[Lifetime]], None], states: Iterable[int] = ()) -> None:
+    def __init__(
+        self,
+        emit: Callable[[list[Lifetime]], None],
+        states: Iterable[int] = (),
+        records: bool = False,
+    ) -> None:
         self.emit = emit
+        # hand a whole connection on as (closing Event, kernel record) when nothing in
+        # user space changes it: born traced, closed now, every state kept (the text
+        # output formats those itself, outputs.output.LifetimeFormatter.record_line)
+        self.records = records
         # --state: only connections that spent time in one of these states
         self.states = frozenset(state_name(int(s)) for s in states)
         # the kernel's life records of the batch being handled (loader.Probe.lives), by
@@ -97,11 +109,21 @@ class Lifetimes(Stage):
             return  # --count reached: the run is stopping
         done: list[Lifetime] = []
         kernel = self.kernel
+        # (--state looks into the states: it needs the Lifetime)
+        whole = self.records and not self.states
         take = kernel.pop if kernel else None
         for ev in events:
             if take is not None:
                 record = take((ev[_SKADDR], ev[0]), None)
                 if record is not None:
+                    if (
+                        whole
+                        and ev[_NEW] == CLOSE
+                        and record[_BIRTH]
+                        and record[_VISITS] <= LIFE_VISITS
+                    ):
+                        done.append((ev, record))  # type: ignore[arg-type]
+                        continue
                     # the kernel's whole connection: it ends now, or enters TIME_WAIT
                     life = _from_record(ev, record)
                     if ev[_NEW] == CLOSE:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import socket
+
+import pytest
 
 from tcptrace.filters import Filters
 from tcptrace.kernel.events import (
@@ -256,3 +259,36 @@ def test_a_kernel_record_past_its_slots_names_the_last_one_so():
     tracker.on_events([close])
     (life,) = done
     assert life.states[-1].state == "LAST_ACK+2" and len(life.states) == LIFE_VISITS
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6])
+@pytest.mark.parametrize("owned", [True, False])
+@pytest.mark.parametrize("numeric", [True, False])
+@pytest.mark.parametrize("wide", [True, False])
+def test_a_whole_kernel_record_prints_as_its_lifetime_would(family, owned, numeric, wide):
+    """The text output's per-record path (record_line) prints what the Lifetime made
+    of the same record prints (line)."""
+
+    from tcptrace.kernel.events import F_DELTA_KNOWN, F_OWNER_KNOWN, LIFE_STRUCT, life_of
+    from tcptrace.outputs.output import TS_WALL, Clock, LifetimeFormatter
+    from tcptrace.sockets.lifetimes import _from_record
+
+    addr = "::1" if family == socket.AF_INET6 else "127.0.0.1"
+    raw = socket.inet_pton(family, addr).ljust(16, b"\0")
+    flags = F_DELTA_KNOWN | (F_OWNER_KNOWN if owned else 0)
+    times = (40_123, 4_400_567, 150_001, 8_049, 0, 0, 0, 0)
+    end = 10**12
+    event = (end, 8_049, 0xFFFF1234, 77, 4242, flags, 4026531833, 0, raw, raw, 44321, 443,
+             family, 5, 7, b"curl".ljust(16, b"\0"))  # fmt: skip
+    fields = (*event, end - sum(times) - 1_000, *times, bytes([2, 1, 4, 5, 0, 0, 0, 0]), 4, 0)
+    record = life_of(LIFE_STRUCT.unpack(LIFE_STRUCT.pack(*fields)))
+    ev = record.event
+    clock = Clock(TS_WALL, start_mono_ns=end - 5 * 10**9, offset_ns=1_700_000_000 * 10**9)
+    from tcptrace.sockets.places import Places
+
+    fast = LifetimeFormatter(io.StringIO(), clock, numeric=numeric, places=Places(), wide=wide)
+    slow = LifetimeFormatter(io.StringIO(), clock, numeric=numeric, places=Places(), wide=wide)
+    life = _from_record(ev, record)
+    life.end_ns = end
+    life.duration_ns = end - life.start_ns
+    assert fast.record_line(ev, record) == slow.line(life)
