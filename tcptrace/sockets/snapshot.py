@@ -72,21 +72,22 @@ def single_owner(owners: Iterable[Owner | None]) -> Owner | None:
 
 def take(
     tables: SocketTables,
-    procs: ProcessIndex,
+    procs: ProcessIndex | None,
     filters: Filters | None = None,
     states: Iterable[int] = ALL_STATES,
 ) -> Snapshot:
     """Dump the matching sockets of every namespace (or of --netns) and find the
-    process holding each one."""
+    process holding each one (procs None: no owners, no walk of /proc)."""
     taken_ns = time.monotonic_ns()
     found: list[tuple[int, SockEntry]] = []
     for netns in tables.namespaces(filters.netns if filters else ()):
         table = tables.get(netns)
         if table is not None:
             found += [(netns, e) for e in table.dump(states, filters)]
-    if any(e.inode for _, e in found):  # else the /proc walk (ms per thousand fds) finds nothing
-        procs.refresh()
-    rows = [SnapshotRow(e, procs.by_inode.get(e.inode) if e.inode else None, n) for n, e in found]
+    if procs is not None and any(e.inode for _, e in found):
+        procs.refresh()  # (else the /proc walk, ms per thousand fds, finds nothing)
+    owners = procs.by_inode if procs is not None else {}
+    rows = [SnapshotRow(e, owners.get(e.inode) if e.inode else None, n) for n, e in found]
     order = {int(state): i for i, state in enumerate(LIFECYCLE_ORDER)}
     own = tables.own
     rows.sort(

@@ -265,9 +265,10 @@ class StuckWatch(Stage):
                 return  # not taken yet
         elif self.tables is not None:
             from tcptrace.sockets import snapshot
-            from tcptrace.sockets.procs import ProcessIndex
 
-            snap = snapshot.take(self.tables, ProcessIndex(), self.filters)
+            # for OLDEST and NOW only (--stuck has the owners' snapshot): no owners,
+            # and no walk of /proc for them
+            snap = snapshot.take(self.tables, None, self.filters)
         else:
             snap = None
         rows = snap.rows if snap is not None else []
