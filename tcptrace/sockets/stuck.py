@@ -184,6 +184,12 @@ class StuckWatch(Stage):
     def on_start(self) -> None:
         self.started_ns = time.monotonic_ns()
         self.next_scan_ns = self.started_ns + self.interval_ns
+        if self.snapshot is None:
+            # its own snapshot, now, before tracing is said to have begun (the owners'
+            # one, when there is one, is taken by that stage's on_start, after this)
+            with self.lock:
+                self._take_old()
+            self.old_checked_ns = time.monotonic_ns()
 
     def on_tick(self, now_ns: int) -> list[Event] | None:
         if self.old is None:
