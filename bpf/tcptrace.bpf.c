@@ -2,9 +2,10 @@
 /*
  * tcptrace kernel side, compiled by bcc.
  *
- * Reads only the fields of the tracepoint sock:inet_sock_set_state, never
- * struct sock: the kernel headers on the build machine need not match the
- * running kernel. Filters run here so that other traffic costs nothing;
+ * Reads the fields of the tracepoint sock:inet_sock_set_state, never struct
+ * sock at an offset from the headers: the kernel headers on the build machine
+ * need not match the running kernel (the few struct reads use offsets from the
+ * running kernel's BTF). Filters run here so that other traffic costs nothing;
  * statistics are kept here so that they stay exact when the perf buffer
  * overflows.
  *
@@ -23,6 +24,16 @@
  *                   NET_INUM_OFFSET; from the running kernel's BTF
  *                   (tcptrace/btf.py), -1 when unknown (then netns stays 0)
  *   SELF_PID        tcptrace's own pid: its check socket is never traced
+ *   NESTED          1: a raw-tracepoint program handles the transitions the
+ *                   kernel did not run the tracepoint program for (it does not
+ *                   while a BPF program runs on the CPU, for example this one
+ *                   interrupted by a softirq); it reads struct sock at the
+ *                   offsets below, from the running kernel's BTF and checked
+ *                   by user space on a connection of its own
+ *   SK_FAMILY_OFFSET, SK_PROTOCOL_OFFSET, SK_DPORT_OFFSET, SK_DADDR_OFFSET,
+ *   SK_V6_SADDR_OFFSET, SK_V6_DADDR_OFFSET, INET_SPORT_OFFSET, INET_SADDR_OFFSET
+ *                   where the tracepoint's fields come from in struct sock and
+ *                   struct inet_sock (with NESTED)
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -124,6 +135,14 @@ struct cgroup_filter {
 	u32 used;
 };
 
+/* The program that runs: the tracepoint program, or the raw-tracepoint one that runs
+ * in its place, nested in it on the same CPU (NESTED). Per-CPU state both write is
+ * kept apart by level, or changed by atomic adds: the nested one may run between the
+ * other's read and write. */
+#define LEVEL_TRACEPOINT 0
+#define LEVEL_NESTED 1
+#define LEVELS 2
+
 BPF_TABLE("lru_hash", u64, struct sk_info, sockets, MAX_SOCKETS);
 /* Owner of each listening address, inherited by the sockets it accepts. A plain
  * hash, not an LRU: an evicted entry would let a later listener on the same
@@ -136,7 +155,7 @@ BPF_ARRAY(ports, u8, 65536);
 BPF_PERCPU_ARRAY(counters, u64, TCPTRACE_NCOUNTERS);
 BPF_PERCPU_ARRAY(hist, u64, TCPTRACE_NSTATES * TCPTRACE_HIST_SLOTS);
 BPF_PERCPU_ARRAY(dsum, u64, TCPTRACE_NSTATES);
-BPF_PERCPU_ARRAY(dmax, u64, TCPTRACE_NSTATES);
+BPF_PERCPU_ARRAY(dmax, u64, TCPTRACE_NSTATES * LEVELS);
 BPF_PERCPU_ARRAY(trans, u64, TCPTRACE_NSTATES * TCPTRACE_NSTATES);
 BPF_PERF_OUTPUT(events);
 /* Events user space has read from each CPU's perf ring, published after each
@@ -155,6 +174,44 @@ BPF_ARRAY(cgroup_filters, struct cgroup_filter, MAX_CGROUP_FILTERS);
 #define CHECK_ARMED 0
 #define CHECK_NETNS 1
 BPF_ARRAY(self_check, u32, 2);
+/* The start-up check of the nested program's struct offsets: while armed, both
+ * programs note what they read of the check connection's sockets (in 127.84.84.0/24,
+ * which nothing else uses: never traced) entering ESTABLISHED, by level and family
+ * (AF_INET: the client; AF_INET6: the server's v4-mapped child). */
+#define CHECK_NET 0x7f5454 /* 127.84.84 */
+struct check_ends {
+	u8 saddr[16];
+	u8 daddr[16];
+	u16 sport;
+	u16 dport;
+	u16 family;
+	u16 protocol;
+};
+BPF_ARRAY(check_ends, struct check_ends, LEVELS * 2);
+#if NESTED
+/* The hits the tracepoint program took on this CPU that the nested program has not
+ * seen yet: pushed as the tracepoint program starts, popped by the nested program,
+ * which the kernel runs after it for each hit. A hit on top was taken; any other was
+ * skipped, and is the nested program's. A stack: a softirq may come between the two
+ * programs of a hit, and its own hits are pushed and popped in between. */
+#define TAKEN_SLOTS 4 /* a power of two: the index is masked */
+struct hit {
+	u64 sk;
+	u32 old;
+	u32 new;
+};
+struct taken {
+	u32 depth; /* runs on; a pop the nested program missed leaves an entry behind */
+	u32 reserved;
+	struct hit hits[TAKEN_SLOTS];
+};
+BPF_PERCPU_ARRAY(taken, struct taken, 1);
+
+static __always_inline int same_hit(struct hit *h, u64 sk, int old, int new)
+{
+	return h->sk == sk && h->old == old && h->new == new;
+}
+#endif
 /* --slower-than thresholds per state, in ns (0: never slow), filled by user space
  * before attaching; read only with SLOWER_THAN. */
 BPF_ARRAY(slow_ns, u64, TCPTRACE_NSTATES);
@@ -162,14 +219,14 @@ BPF_ARRAY(slow_ns, u64, TCPTRACE_NSTATES);
 #define OWNER_IN_CGROUP 0x100
 #if KERNEL_LIFETIMES
 /* Where a life record is put together (too large for the stack beside the event). */
-BPF_PERCPU_ARRAY(life_scratch, struct tcptrace_life, 1);
+BPF_PERCPU_ARRAY(life_scratch, struct tcptrace_life, LEVELS);
 #endif
 
 static __always_inline void count(u32 idx)
 {
 	u64 *v = counters.lookup(&idx);
 	if (v)
-		(*v)++;
+		__sync_fetch_and_add(v, 1);
 }
 
 /* Per-CPU submission budget set by user space (--max-cpu): at most
@@ -342,23 +399,24 @@ static __always_inline int slow_enough(int old, struct tcptrace_event *ev)
 	return limit && *limit && ev->delta_ns >= *limit;
 }
 
-static __always_inline void record_stats(int old, int new, u64 delta, int known)
+static __always_inline void record_stats(int old, int new, u64 delta, int known, int level)
 {
 	u32 t = old * TCPTRACE_NSTATES + new;
 	u64 *v = trans.lookup(&t);
 	if (v)
-		(*v)++;
+		__sync_fetch_and_add(v, 1);
 	if (!known)
 		return;
 	u32 h = old * TCPTRACE_HIST_SLOTS + hist_slot(delta);
 	v = hist.lookup(&h);
 	if (v)
-		(*v)++;
+		__sync_fetch_and_add(v, 1);
 	u32 s = old;
 	v = dsum.lookup(&s);
 	if (v)
-		*v += delta;
-	v = dmax.lookup(&s);
+		__sync_fetch_and_add(v, delta);
+	u32 m = old + level * TCPTRACE_NSTATES;
+	v = dmax.lookup(&m);
 	if (v && delta > *v)
 		*v = delta;
 }
@@ -467,10 +525,9 @@ static __always_inline void life_visit(struct sk_info *info, u32 state, u64 ns)
 
 /* The record of a connection ending with this transition (info: its entry, if any). */
 static __always_inline struct tcptrace_life *life_end(struct sk_info *info,
-						      struct tcptrace_event *ev)
+						      struct tcptrace_event *ev, u32 level)
 {
-	u32 zero = 0;
-	struct tcptrace_life *life = life_scratch.lookup(&zero);
+	struct tcptrace_life *life = life_scratch.lookup(&level);
 	if (!life)
 		return 0;
 	__builtin_memcpy(&life->ev, ev, sizeof(life->ev));
@@ -512,20 +569,21 @@ static __always_inline int life_shown(struct tcptrace_life *life)
 }
 #endif
 
-TRACEPOINT_PROBE(sock, inet_sock_set_state)
+/*
+ * One transition of a TCP socket, as the tracepoint gives it (the nested program
+ * reads the same fields from the socket): saddr and daddr point to 4 bytes for
+ * AF_INET, to 16 for AF_INET6.
+ */
+static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u16 family,
+					 u16 sport, u16 dport, const void *saddr,
+					 const void *daddr, u32 level)
 {
-	if (args->protocol != TT_IPPROTO_TCP)
-		return 0;
-	u16 family = args->family;
-	int old = args->oldstate, new = args->newstate;
 	if (old <= 0 || old >= TCPTRACE_NSTATES || new <= 0 || new >= TCPTRACE_NSTATES)
 		return 0;
 	/* close() after shutdown() sets FIN_WAIT1 again: not a transition, and
 	 * the time in FIN_WAIT1 runs on from the first one */
 	if (old == new)
 		return 0;
-	u16 sport = args->sport, dport = args->dport;
-	u64 sk = (u64)args->skaddr;
 	u64 now = bpf_ktime_get_ns();
 	/* read once a socket matches the filters: other traffic costs a map lookup */
 	u32 netns = 0;
@@ -609,11 +667,11 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		ev.flags |= TCPTRACE_F_NETNS_KNOWN;
 #endif
 	if (family == TT_AF_INET) {
-		bpf_probe_read_kernel(ev.saddr, 4, args->saddr);
-		bpf_probe_read_kernel(ev.daddr, 4, args->daddr);
+		bpf_probe_read_kernel(ev.saddr, 4, saddr);
+		bpf_probe_read_kernel(ev.daddr, 4, daddr);
 	} else {
-		bpf_probe_read_kernel(ev.saddr, 16, args->saddr_v6);
-		bpf_probe_read_kernel(ev.daddr, 16, args->daddr_v6);
+		bpf_probe_read_kernel(ev.saddr, 16, saddr);
+		bpf_probe_read_kernel(ev.daddr, 16, daddr);
 	}
 
 	int owner = by_owner(old, new);
@@ -691,7 +749,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (new == TT_CLOSE) {
 #if KERNEL_LIFETIMES
 		if (old != TT_LISTEN)
-			life = life_end(info, &ev); /* before the entry goes */
+			life = life_end(info, &ev, level); /* before the entry goes */
 #endif
 		if (sockets.delete(&sk) == 0)
 			count(TCPTRACE_C_DELETED);
@@ -715,14 +773,14 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 
 	count(TCPTRACE_C_SEEN);
-	record_stats(old, new, ev.delta_ns, ev.flags & TCPTRACE_F_DELTA_KNOWN);
+	record_stats(old, new, ev.delta_ns, ev.flags & TCPTRACE_F_DELTA_KNOWN, level);
 
 #if EMIT_EVENTS && KERNEL_LIFETIMES
 	/* one record per connection, at its end; no transition events */
 	if (life && life_shown(life)) {
 		if (lagging() || over_budget(now))
 			count(TCPTRACE_C_SHED);
-		else if (events.perf_submit(args, life, sizeof(*life)) == 0)
+		else if (events.perf_submit(ctx, life, sizeof(*life)) == 0)
 			count(TCPTRACE_C_SUBMITTED);
 		else
 			count(TCPTRACE_C_DROPPED);
@@ -747,7 +805,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	if (show) {
 		if (lagging() || over_budget(now))
 			count(TCPTRACE_C_SHED);
-		else if (events.perf_submit(args, &ev, sizeof(ev)) == 0)
+		else if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
 			count(TCPTRACE_C_SUBMITTED);
 		else
 			count(TCPTRACE_C_DROPPED);
@@ -755,6 +813,126 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 #endif
 	return 0;
 }
+
+/*
+ * The start-up check of the nested program's offsets: is this a socket of the check
+ * connection (its own address in 127.84.84.0/24, IPv4 or v4-mapped)? Then note what
+ * was read of it as it enters ESTABLISHED, and say so: it is never traced.
+ */
+static __always_inline int check_connection(u16 family, u16 protocol, int new, u16 sport,
+					    u16 dport, const void *saddr, const void *daddr,
+					    u32 level, int note)
+{
+	struct check_ends seen = {.sport = sport, .dport = dport, .family = family,
+				  .protocol = protocol};
+	u32 len = family == TT_AF_INET ? 4 : 16;
+	bpf_probe_read_kernel(seen.saddr, len & 31, saddr);
+	bpf_probe_read_kernel(seen.daddr, len & 31, daddr);
+	u32 net = (seen.saddr[0] << 16) | (seen.saddr[1] << 8) | seen.saddr[2];
+	if (family != TT_AF_INET) /* IPv4 in a v4-mapped IPv6 address */
+		net = (seen.saddr[12] << 16) | (seen.saddr[13] << 8) | seen.saddr[14];
+	if (net != CHECK_NET)
+		return 0;
+	if (note && new == TT_ESTABLISHED) {
+		u32 slot = level * 2 + (family != TT_AF_INET);
+		check_ends.update(&slot, &seen);
+	}
+	return 1;
+}
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+#if NESTED
+	u32 zero = 0;
+	struct taken *t = taken.lookup(&zero);
+	if (t) {
+		/* the depth first: a softirq's hits in between go above this one */
+		u32 d = t->depth;
+		t->depth = d + 1;
+		struct hit *h = &t->hits[d & (TAKEN_SLOTS - 1)];
+		h->sk = (u64)args->skaddr;
+		h->old = args->oldstate;
+		h->new = args->newstate;
+	}
+#endif
+	int ret = 0;
+	if (args->protocol == TT_IPPROTO_TCP) {
+		u16 family = args->family;
+		const void *saddr = args->saddr, *daddr = args->daddr;
+		if (family != TT_AF_INET) {
+			saddr = args->saddr_v6;
+			daddr = args->daddr_v6;
+		}
+		u32 armed_key = CHECK_ARMED;
+		u32 *armed = self_check.lookup(&armed_key);
+		if (!(armed && *armed &&
+		      check_connection(family, args->protocol, args->newstate, args->sport,
+				       args->dport, saddr, daddr, LEVEL_TRACEPOINT, 1)))
+			ret = on_transition(args, (u64)args->skaddr, args->oldstate, args->newstate,
+					    family, args->sport, args->dport, saddr, daddr,
+					    LEVEL_TRACEPOINT);
+	}
+	return ret;
+}
+
+#if NESTED
+/*
+ * The kernel does not run the tracepoint program for a hit while a BPF program runs
+ * on the CPU (most often this one, interrupted by the softirq that delivers a
+ * packet): it counts the hit in the program's recursion_misses and moves on. A raw
+ * tracepoint program is only kept from running inside itself, so this one runs then,
+ * and handles the transition in its place. It runs after the tracepoint program for
+ * each hit (user space attaches it last and checks the order at start): a hit that
+ * program took is on top of `taken`. It reads from the socket what the tracepoint would
+ * have given, at offsets from the running kernel's BTF.
+ */
+RAW_TRACEPOINT_PROBE(inet_sock_set_state)
+{
+	u32 zero = 0, armed_key = CHECK_ARMED;
+	u64 sk = ctx->args[0];
+	int old = ctx->args[1], new = ctx->args[2];
+	struct taken *t = taken.lookup(&zero);
+	if (!t)
+		return 0;
+	/* On top, or just below: this program may be interrupted as it starts by a
+	 * softirq whose hit the tracepoint program takes (pushed) and this one misses
+	 * (running already); that entry stays above, and goes with this one. */
+	u32 d = t->depth;
+	int skipped = 1;
+	if (d > 0 && same_hit(&t->hits[(d - 1) & (TAKEN_SLOTS - 1)], sk, old, new)) {
+		skipped = 0;
+		t->depth = d - 1;
+	} else if (d > 1 && same_hit(&t->hits[(d - 2) & (TAKEN_SLOTS - 1)], sk, old, new)) {
+		skipped = 0;
+		t->depth = d - 2;
+	}
+	u32 *armed = self_check.lookup(&armed_key);
+	int checking = armed && *armed;
+	if (!skipped && !checking)
+		return 0;
+	if (skipped)
+		count(TCPTRACE_C_RECOVERED); /* any protocol's, as recursion_misses counts */
+	u16 protocol = 0, family = 0, sport = 0, dport = 0;
+	bpf_probe_read_kernel(&protocol, sizeof(protocol), (void *)(sk + SK_PROTOCOL_OFFSET));
+	bpf_probe_read_kernel(&family, sizeof(family), (void *)(sk + SK_FAMILY_OFFSET));
+	bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + INET_SPORT_OFFSET));
+	bpf_probe_read_kernel(&dport, sizeof(dport), (void *)(sk + SK_DPORT_OFFSET));
+	sport = bpf_ntohs(sport);
+	dport = bpf_ntohs(dport);
+	const void *saddr = (void *)(sk + INET_SADDR_OFFSET), *daddr = (void *)(sk + SK_DADDR_OFFSET);
+	if (family != TT_AF_INET) {
+		saddr = (void *)(sk + SK_V6_SADDR_OFFSET);
+		daddr = (void *)(sk + SK_V6_DADDR_OFFSET);
+	}
+	/* the check's hits were all taken: one found skipped is not noted, and fails it */
+	if (checking && check_connection(family, protocol, new, sport, dport, saddr, daddr,
+					 LEVEL_NESTED, !skipped))
+		return 0;
+	if (!skipped || protocol != TT_IPPROTO_TCP)
+		return 0;
+	return on_transition(ctx, sk, old, new, family, sport, dport, saddr, daddr, LEVEL_NESTED);
+}
+#endif
 
 /*
  * The scan of the per-socket map (--stuck, the live table's OLDEST column, the

@@ -38,7 +38,11 @@
 /* Not submitted: it left its state sooner than that state's --slower-than threshold
  * (or left a state without one, or after an unknown time). */
 #define TCPTRACE_C_FAST 8
-#define TCPTRACE_NCOUNTERS 9
+/* Tracepoint hits the kernel skipped because the tracepoint program was running on
+ * this CPU (interrupted by the softirq that made this transition), which the nested
+ * program handled in its place: subtracted from the skipped hits (any protocol's). */
+#define TCPTRACE_C_RECOVERED 9
+#define TCPTRACE_NCOUNTERS 10
 
 struct tcptrace_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns() at the transition */

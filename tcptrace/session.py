@@ -377,6 +377,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         max_sockets=options.max_sockets,
         # the scan's records: stuck reports, and which snapshot sockets the map holds
         keep_ends=options.scan,
+        scan=options.scan,
         stuck_ns=options.stuck,
         kernel_lifetimes=options.lifetime,
     )
@@ -396,6 +397,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         err.write(
             "tcptrace: the kernel cannot read sockets' network namespaces "
             f"({netns_problem}): each socket's namespace is its owner's /proc/PID/ns/net\n"
+        )
+    nested_problem = probe.check_nested()
+    if nested_problem is not None:
+        err.write(
+            "tcptrace: transitions the kernel skips while a BPF program runs on their CPU "
+            f"are only counted, not traced ({nested_problem})\n"
         )
     if options.emit_events and options.nice is not None:
         _raise_priority(options.nice)
@@ -431,6 +438,10 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             early_sigterm.clear()
             tracer.request_stop()
         tracer.start()
+        fallback = getattr(probe, "scan_fallback", None)
+        if scanner is not None and fallback is not None:
+            # said once the outputs stand: a bad --metrics port is still the only line
+            err.write(f"tcptrace: {fallback}: the socket map is walked in user space instead\n")
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()

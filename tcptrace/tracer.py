@@ -206,11 +206,13 @@ class Tracer:
                 if left <= 0:
                     break
                 timeout = max(1, min(timeout, int(left * 1000)))
-            cpu_before = time.process_time()
+            # (the process's CPU clock is a system call: read only for --max-cpu)
+            cpu_before = time.process_time() if self.cpu_budget else 0.0
             handled_before = self.handled
             self._handle(self._poll(timeout))
             self._tick()
-            self._rest(time.process_time() - cpu_before, self.handled - handled_before)
+            if self.cpu_budget:
+                self._rest(time.process_time() - cpu_before, self.handled - handled_before)
             if time.monotonic() >= next_collection:
                 gc.collect()  # ~10 ms: the live objects are few, start-up's are frozen
                 next_collection = time.monotonic() + GC_FULL_INTERVAL

@@ -63,3 +63,33 @@ def test_churn_has_a_slower_than_mode_and_reads_its_summary():
         "12 transitions traced, 12 shown, 3 lost\n"
     )
     assert found == [("1200", "14", "1186", "0"), ("36", "", "", "0"), ("12", "12", "", "3")]
+
+
+@pytest.mark.host_only  # parsing only
+def test_churn_measures_the_lifetime_reader_in_parts(tmp_path: Path):
+    churn = load_churn()
+    modes = {churn.short_name(m): m for m in churn.default_modes()}
+    # the whole reader, and the same with its lines (or all but the reading) cut off
+    assert modes["lifetime"].part == ""
+    assert (modes["read"].part, modes["unformatted"].part) == ("read", "unformatted")
+    command = churn.tracer_command(modes["read"], 9000)
+    assert command[1:3] == [str(BENCHMARKS / "reader_parts.py"), "read"]
+    assert command[3:] == ["--port", "9000", "--lifetime"]
+    # no lines are written: what the summary counts is not checked against the file
+    out, err = tmp_path / "out", tmp_path / "err"
+    out.write_text("STATE ...\n\n120 transitions traced, 24 connections shown, 0 lost\n")
+    err.write_text("")
+    result = churn.Result("fastest", modes["unformatted"].name, ended=24)
+    churn.parse_tracer_output(modes["unformatted"], result, out, err, 9000)
+    assert (result.printed, result.lost, result.waiting) == (24, 0, 0)
+    assert "lines in the file" not in result.note and "!=" not in result.note
+
+
+def test_reader_parts_refuses_an_unknown_part():
+    done = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "reader_parts.py"), "format"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode != 0 and "usage: reader_parts.py {read,unformatted}" in done.stderr

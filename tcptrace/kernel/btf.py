@@ -1,15 +1,18 @@
 """Struct offsets of the running kernel, from its BTF (/sys/kernel/btf/vmlinux).
 
-The BPF program reads tracepoint fields, never struct sock, except for the one
-thing no tracepoint field says: the socket's network namespace. The offsets for
-that read come from here, never from the installed headers (which may belong to
-another kernel), and bcc compiles them in as -D constants. The loader checks
-them against a socket of tcptrace's own before it trusts what they read.
+The tracepoint program reads tracepoint fields, never struct sock, except for the
+one thing no tracepoint field says: the socket's network namespace. The nested
+program, which handles the hits the kernel skipped the tracepoint program for, is
+given no fields: it reads from the socket what the tracepoint would have given.
+The offsets for those reads come from here, never from the installed headers
+(which may belong to another kernel), and bcc compiles them in as -D constants.
+The loader checks them on sockets of tcptrace's own before it trusts what they
+read.
 
 BTF layout (Documentation/bpf/btf.rst): a header, a type section (records of
 struct btf_type, each followed by data whose size depends on its kind) and a
-string section. Parsing indexes the types once (~70 ms for vmlinux) and resolves
-only the structs asked for.
+string section. Parsing indexes the types once (~40 ms for vmlinux here, seconds
+under emulation: a start parses it once) and resolves only the structs asked for.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ _PER_ENTRY = {
     KIND_DATASEC: 12,
     KIND_ENUM64: 12,
 }
+_WORD = 4
+_TYPE_WORDS = _TYPE.size // _WORD
+# the same, in words and indexed by kind (the kind field has 5 bits)
+_EXTRA_WORDS = [_EXTRA.get(kind, 0) // _WORD for kind in range(32)]
+_ENTRY_WORDS = [_PER_ENTRY.get(kind, 0) // _WORD for kind in range(32)]
 # kinds that only qualify or rename another type
 _MODIFIERS = frozenset({KIND_TYPEDEF, KIND_VOLATILE, KIND_CONST, KIND_RESTRICT, KIND_TYPE_TAG})
 
@@ -84,6 +92,11 @@ class Btf:
             raise BtfError(f"bad BTF magic {magic:#x}")
         self._types = data[hdr_len + type_off : hdr_len + type_off + type_len]
         self._strings = data[hdr_len + str_off : hdr_len + str_off + str_len]
+        if len(self._types) % _WORD:
+            raise BtfError("BTF type section is not made of 4-byte words")
+        # every record is whole words: walked as words, not unpacked (4x faster,
+        # which counts at each start under emulation)
+        self._words = memoryview(self._types).cast("I")
         self._offsets = self._index()
 
     @classmethod
@@ -95,16 +108,16 @@ class Btf:
             raise BtfError(f"cannot read {path}: {exc.strerror}") from None
 
     def _index(self) -> list[int]:
-        """Where each type id's record starts (id 0 is void)."""
+        """Where each type id's record starts, in words (id 0 is void)."""
         offsets = [0]
-        types = self._types
-        pos, end = 0, len(types)
-        unpack = _TYPE.unpack_from
+        append = offsets.append
+        words = self._words
+        pos, end = 0, len(words)
         while pos < end:
-            offsets.append(pos)
-            info = unpack(types, pos)[1]
+            append(pos)
+            info = words[pos + 1]
             kind = (info >> 24) & 0x1F
-            pos += _TYPE.size + _EXTRA.get(kind, 0) + _PER_ENTRY.get(kind, 0) * (info & 0xFFFF)
+            pos += _TYPE_WORDS + _EXTRA_WORDS[kind] + _ENTRY_WORDS[kind] * (info & 0xFFFF)
         return offsets
 
     def _name(self, off: int) -> str:
@@ -112,7 +125,7 @@ class Btf:
         return self._strings[off:end].decode()
 
     def type(self, type_id: int) -> _Type:
-        pos = self._offsets[type_id]
+        pos = self._offsets[type_id] * _WORD
         name_off, info, ref = _TYPE.unpack_from(self._types, pos)
         return _Type(
             kind=(info >> 24) & 0x1F,
@@ -129,10 +142,9 @@ class Btf:
         if wanted < 0:
             raise BtfError(f"no struct {name} in the BTF")
         name_off = wanted + 1
-        unpack = _TYPE.unpack_from
+        words = self._words
         for type_id, pos in enumerate(self._offsets[1:], start=1):
-            off, info, _size = unpack(self._types, pos)
-            if off == name_off and (info >> 24) & 0x1F == KIND_STRUCT:
+            if words[pos] == name_off and (words[pos + 1] >> 24) & 0x1F == KIND_STRUCT:
                 return type_id
         raise BtfError(f"no struct {name} in the BTF")
 
@@ -193,6 +205,38 @@ def netns_offsets(btf: Btf | None = None) -> NetnsOffsets:
         sock_net=btf.offset_of("sock", "__sk_common.skc_net.net"),
         net_inum=btf.offset_of("net", "ns.inum"),
     )
+
+
+# Where the tracepoint sock:inet_sock_set_state takes its fields from (its
+# TP_fast_assign): (macro for the BPF program, struct, member path).
+SOCK_FIELDS = (
+    ("SK_FAMILY_OFFSET", "sock", "__sk_common.skc_family"),
+    ("SK_PROTOCOL_OFFSET", "sock", "sk_protocol"),
+    ("SK_DPORT_OFFSET", "sock", "__sk_common.skc_dport"),
+    ("SK_DADDR_OFFSET", "sock", "__sk_common.skc_daddr"),
+    ("SK_V6_SADDR_OFFSET", "sock", "__sk_common.skc_v6_rcv_saddr"),
+    ("SK_V6_DADDR_OFFSET", "sock", "__sk_common.skc_v6_daddr"),
+    ("INET_SPORT_OFFSET", "inet_sock", "inet_sport"),
+    ("INET_SADDR_OFFSET", "inet_sock", "inet_saddr"),
+)
+
+
+@dataclass(frozen=True)
+class SockOffsets:
+    """Where the nested program (bpf/tcptrace.bpf.c, NESTED) reads what the tracepoint
+    gives: {macro: byte offset from the socket}."""
+
+    offsets: dict[str, int]
+
+    def cflags(self) -> list[str]:
+        return [f"-D{macro}={offset}" for macro, offset in self.offsets.items()]
+
+
+def sock_offsets(btf: Btf | None = None) -> SockOffsets:
+    """The tracepoint's fields in struct sock and struct inet_sock (which begins with
+    its struct sock), from the running kernel's BTF."""
+    btf = btf or Btf.load()
+    return SockOffsets({macro: btf.offset_of(st, path) for macro, st, path in SOCK_FIELDS})
 
 
 # The map-element iterator's context as the BPF program declares it (bpf/tcptrace.bpf.c):

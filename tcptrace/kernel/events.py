@@ -107,7 +107,10 @@ C_DELETED = 6
 C_STALE = 7
 # Not submitted: faster than its state's --slower-than threshold (bpf/tcptrace.h).
 C_FAST = 8
-NCOUNTERS = 9
+# Hits the tracepoint program missed (it was running, interrupted on its CPU) that the
+# nested program handled instead (bpf/tcptrace.h).
+C_RECOVERED = 9
+NCOUNTERS = 10
 HIST_SUB_BITS = 3
 HIST_SLOTS = 512
 
@@ -226,6 +229,14 @@ def format_addr(family: int, raw: bytes) -> str:
     addr = ipaddress.IPv6Address(raw[:16])
     mapped = addr.ipv4_mapped
     return str(mapped) if mapped is not None else str(addr)
+
+
+def raw_address(family: int, text: str) -> bytes:
+    """format_addr's inverse: an address as the kernel's 16 bytes (IPv4 in the first
+    4; an IPv4 address of an AF_INET6 socket as IPv4-mapped IPv6)."""
+    if family == AF_INET6 and ":" not in text:
+        return socket.inet_pton(AF_INET6, f"::ffff:{text}")
+    return socket.inet_pton(family, text).ljust(16, b"\0")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -18,9 +18,18 @@ from pathlib import Path
 from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters, describe_state_durations
 from tcptrace.kernel import perfbuf
-from tcptrace.kernel.btf import BtfError, NetnsOffsets, map_iter_problem, netns_offsets
+from tcptrace.kernel.btf import (
+    Btf,
+    BtfError,
+    NetnsOffsets,
+    SockOffsets,
+    map_iter_problem,
+    netns_offsets,
+    sock_offsets,
+)
 from tcptrace.kernel.events import (
     C_DROPPED,
+    C_RECOVERED,
     C_SHED,
     C_SUBMITTED,
     COMM_LEN,
@@ -33,6 +42,13 @@ from tcptrace.kernel.events import (
     event_time,
     life_of,
     make_event,
+    raw_address,
+)
+from tcptrace.kernel.mapscan import (
+    SCAN_NEW,
+    SK_INFO_OFFSETS,
+    ScanResult,
+    UserScan,
 )
 from tcptrace.kernel.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
 from tcptrace.kernel.stats import Summary
@@ -42,6 +58,11 @@ TRACEPOINT = "sock:inet_sock_set_state"
 PROGRAM = "tcptrace.bpf.c"
 # the function bcc's TRACEPOINT_PROBE(sock, inet_sock_set_state) defines
 PROBE_FN = b"tracepoint__sock__inet_sock_set_state"
+# the raw tracepoint of the nested program (RAW_TRACEPOINT_PROBE), and its function
+RAW_TRACEPOINT = b"inet_sock_set_state"
+NESTED_FN = b"raw_tracepoint__inet_sock_set_state"
+# Levels of the programs (bpf/tcptrace.bpf.c LEVEL_*): per-CPU state they keep apart.
+LEVELS = 2
 # RATE_WINDOW_NS in bpf/tcptrace.bpf.c: the window of the kernel's rate limit
 RATE_WINDOW_NS = 10_000_000
 # Load this C file instead of bpf/tcptrace.bpf.c: for tests that need a program
@@ -58,11 +79,6 @@ WRITE_SLACK_NS = 10_000_000
 
 # The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
 SCAN_FN = b"bpf_iter__bpf_map_elem"
-# Which sockets a scan writes (SCAN_* in bpf/tcptrace.bpf.c): those that crossed their
-# threshold since the last scan, every one past it, every one in the map.
-SCAN_NEW = 0
-SCAN_STUCK = 1
-SCAN_EVERY = 2
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
 SCAN_READ_BYTES = 1 << 16
 
@@ -73,21 +89,6 @@ class _IterMapInfo(ctypes.Structure):
     _fields_ = [("map_fd", ctypes.c_uint32)]
 
 
-@dataclass
-class ScanResult:
-    """One walk of the per-socket map (Probe.scan)."""
-
-    now_ns: int  # CLOCK_MONOTONIC when it began: ages are measured to it
-    oldest: dict[int, int]  # state -> entry time of its oldest socket
-    count: dict[int, int]  # state -> sockets in it
-    stuck: dict[int, int]  # state -> sockets past its --stuck threshold
-    records: list[Event]  # stuck reports (F_STUCK events)
-
-    def oldest_age_ns(self, state: int) -> int | None:
-        entered = self.oldest.get(state)
-        return None if entered is None else max(0, self.now_ns - entered)
-
-
 # The program's netns read is off (it reports 0, user space falls back on the owner's).
 NO_OFFSETS = NetnsOffsets(sock_net=-1, net_inum=-1)
 # The listeners map's mark of an entry made after the map overflowed (LISTENERS_UNSURE).
@@ -95,6 +96,11 @@ LISTENERS_UNSURE = 0x80000000
 # Slots of the program's self_check map (bpf/tcptrace.bpf.c CHECK_*).
 CHECK_ARMED = 0
 CHECK_NETNS = 1
+# The check connection of the nested program's offsets: client and server addresses
+# in 127.84.84.0/24 (CHECK_NET in the program), which nothing else uses.
+CHECK_SERVER = "127.84.84.1"
+CHECK_CLIENT = "127.84.84.2"
+CHECK_ENDS = struct.Struct("<16s16sHHHH")  # struct check_ends
 
 # Capacity of the kernel's listeners map: the owners of this many listening
 # addresses are known in the kernel; children of the others are looked up.
@@ -132,6 +138,9 @@ class ProbeConfig:
     shed_fraction: float = 0.75
     # where a socket's network namespace is, from the running kernel's BTF (None: unknown)
     netns_offsets: NetnsOffsets | None = None
+    # where the tracepoint's fields are in a socket, from the running kernel's BTF: the
+    # nested program (None: unknown, no nested program)
+    sock_offsets: SockOffsets | None = None
     # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
     keep_ends: bool = False
     # load the map scan (Probe.scan): --stuck, the live table's OLDEST, the metrics' gauges
@@ -172,6 +181,8 @@ class ProbeConfig:
             f"-DSLOWER_THAN={int(bool(self.filters.slower_than))}",
             f"-DKERNEL_LIFETIMES={int(self.kernel_lifetimes)}",
             *(self.netns_offsets or NO_OFFSETS).cflags(),
+            f"-DNESTED={int(self.sock_offsets is not None)}",
+            *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
         ]
 
 
@@ -186,6 +197,10 @@ class Probe:
         self.reader: perfbuf.PerfReader | None = None
         self.detached = False
         self._scan_link: int | None = None  # the map iterator's link (open_scan)
+        # the walk in user space, where the kernel refuses the iterator (and why it does)
+        self._user_scan: UserScan | None = None
+        self.scan_fallback: str | None = None
+        self._batch: tuple[ctypes.Array, ctypes.Array] | None = None  # its read buffers
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
         # --lifetime: the last batch's life records by (skaddr, ts_ns) of their closing
@@ -198,11 +213,31 @@ class Probe:
             raise TcptraceError(f"cannot read the BPF program {path}: {exc.strerror}") from None
         # why the kernel cannot tell a socket's namespace (None: it can)
         self.netns_problem: str | None = None
-        if config.netns_offsets is None:
-            try:
-                config = replace(config, netns_offsets=netns_offsets())
-            except BtfError as exc:
-                self.netns_problem = f"no usable BTF ({exc})"
+        # why transitions the kernel skips are not handled (None: they are)
+        self.nested_problem: str | None = None
+        # why the map scan cannot run here (None: it can); open_scan reports it
+        self._scan_problem: str | None = None
+        # parsed once: every offset comes from the same BTF (seconds under emulation)
+        btf: Btf | None = None
+        try:
+            btf = Btf.load()
+        except BtfError as exc:
+            self.netns_problem = self.nested_problem = f"no usable BTF ({exc})"
+            self._scan_problem = self.netns_problem
+        if btf is not None:
+            if config.netns_offsets is None:
+                try:
+                    config = replace(config, netns_offsets=netns_offsets(btf))
+                except BtfError as exc:
+                    self.netns_problem = f"no usable BTF ({exc})"
+            if config.sock_offsets is None:
+                try:
+                    config = replace(config, sock_offsets=sock_offsets(btf))
+                except BtfError as exc:
+                    self.nested_problem = f"no usable BTF ({exc})"
+            if config.scan:
+                self._scan_problem = map_iter_problem(btf)
+            del btf  # ~10 MB parsed: not kept for the session
         if config.emit_events:
             # the rings first: their real size sets the kernel's shedding threshold
             self.reader = self._open_reader(config)
@@ -222,11 +257,13 @@ class Probe:
             self._fill_stuck()
             self._fill_slow_ns()
             if config.emit_events:
-                # bcc attached the program while compiling it; until the rings are in
-                # the perf event array every submission would fail (counted dropped)
+                # bcc attached the programs while compiling them; until the rings are
+                # in the perf event array every submission would fail (counted dropped)
+                self._detach_nested()
                 self._detach_tracepoint()
                 self._open_buffer()
                 self.bpf.attach_tracepoint(tp=TRACEPOINT.encode(), fn_name=PROBE_FN)
+            self._attach_nested()
         except Exception as exc:
             self.bpf.cleanup()
             if self.reader is not None:
@@ -241,20 +278,33 @@ class Probe:
             table[ctypes.c_int(state)] = ctypes.c_uint64(ns)
 
     def open_scan(self) -> str | None:
-        """Load the map scan (a BPF iterator over the per-socket map). Returns why it
-        cannot run here, or None once it is ready for scan()."""
-        if self._scan_link is not None:
+        """Load the map scan: a BPF iterator over the per-socket map, or, where the
+        kernel refuses iterators, the same walk in user space (scan_fallback says why).
+        Returns why neither can run here, or None once scan() is ready."""
+        if self._scan_link is not None or self._user_scan is not None:
             return None
-        problem = map_iter_problem()
-        if problem is not None:
-            return problem
+        if not self.config.scan:
+            return "the probe was loaded without the map scan (ProbeConfig.scan)"
+        problem = self._scan_problem or self._open_iterator()
+        if problem is None:
+            return None
+        layout = self._sk_info_problem()
+        if layout is not None:
+            return f"{problem}, and {layout}"
+        self._user_scan = UserScan(self.config.stuck_ns)
+        self.scan_fallback = problem
+        return None
+
+    def _open_iterator(self) -> str | None:
         from bcc import BPF
         from bcc.libbcc import lib
 
         try:
-            fn = self.bpf.load_func(SCAN_FN, BPF.TRACING)
+            # libbcc prints the verifier's log on failure: the reason is in the exception
+            with _quiet_stderr():
+                fn = self.bpf.load_func(SCAN_FN, BPF.TRACING)
         except Exception as exc:  # bcc's bare Exception: the verifier or an old kernel
-            return f"the kernel refused the map iterator ({str(exc).split(': ')[-1]})"
+            return f"the kernel refused the map iterator ({_bcc_reason(exc)})"
         info = _IterMapInfo(self.bpf[b"sockets"].map_fd)
         lib.bcc_iter_attach.restype = ctypes.c_int
         lib.bcc_iter_attach.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint32]
@@ -264,11 +314,63 @@ class Probe:
         self._scan_link = link
         return None
 
+    def _sk_info_problem(self) -> str | None:
+        """Why UserScan cannot decode the map's values as bcc laid them out (None: it can)."""
+        leaf = self.bpf[b"sockets"].Leaf
+        names = [name for name, _type in leaf._fields_]
+        if not self.config.keep_ends or "ends" not in names:
+            return "the program keeps no socket ends (ProbeConfig.keep_ends)"
+        for name, offset in SK_INFO_OFFSETS.items():
+            if getattr(leaf, name).offset != offset:
+                return f"struct sk_info.{name} is not where the user-space scan reads it"
+        return None
+
     def scan(self, now_ns: int, list_all: int = SCAN_NEW) -> ScanResult:
-        """Walk the per-socket map in the kernel: per state the oldest socket, how many
-        there are and how many are past their --stuck threshold; records (F_STUCK
-        events) of the sockets that crossed it since the last scan (SCAN_NEW), of every
-        socket past it (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
+        """Walk the per-socket map: per state the oldest socket, how many there are and
+        how many are past their --stuck threshold; records (F_STUCK events) of the
+        sockets that crossed it since the last scan (SCAN_NEW), of every socket past it
+        (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
+        if self._user_scan is not None:
+            return self._user_scan.scan(self._map_entries(), now_ns, list_all)
+        return self._kernel_scan(now_ns, list_all)
+
+    def _map_entries(self) -> list[tuple[int, bytes]]:
+        """(socket address, sk_info bytes) of every entry, read in batches."""
+        from bcc.libbcc import lib
+
+        table = self.bpf[b"sockets"]
+        key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+        room = self.config.max_sockets
+        if self._batch is None:  # kept: allocated once, when the fallback starts
+            self._batch = (
+                ctypes.create_string_buffer(key_size * room),
+                ctypes.create_string_buffer(value_size * room),
+            )
+        keys, values = self._batch
+        out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
+        total = 0
+        while total < room:
+            count.value = room - total
+            rc = lib.bpf_lookup_batch(
+                table.map_fd,
+                ctypes.byref(out_batch) if total else None,
+                ctypes.byref(out_batch),
+                ctypes.byref(keys, key_size * total),
+                ctypes.byref(values, value_size * total),
+                ctypes.byref(count),
+            )
+            error = ctypes.get_errno() or -rc
+            total += count.value
+            if rc != 0 and error != errno.ENOENT:
+                raise TcptraceError(f"could not read the socket map ({os.strerror(error)})")
+            if rc != 0 or count.value == 0:
+                break  # ENOENT: the end; no progress: a bucket changing under the read
+        # copies of the filled part only: .raw would copy the whole buffer
+        addresses = struct.unpack(f"={total}Q", ctypes.string_at(keys, key_size * total))
+        raw = ctypes.string_at(values, value_size * total)
+        return [(sk, raw[i * value_size : (i + 1) * value_size]) for i, sk in enumerate(addresses)]
+
+    def _kernel_scan(self, now_ns: int, list_all: int) -> ScanResult:
         from bcc.libbcc import lib
 
         assert self._scan_link is not None, "open_scan() first"
@@ -319,6 +421,77 @@ class Probe:
             self.netns_problem = f"the BTF offsets read namespace {read} for a socket in {expected}"
         return self.netns_problem
 
+    def _attach_nested(self) -> None:
+        """Attach the nested program after the tracepoint program: the kernel runs a
+        tracepoint's probes in the order they came, and the nested program must see
+        each hit after the tracepoint program had its chance (check_nested checks)."""
+        if self.nested_problem is not None:
+            return
+        self._detach_nested()
+        try:
+            self.bpf.attach_raw_tracepoint(tp=RAW_TRACEPOINT, fn_name=NESTED_FN)
+        except Exception as exc:  # bcc raises bare Exception
+            self.nested_problem = f"cannot attach to the raw tracepoint ({exc})"
+
+    def check_nested(self) -> str | None:
+        """Check the nested program's offsets on a connection of our own: both programs
+        note what they read of its sockets entering ESTABLISHED, which must be their
+        ends as the sockets say. If not, the nested program is detached. Returns why
+        transitions that interrupt the program cannot be handled, or None."""
+        if self.nested_problem is None:
+            self.nested_problem = self._check_connection()
+            if self.nested_problem is not None:
+                self._detach_nested()
+        return self.nested_problem
+
+    def _check_connection(self) -> str | None:
+        import socket
+
+        check = self.bpf[b"self_check"]
+        ends = self.bpf[b"check_ends"]
+        check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(1)
+        try:
+            with contextlib.ExitStack() as stack:
+                server = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
+                server.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+                server.bind((f"::ffff:{CHECK_SERVER}", 0))
+                server.listen(1)
+                port = server.getsockname()[1]
+                client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+                client.bind((CHECK_CLIENT, 0))
+                client.connect((CHECK_SERVER, port))
+                child = stack.enter_context(server.accept()[0])
+                # closed by a reset: nothing of it lingers to be traced once disarmed
+                for sock in (client, child):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                client_port = client.getsockname()[1]
+        except OSError as exc:
+            return f"no check connection on {CHECK_SERVER} ({exc.strerror})"
+        finally:
+            check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(0)
+        mapped = socket.inet_pton(socket.AF_INET6, "::ffff:0.0.0.0")[:12]
+        server_ip = socket.inet_aton(CHECK_SERVER)
+        client_ip = socket.inet_aton(CHECK_CLIENT)
+        expected = {
+            socket.AF_INET: (client_ip, server_ip, client_port, port),
+            socket.AF_INET6: (mapped + server_ip, mapped + client_ip, port, client_port),
+        }
+        for slot, family in enumerate((socket.AF_INET, socket.AF_INET6)):
+            saddr, daddr, sport, dport = expected[family]
+            want = CHECK_ENDS.pack(saddr, daddr, sport, dport, family, socket.IPPROTO_TCP)
+            got = [bytes(ends[ctypes.c_int(level * 2 + slot)]) for level in range(LEVELS)]
+            if got[0] != want:
+                return "the check connection was not traced"
+            if not any(got[1]):
+                return "the nested program did not run after the tracepoint program"
+            if got[1] != want:
+                read = CHECK_ENDS.unpack(got[1])
+                return (
+                    f"the BTF offsets read {read[2:]} (sport, dport, family, protocol) "
+                    f"for a socket with {(sport, dport, int(family), socket.IPPROTO_TCP)}"
+                )
+        return None
+
     def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
         """Tell the kernel about listeners older than tracing, so that it names their
         children as it does those of listeners it saw open: (netns, family, address,
@@ -326,17 +499,11 @@ class Probe:
         whose owner is unknown, names nobody, and user space looks its children up.
         What the kernel counted since it attached is kept. Returns the addresses seeded.
         """
-        import socket
-
         table = self.bpf[b"listeners"]
         seeded = 0
         for netns, family, addr, port, owners in listening:
             key = table.Key()
-            if family == socket.AF_INET6 and ":" not in addr:
-                raw = socket.inet_pton(socket.AF_INET6, f"::ffff:{addr}")  # IPv4-mapped
-            else:
-                raw = socket.inet_pton(family, addr)
-            key.addr = (ctypes.c_ubyte * 16)(*raw.ljust(16, b"\0"))
+            key.addr = (ctypes.c_ubyte * 16)(*raw_address(family, addr))
             key.netns, key.family, key.port = netns, family, port
             known = [o for o in owners if o is not None]
             try:
@@ -497,11 +664,16 @@ class Probe:
         """Stop tracing: no new events or counts after this; buffered events stay readable,
         all of them at once (nothing can precede them any more)."""
         self.detached = True
+        self._detach_nested()  # first: alone, it would take every hit as skipped
         self._detach_tracepoint()
 
     def _detach_tracepoint(self) -> None:
         if TRACEPOINT.encode() in self.bpf.tracepoint_fds:
             self.bpf.detach_tracepoint(TRACEPOINT.encode())
+
+    def _detach_nested(self) -> None:
+        if RAW_TRACEPOINT in self.bpf.raw_tracepoint_fds:
+            self.bpf.detach_raw_tracepoint(tp=RAW_TRACEPOINT)
 
     @property
     def lost(self) -> int:
@@ -520,7 +692,7 @@ class Probe:
         summary = Summary.from_maps(
             hist=self._sum_percpu("hist", NSTATES * HIST_SLOTS),
             dsum=self._sum_percpu("dsum", NSTATES),
-            dmax=self._sum_percpu("dmax", NSTATES, max),
+            dmax=fold_levels(self._sum_percpu("dmax", NSTATES * LEVELS, max)),
             trans=self._sum_percpu("trans", NSTATES * NSTATES),
             counters=self._sum_percpu("counters", NCOUNTERS),
         )
@@ -544,6 +716,8 @@ class Probe:
         that delivers the peer's packet): the kernel counts those hits in the
         program's recursion_misses (Linux 5.12+; 0 where not counted). They are
         hits of every TCP socket, so for filtered tracing this is an upper bound.
+        The nested program handles the hits this program was skipped for (counted
+        recovered); only the rest were never seen.
         """
         from bcc.libbcc import lib
 
@@ -555,7 +729,9 @@ class Probe:
                 total += int.from_bytes(
                     info.raw[RECURSION_MISSES_OFFSET : RECURSION_MISSES_OFFSET + 8], "little"
                 )
-        return total
+        recovered = sum(self.bpf[b"counters"][ctypes.c_int(C_RECOVERED)])
+        # before Linux 6.7 a tracepoint program's misses are not counted at all
+        return max(0, total - recovered)
 
     def lost_so_far(self) -> int:
         """Events lost until now (cheap: two per-CPU counters), for live reports."""
@@ -571,6 +747,7 @@ class Probe:
         if self._scan_link is not None:
             os.close(self._scan_link)
             self._scan_link = None
+        self._batch = None
         self.bpf.cleanup()
         if self.reader is not None:
             self.reader.close()
@@ -579,6 +756,13 @@ class Probe:
 
 # prctl(2) option (include/uapi/linux/prctl.h): no transparent huge pages in this process.
 PR_SET_THP_DISABLE = 41
+
+
+def fold_levels(dmax: list[int]) -> list[int]:
+    """The largest time per state over the programs' levels (dmax is kept per level)."""
+    return [
+        max(dmax[state + level * NSTATES] for level in range(LEVELS)) for state in range(NSTATES)
+    ]
 
 
 def _no_huge_pages() -> None:
@@ -614,6 +798,31 @@ def _return_freed_memory() -> None:
 def program_path() -> Path:
     override = os.environ.get(PROGRAM_ENV)
     return Path(override) if override else bpf_dir() / PROGRAM
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Keep what libbcc writes to file descriptor 2 (a verifier log) off the terminal."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as sink:
+            os.dup2(sink.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _bcc_reason(exc: Exception) -> str:
+    """The errno behind bcc's message for a program the kernel refused to load."""
+    text = str(exc)
+    if text.startswith("Need super-user privileges"):  # bcc's words for any EPERM
+        return os.strerror(errno.EPERM)
+    return text.split(": ")[-1]
 
 
 def load_error(exc: Exception, path: Path) -> TcptraceError:

@@ -52,10 +52,17 @@ U64 = struct.Struct("=Q")
 # Records read from one ring at a time (about 200 KB): a batch's objects on
 # their way to the output stay a few MB however far the reader lags.
 READ_RECORDS = 2048
+NS_PER_MS = 1_000_000
+# Held-back records (time order) are read again this long after the last read at the
+# soonest: at high rates some are held at every read, and reading as soon as they
+# may go made batches of ~100 records whose fixed costs (a pass of every stage,
+# telling the kernel how far the rings were read) cost more than the records' own.
+# Up to this much later on the screen; a ring filling past its watermark is read
+# at once all the same.
+MIN_READ_INTERVAL_NS = 10 * NS_PER_MS
 # struct perf_event_mmap_page: the ring's control page
 DATA_HEAD_OFFSET = 1024
 DATA_TAIL_OFFSET = 1032
-NS_PER_MS = 1_000_000
 
 # perf_event_open(2) by architecture (the syscall has no libc wrapper)
 _SYSCALL_NR = {
@@ -326,6 +333,7 @@ class PerfReader:
         self.more = False  # the last read_runs() left records in a ring that can go now
         # when records the last read_runs() held back for time order may go (monotonic ns)
         self.release_at_ns: int | None = None
+        self.read_ns = 0  # when read_runs last began (monotonic ns)
         self.epoll = select.epoll()
         try:
             for cpu in online_cpus() if cpus is None else cpus:
@@ -362,7 +370,8 @@ class PerfReader:
         if self.more or timeout_ms <= 0:
             return
         if self.release_at_ns is not None:
-            left_ms = -(-(self.release_at_ns - time.monotonic_ns()) // NS_PER_MS)
+            due = max(self.release_at_ns, self.read_ns + MIN_READ_INTERVAL_NS)
+            left_ms = -(-(due - time.monotonic_ns()) // NS_PER_MS)
             timeout_ms = min(timeout_ms, max(1, left_ms))
         self.epoll.poll(timeout_ms / 1000)
 
@@ -381,7 +390,7 @@ class PerfReader:
         in their ring for the next read; `release_at_ns` says when the first of them
         may go. hold_ns None takes everything (nothing more will be written).
         """
-        started = time.monotonic_ns()
+        started = self.read_ns = time.monotonic_ns()
         size = self.sample_size
         limit = READ_RECORDS * record_size(size)
         chunks = [ring.peek(limit) for ring in self.rings]

@@ -19,6 +19,7 @@ from tcptrace.kernel.events import (
     F_DELTA_KNOWN,
     F_DELTA_LOWER,
     F_OWNER_KNOWN,
+    LIFE_VISITS,
     Event,
     decode_comm,
     format_addr,
@@ -137,11 +138,13 @@ def port_name(port: int, numeric: bool) -> str:
         return str(port)
 
 
+def address_prefix(addr: str) -> str:
+    """An address as it stands before its port: "10.0.0.1:", IPv6 in brackets."""
+    return f"[{addr}]:" if ":" in addr else f"{addr}:"
+
+
 def endpoint(family: int, raw: bytes, port: int, numeric: bool) -> str:
-    addr = format_addr(family, raw)
-    if ":" in addr:
-        addr = f"[{addr}]"
-    return f"{addr}:{port_name(port, numeric)}"
+    return endpoint_text(format_addr(family, raw), port, numeric)
 
 
 @dataclass
@@ -511,13 +514,12 @@ def format_accounting(summary: Summary, printed: int | None, lifetimes: bool = F
 
 def endpoint_text(addr: str, port: int, numeric: bool) -> str:
     """address:port from text addresses (sock_diag rows, lifetimes); IPv6 in brackets."""
-    if ":" in addr:
-        addr = f"[{addr}]"
-    return f"{addr}:{port_name(port, numeric)}"
+    return address_prefix(addr) + port_name(port, numeric)
 
 
-# State names by number, for record_line.
-_STATE_NAMES = tuple(state_name(n) for n in range(256))
+# State names by number, each with the space that follows it in a lifetime line.
+_STATE_NAMES_SPACED = tuple(f"{state_name(n)} " for n in range(256))
+PORTS = 65536
 
 
 def _owner_columns(pid: int, comm: str) -> tuple[str, str]:
@@ -552,8 +554,12 @@ class LifetimeFormatter:
         self._owners: dict[tuple[int, str], str] = {}
         # the same from the kernel's raw fields (record_line): (family, address, port)
         # and (pid, comm bytes)
-        self._raw_ends: dict[tuple[int, bytes, int], str] = {}
         self._raw_owners: dict[tuple[int, bytes], str] = {}
+        # address text with its ":" by (family, raw address), port text by port (a
+        # whole-endpoint cache would miss at every churned ephemeral port)
+        self._addr_texts: dict[tuple[int, bytes], str] = {}
+        self._port_texts: list[str | None] = [None] * PORTS
+        self._sec, self._sec_text = -1, ""  # the wall-clock second of the last line
 
     def header(self) -> str:
         w = self.width
@@ -603,62 +609,92 @@ class LifetimeFormatter:
             ]
         )
         where = ""
-        if self.places is not None and not self.wide and life.netns:
-            if self.home_netns and life.netns != self.home_netns:
-                self.wide = True  # a second namespace: the columns from now on
-            self.home_netns = self.home_netns or life.netns
-        if self.wide:
-            assert self.places is not None
-            place = self.places.of(life.netns, life.cgroup_id, life.pid, bool(life.pid))
-            where = (
-                f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
-                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
-            )
+        if self.places is not None:
+            where = self._where(life.netns, life.cgroup_id, life.pid)
         return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
 
     def record_line(self, ev: Event, record) -> str:  # record: events.Life
         """line() of a connection straight from the kernel's record, as the Lifetime
         made of it would print, for less: what sockets/lifetimes.Lifetimes hands on as
         (closing Event, record) when the connection is whole (born traced, closed, at
-        most LIFE_VISITS states). The per-connection path at churn."""
+        most LIFE_VISITS states)."""
+        return self._record_line((ev, record))
+
+    def _record_line(self, item: tuple) -> str:
+        """record_line of a (closing Event, record) pair. The per-connection path at
+        churn: cached address and port texts, the wall-clock second and the µs unit
+        inline (each line has one churned ephemeral port, and four or five durations)."""
+        ev, (_event, birth, visited, times, visits) = item
         (end, _d, _sk, cgroup_id, pid, flags, netns, _r, saddr, daddr, sport, dport, family,
          _old, _new, comm) = ev  # fmt: skip
-        _event, birth, visited, times, visits = record
-        raw_ends = self._raw_ends
-        local = raw_ends.get((family, saddr, sport)) or self._raw_end(family, saddr, sport)
-        remote = raw_ends.get((family, daddr, dport)) or self._raw_end(family, daddr, dport)
+        addrs, ports = self._addr_texts, self._port_texts
+        local = (addrs.get((family, saddr)) or self._addr_text(family, saddr)) + (
+            ports[sport] or self._port_text(sport)
+        )
+        remote = (addrs.get((family, daddr)) or self._addr_text(family, daddr)) + (
+            ports[dport] or self._port_text(dport)
+        )
         w = self.width
         if len(local) > w or len(remote) > w:
             self.width = w = wider(wider(w, local), remote)
         if not flags & F_OWNER_KNOWN:
             pid, comm = 0, b""
         owner = self._raw_owners.get((pid, comm)) or self._raw_owner(pid, comm)
-        stamp = self.clock.format(end)
-        stamp = f"{stamp} " if stamp else ""
-        total = format_duration(max(0, end - birth))
-        names = _STATE_NAMES
+        clock = self.clock
+        if clock.style == TS_WALL:
+            secs, frac = divmod(end + clock.offset_ns, NS_PER_S)
+            if secs != self._sec:
+                self._sec, self._sec_text = secs, clock.seconds_text(secs)
+            stamp = f"{self._sec_text}.{frac // NS_PER_US:06d} "
+        else:
+            stamp = clock.format(end)
+            stamp = f"{stamp} " if stamp else ""
+        total = max(0, end - birth)
+        # (format_duration's µs case inline: most durations at churn)
+        if NS_PER_US <= total < NS_PER_MS:
+            total = f"{total / NS_PER_US:.1f}µs"
+        else:
+            total = format_duration(total)
+        if visits < LIFE_VISITS:
+            visited = visited[:visits]
+        named = _STATE_NAMES_SPACED
         states = "  ".join(
-            [f"{names[state]} {format_duration(ns)}" for state, ns in zip(visited[:visits], times)]
+            [
+                f"{named[state]}{ns / NS_PER_US:.1f}µs"
+                if NS_PER_US <= ns < NS_PER_MS
+                else named[state] + format_duration(ns)
+                for state, ns in zip(visited, times)
+            ]
         )
         where = ""
-        if self.places is not None and not self.wide and netns:
+        if self.places is not None and (self.wide or netns != self.home_netns):
+            where = self._where(netns, cgroup_id if pid else 0, pid)
+        return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+
+    def _where(self, netns: int, cgroup_id: int, pid: int) -> str:
+        """The NETNS and CGROUP columns: with -w, or from a second namespace on
+        ("" before; pid 0: no owner known)."""
+        assert self.places is not None
+        if not self.wide and netns:
             if self.home_netns and netns != self.home_netns:
                 self.wide = True  # a second namespace: the columns from now on
             self.home_netns = self.home_netns or netns
-        if self.wide:
-            assert self.places is not None
-            place = self.places.of(netns, cgroup_id if pid else 0, pid, bool(pid))
-            where = (
-                f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
-                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
-            )
-        return f"{stamp}{owner}{where} {local:<{w}} {remote:<{w}} {total:>10}  {states}"
+        if not self.wide:
+            return ""
+        place = self.places.of(netns, cgroup_id, pid, bool(pid))
+        return (
+            f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
+            f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+        )
 
-    def _raw_end(self, family: int, raw: bytes, port: int) -> str:
-        if len(self._raw_ends) > _CACHE_MAX:
-            self._raw_ends.clear()
-        text = endpoint_text(format_addr(family, raw), port, self.numeric)
-        self._raw_ends[(family, raw, port)] = text
+    def _addr_text(self, family: int, raw: bytes) -> str:
+        if len(self._addr_texts) > _CACHE_MAX:
+            self._addr_texts.clear()
+        text = self._addr_texts[(family, raw)] = address_prefix(format_addr(family, raw))
+        return text
+
+    def _port_text(self, port: int) -> str:
+        text = self._port_texts[port] = port_name(port, self.numeric)
         return text
 
     def _raw_owner(self, pid: int, comm: bytes) -> str:
@@ -667,9 +703,10 @@ class LifetimeFormatter:
         text = self._raw_owners[(pid, comm)] = self._owner(pid, decode_comm(comm) if pid else "")
         return text
 
-    def _any_line(self, item) -> str:
+    def _lines(self, lives) -> list[str]:
         # a Lifetime, or (closing Event, kernel record) for record_line
-        return self.record_line(*item) if type(item) is tuple else self.line(item)
+        pair, line = self._record_line, self.line
+        return [pair(item) if type(item) is tuple else line(item) for item in lives]
 
     def write_header(self) -> None:
         self.out.write(self.header() + "\n")
@@ -677,9 +714,9 @@ class LifetimeFormatter:
 
     def write(self, lives) -> None:
         layout = (self.width, self.wide)
-        lines = [self._any_line(life) for life in lives]
+        lines = self._lines(lives)
         if (self.width, self.wide) != layout:
-            lines = [self._any_line(life) for life in lives]  # all at the new columns
+            lines = self._lines(lives)  # all at the new columns
         if lines:
             shown = len(lines)
             if self.headed not in (None, (self.width, self.wide)):

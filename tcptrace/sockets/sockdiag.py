@@ -48,6 +48,11 @@ INET_DIAG_REQ_BYTECODE = 1
 # Largest bytecode we build: jump offsets are u16, and the attribute length too.
 MAX_BYTECODE = 60000
 
+# The namespace's cap on timewait sockets: at 0 a closing socket never gets one.
+MAX_TW_BUCKETS = "/proc/sys/net/ipv4/tcp_max_tw_buckets"
+# How long a read of that cap is trusted (sysctl -w may change it at any time).
+MAX_TW_REREAD_S = 1.0
+
 # idiag_timer value of a timewait socket (net/ipv4/inet_diag.c, inet_twsk_diag_fill).
 TIMER_TIMEWAIT = 3
 
@@ -245,17 +250,42 @@ class SocketTable:
 
         self._request_class = Request
         self._loop = asyncio.new_event_loop()
+        # the namespace's tcp_max_tw_buckets, opened inside it (a net sysctl file
+        # answers for the namespace it was opened in); None when unreadable
+        self._max_tw: int | None = None
+        self._max_tw_value = 1
+        self._max_tw_read = -MAX_TW_REREAD_S
         try:
             with _inside(netns_path):
                 self._sock = AsyncNetlinkSocket(NETLINK_SOCK_DIAG)
                 self._sock.set_marshal(_fast_marshal())
                 self._loop.run_until_complete(self._sock.bind())
+                with contextlib.suppress(OSError):
+                    self._max_tw = os.open(MAX_TW_BUCKETS, os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
             self._loop.close()
             where = f" in {netns_path}" if netns_path else ""
             raise TcptraceError(f"cannot open a sock_diag socket{where}: {exc}") from exc
 
+    def makes_timewait(self) -> bool:
+        """Whether a closing socket here can get a timewait socket: not when the
+        namespace's net.ipv4.tcp_max_tw_buckets is 0 (then none is ever made, and
+        there is nothing to ask sock_diag for). True when it cannot be read."""
+        if self._max_tw is None:
+            return True
+        now = time.monotonic()
+        if now - self._max_tw_read >= MAX_TW_REREAD_S:
+            self._max_tw_read = now
+            try:
+                self._max_tw_value = int(os.pread(self._max_tw, 32, 0))
+            except (OSError, ValueError):
+                self._max_tw_value = 1
+        return self._max_tw_value > 0
+
     def close(self) -> None:
+        if self._max_tw is not None:
+            os.close(self._max_tw)
+            self._max_tw = None
         if self._loop.is_closed():
             return
         try:
@@ -368,6 +398,12 @@ class SocketTables:
             return None
         self.tables[netns] = table
         return table
+
+    def makes_timewait(self, netns: int = 0) -> bool:
+        """SocketTable.makes_timewait of this namespace's table (0: ours); True when
+        its table is not open yet (nothing is opened here)."""
+        table = self.tables.get(netns or self.own)
+        return table is None or table.makes_timewait()
 
     def namespaces(self, only: Iterable[int] = ()) -> list[int]:
         """Every namespace that can be entered now (or those of `only`), ours first."""

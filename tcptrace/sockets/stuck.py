@@ -12,7 +12,6 @@ would cross a threshold (they may have gone, or moved on, since).
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -27,8 +26,9 @@ from tcptrace.kernel.events import (
     F_STUCK,
     Event,
     make_event,
+    raw_address,
 )
-from tcptrace.kernel.loader import SCAN_EVERY, SCAN_NEW, SCAN_STUCK
+from tcptrace.kernel.mapscan import SCAN_EVERY, SCAN_NEW, SCAN_STUCK
 from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
 from tcptrace.sockets.sockdiag import SockEntry, SocketTables
 from tcptrace.stages import Stage
@@ -379,10 +379,3 @@ def _key_of(ev: Event) -> tuple[int, str, int, str, int]:
 def _identity(entry: SockEntry) -> tuple[int, tuple[str, int, str, int], int]:
     """A socket as sock_diag shows it, in its state: moved on or gone, it differs."""
     return (entry.state, entry.key, entry.inode)
-
-
-def raw_address(family: int, text: str) -> bytes:
-    """An address as the kernel's 16 bytes (IPv4 in the first 4; IPv4-mapped IPv6)."""
-    if family == socket.AF_INET6 and ":" not in text:
-        return socket.inet_pton(socket.AF_INET6, f"::ffff:{text}")
-    return socket.inet_pton(family, text).ljust(16, b"\0")

@@ -89,6 +89,7 @@ _new_state = operator.itemgetter(_NEW)
 _SPORT = Event._fields.index("sport")
 _DPORT = Event._fields.index("dport")
 _SKADDR = Event._fields.index("skaddr")
+_NETNS = Event._fields.index("netns")
 _NONE: frozenset[int] = frozenset()
 
 
@@ -193,6 +194,8 @@ class TimeWait(Stage):
         lives = self.lives if self.followed and self.lives else None
         # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
+        if candidates:
+            candidates = self._may_wait(candidates)
         found = self._look_up(candidates) if candidates else None
         if found is None:
             self.unfollowed += len(candidates)
@@ -275,6 +278,14 @@ class TimeWait(Stage):
     def _keep(self, out: list[Event], ev: Event) -> None:
         if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate):
             out.append(ev)
+
+    def _may_wait(self, candidates: list[Event]) -> list[Event]:
+        """The candidates whose namespace can make timewait sockets: where
+        tcp_max_tw_buckets is 0 the kernel's FIN_WAIT2 -> CLOSE is the whole truth."""
+        # (a namespace whose table is not open yet is asked: the look-up opens it)
+        makes = self.tables.makes_timewait
+        barred = {netns for netns in {ev[_NETNS] for ev in candidates} if not makes(netns)}
+        return [ev for ev in candidates if ev[_NETNS] not in barred] if barred else candidates
 
     def _look_up(self, candidates: list[Event]) -> dict[Key, SockEntry] | None:
         """Timewait sockets for these 4-tuples, or None when we cannot afford to ask."""

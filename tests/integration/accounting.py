@@ -42,6 +42,9 @@ def assert_all_accounted(last_line: str, err: str, expected: int) -> None:
     """Every transition the workload made is traced, or was missed by the kernel and
     counted (misses count every TCP socket's, so they may exceed the shortfall)."""
     traced, _, _ = summary_numbers(last_line)
+    # traced may exceed expected by a hit the nested program counted twice: it was
+    # interrupted as it started by a softirq that made more than one hit (README)
+    doubled = int(expected * UNEXPLAINED_SHORTFALL)
     if kernel_counts_misses():
         # Seen twice on 6.18 (4 hits short in a 360,000-transition soak, 4 of 20,000
         # with a stalled reader) even counting recursion_misses. Likely cause, since
@@ -49,9 +52,10 @@ def assert_all_accounted(last_line: str, err: str, expected: int) -> None:
         # queued, which end in a reset with one transition fewer. The bound stays
         # until soaks confirm it.
         slack = int(expected * UNEXPLAINED_SHORTFALL)
-        assert traced <= expected <= traced + missed(err) + slack, (last_line, err, expected)
+        assert expected <= traced + missed(err) + slack, (last_line, err, expected)
+        assert traced <= expected + doubled, (last_line, err, expected)
     else:
-        assert expected * (1 - UNCOUNTED_MISS_BOUND) <= traced <= expected, (
+        assert expected * (1 - UNCOUNTED_MISS_BOUND) <= traced <= expected + doubled, (
             last_line,
             err,
             expected,

@@ -13,6 +13,9 @@ from collections.abc import Sequence
 from typing import IO
 
 READY = "Ctrl-C to stop"
+# Compiling and verifying the programs takes ~1 s here and 20-40 s in the CI's
+# emulated VM (QEMU TCG): how long to wait for the ready line.
+READY_TIMEOUT = 120.0 if os.environ.get("TCPTRACE_IN_VM") == "1" else 30.0
 
 
 class Running:
@@ -35,7 +38,7 @@ class Running:
         )
         self.stderr_head = ""
 
-    def wait_ready(self, timeout: float = 30.0) -> None:
+    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
         """Block until the 'tracing ... Ctrl-C to stop' line: the program is attached."""
         deadline = time.monotonic() + timeout
         fd = self.proc.stderr.fileno()
@@ -75,8 +78,12 @@ class Lines(threading.Thread):
         for line in self.stream:
             self.lines.append(line.rstrip("\n"))
 
-    def wait_for(self, text: str, count: int, timeout: float = 60.0) -> None:
+    def wait_for(
+        self, text: str, count: int, timeout: float = 60.0, at_start: bool = False
+    ) -> None:
+        """Until count lines hold text (at_start: begin with it)."""
         deadline = time.monotonic() + timeout
-        while sum(text in line for line in self.lines) < count:
+        has = str.startswith if at_start else lambda line, text: text in line
+        while sum(has(line, text) for line in self.lines) < count:
             assert time.monotonic() < deadline, f"no {count} lines with {text!r}: {self.lines}"
             time.sleep(0.05)

@@ -17,6 +17,7 @@ import resource
 import socket
 import subprocess
 import sys
+import time
 
 TRANSITIONS_PER_CONNECTION = 10
 LISTENER_TRANSITIONS = 2
@@ -46,7 +47,28 @@ def run(port: int, rounds: int, count: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (needed, max(needed, hard)))
     for _ in range(rounds):
         burst_round(port, count)
+    settle(port)
     return rounds * count
+
+
+TIME_WAIT = "06"  # the st column of /proc/net/tcp
+
+
+def settle(port: int, timeout: float = 30.0) -> None:
+    """Wait until every connection of the bursts has closed or waits in TIME_WAIT.
+    A namespace torn down sooner (run_in_netns) takes the closes still under way with
+    it, and their last transitions never happen."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with open("/proc/net/tcp") as table:
+            rows = [line.split() for line in table.readlines()[1:]]
+        ports = {f"{port:04X}"}
+        if not any(
+            row[3] != TIME_WAIT and {row[1].split(":")[1], row[2].split(":")[1]} & ports
+            for row in rows
+        ):
+            return
+        time.sleep(0.05)
 
 
 def run_in_netns(port: int, rounds: int, count: int) -> subprocess.Popen:

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .cmd import Running
+from .cmd import Lines, Running
 from .netutil import free_port
 from .test_command import connect_and_close
 
@@ -37,14 +37,20 @@ def frames(out: str) -> list[dict[str, list[str]]]:
 def test_table_in_a_pipe_counts_real_connections_without_colour():
     port = free_port()
     run = Running("--port", str(port), "--interval", str(INTERVAL))
+    reader = Lines(run.proc.stdout)
     run.wait_ready()
     for _ in range(CONNECTIONS):
         connect_and_close(port, hold=0)
-    # let the last frame cover the last transition, with frames to spare on a slow machine
-    # (under emulation in the VM of .ci/run, 3 intervals gave only 2 frames 5 times in 6)
-    time.sleep(5 * INTERVAL)
-    code, out, err = run.stop(signal.SIGINT)
+    # Three more frames: the last covers the last transition. Counted, not slept for:
+    # under emulation (the VM of .ci/run) frames come late, and a fixed 1.5 s gave 0-2.
+    shown = sum(line.startswith("tcptrace ") for line in reader.lines)
+    reader.wait_for("tcptrace ", shown + 3, at_start=True)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.proc.wait(timeout=30)
+    reader.join(10)
+    err = run.stderr_head + run.proc.stderr.read()
     assert code == 0, err
+    out = "\n".join(reader.lines)
     assert "\x1b" not in out  # neither colour nor cursor movement in a pipe
     tables = frames(out)
     assert len(tables) >= 3

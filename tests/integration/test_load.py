@@ -76,7 +76,10 @@ def bpftool(*args: str):
 
 def socket_map_id(pid: int) -> int:
     """The 'sockets' LRU map of the tcptrace process pid."""
-    (prog,) = {p["prog_id"] for p in bpftool("perf") if p["pid"] == pid}
+    # the tracepoint program (the nested raw-tracepoint one shares its maps)
+    (prog,) = {
+        p["prog_id"] for p in bpftool("perf") if p["pid"] == pid and p["fd_type"] == "tracepoint"
+    }
     for map_id in bpftool("prog", "show", "id", str(prog))["map_ids"]:
         info = bpftool("map", "show", "id", str(map_id))
         if info.get("name") == "sockets":
@@ -311,7 +314,7 @@ def test_two_tracers_work_independently():
     one.wait_ready()
     both.wait_ready()
     progs = {p["prog_id"] for p in bpftool("perf") if p["pid"] in (one.proc.pid, both.proc.pid)}
-    assert len(progs) == 2  # each its own program and maps
+    assert len(progs) == 4  # each its own programs (tracepoint and nested) and maps
 
     one_connection(p1)
     one_connection(p2)

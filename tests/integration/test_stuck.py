@@ -214,9 +214,30 @@ def test_live_table_and_metrics_show_the_oldest() -> None:
     assert "1 still stuck at exit, oldest first:" in out.lines
 
 
-def test_without_btf_stuck_is_one_clear_error() -> None:
-    run = Running("--stuck", "1s", "-p", str(free_port()), env={"TCPTRACE_BTF": "/nonexistent"})
-    code, out, err = run.wait()
-    assert code == 1, err
-    assert "tcptrace: --stuck needs the kernel to scan its socket map: no usable BTF" in err
-    assert "Traceback" not in err and out == ""
+def test_without_the_iterator_the_map_is_walked_in_user_space_and_it_says_so() -> None:
+    # Without BTF the iterator's context cannot be checked, so it is not loaded (as on
+    # a kernel whose policy refuses iterator programs): the same reports, from a walk
+    # of the map in user space, and one line on stderr that says so.
+    port = free_port()
+    server = start_leaky(port)
+    tracer = Running(
+        "--stuck", "CLOSE_WAIT=1s", "-p", str(port), "-n", env={"TCPTRACE_BTF": "/nonexistent"}
+    )
+    try:
+        tracer.wait_ready()
+        out = Lines(tracer.proc.stdout)
+        leak_one(port, server)
+        out.wait_for("STUCK in CLOSE_WAIT", 1, timeout=1 + SCAN_S + SLACK_S + 5)
+        time.sleep(2.5)  # more scans: reported once, the mark kept by user space
+        code, err = finish(tracer, out)
+    finally:
+        server.kill()
+    assert code == 0, err
+    (notice,) = [line for line in err.splitlines() if "user space" in line]
+    assert notice.startswith("tcptrace: no usable BTF"), notice
+    assert notice.endswith(": the socket map is walked in user space instead"), notice
+    reports = stuck_lines(out.lines)
+    assert len(reports) == 2, out.lines  # once while tracing, once at exit
+    assert re.search(rf"\s{server.pid}\s+python", reports[0]), reports[0]
+    assert f"127.0.0.1:{port}" in reports[0]
+    assert "1 still stuck at exit, oldest first:" in out.lines

@@ -192,3 +192,14 @@ def test_without_a_timewait_socket_the_kernels_event_stays(no_timewait_namespace
     moves = [(r[4], r[5]) for r in transitions(out)]
     assert ("FIN_WAIT2", "CLOSE") in moves, out
     assert not any("TIME_WAIT" in m for m in moves), out
+
+
+def test_the_socket_table_knows_where_no_timewait_socket_is_made(no_timewait_namespace):
+    from tcptrace.sockets.sockdiag import SocketTable
+
+    # each table reads its own namespace's tcp_max_tw_buckets, wherever it is asked
+    # from (the parent process stayed in the namespace the test began in)
+    home = f"/proc/{os.getppid()}/ns/net"
+    with SocketTable() as here, SocketTable(home) as there:
+        assert not here.makes_timewait()
+        assert there.makes_timewait()

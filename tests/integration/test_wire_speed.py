@@ -20,6 +20,9 @@ from .netutil import free_port
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 SUMMARY = re.compile(r"^(\d+) transitions traced, (\d+) shown, (\d+) lost", re.M)
+# the summary's fourth term: client ends whose timewait socket still waited in
+# FIN_WAIT2 for the server's FIN at exit (traced, not yet shown, not lost)
+HELD = re.compile(r"^\d+ transitions traced, .*, (\d+) held: still in FIN_WAIT2", re.M)
 
 
 def churn(port: int, connections: int) -> None:
@@ -91,8 +94,11 @@ def test_tiny_buffer_through_the_command_still_adds_up():
     assert code == 0, err
     traced, shown, lost = map(int, SUMMARY.findall(out)[-1])
     lines = [line for line in out.splitlines()[1:] if " -> " in line]
+    held = sum(int(n) for n in HELD.findall(out)[-1:])
     assert traced >= 1000 * 9
-    assert traced == shown + lost
+    # (under emulation the server may close long after its client: some client
+    # ends can still wait for its FIN when tracing stops)
+    assert traced == shown + lost + held, out[-800:] + err[-800:]
     assert shown == len(lines)
 
 

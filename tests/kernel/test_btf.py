@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tcptrace.kernel.btf import VMLINUX, Btf, BtfError, netns_offsets
+from tcptrace.kernel.btf import SOCK_FIELDS, VMLINUX, Btf, BtfError, netns_offsets, sock_offsets
 
 pytestmark = pytest.mark.skipif(not VMLINUX.exists(), reason="this kernel has no BTF")
 
@@ -37,6 +37,19 @@ def btf() -> Btf:
 def test_offsets_agree_with_bpftool(btf):
     for struct, member in (("sock_common", "skc_net"), ("net", "ns"), ("ns_common", "inum")):
         assert btf.offset_of(struct, member) == bpftool_member_offset(struct, member)
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool is not installed")
+def test_the_tracepoints_fields_in_a_socket_agree_with_bpftool(btf):
+    offsets = sock_offsets(btf).offsets
+    assert set(offsets) == {macro for macro, _, _ in SOCK_FIELDS}
+    # inet_sock begins with its struct sock; sk_protocol is a member of its own (no bitfield)
+    assert offsets["INET_SPORT_OFFSET"] == bpftool_member_offset("inet_sock", "inet_sport")
+    assert offsets["INET_SADDR_OFFSET"] == bpftool_member_offset("inet_sock", "inet_saddr")
+    assert offsets["SK_PROTOCOL_OFFSET"] == bpftool_member_offset("sock", "sk_protocol")
+    assert offsets["SK_FAMILY_OFFSET"] == btf.offset_of("sock_common", "skc_family")
+    assert offsets["SK_V6_DADDR_OFFSET"] == bpftool_member_offset("sock_common", "skc_v6_daddr")
+    assert sock_offsets(btf).cflags()[0] == f"-DSK_FAMILY_OFFSET={offsets['SK_FAMILY_OFFSET']}"
 
 
 def test_member_paths_add_up_and_look_into_anonymous_unions(btf):

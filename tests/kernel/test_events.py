@@ -11,6 +11,7 @@ from tcptrace.kernel.events import (
     decode_life,
     decode_many,
     format_addr,
+    raw_address,
 )
 from tcptrace.states import TcpState as S
 
@@ -127,3 +128,11 @@ def test_life_record_past_its_slots():
     life = decode_life(raw_life(5, visited, visits=LIFE_VISITS + 2))
     # the states recorded; the last slot holds the time of the rest
     assert life.visits == LIFE_VISITS + 2 and len(life.visited()) == LIFE_VISITS
+
+
+def test_raw_address_is_format_addrs_inverse_in_the_kernels_16_bytes() -> None:
+    assert raw_address(socket.AF_INET, "10.0.0.1") == bytes([10, 0, 0, 1]) + bytes(12)
+    mapped = raw_address(socket.AF_INET6, "10.0.0.1")
+    assert mapped == socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
+    for family, text in ((socket.AF_INET, "192.0.2.7"), (socket.AF_INET6, "2001:db8::1")):
+        assert format_addr(family, raw_address(family, text)) == text

@@ -99,3 +99,29 @@ def test_program_state_numbers_match_table():
         if state is TcpState.NEW_SYN_RECV:
             continue
         assert consts[f"TT_{state.name}"] == int(state), state.name
+
+
+def test_user_space_scan_reads_sk_info_as_the_program_lays_it_out():
+    """kernel/mapscan.py decodes the per-socket map's values (struct sk_info, with
+    KEEP_ENDS) where the iterator is refused: its fields up to the ends, in order."""
+    from tcptrace.kernel.mapscan import SK_INFO_OFFSETS
+
+    text = PROGRAM.read_text()
+    body = re.search(r"struct sk_info\s*{(.*?)};", text, re.S).group(1)
+    body = re.sub(r"/\*.*?\*/", "", body, flags=re.S)
+    sizes = {"u64": 8, "u32": 4, "u16": 2, "u8": 1, "char": 1, "struct sk_ends": 40}
+    offset, found = 0, {}
+    for ctype, name, length in re.findall(
+        r"(u64|u32|char|struct sk_ends)\s+(\w+)(?:\[(\w+)\])?;", body
+    ):
+        n = {"TCPTRACE_COMM_LEN": events.COMM_LEN}.get(length, 1) if length else 1
+        found[name] = offset
+        offset += sizes[ctype] * n
+        if name == "ends":
+            break
+    assert found == SK_INFO_OFFSETS
+    ends = re.search(r"struct sk_ends\s*{(.*?)};", text, re.S).group(1)
+    assert re.findall(r"(u\d+) (\w+)", ends) == [
+        ("u8", "saddr"), ("u8", "daddr"), ("u16", "sport"), ("u16", "dport"),
+        ("u16", "family"), ("u16", "reserved"),
+    ]  # fmt: skip

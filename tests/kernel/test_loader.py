@@ -5,8 +5,9 @@ from __future__ import annotations
 import ctypes
 
 from tcptrace.filters import ALL_STATES, JUDGED_STATES, Filters
-from tcptrace.kernel.loader import Probe, ProbeConfig
-from tcptrace.states import TcpState
+from tcptrace.kernel.btf import SockOffsets
+from tcptrace.kernel.loader import LEVELS, Probe, ProbeConfig, fold_levels
+from tcptrace.states import NSTATES, TcpState
 
 
 class FakeMap:
@@ -45,3 +46,24 @@ def test_slow_ns_map_holds_each_judged_states_threshold():
     slow_ns.values.clear()
     probe._fill_slow_ns()
     assert slow_ns.values == {}
+
+
+def test_the_nested_program_is_compiled_in_with_the_offsets_it_reads():
+    assert knob(ProbeConfig(), "NESTED") == "0"
+    offsets = SockOffsets({"SK_FAMILY_OFFSET": 16, "INET_SPORT_OFFSET": 814})
+    config = ProbeConfig(sock_offsets=offsets)
+    assert knob(config, "NESTED") == "1"
+    assert (knob(config, "SK_FAMILY_OFFSET"), knob(config, "INET_SPORT_OFFSET")) == ("16", "814")
+
+
+def test_the_longest_time_in_a_state_is_the_largest_of_either_programs():
+    # dmax is kept per program: the nested one may run between the other's read and write
+    dmax = [0] * (NSTATES * LEVELS)
+    dmax[int(TcpState.ESTABLISHED)] = 5
+    dmax[NSTATES + int(TcpState.ESTABLISHED)] = 7
+    dmax[NSTATES + int(TcpState.LISTEN)] = 3
+    dmax[int(TcpState.SYN_SENT)] = 2
+    folded = fold_levels(dmax)
+    assert len(folded) == NSTATES
+    assert folded[int(TcpState.ESTABLISHED)] == 7
+    assert (folded[int(TcpState.LISTEN)], folded[int(TcpState.SYN_SENT)]) == (3, 2)

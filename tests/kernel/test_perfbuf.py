@@ -281,3 +281,30 @@ def test_held_samples_after_a_lost_record_are_read_again_and_counted_once(monkey
         assert reader.lost == 3 and ring.pending() == 0
     finally:
         ring.close()
+
+
+def test_held_samples_are_read_again_with_a_batchs_worth_of_company():
+    """At a high rate a few samples are held at every read: reading again as soon as
+    they may go would make batches of a few; the reader waits until MIN_READ_INTERVAL_NS
+    after its last read (never past the caller's timeout)."""
+    import time
+
+    reader = fake_reader()
+    slept: list[float] = []
+
+    class Epoll:
+        def poll(self, timeout: float) -> None:
+            slept.append(timeout)
+
+    reader.epoll.close()
+    reader.epoll = Epoll()  # type: ignore[assignment]
+    reader.read_runs(hold_ns=0)  # the last read: now
+    reader.release_at_ns = time.monotonic_ns() + perfbuf.NS_PER_MS  # may go in 1 ms
+    reader.wait(50)
+    interval_s = perfbuf.MIN_READ_INTERVAL_NS / 1e9
+    assert interval_s - 0.002 <= slept[-1] <= interval_s
+    reader.wait(5)  # a shorter timeout wins
+    assert slept[-1] == 0.005
+    reader.read_ns -= 2 * perfbuf.MIN_READ_INTERVAL_NS  # read long ago: at release time
+    reader.wait(50)
+    assert slept[-1] <= 0.001

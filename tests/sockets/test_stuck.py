@@ -9,7 +9,7 @@ import pytest
 
 from tcptrace.filters import ALL_STATES
 from tcptrace.kernel.events import F_DELTA_LOWER, F_STUCK
-from tcptrace.kernel.loader import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, ScanResult
+from tcptrace.kernel.mapscan import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, ScanResult
 from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
 from tcptrace.sockets.sockdiag import SockEntry
 from tcptrace.sockets.stuck import (
@@ -18,7 +18,6 @@ from tcptrace.sockets.stuck import (
     STUCK_STATES,
     Scanner,
     StuckWatch,
-    raw_address,
     scan_interval,
     thresholds,
 )
@@ -162,12 +161,6 @@ def test_sockets_older_than_tracing_are_checked_then_reported_as_lower_bounds(
     oldest = watch.oldest()
     assert oldest.ages[CW] == (3 * SECOND // 2, True)
     assert oldest.stuck[CW] == 1
-
-
-def test_raw_address_is_the_kernels_16_bytes() -> None:
-    assert raw_address(socket.AF_INET, "10.0.0.1") == bytes([10, 0, 0, 1]) + bytes(12)
-    mapped = raw_address(socket.AF_INET6, "10.0.0.1")
-    assert mapped == socket.inet_pton(socket.AF_INET6, "::ffff:10.0.0.1")
 
 
 def test_a_snapshot_socket_the_map_already_holds_counts_once(

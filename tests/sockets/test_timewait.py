@@ -10,6 +10,10 @@ class RecordingTable:
 
     def __init__(self) -> None:
         self.requests: list[tuple] = []
+        self.timewait = True  # the namespace's tcp_max_tw_buckets is above 0
+
+    def makes_timewait(self) -> bool:
+        return self.timewait
 
     def dump(self, states, filters, clauses):
         self.requests.append((frozenset(states), clauses))
@@ -26,6 +30,9 @@ class RecordingTables:
 
     def get(self, netns: int = 0):
         return self.table if netns in (0, OWN) else None
+
+    def makes_timewait(self, netns: int = 0) -> bool:
+        return self.table.makes_timewait()
 
 
 OWN = 4026531840
@@ -65,6 +72,23 @@ def test_many_scattered_ports_take_several_bounded_requests():
     sizes = [len(clauses[0]) for _, clauses in table.requests]
     assert sizes == [MAX_RANGES, 10]
     assert all(side == LOCAL for _, clauses in table.requests for side, _ in clauses[0])
+
+
+def test_where_no_timewait_socket_can_be_made_nothing_is_asked():
+    from tcptrace.states import TcpState
+    from tests.outputs.test_output import make_event
+
+    ends = [
+        make_event(TcpState.FIN_WAIT2, TcpState.CLOSE, sport=40000 + i, dport=8080, skaddr=i)
+        for i in range(3)
+    ]
+    tw, table = stage()
+    table.timewait = False  # net.ipv4.tcp_max_tw_buckets = 0 in that namespace
+    assert tw.on_events(ends) is None  # the kernel's FIN_WAIT2 -> CLOSE stand
+    assert table.requests == [] and tw.unfollowed == 0
+    table.timewait = True
+    tw.on_events(ends)
+    assert len(table.requests) == 1
 
 
 def test_corrections_move_durations_between_states_in_the_summary():

@@ -1,0 +1,72 @@
+"""The map scan in user space: the iterator's rules on plain bytes."""
+
+from __future__ import annotations
+
+import socket
+
+from tcptrace.kernel.events import F_DELTA_KNOWN, F_NETNS_KNOWN, F_OWNER_KNOWN, F_STUCK
+from tcptrace.kernel.mapscan import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, SK_INFO, UserScan
+from tcptrace.states import TcpState
+
+S = 1_000_000_000
+CW = int(TcpState.CLOSE_WAIT)
+EST = int(TcpState.ESTABLISHED)
+
+
+def entry(ts: int, state: int, *, sport: int = 80, pid: int = 42, netns: int = 0) -> bytes:
+    saddr = socket.inet_aton("10.0.0.1").ljust(16, b"\0")
+    daddr = socket.inet_aton("10.0.0.2").ljust(16, b"\0")
+    values = (ts, 7, pid, F_OWNER_KNOWN, b"server", state, netns, 0, saddr, daddr, sport,
+              5000, socket.AF_INET, 0)  # fmt: skip
+    return SK_INFO.pack(*values) + bytes(8)  # bcc's value may be longer: ignored
+
+
+def test_counts_oldest_and_stuck_per_state():
+    scan = UserScan({CW: 2 * S})
+    now = 100 * S
+    entries = [
+        (1, entry(now - 5 * S, CW)),
+        (2, entry(now - 1 * S, CW)),
+        (3, entry(now - 9 * S, EST)),
+    ]
+    result = scan.scan(entries, now, SCAN_NEW)
+    assert result.count == {CW: 2, EST: 1}
+    assert result.oldest == {CW: now - 5 * S, EST: now - 9 * S}
+    assert result.stuck == {CW: 1}  # ESTABLISHED has no threshold
+    (record,) = result.records
+    assert record.skaddr == 1 and record.oldstate == record.newstate == CW
+    assert record.delta_ns == 5 * S and record.ts_ns == now
+    assert record.flags == F_STUCK | F_DELTA_KNOWN | F_OWNER_KNOWN
+    assert (record.sport, record.dport, record.family) == (80, 5000, socket.AF_INET)
+    assert record.comm.rstrip(b"\0") == b"server" and record.pid == 42
+
+
+def test_a_socket_is_reported_once_per_stay_in_a_state():
+    scan = UserScan({CW: 2 * S})
+    first = [(1, entry(10 * S, CW))]
+    assert len(scan.scan(first, 13 * S, SCAN_NEW).records) == 1
+    assert scan.scan(first, 14 * S, SCAN_NEW).records == []
+    # the exit list names every socket past its threshold, reported or not
+    assert len(scan.scan(first, 15 * S, SCAN_STUCK).records) == 1
+    # it left and came back: another stay, another report
+    again = [(1, entry(20 * S, CW))]
+    assert scan.scan(again, 21 * S, SCAN_NEW).records == []
+    assert len(scan.scan(again, 23 * S, SCAN_NEW).records) == 1
+
+
+def test_every_lists_all_sockets_and_keeps_the_marks():
+    scan = UserScan({CW: 2 * S})
+    entries = [(1, entry(10 * S, CW)), (2, entry(12 * S, EST, netns=4026531840))]
+    assert len(scan.scan(entries, 13 * S, SCAN_NEW).records) == 1
+    every = scan.scan(entries, 13 * S, SCAN_EVERY).records
+    assert [r.skaddr for r in every] == [1, 2]
+    assert every[1].flags & F_NETNS_KNOWN and every[1].netns == 4026531840
+    assert scan.scan(entries, 14 * S, SCAN_NEW).records == []  # still reported
+
+
+def test_young_and_unknown_entries_are_left_out():
+    scan = UserScan({CW: S})
+    now = 10 * S
+    entries = [(1, entry(now + 1, CW)), (2, entry(now - 5 * S, 99))]
+    result = scan.scan(entries, now, SCAN_EVERY)
+    assert result.count == {} and result.records == []
