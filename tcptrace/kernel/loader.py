@@ -44,6 +44,7 @@ from tcptrace.kernel.events import (
     make_event,
     raw_address,
 )
+from tcptrace.kernel.mapread import MapReader, MapReadError, per_cpu_totals
 from tcptrace.kernel.mapscan import (
     SCAN_NEW,
     SK_INFO_OFFSETS,
@@ -192,15 +193,17 @@ class Probe:
     def __init__(self, config: ProbeConfig) -> None:
         try:
             from bcc import BPF
+            from bcc.libbcc import lib
         except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
+        # whole maps in batches (the statistics, the user-space scan's socket map)
+        self._maps = MapReader(lib)
         self.reader: perfbuf.PerfReader | None = None
         self.detached = False
         self._scan_link: int | None = None  # the map iterator's link (open_scan)
         # the walk in user space, where the kernel refuses the iterator (and why it does)
         self._user_scan: UserScan | None = None
         self.scan_fallback: str | None = None
-        self._batch: tuple[ctypes.Array, ctypes.Array] | None = None  # its read buffers
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
         # --lifetime: the last batch's life records by (skaddr, ts_ns) of their closing
@@ -336,38 +339,13 @@ class Probe:
 
     def _map_entries(self) -> list[tuple[int, bytes]]:
         """(socket address, sk_info bytes) of every entry, read in batches."""
-        from bcc.libbcc import lib
-
         table = self.bpf[b"sockets"]
         key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
-        room = self.config.max_sockets
-        if self._batch is None:  # kept: allocated once, when the fallback starts
-            self._batch = (
-                ctypes.create_string_buffer(key_size * room),
-                ctypes.create_string_buffer(value_size * room),
-            )
-        keys, values = self._batch
-        out_batch, count = ctypes.c_uint32(0), ctypes.c_uint32(0)
-        total = 0
-        while total < room:
-            count.value = room - total
-            rc = lib.bpf_lookup_batch(
-                table.map_fd,
-                ctypes.byref(out_batch) if total else None,
-                ctypes.byref(out_batch),
-                ctypes.byref(keys, key_size * total),
-                ctypes.byref(values, value_size * total),
-                ctypes.byref(count),
-            )
-            error = ctypes.get_errno() or -rc
-            total += count.value
-            if rc != 0 and error != errno.ENOENT:
-                raise TcptraceError(f"could not read the socket map ({os.strerror(error)})")
-            if rc != 0 or count.value == 0:
-                break  # ENOENT: the end; no progress: a bucket changing under the read
-        # copies of the filled part only: .raw would copy the whole buffer
-        addresses = struct.unpack(f"={total}Q", ctypes.string_at(keys, key_size * total))
-        raw = ctypes.string_at(values, value_size * total)
+        try:
+            keys, raw = self._maps.read(table.map_fd, key_size, value_size, self.config.max_sockets)
+        except MapReadError as exc:
+            raise TcptraceError(f"could not read the socket map ({exc.strerror})") from None
+        addresses = struct.unpack(f"={len(keys) // key_size}Q", keys)
         return [(sk, raw[i * value_size : (i + 1) * value_size]) for i, sk in enumerate(addresses)]
 
     def _kernel_scan(self, now_ns: int, list_all: int) -> ScanResult:
@@ -681,11 +659,14 @@ class Probe:
         return self.reader.lost if self.reader is not None else 0
 
     def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
+        """A per-CPU array of u64 reduced over the CPUs, read in one batch where the
+        kernel can (kernel/mapread.py)."""
         table = self.bpf[name.encode()]
-        values = [0] * size
-        for key, leaf in table.items():
-            values[key.value] = reduce(leaf)
-        return values
+        value_size = ctypes.sizeof(table.Leaf)  # every possible CPU's u64
+        keys, values = self._maps.read(
+            table.map_fd, ctypes.sizeof(table.Key), value_size, size, array=True
+        )
+        return per_cpu_totals(keys, values, size, value_size // 8, reduce)
 
     def summary(self) -> Summary:
         """The kernel's exact statistics, summed over CPUs."""
@@ -697,16 +678,17 @@ class Probe:
             counters=self._sum_percpu("counters", NCOUNTERS),
         )
         summary.lost = self.lost
-        summary.missed = self.missed()
         summary.slower_than = describe_state_durations(self.config.filters.slower_than)
         return summary
 
     def finish_accounting(self, summary: Summary) -> None:
-        """Add what only the final summary needs: events never read (counted lost) and
-        the map's entries, from which evictions follow. Too costly or too transient for
-        the summaries live views take while tracing."""
+        """Add what only the final summary needs: events never read (counted lost), the
+        map's entries, from which evictions follow, and the hits the kernel skipped (a
+        bpf() call per program). Too costly or too transient for the summaries live
+        views take while tracing."""
         summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
         summary.sockets_tracked = self.sockets_tracked()
+        summary.missed = self.missed()
 
     def missed(self) -> int:
         """Tracepoint hits the kernel skipped without running the program.
@@ -735,8 +717,8 @@ class Probe:
 
     def lost_so_far(self) -> int:
         """Events lost until now (cheap: two per-CPU counters), for live reports."""
-        table = self.bpf[b"counters"]
-        dropped, shed = (sum(table[table.Key(i)]) for i in (C_DROPPED, C_SHED))
+        counters = self._sum_percpu("counters", NCOUNTERS)  # one batch for both
+        dropped, shed = counters[C_DROPPED], counters[C_SHED]
         return max(dropped, self.lost) + shed
 
     def sockets_tracked(self) -> int:
@@ -747,7 +729,7 @@ class Probe:
         if self._scan_link is not None:
             os.close(self._scan_link)
             self._scan_link = None
-        self._batch = None
+        self._maps.forget()
         self.bpf.cleanup()
         if self.reader is not None:
             self.reader.close()
