@@ -1,0 +1,174 @@
+"""The kernel's maps read in batches: how many bpf() calls a live frame's readings
+make (a summary, the loss check, a scan), and the same numbers read either way.
+
+Every bpf() call tcptrace makes goes through libbcc's functions (bcc's table API
+and the loader's own calls alike); a counting shim in front of them counts the
+calls per function. The counts are exact, not timings: the idle cost they stand
+for is measured by benchmarks/idle.py (BENCHMARKS.md, eighth session).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import errno
+import socket
+import time
+
+import pytest
+
+from tcptrace.filters import Filters
+from tcptrace.kernel.events import HIST_SLOTS, NCOUNTERS
+from tcptrace.kernel.mapread import ENOTSUPP, MapReader
+from tcptrace.kernel.stats import Summary
+from tcptrace.states import NSTATES
+
+from .netutil import free_port
+
+pytestmark = pytest.mark.usefixtures("bpf_ready")
+
+# the maps a summary reads: hist, dsum, dmax, trans, counters
+SUMMARY_MAPS = 5
+
+
+class CountingLib:
+    """libbcc, with a count of the calls of each of its functions."""
+
+    def __init__(self, lib) -> None:
+        self._lib = lib
+        self.calls: collections.Counter[str] = collections.Counter()
+
+    def __getattr__(self, name: str):
+        target = getattr(self._lib, name)
+        if not callable(target):
+            return target
+
+        def counted(*args):
+            self.calls[name] += 1
+            return target(*args)
+
+        return counted
+
+
+class OldKernel(CountingLib):
+    """libbcc on a kernel that refuses batch look-ups with `error` (before Linux 5.6:
+    EINVAL, an unknown command; a map type without them: ENOTSUPP)."""
+
+    def __init__(self, lib, error: int) -> None:
+        super().__init__(lib)
+        self.error = error
+
+    def __getattr__(self, name: str):
+        if name != "bpf_lookup_batch":
+            return super().__getattr__(name)
+
+        def refused(*_args):
+            self.calls[name] += 1
+            ctypes.set_errno(self.error)
+            return -1
+
+        return refused
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """Every libbcc call counted, from bcc's tables and tcptrace's loader alike."""
+    import bcc.libbcc
+    import bcc.table
+
+    shim = CountingLib(bcc.libbcc.lib)
+    monkeypatch.setattr(bcc.libbcc, "lib", shim)
+    monkeypatch.setattr(bcc.table, "lib", shim)
+    return shim
+
+
+def connections(port: int, n: int) -> None:
+    """n loopback connections to port, opened and closed: every state's maps get entries."""
+    with socket.socket() as srv:
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind(("127.0.0.1", port))
+        srv.listen(n)
+        for _ in range(n):
+            client = socket.create_connection(("127.0.0.1", port))
+            child, _ = srv.accept()
+            client.close()
+            child.close()
+    time.sleep(0.2)  # the last closes (FIN_WAIT2 -> CLOSE: the timewait socket's)
+
+
+@pytest.fixture
+def probe():
+    """A probe as the live table and --quiet --metrics load it: maps only, and the scan."""
+    from tcptrace.kernel.loader import Probe, ProbeConfig
+
+    port = free_port()
+    loaded = Probe(
+        ProbeConfig(
+            filters=Filters(ports=frozenset({port})),
+            emit_events=False,
+            keep_ends=True,
+            scan=True,
+        )
+    )
+    try:
+        connections(port, 20)
+        yield loaded
+    finally:
+        loaded.close()
+
+
+def test_a_frames_readings_cost_a_few_bpf_calls_whatever_the_maps_size(counting, probe):
+    # (counting first: the probe is loaded with the shim as its libbcc)
+    probe.summary()  # the first reading allocates the buffers: count the next ones
+    counting.calls.clear()
+    summary = probe.summary()
+    assert summary.total_transitions >= 20 * 9  # it read real entries
+    # one batch per map: not one call per key (6,874 keys, bcc's table API)
+    assert counting.calls == {"bpf_lookup_batch": SUMMARY_MAPS}
+    counting.calls.clear()
+    probe.lost_so_far()  # every second, beside the frames
+    assert counting.calls == {"bpf_lookup_batch": 1}
+    assert probe.open_scan() is None
+    counting.calls.clear()
+    probe.scan(time.monotonic_ns())  # OLDEST and NOW: at most once a second
+    # the kernel's iterator: set the scan's time, run it, read its result
+    assert sum(counting.calls.values()) <= 3, counting.calls
+
+
+def read_by_hand(probe, name: str, size: int, reduce=sum) -> list[int]:
+    """A per-CPU map read key by key through bcc's table API, as before batches."""
+    table = probe.bpf[name.encode()]
+    values = [0] * size
+    for key, leaf in table.items():
+        values[key.value] = reduce(leaf)
+    return values
+
+
+@pytest.mark.parametrize("error", [errno.EINVAL, ENOTSUPP], ids=["EINVAL", "ENOTSUPP"])
+def test_batched_and_key_by_key_readings_are_the_same_numbers(probe, error):
+    from bcc.libbcc import lib
+
+    from tcptrace.kernel.loader import LEVELS, fold_levels
+
+    probe.detach()  # nothing changes from here: every reading must be the same
+    batched = probe.summary()
+    assert batched.total_transitions >= 20 * 9
+    # bcc's table API, key by key, as tcptrace read the maps before
+    by_hand = Summary.from_maps(
+        hist=read_by_hand(probe, "hist", NSTATES * HIST_SLOTS),
+        dsum=read_by_hand(probe, "dsum", NSTATES),
+        dmax=fold_levels(read_by_hand(probe, "dmax", NSTATES * LEVELS, max)),
+        trans=read_by_hand(probe, "trans", NSTATES * NSTATES),
+        counters=read_by_hand(probe, "counters", NCOUNTERS),
+    )
+    by_hand.lost = probe.lost
+    assert batched == by_hand
+    # a kernel that refuses batches: each map is read key by key from the first refusal
+    old = OldKernel(lib, error)
+    probe._maps = MapReader(old)
+    assert probe.summary() == batched
+    assert old.calls["bpf_lookup_batch"] == SUMMARY_MAPS
+    old.calls.clear()
+    assert probe.summary() == batched
+    assert "bpf_lookup_batch" not in old.calls  # not asked again
+    assert old.calls["bpf_lookup_elem"] == NSTATES * (HIST_SLOTS + 1 + LEVELS + NSTATES) + NCOUNTERS
