@@ -153,7 +153,15 @@ BPF_HASH(listeners, struct listen_key, struct owner, MAX_LISTENERS);
 BPF_ARRAY(listeners_full, u32, 1);
 BPF_ARRAY(ports, u8, 65536);
 BPF_PERCPU_ARRAY(counters, u64, TCPTRACE_NCOUNTERS);
-BPF_PERCPU_ARRAY(hist, u64, TCPTRACE_NSTATES * TCPTRACE_HIST_SLOTS);
+/* One state's duration histogram: one entry per state, not per bucket, so that user
+ * space reads the whole histogram in one batch of NSTATES entries (13 entries of 4 KiB
+ * per CPU: a memcpy each), not 6,656 (tcptrace/kernel/loader.py Probe.summary). */
+struct hist_row {
+	u64 slots[TCPTRACE_HIST_SLOTS];
+};
+_Static_assert((TCPTRACE_HIST_SLOTS & (TCPTRACE_HIST_SLOTS - 1)) == 0,
+	       "a slot is masked into the row: HIST_SLOTS must be a power of two");
+BPF_PERCPU_ARRAY(hist, struct hist_row, TCPTRACE_NSTATES);
 BPF_PERCPU_ARRAY(dsum, u64, TCPTRACE_NSTATES);
 BPF_PERCPU_ARRAY(dmax, u64, TCPTRACE_NSTATES * LEVELS);
 BPF_PERCPU_ARRAY(trans, u64, TCPTRACE_NSTATES * TCPTRACE_NSTATES);
@@ -407,11 +415,10 @@ static __always_inline void record_stats(int old, int new, u64 delta, int known,
 		__sync_fetch_and_add(v, 1);
 	if (!known)
 		return;
-	u32 h = old * TCPTRACE_HIST_SLOTS + hist_slot(delta);
-	v = hist.lookup(&h);
-	if (v)
-		__sync_fetch_and_add(v, 1);
 	u32 s = old;
+	struct hist_row *row = hist.lookup(&s);
+	if (row)
+		__sync_fetch_and_add(&row->slots[hist_slot(delta) & (TCPTRACE_HIST_SLOTS - 1)], 1);
 	v = dsum.lookup(&s);
 	if (v)
 		__sync_fetch_and_add(v, delta);

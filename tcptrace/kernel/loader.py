@@ -34,9 +34,7 @@ from tcptrace.kernel.events import (
     C_SUBMITTED,
     COMM_LEN,
     EVENT_STRUCT,
-    HIST_SLOTS,
     LIFE_STRUCT,
-    NCOUNTERS,
     Event,
     Life,
     event_time,
@@ -658,24 +656,26 @@ class Probe:
         """Events the perf rings reported lost (the kernel also counts them as dropped)."""
         return self.reader.lost if self.reader is not None else 0
 
-    def _sum_percpu(self, name: str, size: int, reduce=sum) -> list[int]:
-        """A per-CPU array of u64 reduced over the CPUs, read in one batch where the
-        kernel can (kernel/mapread.py)."""
+    def _sum_percpu(self, name: str, reduce=sum) -> list[int]:
+        """A per-CPU array of u64 (or of rows of u64: hist) reduced over the CPUs, read
+        in one batch where the kernel can (kernel/mapread.py)."""
         table = self.bpf[name.encode()]
-        value_size = ctypes.sizeof(table.Leaf)  # every possible CPU's u64
+        value_size = ctypes.sizeof(table.Leaf)  # every possible CPU's value
+        cpus = table.total_cpu
         keys, values = self._maps.read(
-            table.map_fd, ctypes.sizeof(table.Key), value_size, size, array=True
+            table.map_fd, ctypes.sizeof(table.Key), value_size, table.max_entries, array=True
         )
-        return per_cpu_totals(keys, values, size, value_size // 8, reduce)
+        width = value_size // cpus // 8
+        return per_cpu_totals(keys, values, table.max_entries, cpus, reduce, width)
 
     def summary(self) -> Summary:
         """The kernel's exact statistics, summed over CPUs."""
         summary = Summary.from_maps(
-            hist=self._sum_percpu("hist", NSTATES * HIST_SLOTS),
-            dsum=self._sum_percpu("dsum", NSTATES),
-            dmax=fold_levels(self._sum_percpu("dmax", NSTATES * LEVELS, max)),
-            trans=self._sum_percpu("trans", NSTATES * NSTATES),
-            counters=self._sum_percpu("counters", NCOUNTERS),
+            hist=self._sum_percpu("hist"),  # NSTATES rows of HIST_SLOTS
+            dsum=self._sum_percpu("dsum"),
+            dmax=fold_levels(self._sum_percpu("dmax", max)),
+            trans=self._sum_percpu("trans"),
+            counters=self._sum_percpu("counters"),
         )
         summary.lost = self.lost
         summary.slower_than = describe_state_durations(self.config.filters.slower_than)
@@ -717,7 +717,7 @@ class Probe:
 
     def lost_so_far(self) -> int:
         """Events lost until now (cheap: two per-CPU counters), for live reports."""
-        counters = self._sum_percpu("counters", NCOUNTERS)  # one batch for both
+        counters = self._sum_percpu("counters")  # one batch for both
         dropped, shed = counters[C_DROPPED], counters[C_SHED]
         return max(dropped, self.lost) + shed
 

@@ -145,15 +145,33 @@ class MapReader:
         return total
 
 
-def per_cpu_totals(keys: bytes, values: bytes, size: int, cpus: int, reduce=sum) -> list[int]:
-    """An array map of u64 per CPU, as read: `size` values, each reduced over the CPUs
-    (sum by default, or max); keys the map did not return stay 0."""
+def per_cpu_totals(
+    keys: bytes, values: bytes, size: int, cpus: int, reduce=sum, width: int = 1
+) -> list[int]:
+    """A per-CPU array map whose values are `width` u64 each, as read: its `size`
+    entries' values, each u64 reduced over the CPUs (sum by default, or max), one after
+    another (size * width of them); entries the map did not return stay 0."""
     flat = memoryview(values).cast("Q")
-    if cpus == 1:
-        reduced = list(flat)
-    else:
-        reduced = list(map(reduce, zip(*(flat[cpu::cpus] for cpu in range(cpus)))))
-    totals = [0] * size
-    for index, value in zip(memoryview(keys).cast("I"), reduced):
-        totals[index] = value
+    totals = [0] * (size * width)
+    if width == 1:
+        if cpus == 1:
+            reduced = list(flat)
+        else:
+            reduced = list(map(reduce, zip(*(flat[cpu::cpus] for cpu in range(cpus)))))
+        for index, value in zip(memoryview(keys).cast("I"), reduced):
+            totals[index] = value
+        return totals
+    # rows of width u64, one per CPU per entry: most are all zeros (states never left)
+    row_bytes = width * 8
+    zeros = bytes(row_bytes)
+    for entry, index in enumerate(memoryview(keys).cast("I")):
+        first = entry * cpus
+        rows = [
+            flat[(first + cpu) * width : (first + cpu + 1) * width]
+            for cpu in range(cpus)
+            if values[(first + cpu) * row_bytes : (first + cpu + 1) * row_bytes] != zeros
+        ]
+        if rows:
+            reduced = list(rows[0]) if len(rows) == 1 else list(map(reduce, zip(*rows)))
+            totals[index * width : (index + 1) * width] = reduced
     return totals
