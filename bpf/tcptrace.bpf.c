@@ -815,13 +815,15 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 }
 
 /*
- * The start-up check of the nested program's offsets: is this a socket of the check
- * connection (its own address in 127.84.84.0/24, IPv4 or v4-mapped)? Then note what
- * was read of it as it enters ESTABLISHED, and say so: it is never traced.
+ * The start-up check of the nested program's offsets: is this a socket of a check
+ * connection (its own address in 127.84.84.0/24, IPv4 or v4-mapped)? Then it is never
+ * traced; and if it is ours (the armed value is our check server's port: another
+ * tcptrace may be checking at the same time) note what was read of it as it enters
+ * ESTABLISHED.
  */
 static __always_inline int check_connection(u16 family, u16 protocol, int new, u16 sport,
 					    u16 dport, const void *saddr, const void *daddr,
-					    u32 level, int note)
+					    u32 level, int note, u32 port)
 {
 	struct check_ends seen = {.sport = sport, .dport = dport, .family = family,
 				  .protocol = protocol};
@@ -833,7 +835,7 @@ static __always_inline int check_connection(u16 family, u16 protocol, int new, u
 		net = (seen.saddr[12] << 16) | (seen.saddr[13] << 8) | seen.saddr[14];
 	if (net != CHECK_NET)
 		return 0;
-	if (note && new == TT_ESTABLISHED) {
+	if (note && new == TT_ESTABLISHED && (sport == port || dport == port)) {
 		u32 slot = level * 2 + (family != TT_AF_INET);
 		check_ends.update(&slot, &seen);
 	}
@@ -867,7 +869,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		u32 *armed = self_check.lookup(&armed_key);
 		if (!(armed && *armed &&
 		      check_connection(family, args->protocol, args->newstate, args->sport,
-				       args->dport, saddr, daddr, LEVEL_TRACEPOINT, 1)))
+				       args->dport, saddr, daddr, LEVEL_TRACEPOINT, 1, *armed)))
 			ret = on_transition(args, (u64)args->skaddr, args->oldstate, args->newstate,
 					    family, args->sport, args->dport, saddr, daddr,
 					    LEVEL_TRACEPOINT);
@@ -907,7 +909,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 		t->depth = d - 2;
 	}
 	u32 *armed = self_check.lookup(&armed_key);
-	int checking = armed && *armed;
+	u32 checking = armed ? *armed : 0; /* the check server's port while checking */
 	if (!skipped && !checking)
 		return 0;
 	if (skipped)
@@ -926,7 +928,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	}
 	/* the check's hits were all taken: one found skipped is not noted, and fails it */
 	if (checking && check_connection(family, protocol, new, sport, dport, saddr, daddr,
-					 LEVEL_NESTED, !skipped))
+					 LEVEL_NESTED, !skipped, checking))
 		return 0;
 	if (!skipped || protocol != TT_IPPROTO_TCP)
 		return 0;

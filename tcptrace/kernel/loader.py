@@ -449,7 +449,6 @@ class Probe:
 
         check = self.bpf[b"self_check"]
         ends = self.bpf[b"check_ends"]
-        check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(1)
         try:
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
@@ -457,6 +456,9 @@ class Probe:
                 server.bind((f"::ffff:{CHECK_SERVER}", 0))
                 server.listen(1)
                 port = server.getsockname()[1]
+                # armed with our server's port: the program notes our connection only,
+                # not another tcptrace's checking at the same time
+                check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(port)
                 client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                 client.bind((CHECK_CLIENT, 0))
                 client.connect((CHECK_SERVER, port))

@@ -144,7 +144,10 @@ def test_a_client_that_closes_first_ends_with_its_time_wait():
     # at once), and in TIME_WAIT until the second connection began: exact, not a poll's
     # guess (to the timewait socket's timer: a jiffy or two)
     spent = times(clients[0])
-    assert PEER_CLOSES_AFTER_S - 0.01 <= spent["FIN_WAIT2"] < PEER_CLOSES_AFTER_S + 0.1, out
+    # from close() to the peer's FIN: FIN_WAIT1 and FIN_WAIT2 together (the ACK that
+    # ends FIN_WAIT1 took 6 ms in the emulated VM), less the timer's jiffies (HZ 250)
+    closing = spent["FIN_WAIT1"] + spent["FIN_WAIT2"]
+    assert PEER_CLOSES_AFTER_S - 0.01 <= closing < PEER_CLOSES_AFTER_S + 0.1, out
     assert TW_REUSE_AFTER_S - 0.01 <= spent["TIME_WAIT"] < TW_REUSE_AFTER_S + 0.3, out
     # and the server's two accepted sockets: the first closed passively, the second
     # waits in TIME_WAIT
