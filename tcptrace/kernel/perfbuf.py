@@ -388,20 +388,22 @@ class PerfReader:
         up to hold_ns before the read began (stamped, not yet written); a ring read
         up to the bound, nothing older than its last sample read. Later samples stay
         in their ring for the next read; `release_at_ns` says when the first of them
-        may go. hold_ns None takes everything (nothing more will be written).
+        may go. hold_ns None takes everything up to the bounded rings' frontier
+        (nothing more will be written: a backlog drained at exit).
         """
         started = self.read_ns = time.monotonic_ns()
         size = self.sample_size
         limit = READ_RECORDS * record_size(size)
         chunks = [ring.peek(limit) for ring in self.rings]
         truncated = [len(chunk) == limit for chunk in chunks]
-        frontier = None
-        if hold_ns is not None:
-            frontier = started - hold_ns
-            for chunk, bounded in zip(chunks, truncated, strict=True):
-                last = last_stamp(chunk, size) if bounded else None
-                if last is not None:
-                    frontier = min(frontier, last)
+        frontier = None if hold_ns is None else started - hold_ns
+        # A ring read up to the bound gives next time samples older than what another
+        # ring may give now: nothing stamped after its last one goes in this batch.
+        # Also once nothing more is written (hold_ns None: a backlog drained at exit).
+        for chunk, bounded in zip(chunks, truncated, strict=True):
+            last = last_stamp(chunk, size) if bounded else None
+            if last is not None:
+                frontier = last if frontier is None else min(frontier, last)
         runs: list[bytes] = []
         self.more = False
         self.release_at_ns = None
@@ -410,12 +412,14 @@ class PerfReader:
             if frontier is not None:
                 end, held = cut_before(chunk, size, frontier)
             if held is not None:
-                assert hold_ns is not None
                 parsed = parse(chunk[:end], size)
                 release = end  # whole records: the held ones are read again next time
-                due = held + hold_ns
-                if self.release_at_ns is None or due < self.release_at_ns:
-                    self.release_at_ns = due
+                if hold_ns is None:
+                    self.more = True  # held only behind a bounded ring: they go next read
+                else:
+                    due = held + hold_ns
+                    if self.release_at_ns is None or due < self.release_at_ns:
+                        self.release_at_ns = due
             else:
                 parsed = parse(chunk, size)
                 # a complete chunk goes back whole (even past a corrupt record); a

@@ -242,6 +242,30 @@ def test_a_ring_read_to_its_bound_holds_back_the_later_samples_of_the_others(mon
         drained.close()
 
 
+def test_a_backlog_drained_at_exit_comes_out_in_time_order(monkeypatch):
+    """Detached (hold_ns None: nothing more will be written), two rings both far behind:
+    each read stops at the bound, and no batch may run ahead of a bounded ring."""
+    monkeypatch.setattr(perfbuf, "READ_RECORDS", 3)
+    one, two = FileRing(data_pages=1), FileRing(data_pages=1)
+    try:
+        reader = fake_reader(one, two)
+        for i, ts in enumerate((10, 20, 30, 40, 50, 60)):
+            one.kernel_write(stamped(i, ts))
+        for i, ts in enumerate((15, 70, 80, 90, 95, 99)):
+            two.kernel_write(stamped(100 + i, ts))
+        stamps: list[int] = []
+        reader.more = True
+        while reader.more:
+            runs = reader.read_runs(hold_ns=None)
+            batch = sorted(Event._make(t).ts_ns for r in runs for t in reader.record.iter_unpack(r))
+            stamps += batch
+        assert stamps == sorted(stamps) and len(stamps) == 12
+        assert one.pending() == two.pending() == 0
+    finally:
+        one.close()
+        two.close()
+
+
 def test_samples_stamped_just_before_the_read_wait_for_the_slack(monkeypatch):
     """A sample stamped within hold_ns of the read may still have a twin on another
     CPU that is stamped but not yet written: it stays in its ring, and the reader
