@@ -455,10 +455,14 @@ class RecordOutput(Stage):
             self.writer.write_records(KIND_STUCK, [self.stuck(ev) for ev in events])
             self.writer.flush()
             return
-        if self.quiet or not events:
+        if self.quiet:
             return
         if self.lifetimes is not None:
+            # even an empty batch: it may carry the kernel's record of a connection
+            # whose closing event TIME_WAIT following holds back (Lifetimes._held)
             self.lifetimes.on_events(events)
+            return
+        if not events:
             return
         writer = self.writer
         if isinstance(writer, JsonLinesWriter):

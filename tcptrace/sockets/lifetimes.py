@@ -119,6 +119,7 @@ class Lifetimes(Stage):
                     if (
                         whole
                         and ev[_NEW] == CLOSE
+                        and ev[0] == record[0][0]
                         and record[_BIRTH]
                         and record[_VISITS] <= LIFE_VISITS
                     ):
@@ -210,6 +211,11 @@ def _from_record(ev: Event, record: Life) -> Lifetime:
     if visits < LIFE_VISITS:
         visited = visited[:visits]
     states = [StateTime(names[state], ns) for state, ns in zip(visited, times)]
+    later = ts - _event[0]
+    if later > 0 and states:
+        # TIME_WAIT following found it entered TIME_WAIT after the kernel's event (at
+        # the peer's FIN): the state it left lasted until then
+        states[-1].duration_ns += later
     if visits > LIFE_VISITS:
         # (not in Linux's state machine) the last slot holds the time of the rest
         states[-1].state += f"+{visits - LIFE_VISITS}"

@@ -35,8 +35,8 @@ from __future__ import annotations
 import operator
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping, MutableMapping
+from dataclasses import dataclass, field, replace
 
 from tcptrace.filters import Filters
 from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event, Life
@@ -47,6 +47,7 @@ from tcptrace.sockets.sockdiag import (
     TIMEWAIT_STATES,
     Budget,
     SockEntry,
+    SocketTable,
     SocketTables,
     port_ranges,
 )
@@ -71,6 +72,9 @@ FAST_POLL_INTERVAL = 0.1
 MAX_FOLLOWED = 4096
 # How often namespaces that have gone are looked for (a /proc walk: a few ms).
 PRUNE_INTERVAL_NS = 1_000_000_000
+# Up to this many sockets are looked up one by one, more in one dump (its kernel walk
+# costs about as much as this many look-ups).
+EXACT_LOOK_UPS = 8
 # Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
@@ -86,10 +90,12 @@ _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpSta
 _OLD = Event._fields.index("oldstate")
 _NEW = Event._fields.index("newstate")
 _new_state = operator.itemgetter(_NEW)
+_event_time = operator.itemgetter(0)
 _SPORT = Event._fields.index("sport")
 _DPORT = Event._fields.index("dport")
 _SKADDR = Event._fields.index("skaddr")
 _NETNS = Event._fields.index("netns")
+_FAMILY = Event._fields.index("family")
 _NONE: frozenset[int] = frozenset()
 
 
@@ -162,7 +168,7 @@ class TimeWait(Stage):
         tables: SocketTables,
         budget: Budget | None = None,
         poll_interval: float = POLL_INTERVAL,
-        lives: Mapping[tuple[int, int], Life] | None = None,
+        lives: MutableMapping[tuple[int, int], Life] | None = None,
     ) -> None:
         self.filters = filters
         # --lifetime: the kernel's life records of the batch (loader.Probe.lives), whose
@@ -204,6 +210,7 @@ class TimeWait(Stage):
             return self._reused(events, lives) if opening or lives else None
         out: list[Event] = []
         keep = out.append
+        moved = False  # a TIME_WAIT entry stamped later than the kernel's event
         for ev in events:
             new = ev[_NEW]
             if new in opening and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
@@ -220,10 +227,11 @@ class TimeWait(Stage):
                 continue
             self._replace_previous(out, key, entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
-                new_ev = ev._replace(newstate=TIME_WAIT)
+                new_ev = self._time_wait_since(ev, entry)
+                moved = moved or new_ev.ts_ns != ev.ts_ns
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
-                self._follow(key, new_ev, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
+                self._follow(key, new_ev, entry, TIME_WAIT, new_ev.ts_ns, F_DELTA_KNOWN)
                 self._keep(out, new_ev)
             else:
                 # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
@@ -233,7 +241,31 @@ class TimeWait(Stage):
                 if ev.delta_known:
                     f.kernel_partial_ns = ev.delta_ns
                     self.fixes.remove(FIN_WAIT2, ev.delta_ns)
+        if moved:
+            out.sort(key=_event_time)
         return out
+
+    def _time_wait_since(self, ev: Event, entry: SockEntry) -> Event:
+        """The kernel's FIN_WAIT2 -> CLOSE (CLOSING -> CLOSE) of a socket whose timewait
+        socket was found in TIME_WAIT: it went there when the peer's FIN came, which
+        may be after the kernel's event (an orphan's timewait socket starts in
+        FIN_WAIT2). When, its timer tells: armed for TIME_WAIT_LEN at that moment."""
+        asked = self.asked_ns
+        at = _clamp(asked + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, ev.ts_ns, asked)
+        if at == ev.ts_ns:
+            return ev._replace(newstate=TIME_WAIT)
+        later = at - ev.ts_ns
+        if self.lives is not None:
+            # --lifetime: its life record is found by its closing event's time
+            record = self.lives.pop((ev[_SKADDR], ev.ts_ns), None)
+            if record is not None:
+                self.lives[(ev[_SKADDR], at)] = record
+        if ev.delta_known:  # the kernel timed the state to its event: to the FIN now
+            self.fixes.remove(ev.oldstate, ev.delta_ns)
+            self.fixes.add(ev.oldstate, ev.delta_ns + later)
+        return ev._replace(
+            newstate=TIME_WAIT, ts_ns=at, delta_ns=ev.delta_ns + later, flags=ev.flags | F_POLLED
+        )
 
     def _reused(
         self, events: list[Event], lives: Mapping[tuple[int, int], Life] | None = None
@@ -294,24 +326,24 @@ class TimeWait(Stage):
         started = time.monotonic()
         self.asked_ns = time.monotonic_ns()
         try:
-            found, _unreachable = self._dump([key_of(ev, self.own) for ev in candidates])
+            found, _unreachable = self._ask(
+                [(key_of(ev, self.own), ev[_FAMILY]) for ev in candidates]
+            )
         finally:
             self.budget.charge(started)
         return found
 
-    def _dump(self, keys: list[Key]) -> tuple[dict[Key, SockEntry], set[int]]:
-        """The timewait sockets of these 4-tuples (and a few more), from sock_diag in
-        each one's namespace; and the namespaces that cannot be asked any more.
+    def _ask(self, keys: list[tuple[Key, int]]) -> tuple[dict[Key, SockEntry], set[int]]:
+        """The timewait sockets of these (4-tuple, family)s, from sock_diag in each
+        one's namespace; and the namespaces that cannot be asked any more.
 
-        Each 4-tuple is asked for by its own port: the local one, unless other
-        4-tuples share it (the server's port when the server closed first), then
-        the remote one. Filtering in the kernel keeps the rows, each of which costs
-        ~5 µs to parse, near one per 4-tuple even when thousands of timewait
-        sockets share the server's port.
+        A few are looked up one by one (the kernel's hash look-up, ~0.15 ms each);
+        more in a dump, whose kernel walk of the whole established table costs
+        ~1-3 ms per family however few sockets it finds.
         """
-        by_netns: dict[int, list[Key]] = {}
-        for key in keys:
-            by_netns.setdefault(key[0], []).append(key)
+        by_netns: dict[int, list[tuple[Key, int]]] = {}
+        for key, family in keys:
+            by_netns.setdefault(key[0], []).append((key, family))
         found: dict[Key, SockEntry] = {}
         unreachable: set[int] = set()
         for netns, ns_keys in by_netns.items():
@@ -319,17 +351,39 @@ class TimeWait(Stage):
             if table is None:
                 unreachable.add(netns)
                 continue
-            shared = Counter(key[2] for key in ns_keys)
-            local = {key[2] for key in ns_keys if shared[key[2]] == 1}
-            remote = {key[4] for key in ns_keys if shared[key[2]] > 1}
-            for side, ports in ((LOCAL, local), (REMOTE, remote)):
-                ranges = port_ranges(ports)
-                for start in range(0, len(ranges), MAX_RANGES):
-                    clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
-                    for row in table.dump(TIMEWAIT_STATES, self.filters, [clause]):
-                        if row.timewait:
-                            found[(netns, *row.key)] = row
+            if len(ns_keys) <= EXACT_LOOK_UPS:
+                for key, family in ns_keys:
+                    row = table.find(family, (key[1], key[2]), (key[3], key[4]))
+                    if row is not None and row.timewait and (netns, *row.key) == key:
+                        found[key] = row
+            else:
+                for family in {family for _key, family in ns_keys}:
+                    self._dump(table, netns, [k for k, f in ns_keys if f == family], family, found)
         return found, unreachable
+
+    def _dump(
+        self, table: SocketTable, netns: int, keys: list[Key], family: int, found: dict
+    ) -> None:
+        """The timewait sockets of these 4-tuples of one family (and a few more), by a
+        dump of the namespace's table, into found.
+
+        Each 4-tuple is asked for by its own port: the local one, unless other
+        4-tuples share it (the server's port when the server closed first), then
+        the remote one. Filtering in the kernel keeps the rows, each of which costs
+        ~5 µs to parse, near one per 4-tuple even when thousands of timewait
+        sockets share the server's port.
+        """
+        filters = replace(self.filters, family=family)
+        shared = Counter(key[2] for key in keys)
+        local = {key[2] for key in keys if shared[key[2]] == 1}
+        remote = {key[4] for key in keys if shared[key[2]] > 1}
+        for side, ports in ((LOCAL, local), (REMOTE, remote)):
+            ranges = port_ranges(ports)
+            for start in range(0, len(ranges), MAX_RANGES):
+                clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
+                for row in table.dump(TIMEWAIT_STATES, filters, [clause]):
+                    if row.timewait:
+                        found[(netns, *row.key)] = row
 
     def _follow(
         self, key: Key, template: Event, entry: SockEntry, state: int, since: int, flags: int
@@ -378,7 +432,9 @@ class TimeWait(Stage):
         started = time.monotonic()
         asked = time.monotonic_ns()
         try:
-            seen, unreachable = self._dump(list(self.followed))
+            seen, unreachable = self._ask(
+                [(key, f.template[_FAMILY]) for key, f in self.followed.items()]
+            )
         finally:
             self.budget.charge(started)
         # the kernel looked at its table between `asked` and `now`

@@ -1,8 +1,10 @@
 """TIME_WAIT following: how timewait sockets are asked for (no kernel needed)."""
 
+import socket
+
 from tcptrace.filters import Filters
 from tcptrace.sockets.sockdiag import LOCAL, REMOTE, TIMEWAIT_STATES
-from tcptrace.sockets.timewait import MAX_RANGES, TimeWait
+from tcptrace.sockets.timewait import EXACT_LOOK_UPS, MAX_RANGES, TimeWait
 
 
 class RecordingTable:
@@ -18,6 +20,10 @@ class RecordingTable:
     def dump(self, states, filters, clauses):
         self.requests.append((frozenset(states), clauses))
         return []
+
+    def find(self, family, local, remote):
+        self.requests.append(("find", family, local, remote))
+        return None
 
 
 class RecordingTables:
@@ -44,31 +50,56 @@ def stage() -> tuple[TimeWait, RecordingTable]:
     return TimeWait(Filters(ports=frozenset({8080})), tables), table  # type: ignore[arg-type]
 
 
+def ipv4(keys: list) -> list:
+    return [(key, socket.AF_INET) for key in keys]
+
+
+def test_a_few_ends_are_looked_up_one_by_one():
+    """The kernel's hash look-up, not a dump that walks the whole established table."""
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(EXACT_LOOK_UPS)]
+    tw._ask(ipv4(keys))
+    assert table.requests == [
+        ("find", socket.AF_INET, ("127.0.0.1", 40000 + i), ("127.0.0.1", 8080))
+        for i in range(EXACT_LOOK_UPS)
+    ]
+
+
 def test_client_ends_are_asked_for_by_their_own_local_port():
     tw, table = stage()
-    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(3)]
-    tw._dump(keys)
+    count = EXACT_LOOK_UPS + 2
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(count)]
+    tw._ask(ipv4(keys))
     assert len(table.requests) == 1
     states, clauses = table.requests[0]
     assert states == frozenset(TIMEWAIT_STATES)
-    assert clauses == [[(LOCAL, (40000, 40002))]]
+    assert clauses == [[(LOCAL, (40000, 40000 + count - 1))]]
+
+
+def test_a_dump_asks_only_for_the_families_of_the_ends():
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(EXACT_LOOK_UPS + 1)]
+    families = []
+    table.dump = lambda states, filters, clauses: families.append(filters.family) or []
+    tw._ask(ipv4(keys))
+    assert families == [socket.AF_INET]
 
 
 def test_ends_sharing_the_servers_port_are_asked_for_by_the_remote_port():
     tw, table = stage()
-    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(3)]
+    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(EXACT_LOOK_UPS)]
     client = [(OWN, "127.0.0.1", 41000, "10.0.0.1", 443)]
-    tw._dump(server + client)
+    tw._ask(ipv4(server + client))
     assert [c for _, c in table.requests] == [
         [[(LOCAL, (41000, 41000))]],
-        [[(REMOTE, (50000, 50000)), (REMOTE, (50002, 50002)), (REMOTE, (50004, 50004))]],
+        [[(REMOTE, (50000 + 2 * i, 50000 + 2 * i)) for i in range(EXACT_LOOK_UPS)]],
     ]
 
 
 def test_many_scattered_ports_take_several_bounded_requests():
     tw, table = stage()
     keys = [(OWN, "127.0.0.1", 30000 + 2 * i, "127.0.0.1", 8080) for i in range(MAX_RANGES + 10)]
-    tw._dump(keys)
+    tw._ask(ipv4(keys))
     sizes = [len(clauses[0]) for _, clauses in table.requests]
     assert sizes == [MAX_RANGES, 10]
     assert all(side == LOCAL for _, clauses in table.requests for side, _ in clauses[0])
@@ -88,7 +119,7 @@ def test_where_no_timewait_socket_can_be_made_nothing_is_asked():
     assert table.requests == [] and tw.unfollowed == 0
     table.timewait = True
     tw.on_events(ends)
-    assert len(table.requests) == 1
+    assert [r[0] for r in table.requests] == ["find"] * 3
 
 
 def test_corrections_move_durations_between_states_in_the_summary():
