@@ -171,11 +171,7 @@ class LifetimeOutput(Stage):
         self.lifetimes.on_events(events)
 
     def on_finish(self, summary: Summary) -> None:
-        waiting = len(self.lifetimes.waiting)
-        if waiting:
-            summary.notes.append(
-                f"{waiting} connections still in TIME_WAIT at exit: not finished, not shown"
-            )
+        self.lifetimes.remark_waiting(summary)
         self.out.write("\n" + format_summary(summary, self.formatter.printed, lifetimes=True))
         self.out.flush()
 

@@ -97,6 +97,9 @@ F_DELTA_LOWER = 0x10000
 # The transition was found by polling sock_diag (timewait sockets), not traced:
 # its time is known to the poll interval (see tcptrace/sockets/timewait.py).
 F_POLLED = 0x20000
+# A full socket's end (FIN_WAIT2/CLOSING -> CLOSE) whose timewait socket was not looked
+# for (look-ups over their budget): it may have gone on to TIME_WAIT.
+F_END_UNSURE = 0x40000
 C_SEEN = 0
 C_SUBMITTED = 1
 C_DROPPED = 2

@@ -26,6 +26,7 @@ from tcptrace.kernel.events import (
     decode_comm,
     format_addr,
 )
+from tcptrace.kernel.stats import Summary
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState, is_birth, state_name
 
@@ -98,6 +99,16 @@ class Lifetimes(Stage):
     def stop_after(self, count: int, stop: Callable[[], None]) -> None:
         """Hand on `count` finished connections, then call `stop` and take no more."""
         self.remaining, self.stop = count, stop
+
+    def remark_waiting(self, summary: Summary) -> None:
+        """The summary's remark on connections whose TIME_WAIT had not ended at exit."""
+        waiting = len(self.waiting)
+        if waiting:
+            summary.remark(
+                "still_in_time_wait",
+                waiting,
+                f"{waiting} connections still in TIME_WAIT at exit: not finished, not shown",
+            )
 
     def use_kernel(self, lives: dict[tuple[int, int], Life]) -> None:
         """Take each connection from the kernel's life record (the probe refills `lives`

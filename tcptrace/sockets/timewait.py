@@ -39,7 +39,15 @@ from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 
 from tcptrace.filters import Filters
-from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event, Life
+from tcptrace.kernel.events import (
+    C_SEEN,
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_END_UNSURE,
+    F_POLLED,
+    Event,
+    Life,
+)
 from tcptrace.kernel.stats import StateStats, Summary
 from tcptrace.sockets.sockdiag import (
     LOCAL,
@@ -203,11 +211,14 @@ class TimeWait(Stage):
         if candidates:
             candidates = self._may_wait(candidates)
         found = self._look_up(candidates) if candidates else None
-        if found is None:
+        if found is None and candidates:
             self.unfollowed += len(candidates)
+            events = _unsure(events, candidates)
         if not found:
             # no timewait socket behind these ends: the kernel's events stand
-            return self._reused(events, lives) if opening or lives else None
+            if opening or lives:
+                return self._reused(events, lives)
+            return events if found is None and candidates else None
         out: list[Event] = []
         keep = out.append
         moved = False  # a TIME_WAIT entry stamped later than the kernel's event
@@ -514,15 +525,26 @@ class TimeWait(Stage):
         # their kernel FIN_WAIT2 -> CLOSE was traced but not shown: they have not closed
         summary.held = sum(1 for f in self.followed.values() if f.state == FIN_WAIT2)
         if self.dropped_with_netns:
-            summary.notes.append(
+            summary.remark(
+                "time_wait_dropped_with_netns",
+                self.dropped_with_netns,
                 f"TIME_WAIT: {self.dropped_with_netns} followed sockets dropped with their "
-                "network namespace (it was deleted: their end is not known)"
+                "network namespace (it was deleted: their end is not known)",
             )
         if self.unfollowed:
-            summary.notes.append(
+            summary.remark(
+                "time_wait_not_followed",
+                self.unfollowed,
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "
-                f"(over {MAX_FOLLOWED} followed, or sock_diag budget spent)"
+                f"(over {MAX_FOLLOWED} followed, or sock_diag budget spent): their "
+                "FIN_WAIT2/CLOSING -> CLOSE may have been a TIME_WAIT",
             )
+
+
+def _unsure(events: list[Event], ends: list[Event]) -> list[Event]:
+    """The batch with these ends (not looked up) marked: they may hide a TIME_WAIT."""
+    marked = {id(ev) for ev in ends}
+    return [ev._replace(flags=ev.flags | F_END_UNSURE) if id(ev) in marked else ev for ev in events]
 
 
 def _start_of(ev: Event) -> tuple[int, int]:
