@@ -88,8 +88,9 @@ CAPABILITIES = (
 LOCKDOWN_FILE = Path("/sys/kernel/security/lockdown")
 LOCKDOWN_LEVELS = ("none", "integrity", "confidentiality")
 PERF_MLOCK_KB = Path("/proc/sys/kernel/perf_event_mlock_kb")
-# How long the loopback connection's transitions may take to come out of the rings.
-TRACE_TIMEOUT_S = 2.0
+# How long the loopback connection's transitions may take to come out of the rings (the
+# wait ends at its listener's close, the last; seconds under emulation).
+TRACE_TIMEOUT_S = 10.0
 MIB = 1 << 20
 
 
