@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import sys
+from typing import Callable, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -211,6 +212,7 @@ Examples:
   tcptrace --stuck CLOSE_WAIT=30s     a report per socket in CLOSE_WAIT for over 30 s
   tcptrace --stuck 5s -p 443 --json   a watchdog: JSON records of sockets stuck over 5 s
   tcptrace --interval 2 --stuck SYN_SENT=1s   the live table with OLDEST and STUCK
+  tcptrace --check                    what this kernel lets tcptrace do (run it first)
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -429,6 +431,14 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     help="Capacity of the kernel's per-socket map (LRU: beyond it the least recently "
     "active sockets are evicted, counted in the summary, and their next transition is UNTIMED).",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Print what this kernel lets tcptrace do, one line per feature (the tracepoint, "
+    "BTF, the map scan, the nested program, cgroups, the perf buffer, headers, versions, "
+    "lockdown) and what is degraded, then exit: 0 when tracing works, 1 when not. "
+    "Takes no other option.",
+)
 @click.version_option(__version__)
 def main(**opts: object) -> None:
     """Show every TCP state transition live, with the time spent in the state it left.
@@ -436,6 +446,13 @@ def main(**opts: object) -> None:
     Prints one line per transition of the matching sockets and, at exit (Ctrl-C,
     SIGTERM, --count or --duration), how long sockets stayed in each state.
     """
+    if opts["check"]:
+        others = _given_options(but="check")
+        if others:
+            raise click.UsageError(f"--check takes no other option ({others[0]} given)")
+        from tcptrace.session import check
+
+        _finish(check)
     if opts["ipv4"] and opts["ipv6"]:
         raise click.UsageError("-4 and -6 exclude each other")
     if opts["as_json"] and opts["as_csv"]:
@@ -515,8 +532,13 @@ def main(**opts: object) -> None:
         # --stuck alone prints its reports only; with --slower-than, the slow lines too
         transitions=not stuck or bool(opts["slower_than"]),
     )
+    _finish(lambda: run(options))
+
+
+def _finish(run: Callable[[], int]) -> NoReturn:
+    """Run the library's part and exit with its code; a problem it names is one line."""
     try:
-        code = run(options)
+        code = run()
     except TcptraceError as exc:
         click.echo(f"tcptrace: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -544,6 +566,16 @@ def _internal_error(exc: Exception) -> BaseException:
         err=True,
     )
     return SystemExit(1)
+
+
+def _given_options(but: str) -> list[str]:
+    """The options on the command line (their long names), except `but`."""
+    command = click.get_current_context().command
+    return [
+        max(param.opts, key=len)
+        for param in command.params
+        if isinstance(param, click.Option) and param.name != but and _given(str(param.name))
+    ]
 
 
 def _given(name: str) -> bool:

@@ -347,6 +347,20 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     return 0
 
 
+def check(out: TextIO | None = None) -> int:
+    """--check: what this kernel lets tcptrace do, one line per feature; 0 when tracing
+    works (whatever is degraded), 1 when not."""
+    from tcptrace.kernel import features
+    from tcptrace.outputs.findings import format_findings
+    from tcptrace.sockets.cgroups import cgroup2_mount, process_cgroup
+
+    out = out or sys.stdout
+    findings = features.check(cgroup2_mount(), process_cgroup(os.getpid()))
+    out.write(format_findings(findings))
+    out.flush()
+    return features.exit_code(findings)
+
+
 def _stop_on_early_sigterm() -> list[int]:
     """SIGTERM while the program loads is a stop request, honoured once tracing starts.
 

@@ -94,6 +94,8 @@ BAD = [
     (["--stuck", "1s", "--count", "3"], "--count counts transitions shown: --stuck shows none"),
     (["--stuck", "1s", "--snapshot"], "--stuck and --snapshot exclude each other"),
     (["--stuck", "1s", "-s", "SYN_SENT"], "--state selects transitions: --stuck alone shows none"),
+    (["--check", "--port", "80"], "--check takes no other option (--port given)"),
+    (["--check", "-q"], "--check takes no other option (--quiet given)"),
 ]
 
 

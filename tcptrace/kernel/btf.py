@@ -42,6 +42,7 @@ KIND_TYPEDEF = 8
 KIND_VOLATILE = 9
 KIND_CONST = 10
 KIND_RESTRICT = 11
+KIND_FUNC = 12
 KIND_FUNC_PROTO = 13
 KIND_VAR = 14
 KIND_DATASEC = 15
@@ -138,15 +139,19 @@ class Btf:
 
     def find_struct(self, name: str) -> int:
         """The id of the struct so named (the first with members, not a declaration)."""
+        return self.find(name, KIND_STRUCT, "struct")
+
+    def find(self, name: str, kind: int, what: str) -> int:
+        """The id of the first type of this kind so named (what: the kind, for errors)."""
         wanted = self._strings.find(b"\0" + name.encode() + b"\0")
         if wanted < 0:
-            raise BtfError(f"no struct {name} in the BTF")
+            raise BtfError(f"no {what} {name} in the BTF")
         name_off = wanted + 1
         words = self._words
         for type_id, pos in enumerate(self._offsets[1:], start=1):
-            if words[pos] == name_off and (words[pos + 1] >> 24) & 0x1F == KIND_STRUCT:
+            if words[pos] == name_off and (words[pos + 1] >> 24) & 0x1F == kind:
                 return type_id
-        raise BtfError(f"no struct {name} in the BTF")
+        raise BtfError(f"no {what} {name} in the BTF")
 
     def resolve(self, type_id: int) -> int:
         """Skip typedefs and qualifiers."""

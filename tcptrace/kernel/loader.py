@@ -797,6 +797,16 @@ def _return_freed_memory() -> None:
         ctypes.CDLL(None).malloc_trim(0)
 
 
+def bcc_version() -> tuple[str, str]:
+    """bcc's version and where its package is (tcptrace --check)."""
+    try:
+        import bcc
+    except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
+        raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
+    where = Path(bcc.__file__ or "?").parent
+    return str(getattr(bcc, "__version__", "of unknown version")), str(where)
+
+
 def program_path() -> Path:
     override = os.environ.get(PROGRAM_ENV)
     return Path(override) if override else bpf_dir() / PROGRAM
