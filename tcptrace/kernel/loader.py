@@ -77,6 +77,10 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 WRITE_SLACK_NS = 10_000_000
 
 
+# Set to "user": walk the socket map in user space even where the kernel runs the
+# iterator (tests run both walks on the same sockets).
+SCAN_ENV = "TCPTRACE_MAP_SCAN"
+SCAN_IN_USER_SPACE = "user"
 # The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
 SCAN_FN = b"bpf_iter__bpf_map_elem"
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
@@ -285,7 +289,12 @@ class Probe:
             return None
         if not self.config.scan:
             return "the probe was loaded without the map scan (ProbeConfig.scan)"
-        problem = self._scan_problem or self._open_iterator()
+        forced = os.environ.get(SCAN_ENV) == SCAN_IN_USER_SPACE
+        problem = (
+            f"{SCAN_ENV}={SCAN_IN_USER_SPACE}"
+            if forced
+            else self._scan_problem or self._open_iterator()
+        )
         if problem is None:
             return None
         layout = self._sk_info_problem()
