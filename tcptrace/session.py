@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from tcptrace.kernel.events import Life
     from tcptrace.outputs.metrics import ListenAddress
     from tcptrace.sockets.lifetimes import Lifetimes
-    from tcptrace.sockets.stuck import Scanner
+    from tcptrace.sockets.stuck import Oldest, Scanner, StuckWatch
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -268,7 +268,7 @@ def build_stages(
             options.metrics,
             summaries,
             options.filters.describe(),
-            oldest=watch.oldest if watch is not None else None,
+            oldest=_scrape_oldest(watch) if watch is not None else None,
             stuck_states=options.stuck,
         )
         server.start()  # bound before "tracing ..." is printed: scrapers can rely on it
@@ -488,6 +488,13 @@ def _open_scanner(probe: object, options: Options, err: TextIO) -> Scanner | Non
         raise TcptraceError(f"--stuck needs the kernel to scan its socket map: {problem}")
     err.write(f"tcptrace: no OLDEST ages: the kernel cannot scan its socket map ({problem})\n")
     return None
+
+
+def _scrape_oldest(watch: StuckWatch) -> Callable[[], Oldest]:
+    """What a scrape reads of the map's walk: one at most SCRAPE_SCAN_S old."""
+    from tcptrace.sockets.stuck import SCRAPE_SCAN_S
+
+    return lambda: watch.oldest(max_age_s=SCRAPE_SCAN_S)
 
 
 def _lifetimes(stages: list[Stage]) -> Lifetimes | None:
