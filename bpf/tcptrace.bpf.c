@@ -622,6 +622,13 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			count(TCPTRACE_C_DELETED);
 		info = 0;
 	}
+	if (info && info->state == new) {
+		/* in `new` already, from another state: this hit was handled once. The
+		 * nested program handles a hit twice when a softirq with hits of its own
+		 * interrupts it as it starts (its hit is then not found on the stack);
+		 * seen in emulated VMs as a second SYN_SENT -> ESTABLISHED */
+		return 0;
+	}
 	if (!info && !port_match(sport, dport)) {
 #if FILTER_PORTS & PORT_LOCAL
 		/* connect() enters SYN_SENT before the local port is chosen: keep
