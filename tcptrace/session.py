@@ -223,6 +223,7 @@ def build_stages(
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
+    timewait = None
     if scanner is not None:
         from tcptrace.sockets.stuck import StuckWatch
 
@@ -317,6 +318,8 @@ def build_stages(
     lifetimes = _lifetimes(stages)
     if lifetimes is not None and lives is not None:
         lifetimes.use_kernel(lives)
+    if lifetimes is not None and timewait is not None:
+        timewait.on_dropped = lifetimes.forget
     from tcptrace.pipes import PipeWatch, is_pipe
 
     if is_pipe(out):

@@ -103,6 +103,12 @@ class Lifetimes(Stage):
         """Hand on `count` finished connections, then call `stop` and take no more."""
         self.remaining, self.stop = count, stop
 
+    def forget(self, keys: list[tuple[int, str, int, str, int]]) -> None:
+        """Connections whose TIME_WAIT can no longer end (TimeWait dropped their
+        sockets with their network namespace): not waited for, and not counted so."""
+        for key in keys:
+            self.waiting.pop(key, None)
+
     def remark_waiting(self, summary: Summary) -> None:
         """The summary's remark on connections whose TIME_WAIT had not ended at exit."""
         waiting = len(self.waiting)

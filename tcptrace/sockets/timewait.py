@@ -35,7 +35,7 @@ from __future__ import annotations
 import operator
 import time
 from collections import Counter
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 
 from tcptrace.compat import slotted
@@ -196,8 +196,10 @@ class TimeWait(Stage):
         self.unfollowed = 0  # candidates not checked (limit or budget)
         self.asked_ns = 0  # when the last look-up was sent
         self.polls = 0
-        # followed sockets dropped because their namespace went away
+        # followed sockets dropped because their namespace went away, and who else
+        # must forget them (--lifetime: the connections waiting for their end)
         self.dropped_with_netns = 0
+        self.on_dropped: Callable[[list[Key]], None] | None = None
         self.own = tables.own
         self.pruned_ns = 0
 
@@ -477,9 +479,12 @@ class TimeWait(Stage):
 
     def _drop_followed(self, namespaces: set[int]) -> None:
         """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""
-        for key in [k for k in self.followed if k[0] in namespaces]:
+        dropped = [k for k in self.followed if k[0] in namespaces]
+        for key in dropped:
             del self.followed[key]
             self.dropped_with_netns += 1
+        if dropped and self.on_dropped is not None:
+            self.on_dropped(dropped)
 
     def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
         # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came

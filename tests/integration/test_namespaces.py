@@ -174,6 +174,24 @@ def test_a_namespace_deleted_while_its_sockets_are_followed_is_dropped_quietly()
     assert traced == shown + lost
 
 
+def test_lifetime_of_a_connection_whose_namespace_went_is_not_also_still_waiting():
+    """--lifetime: a followed socket dropped with its deleted namespace is said once
+    (dropped), not again as a connection still in TIME_WAIT at exit."""
+    port = free_port()
+    name = f"{name_tag()}l"
+    run = Running("--port", str(port), "-n", "--lifetime")
+    run.wait_ready()
+    with netns(name):
+        burst(port, "ip", "netns", "exec", name)
+        # no line tells when they are followed: give the reader time (emulation lags)
+        time.sleep(5.0 if os.environ.get("TCPTRACE_IN_VM") == "1" else 1.0)
+    time.sleep(2.5)  # deleted: tcptrace notices within a second and lets it go
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    assert f"TIME_WAIT: {CONNECTIONS} followed sockets dropped with their network namespace" in out
+    assert "still in TIME_WAIT at exit" not in out, out
+
+
 @contextlib.contextmanager
 def cgroup(name: str) -> Iterator[str]:
     """A cgroup v2 directory made for the test; yields its path below the mount."""
