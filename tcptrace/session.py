@@ -224,6 +224,7 @@ def build_stages(
     stages: list[Stage] = []
     watch = None
     timewait = None
+    owners = None
     if scanner is not None:
         from tcptrace.sockets.stuck import StuckWatch
 
@@ -320,6 +321,8 @@ def build_stages(
         lifetimes.use_kernel(lives)
     if lifetimes is not None and timewait is not None:
         timewait.on_dropped = lifetimes.forget
+    if lifetimes is not None and owners is not None:
+        lifetimes.seen_since = owners.seen_since
     from tcptrace.pipes import PipeWatch, is_pipe
 
     if is_pipe(out):

@@ -399,6 +399,17 @@ class Owners(Stage):
 
     # ------------------------------------------------------------ durations
 
+    def seen_since(self, key: tuple[int, str, int, str, int], state: int) -> int | None:
+        """When the start-up snapshot saw this socket in this state (None: it did not):
+        a lower bound on the start of its stay there."""
+        if self.snapshot is None:
+            return None
+        netns = key[0] or (self.tables.own if self.tables is not None else 0)
+        row = self.snapshot.get((netns, *key[1:]))
+        if row is None or row.entry.state != state:
+            return None
+        return self.snapshot.taken_ns
+
     def _lower_bound(self, ev: Event) -> Event:
         if self.snapshot is None:
             return ev

@@ -92,6 +92,8 @@ class Lifetimes(Stage):
         # the kernel's life records of the batch being handled (loader.Probe.lives), by
         # (skaddr, ts_ns) of their closing Event; None: built from transitions
         self.kernel: dict[tuple[int, int], Life] | None = None
+        # the start-up snapshot's word on connections first seen mid-life (enrich's)
+        self.seen_since: SeenSince | None = None
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
@@ -146,7 +148,7 @@ class Lifetimes(Stage):
                         done.append((ev, record))  # type: ignore[arg-type]
                         continue
                     # the kernel's whole connection: it ends now, or enters TIME_WAIT
-                    life = _from_record(ev, record)
+                    life = _from_record(ev, record, self.seen_since)
                     if ev[_NEW] == CLOSE:
                         life.end_ns = end = ev[0]
                         life.duration_ns = max(0, end - life.start_ns)
@@ -188,7 +190,7 @@ class Lifetimes(Stage):
         whole time in FIN_WAIT2. Until then the connection waits here, without it."""
         for record in kernel.values():
             ev = record.event
-            life = _from_record(ev, record)
+            life = _from_record(ev, record, self.seen_since)
             life.states.pop()  # the closing visit: the later event gives its whole time
             self.open[ev.skaddr] = life
         _bound(self.open)
@@ -219,7 +221,12 @@ class Lifetimes(Stage):
         return life
 
 
-def _from_record(ev: Event, record: Life) -> Lifetime:
+# When the start-up snapshot saw a socket ((netns, local address, port, remote address,
+# port), state) in that state: tracing has known it since then (None: not seen so)
+SeenSince = Callable[[tuple[int, str, int, str, int], int], "int | None"]
+
+
+def _from_record(ev: Event, record: Life, seen_since: SeenSince | None = None) -> Lifetime:
     """A connection from the kernel's record; ev is its closing transition as enriched
     (the owner found in user space, the time in a state older than tracing). Not yet
     ended: end_ns and duration_ns are the caller's. The per-connection path: no
@@ -245,8 +252,19 @@ def _from_record(ev: Event, record: Life) -> Lifetime:
         # first seen mid-life: untimed in the state it was first seen in, unless
         # enrichment knew it from the snapshot (it was first seen as it closed)
         first = states[0]
+        since = None
+        if seen_since is not None and len(states) > 1:
+            since = seen_since(
+                (netns, format_addr(family, saddr), sport, format_addr(family, daddr), dport),
+                visited[0],
+            )
         if len(states) == 1 and flags & F_DELTA_LOWER:
             first.duration_ns, first.lower_bound = delta, True
+        elif since is not None:
+            # older than tracing, in this state when the snapshot saw it: it left it
+            # when the later visits began, at least this long after
+            left = ts - sum(s.duration_ns or 0 for s in states[1:])
+            first.duration_ns, first.lower_bound = max(0, left - since), True
         else:
             first.duration_ns = None
         # it began at least as long ago as the times known
