@@ -218,6 +218,12 @@ class TimeWait(Stage):
         if found is None and candidates:
             self.unfollowed += len(candidates)
             events = _unsure(events, candidates)
+        elif candidates and not news.isdisjoint(_OPENING):
+            late = self._reused_before_asked(events, candidates)
+            if late:
+                # what sock_diag holds on their 4-tuple now is a later connection's
+                self.unfollowed += len(late)
+                events = _unsure(events, late)
         if not found:
             # no timewait socket behind these ends: the kernel's events stand
             if opening or lives:
@@ -232,7 +238,7 @@ class TimeWait(Stage):
                 self._end_if_reused(out, ev)
             elif lives is not None and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
                 self._end_if_reborn(out, ev, lives)
-            if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
+            if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT or ev.flags & F_END_UNSURE:
                 keep(ev)
                 continue
             key = key_of(ev, self.own)
@@ -281,6 +287,25 @@ class TimeWait(Stage):
         return ev._replace(
             newstate=TIME_WAIT, ts_ns=at, delta_ns=ev.delta_ns + later, flags=ev.flags | F_POLLED
         )
+
+    def _reused_before_asked(self, events: list[Event], candidates: list[Event]) -> list[Event]:
+        """The ends whose 4-tuple a new connection took before sock_diag was asked (a
+        reader far behind): their timewait socket, if there was one, went with it, and
+        what sock_diag finds there now is the new connection's. Nothing can tell what
+        became of theirs: their FIN_WAIT2 -> CLOSE stays, marked unsure."""
+        ends: dict[Key, list[Event]] = {}
+        for ev in candidates:
+            ends.setdefault(key_of(ev, self.own), []).append(ev)
+        late: list[Event] = []
+        for ev in events:
+            if ev[_NEW] in _OPENING and ev.ts_ns <= self.asked_ns:
+                mine = ends.get(key_of(ev, self.own))
+                if mine:
+                    # (several connections may have had the 4-tuple in one batch)
+                    before = [end for end in mine if end.ts_ns < ev.ts_ns]
+                    late.extend(before)
+                    mine[:] = [end for end in mine if end.ts_ns >= ev.ts_ns]
+        return late
 
     def _reused(
         self, events: list[Event], lives: Mapping[tuple[int, int], Life] | None = None
@@ -543,8 +568,9 @@ class TimeWait(Stage):
                 "time_wait_not_followed",
                 self.unfollowed,
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "
-                f"(over {MAX_FOLLOWED} followed, or sock_diag budget spent): their "
-                "FIN_WAIT2/CLOSING -> CLOSE may have been a TIME_WAIT",
+                f"(over {MAX_FOLLOWED} followed, sock_diag budget spent, or their 4-tuple "
+                "reused before they were looked up): their FIN_WAIT2/CLOSING -> CLOSE may "
+                "have been a TIME_WAIT",
             )
 
 

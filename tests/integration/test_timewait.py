@@ -139,6 +139,44 @@ def test_every_time_wait_is_followed_at_an_ordinary_rate():
     assert "not followed" not in out + err
 
 
+def test_a_4_tuple_reused_before_the_reader_looked_says_its_end_is_unsure():
+    """The reader is stopped while a client closes first and then, 1.5 s later, connects
+    again on the same 4-tuple (ending its TIME_WAIT): by the time the reader asks, the
+    timewait socket is gone, and nothing tells whether it was there. The kernel's
+    FIN_WAIT2 -> CLOSE stands, marked, and counted in the summary."""
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "--json")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        try:
+            cli = bound_client(port, client_port)
+            conn, _ = srv.accept()
+            cli.close()  # FIN_WAIT1, FIN_WAIT2, then TIME_WAIT at the peer's FIN
+            time.sleep(0.05)
+            conn.close()
+            time.sleep(1.5)
+            again = bound_client(port, client_port)  # ends that TIME_WAIT
+            conn, _ = srv.accept()
+            again.close()
+            conn.close()
+            time.sleep(0.1)
+        finally:
+            os.kill(run.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    first_end = next(
+        r
+        for r in records
+        if r["type"] == "transition" and r["local_port"] == client_port and r["old"] == "FIN_WAIT2"
+    )
+    assert (first_end["new"], first_end["note"]) == ("CLOSE", "time_wait_not_followed"), out
+    (summary,) = [r for r in records if r["type"] == "summary"]
+    assert summary["time_wait_not_followed"] >= 1, summary
+
+
 def test_state_filter_time_wait_shows_only_time_wait():
     port, client_port = free_port(), free_port()
     run = Running("--port", str(port), "-n", "-T", "none", "--state", "TIME_WAIT")
