@@ -133,7 +133,7 @@ def check(cgroup2: Path | None, own_cgroup: str | None) -> list[Finding]:
     found[PYTHON] = Finding(PYTHON, OK, f"{platform.python_version()} ({sys.executable})")
     uname = os.uname()
     found[KERNEL] = Finding(KERNEL, OK, f"{uname.release} ({uname.machine})")
-    found[LOCKDOWN] = _lockdown()
+    found[LOCKDOWN] = _lockdown(traced=tracing_works(found.values()))
     return [found[name] for name in NAMES]
 
 
@@ -408,8 +408,11 @@ def _size(n: int) -> str:
     return f"{n // MIB} MiB" if n >= MIB and not n % MIB else f"{n // 1024} KiB"
 
 
-def _lockdown() -> Finding:
+def _lockdown(traced: bool) -> Finding:
     mode, source = lockdown_mode()
+    if mode is None and traced:
+        # confidentiality would have refused the program's reads of kernel memory
+        return Finding(LOCKDOWN, OK, f"none or integrity ({source}): the program traced")
     if mode is None:
         return Finding(LOCKDOWN, UNKNOWN, source)
     if mode == "confidentiality":

@@ -199,7 +199,11 @@ def test_no_lockdown_without_the_lsm(tmp_path):
 def test_lockdown_findings(monkeypatch):
     for mode, status in (("none", OK), ("integrity", OK), ("confidentiality", MISSING)):
         monkeypatch.setattr(features, "lockdown_mode", lambda mode=mode: (mode, "/x"))
-        found = features._lockdown()
+        found = features._lockdown(traced=True)
         assert (found.status, found.detail.split()[0]) == (status, mode)
     monkeypatch.setattr(features, "lockdown_mode", lambda: (None, "not found: ..."))
-    assert features._lockdown() == Finding(features.LOCKDOWN, UNKNOWN, "not found: ...")
+    assert features._lockdown(traced=False) == Finding(features.LOCKDOWN, UNKNOWN, "not found: ...")
+    # a program that traced rules out confidentiality, whatever Secure Boot did
+    assert features._lockdown(traced=True) == Finding(
+        features.LOCKDOWN, OK, "none or integrity (not found: ...): the program traced"
+    )
