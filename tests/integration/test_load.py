@@ -18,7 +18,7 @@ import pytest
 
 from tcptrace.kernel.loader import BUFFER_TOTAL_BYTES
 
-from .accounting import accounting_line, assert_all_accounted, summary_numbers
+from .accounting import accounting_line, assert_all_accounted, summary_numbers, transition_lines
 from .churn import LISTENER_TRANSITIONS, TRANSITIONS_PER_CONNECTION, run_in_netns
 from .cmd import Running
 from .netutil import free_port, listener
@@ -383,7 +383,7 @@ def test_soak_steady_churn_no_growth_every_event_accounted():
     # 4-tuple ends a TIME_WAIT), not by the kernel: they count as traced on top.
     traced, shown, lost = summary_numbers(last)
     assert shown + lost == traced
-    assert len([line for line in drain.lines[1:] if " -> " in line]) == shown  # [0]: header
+    assert len(transition_lines(drain.lines)) == shown
     found = len([line for line in drain.lines if "TIME_WAIT -> CLOSE" in line])
     kernel = f"{traced - found} transitions traced, {shown - found} shown, {lost} lost"
     expected = connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS
