@@ -84,6 +84,11 @@ PRUNE_INTERVAL_NS = 1_000_000_000
 # Up to this many sockets are looked up one by one, more in one dump (its kernel walk
 # costs about as much as this many look-ups).
 EXACT_LOOK_UPS = 8
+# A dump that resumes by index within a hash bucket skips a row when another row of the
+# bucket goes meanwhile: a followed socket missing from a poll before its timer is due
+# is looked up alone before it is called closed, up to this many a poll (the rest wait
+# for the next poll).
+MAX_CONFIRMS = 32
 # Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
@@ -483,9 +488,12 @@ class TimeWait(Stage):
         self.polls += 1
         if unreachable:
             self._drop_followed(unreachable)
+        confirmed, postponed = self._confirm_missing(seen, now)
         made: list[Event] = []
         for key, f in list(self.followed.items()):
-            entry = seen.get(key)
+            if key in postponed:
+                continue  # not looked up alone this time: the next poll will
+            entry = seen.get(key) or confirmed.get(key)
             if entry is not None and entry.cookie == f.cookie:
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
                     made.append(self._entered_time_wait(f, entry, asked))
@@ -501,6 +509,31 @@ class TimeWait(Stage):
             for ev in made
             if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
         ]
+
+    def _confirm_missing(
+        self, seen: Mapping[Key, SockEntry], now: int
+    ) -> tuple[dict[Key, SockEntry], set[Key]]:
+        """The followed sockets a dump did not show though their timer was not due, each
+        looked up alone: the rows found (the others are gone: a reset, or a SYN took
+        the 4-tuple), and those past MAX_CONFIRMS, left for the next poll."""
+        missing = [
+            (key, f)
+            for key, f in self.followed.items()
+            if key not in seen and f.due_ns > now and self.tables.get(key[0]) is not None
+        ]
+        confirmed: dict[Key, SockEntry] = {}
+        if not missing:
+            return confirmed, set()
+        started = time.monotonic()
+        try:
+            for key, f in missing[:MAX_CONFIRMS]:
+                table = self.tables.get(key[0])
+                row = table.find(f.template[_FAMILY], (key[1], key[2]), (key[3], key[4]))
+                if row is not None and row.timewait and (key[0], *row.key) == key:
+                    confirmed[key] = row
+        finally:
+            self.budget.charge(started)
+        return confirmed, {key for key, _f in missing[MAX_CONFIRMS:]}
 
     def _drop_followed(self, namespaces: set[int]) -> None:
         """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""

@@ -208,3 +208,92 @@ def test_a_life_records_birth_ends_a_time_wait_on_its_4_tuple():
         (9, CLOSE, 20_000, 5),
     ]
     assert not tw.followed
+
+
+class SkippingTable(RecordingTable):
+    """A table whose dumps skip the rows in `skipped` (a dump resumed by index in a
+    hash bucket that lost a row meanwhile), as the kernel's inet_diag can."""
+
+    def __init__(self, rows: dict, skipped: set) -> None:
+        super().__init__()
+        self.rows = rows  # 4-tuple -> SockEntry
+        self.skipped = skipped
+
+    def dump(self, states, filters, clauses):
+        self.requests.append(("dump",))
+        return [row for key, row in self.rows.items() if key not in self.skipped]
+
+    def find(self, family, local, remote):
+        self.requests.append(("find", local[1]))
+        return self.rows.get((*local, *remote))
+
+
+def followed_time_waits(count: int, now_ns: int):
+    """A TimeWait stage following `count` client sockets in TIME_WAIT, and their rows."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN, Event
+    from tcptrace.sockets.sockdiag import SockEntry
+    from tcptrace.sockets.timewait import TIME_WAIT, Followed, key_of
+
+    lo = b"\x7f\0\0\1" + bytes(12)
+    rows, followed = {}, {}
+    for i in range(count):
+        closed = Event(
+            now_ns, 10, i, 0, 7, F_DELTA_KNOWN, OWN, 0, lo, lo, 40000 + i, 8080, 2, 5, 6, b"cli"
+        )
+        key = key_of(closed)
+        rows[key[1:]] = SockEntry(
+            socket.AF_INET, TIME_WAIT, *key[1:], 0, 0, cookie=i + 1, timer=3, expires_ms=59_000
+        )
+        followed[key] = Followed(
+            template=closed,
+            cookie=i + 1,
+            state=TIME_WAIT,
+            since_ns=now_ns,
+            since_flags=F_DELTA_KNOWN,
+            last_seen_ns=now_ns,
+            due_ns=now_ns + 59_000_000_000,
+        )
+    return rows, followed
+
+
+def test_a_socket_a_dump_skipped_is_looked_up_alone_not_called_closed():
+    import time
+
+    rows, followed = followed_time_waits(EXACT_LOOK_UPS + 4, time.monotonic_ns())
+    skipped = {next(iter(rows))}
+    table = SkippingTable(rows, skipped)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    assert tw.poll() == []
+    assert len(tw.followed) == len(rows)
+    assert table.requests == [("dump",), ("find", 40000)]
+
+
+def test_a_socket_gone_before_its_timer_is_closed_once_its_look_up_agrees():
+    import time
+
+    from tcptrace.sockets.timewait import CLOSE, TIME_WAIT
+
+    rows, followed = followed_time_waits(EXACT_LOOK_UPS + 4, time.monotonic_ns())
+    gone = next(iter(rows))
+    del rows[gone]  # reset, say
+    table = SkippingTable(rows, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    out = tw.poll()
+    assert [(ev.oldstate, ev.newstate, ev.sport) for ev in out] == [(TIME_WAIT, CLOSE, gone[1])]
+    assert len(tw.followed) == len(rows)
+
+
+def test_past_max_confirms_the_missing_wait_for_the_next_poll():
+    import time
+
+    from tcptrace.sockets.timewait import MAX_CONFIRMS
+
+    rows, followed = followed_time_waits(MAX_CONFIRMS + 5, time.monotonic_ns())
+    table = SkippingTable(rows, set(rows))  # a dump that showed none of them
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    assert tw.poll() == []
+    assert len(tw.followed) == len(rows)
+    assert len([r for r in table.requests if r[0] == "find"]) == MAX_CONFIRMS
