@@ -34,6 +34,12 @@
  *   SK_V6_SADDR_OFFSET, SK_V6_DADDR_OFFSET, INET_SPORT_OFFSET, INET_SADDR_OFFSET
  *                   where the tracepoint's fields come from in struct sock and
  *                   struct inet_sock (with NESTED)
+ *   SK_PPREV_OFFSET, SK_FLAGS_OFFSET, SOCK_DONE_BIT
+ *                   where to tell, at FIN_WAIT2/CLOSING -> CLOSE, whether a
+ *                   timewait socket took the socket's place (its hash node's
+ *                   pprev, NULL once unhashed) and in which substate (SOCK_DONE
+ *                   in sk_flags: the peer's FIN came); from the running kernel's
+ *                   BTF, -1 when unknown (then user space asks sock_diag)
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -342,6 +348,29 @@ static __always_inline u32 sock_netns(u64 sk)
 	if (net)
 		bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM_OFFSET));
 	return inum;
+#else
+	return 0;
+#endif
+}
+
+/*
+ * At a full socket's FIN_WAIT2/CLOSING -> CLOSE: did a timewait socket take its place,
+ * and in which substate? tcp_time_wait() unhashes the socket for its timewait socket
+ * before tcp_done() sets CLOSE (which unhashes it otherwise, after the tracepoint);
+ * the peer's FIN (tcp_fin) set SOCK_DONE, so that timewait socket is in TIME_WAIT,
+ * else it is an orphan's, still in FIN_WAIT2. Offsets from the running kernel's BTF.
+ */
+static __always_inline u32 timewait_flags(u64 sk)
+{
+#if SK_PPREV_OFFSET >= 0 && SK_FLAGS_OFFSET >= 0
+	u64 pprev = 1, flags = 0;
+	if (bpf_probe_read_kernel(&pprev, sizeof(pprev), (void *)(sk + SK_PPREV_OFFSET)) ||
+	    bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(sk + SK_FLAGS_OFFSET)))
+		return 0;
+	if (pprev)
+		return TCPTRACE_F_TW_KNOWN;
+	return TCPTRACE_F_TW_KNOWN | TCPTRACE_F_TW |
+	       ((flags >> SOCK_DONE_BIT) & 1 ? TCPTRACE_F_TW_PEER_FIN : 0);
 #else
 	return 0;
 #endif
@@ -673,6 +702,13 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 	if (netns)
 		ev.flags |= TCPTRACE_F_NETNS_KNOWN;
 #endif
+	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING)) {
+		ev.flags |= timewait_flags(sk);
+		/* its timer, armed just now, fires on the timer wheel's grain after
+		 * TCP_TIMEWAIT_LEN: user space works out when from the jiffies */
+		if (ev.flags & TCPTRACE_F_TW)
+			ev.jiffies = (u32)bpf_jiffies64();
+	}
 	if (family == TT_AF_INET) {
 		bpf_probe_read_kernel(ev.saddr, 4, saddr);
 		bpf_probe_read_kernel(ev.daddr, 4, daddr);

@@ -19,13 +19,16 @@ from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters, describe_state_durations
 from tcptrace.kernel import perfbuf
 from tcptrace.kernel.btf import (
+    NO_TIMEWAIT_OFFSETS,
     Btf,
     BtfError,
     NetnsOffsets,
     SockOffsets,
+    TimewaitOffsets,
     map_iter_problem,
     netns_offsets,
     sock_offsets,
+    timewait_offsets,
 )
 from tcptrace.kernel.events import (
     C_DROPPED,
@@ -145,6 +148,9 @@ class ProbeConfig:
     # where the tracepoint's fields are in a socket, from the running kernel's BTF: the
     # nested program (None: unknown, no nested program)
     sock_offsets: SockOffsets | None = None
+    # what tells, at a socket's FIN_WAIT2/CLOSING -> CLOSE, whether a timewait socket
+    # took its place and in which substate (None: unknown, user space asks sock_diag)
+    timewait_offsets: TimewaitOffsets | None = None
     # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
     keep_ends: bool = False
     # load the map scan (Probe.scan): --stuck, the live table's OLDEST, the metrics' gauges
@@ -187,6 +193,7 @@ class ProbeConfig:
             *(self.netns_offsets or NO_OFFSETS).cflags(),
             f"-DNESTED={int(self.sock_offsets is not None)}",
             *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
+            *(self.timewait_offsets or NO_TIMEWAIT_OFFSETS).cflags(),
         ]
 
 
@@ -239,6 +246,10 @@ class Probe:
                     config = replace(config, sock_offsets=sock_offsets(btf))
                 except BtfError as exc:
                     self.nested_problem = f"no usable BTF ({exc})"
+            if config.timewait_offsets is None:
+                # (without: each closing socket's timewait socket is asked of sock_diag)
+                with contextlib.suppress(BtfError):
+                    config = replace(config, timewait_offsets=timewait_offsets(btf))
             if config.scan:
                 self._scan_problem = map_iter_problem(btf)
             del btf  # ~10 MB parsed: not kept for the session

@@ -46,6 +46,9 @@ from tcptrace.kernel.events import (
     F_DELTA_LOWER,
     F_END_UNSURE,
     F_POLLED,
+    F_TW,
+    F_TW_KNOWN,
+    F_TW_PEER_FIN,
     Event,
     Life,
 )
@@ -60,6 +63,7 @@ from tcptrace.sockets.sockdiag import (
     SocketTables,
     port_ranges,
 )
+from tcptrace.sockets.wheel import MIN_SPAN_NS, TimerWheel, sample_jiffies
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState
 
@@ -75,10 +79,23 @@ TIME_WAIT_LEN_NS = 60_000 * NS_PER_MS
 POLL_INTERVAL = 1.0
 # Faster while a socket waits in FIN_WAIT2 for its peer, so FIN_WAIT2 -> TIME_WAIT is prompt.
 FAST_POLL_INTERVAL = 0.1
-# At most this many timewait sockets are followed; more are counted and left as traced.
-# A poll parses a row per followed socket (~5 µs each, sockdiag.decode_answer):
-# 4096 take about 20 ms, and about 3 MB to keep.
-MAX_FOLLOWED = 4096
+# At most this many timewait sockets are followed; more are counted and left as traced:
+# 60 s of 5,000 new ones a second, and room (about 0.6 KB each to keep).
+MAX_FOLLOWED = 400_000
+# Up to this many followed, a poll asks for every one (a row each, ~5 µs to parse:
+# about 20 ms), so that one a reset killed early is seen go. Beyond, it asks only for
+# those still in FIN_WAIT2; each in TIME_WAIT ends at its timer (exact to a jiffy)
+# or when a new connection takes its 4-tuple (exact), which the events tell.
+POLL_ALL = 4096
+# Past its timer by this much, a timewait socket not asked for is closed at its timer
+# (a new connection that took its 4-tuple sooner comes in the events before then).
+DUE_GRACE_NS = 1_000_000_000
+# Followed sockets are kept in about the order their timers fall due (they are
+# entered as they are seen); the walk for due ones stops this far past now.
+DUE_ORDER_SLACK_NS = 2_000_000_000
+# The kernel's word on timewait sockets (events.F_TW_KNOWN) is checked against
+# sock_diag's on the first this many it gives before it is trusted.
+VERIFY_AGREED = 8
 # How often namespaces that have gone are looked for (a /proc walk: a few ms).
 PRUNE_INTERVAL_NS = 1_000_000_000
 # Up to this many sockets are looked up one by one, more in one dump (its kernel walk
@@ -89,6 +106,11 @@ EXACT_LOOK_UPS = 8
 # is looked up alone before it is called closed, up to this many a poll (the rest wait
 # for the next poll).
 MAX_CONFIRMS = 32
+# Beyond POLL_ALL, the (port, port) pairs of followed sockets are rebuilt (dropping
+# those gone) once in this many polls, not at each.
+PAIRS_REBUILD = 16
+# Reads of /proc/timer_list until the timer wheel's HZ is known (events tell it too).
+WHEEL_SAMPLES = 5
 # Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
@@ -207,16 +229,35 @@ class TimeWait(Stage):
         self.on_dropped: Callable[[list[Key]], None] | None = None
         self.own = tables.own
         self.pruned_ns = 0
+        # followed sockets still in FIN_WAIT2 (waiting for their peer's FIN)
+        self.waiting: set[Key] = set()
+        # the program's word on timewait sockets at each end (events.F_TW_KNOWN):
+        # None while it is checked against sock_diag, then trusted or not
+        self.kernel_trusted: bool | None = None
+        self.kernel_agreed = 0
+        self.kernel_problem: str | None = None
+        # when the timer wheel runs a TIME_WAIT's timer, learnt from the events' jiffies
+        self.wheel = TimerWheel()
+        self.wheel_sampled_ns = 0
+        self.wheel_samples = 0  # timer list reads (a few, until HZ is known)
 
     # ------------------------------------------------------------ events
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         # one C-level pass tells whether the batch needs the per-event loop at all
         news = set(map(_new_state, events))
-        opening = _OPENING if self.followed and not news.isdisjoint(_OPENING) else _NONE
-        lives = self.lives if self.followed and self.lives else None
         # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
+        # a new connection may end a TIME_WAIT followed before, or one begun in this batch
+        follows = bool(self.followed or candidates)
+        opening = _OPENING if follows and not news.isdisjoint(_OPENING) else _NONE
+        lives = self.lives if follows and self.lives else None
+        told: list[Event] = []
+        if candidates and self.kernel_trusted:
+            # the program saw whether a timewait socket took each one's place: no asking
+            told = [ev for ev in candidates if ev.flags & F_TW_KNOWN]
+            if told:
+                candidates = [ev for ev in candidates if not ev.flags & F_TW_KNOWN]
         if candidates:
             candidates = self._may_wait(candidates)
         found = self._look_up(candidates) if candidates else None
@@ -229,7 +270,18 @@ class TimeWait(Stage):
                 # what sock_diag holds on their 4-tuple now is a later connection's
                 self.unfollowed += len(late)
                 events = _unsure(events, late)
-        if not found:
+        if told and not news.isdisjoint(_OPENING):
+            # an orphan's timewait socket in FIN_WAIT2 whose 4-tuple a new connection
+            # took in the same batch: whether the peer's FIN came first, nothing tells
+            late = self._reused_before_asked(
+                events, [ev for ev in told if ev.flags & F_TW and not ev.flags & F_TW_PEER_FIN]
+            )
+            if late:
+                self.unfollowed += len(late)
+                events = _unsure(events, late)
+        if told:
+            found = found or {}
+        if not found and not told:
             # no timewait socket behind these ends: the kernel's events stand
             if opening or lives:
                 return self._reused(events, lives)
@@ -247,7 +299,12 @@ class TimeWait(Stage):
                 keep(ev)
                 continue
             key = key_of(ev, self.own)
+            if ev.flags & F_TW_KNOWN and self.kernel_trusted:
+                self._told(out, key, ev)
+                continue
             entry = found.get(key)
+            if ev.flags & F_TW_KNOWN and self.kernel_trusted is None:
+                self._check_kernel(ev, entry)
             if entry is None:
                 self._keep(out, ev)
                 continue
@@ -270,6 +327,55 @@ class TimeWait(Stage):
         if moved:
             out.sort(key=_event_time)
         return out
+
+    def _told(self, out: list[Event], key: Key, ev: Event) -> None:
+        """An end the program saw: no timewait socket (its event stands), one in
+        TIME_WAIT since this very event, or an orphan's in FIN_WAIT2 (held back)."""
+        if not ev.flags & F_TW:
+            self._keep(out, ev)
+            return
+        self.wheel.note(ev.ts_ns, ev.jiffies)
+        old = self.followed.get(key)
+        if old is not None:
+            # a new timewait socket on the 4-tuple: the one followed there has gone
+            self._forget(key)
+            self._keep(out, self._closed(old, _clamp(self._fires(old), old.last_seen_ns, ev.ts_ns)))
+        if len(self.followed) >= MAX_FOLLOWED:
+            self.unfollowed += 1
+            self._keep(out, ev._replace(flags=ev.flags | F_END_UNSURE))
+            return
+        self.fixes.move(ev.oldstate, CLOSE, -1)
+        due = ev.ts_ns + TIME_WAIT_LEN_NS
+        if ev.flags & F_TW_PEER_FIN:
+            self.fixes.move(ev.oldstate, TIME_WAIT)
+            new_ev = ev._replace(newstate=TIME_WAIT)
+            self._track(key, new_ev, 0, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN, ev.ts_ns, due)
+            self._keep(out, new_ev)
+            return
+        since, flags = _start_of(ev)
+        # its timer is at most TIME_WAIT_LEN away (tcp_fin_time): the poll says when
+        f = self._track(key, ev, 0, FIN_WAIT2, since, flags, ev.ts_ns, due)
+        if ev.delta_known:
+            f.kernel_partial_ns = ev.delta_ns
+            self.fixes.remove(FIN_WAIT2, ev.delta_ns)
+
+    def _check_kernel(self, ev: Event, entry: SockEntry | None) -> None:
+        """Compare the program's word on a timewait socket with what sock_diag found."""
+        tw = bool(ev.flags & F_TW)
+        if entry is None and tw:
+            return  # gone already (a reset, a new connection): tells nothing
+        peer_fin = bool(ev.flags & F_TW_PEER_FIN)
+        if entry is not None and not tw:
+            problem = "a timewait socket the kernel did not report"
+        elif entry is not None and peer_fin and entry.state != TIME_WAIT:
+            problem = "a timewait socket in FIN_WAIT2 the kernel said was in TIME_WAIT"
+        else:
+            self.kernel_agreed += 1
+            if self.kernel_agreed >= VERIFY_AGREED:
+                self.kernel_trusted = True
+            return
+        self.kernel_trusted = False
+        self.kernel_problem = f"sock_diag found {problem} (BTF offsets): each end is asked"
 
     def _time_wait_since(self, ev: Event, entry: SockEntry) -> Event:
         """The kernel's FIN_WAIT2 -> CLOSE (CLOSING -> CLOSE) of a socket whose timewait
@@ -344,7 +450,7 @@ class TimeWait(Stage):
         f = self.followed.get(key)
         if f is None or ev.ts_ns < f.since_ns:
             return  # not followed, or an opening from before this TIME_WAIT began
-        del self.followed[key]
+        self._forget(key)
         if f.state == FIN_WAIT2:
             # only a TIME_WAIT socket gives way to a new connection (a FIN_WAIT2 one
             # answers with a reset): the peer's FIN came after our last poll
@@ -435,29 +541,70 @@ class TimeWait(Stage):
     ) -> Followed:
         # timer arithmetic uses the moment the kernel was asked, not the parse's end
         asked = self.asked_ns
+        due = asked + entry.expires_ms * NS_PER_MS
+        return self._track(key, template, entry.cookie, state, since, flags, asked, due)
+
+    def _track(
+        self,
+        key: Key,
+        template: Event,
+        cookie: int,
+        state: int,
+        since: int,
+        flags: int,
+        seen: int,
+        due: int,
+    ) -> Followed:
+        """Follow a timewait socket (cookie 0: not known yet, the first poll takes it)."""
         f = Followed(
             template=template,
-            cookie=entry.cookie,
+            cookie=cookie,
             state=state,
             since_ns=since,
             since_flags=flags,
-            last_seen_ns=asked,
-            due_ns=asked + entry.expires_ms * NS_PER_MS,
+            last_seen_ns=seen,
+            due_ns=due,
         )
+        self.followed.pop(key, None)  # re-entered last: the walk for due ones is in order
         self.followed[key] = f
-        self.port_pairs.add((entry.local_port, entry.remote_port))
+        if state == FIN_WAIT2:
+            self.waiting.add(key)
+        else:
+            self.waiting.discard(key)
+        self.port_pairs.add((key[2], key[4]))
         return f
+
+    def _forget(self, key: Key) -> None:
+        del self.followed[key]
+        self.waiting.discard(key)
 
     def _replace_previous(self, out: list[Event], key: Key, entry: SockEntry, ts: int) -> None:
         """A new timewait socket on a followed 4-tuple: the old one has gone."""
         old = self.followed.get(key)
         if old is not None and old.cookie != entry.cookie:
-            del self.followed[key]
-            self._keep(out, self._closed(old, min(ts, max(old.due_ns, old.last_seen_ns))))
+            self._forget(key)
+            self._keep(out, self._closed(old, min(ts, max(self._fires(old), old.last_seen_ns))))
 
     # ------------------------------------------------------------ polling
 
+    def on_start(self) -> None:
+        self._sample_wheel()
+
+    def _sample_wheel(self) -> None:
+        """The timer list tells HZ and the jiffies' phase before any event does."""
+        pair = sample_jiffies()
+        self.wheel_samples += 1
+        self.wheel_sampled_ns = time.monotonic_ns()
+        if pair is not None:
+            self.wheel.note(*pair)
+
     def on_tick(self, now_ns: int) -> list[Event] | None:
+        if (
+            self.wheel.hz is None
+            and self.wheel_samples < WHEEL_SAMPLES
+            and now_ns - self.wheel_sampled_ns >= MIN_SPAN_NS
+        ):
+            self._sample_wheel()
         if len(self.tables.tables) > 1 and now_ns - self.pruned_ns >= PRUNE_INTERVAL_NS:
             # let go of namespaces that have gone (a held socket keeps one alive)
             self.pruned_ns = now_ns
@@ -466,20 +613,27 @@ class TimeWait(Stage):
                 self._drop_followed(gone)
         if not self.followed:
             return None
-        waiting = any(f.state == FIN_WAIT2 for f in self.followed.values())
-        interval = min(self.poll_interval, FAST_POLL_INTERVAL) if waiting else self.poll_interval
+        interval = self.poll_interval
+        if self.waiting:
+            interval = min(interval, FAST_POLL_INTERVAL)
         if now_ns - self.last_poll_ns < interval * 1e9 or not self.budget.allows():
             return None
         return self.poll()
 
+    def on_drained(self, now_ns: int) -> list[Event] | None:
+        # a reader held back (a stalled pipe) polled little: where did those waiting
+        # for their peer's FIN go (the summary counts the rest as held)
+        return self.poll() if self.waiting else None
+
     def poll(self) -> list[Event]:
-        """One sock_diag dump of the followed sockets; events for what changed."""
+        """One sock_diag dump of the followed sockets (beyond POLL_ALL, of those in
+        FIN_WAIT2, the others ending at their timer); events for what changed."""
+        every = len(self.followed) <= POLL_ALL
+        asking = self.followed if every else {k: self.followed[k] for k in self.waiting}
         started = time.monotonic()
         asked = time.monotonic_ns()
         try:
-            seen, unreachable = self._ask(
-                [(key, f.template[_FAMILY]) for key, f in self.followed.items()]
-            )
+            seen, unreachable = self._ask([(key, f.template[_FAMILY]) for key, f in asking.items()])
         finally:
             self.budget.charge(started)
         # the kernel looked at its table between `asked` and `now`
@@ -488,21 +642,30 @@ class TimeWait(Stage):
         self.polls += 1
         if unreachable:
             self._drop_followed(unreachable)
-        confirmed, postponed = self._confirm_missing(seen, now)
+        confirmed, postponed = self._confirm_missing(seen, now, asking)
         made: list[Event] = []
-        for key, f in list(self.followed.items()):
+        for key, f in list(asking.items()):
+            if key not in self.followed:
+                continue  # dropped with its namespace
             if key in postponed:
                 continue  # not looked up alone this time: the next poll will
             entry = seen.get(key) or confirmed.get(key)
+            if entry is not None and not f.cookie and f.since_ns <= asked:
+                f.cookie = entry.cookie  # followed on the kernel's word: now known
             if entry is not None and entry.cookie == f.cookie:
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
                     made.append(self._entered_time_wait(f, entry, asked))
+                    self.waiting.discard(key)
+                    self.followed[key] = self.followed.pop(key)  # due last: in order
                 f.last_seen_ns = asked
                 f.due_ns = asked + entry.expires_ms * NS_PER_MS
             else:
-                del self.followed[key]
-                made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
-        self.port_pairs = {(key[2], key[4]) for key in self.followed}
+                self._forget(key)
+                made.append(self._closed(f, _clamp(self._fires(f), f.last_seen_ns, now)))
+        if not every:
+            made.extend(self._timers_out(now))
+        if every or not self.polls % PAIRS_REBUILD:
+            self.port_pairs = {(key[2], key[4]) for key in self.followed}
         made.sort(key=lambda ev: ev.ts_ns)
         return [
             ev
@@ -510,16 +673,45 @@ class TimeWait(Stage):
             if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
         ]
 
+    def _fires(self, f: Followed) -> int:
+        """When a followed socket's timer runs: a TIME_WAIT's, armed for TIME_WAIT_LEN,
+        on the timer wheel's grain past its expiry (nominal until the wheel is known)."""
+        if f.state != TIME_WAIT:
+            return f.due_ns
+        fires = self.wheel.fires_ns(f.due_ns - TIME_WAIT_LEN_NS, f.due_ns)
+        return f.due_ns if fires is None else fires
+
+    def _timers_out(self, now: int) -> list[Event]:
+        """The sockets in TIME_WAIT not asked for whose timer ran: closed then."""
+        due: list[tuple[Key, int]] = []
+        for key, f in self.followed.items():
+            if f.due_ns > now + DUE_ORDER_SLACK_NS:
+                break  # the rest fall due later
+            if f.state != TIME_WAIT:
+                continue
+            fires = self._fires(f)
+            if fires + DUE_GRACE_NS <= now:
+                due.append((key, fires))
+        made = []
+        for key, fires in due:
+            f = self.followed[key]
+            self._forget(key)
+            if self.wheel.hz is None and f.since_flags:
+                # the wheel's grain unknown: at least until its expiry
+                f.since_flags = F_DELTA_LOWER
+            made.append(self._closed(f, max(fires, f.last_seen_ns)))
+        return made
+
     def _confirm_missing(
-        self, seen: Mapping[Key, SockEntry], now: int
+        self, seen: Mapping[Key, SockEntry], now: int, asking: Mapping[Key, Followed]
     ) -> tuple[dict[Key, SockEntry], set[Key]]:
         """The followed sockets a dump did not show though their timer was not due, each
         looked up alone: the rows found (the others are gone: a reset, or a SYN took
         the 4-tuple), and those past MAX_CONFIRMS, left for the next poll."""
         missing = [
             (key, f)
-            for key, f in self.followed.items()
-            if key not in seen and f.due_ns > now and self.tables.get(key[0]) is not None
+            for key, f in asking.items()
+            if key not in seen and self._fires(f) > now and self.tables.get(key[0]) is not None
         ]
         confirmed: dict[Key, SockEntry] = {}
         if not missing:
@@ -539,7 +731,7 @@ class TimeWait(Stage):
         """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""
         dropped = [k for k in self.followed if k[0] in namespaces]
         for key in dropped:
-            del self.followed[key]
+            self._forget(key)
             self.dropped_with_netns += 1
         if dropped and self.on_dropped is not None:
             self.on_dropped(dropped)
@@ -596,6 +788,8 @@ class TimeWait(Stage):
                 f"TIME_WAIT: {self.dropped_with_netns} followed sockets dropped with their "
                 "network namespace (it was deleted: their end is not known)",
             )
+        if self.kernel_problem:
+            summary.remark("time_wait_kernel_distrusted", 1, f"TIME_WAIT: {self.kernel_problem}")
         if self.unfollowed:
             summary.remark(
                 "time_wait_not_followed",

@@ -66,7 +66,7 @@ def make_event(old=TcpState.SYN_SENT, new=TcpState.ESTABLISHED, delta=437_200, f
         pid=2588,
         flags=F_DELTA_KNOWN | F_OWNER_KNOWN if flags is None else flags,
         netns=0,
-        reserved=0,
+        jiffies=0,
         saddr=socket.inet_pton(socket.AF_INET, "127.0.0.1").ljust(16, b"\0"),
         daddr=socket.inet_pton(socket.AF_INET, "127.0.0.1").ljust(16, b"\0"),
         sport=42374,

@@ -1,5 +1,6 @@
 """TIME_WAIT following: how timewait sockets are asked for (no kernel needed)."""
 
+import dataclasses
 import socket
 
 from tcptrace.filters import Filters
@@ -297,3 +298,110 @@ def test_past_max_confirms_the_missing_wait_for_the_next_poll():
     assert tw.poll() == []
     assert len(tw.followed) == len(rows)
     assert len([r for r in table.requests if r[0] == "find"]) == MAX_CONFIRMS
+
+
+def kernel_end(i: int, flags: int, ts: int = 5_000_000_000):
+    """A client socket's FIN_WAIT2 -> CLOSE as the program reports it, with its word on
+    the timewait socket (events.F_TW_KNOWN...)."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN
+    from tcptrace.states import TcpState
+    from tests.outputs.test_output import make_event
+
+    return make_event(
+        TcpState.FIN_WAIT2,
+        TcpState.CLOSE,
+        delta=3_000,
+        flags=F_DELTA_KNOWN | flags,
+        sport=40000 + i,
+        dport=8080,
+        skaddr=i + 1,
+        netns=OWN,
+        ts_ns=ts + i,
+    )
+
+
+def time_wait_row(ev, state: int):
+    from tcptrace.sockets.sockdiag import SockEntry
+    from tcptrace.sockets.timewait import key_of
+
+    key = key_of(ev)
+    return key[1:], SockEntry(
+        socket.AF_INET, state, *key[1:], 0, 0, cookie=ev.skaddr, timer=3, expires_ms=59_000
+    )
+
+
+TW_TIME_WAIT = 0x10 | 0x20 | 0x40  # F_TW_KNOWN | F_TW | F_TW_PEER_FIN
+
+
+def test_the_kernels_word_is_checked_then_trusted_without_asking():
+    from tcptrace.sockets.timewait import TIME_WAIT, VERIFY_AGREED
+
+    first = [kernel_end(i, TW_TIME_WAIT) for i in range(VERIFY_AGREED)]
+    table = SkippingTable(dict(time_wait_row(ev, TIME_WAIT) for ev in first), set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.on_events(first)
+    assert table.requests and tw.kernel_trusted is True
+    table.requests.clear()
+    later = [kernel_end(i, TW_TIME_WAIT) for i in range(VERIFY_AGREED, 3 * VERIFY_AGREED)]
+    out = tw.on_events(later)
+    assert table.requests == []  # not one look-up
+    # in TIME_WAIT from the very event: the peer's FIN had come
+    assert [(ev.newstate, ev.ts_ns, ev.delta_ns) for ev in out] == [
+        (TIME_WAIT, ev.ts_ns, ev.delta_ns) for ev in later
+    ]
+    assert len(tw.followed) == 3 * VERIFY_AGREED and not tw.waiting
+
+
+def test_a_kernel_sock_diag_contradicts_is_not_trusted():
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    ev = kernel_end(0, 0x10)  # F_TW_KNOWN alone: "no timewait socket"
+    table = SkippingTable(dict([time_wait_row(ev, TIME_WAIT)]), set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    out = tw.on_events([ev])
+    assert tw.kernel_trusted is False and "did not report" in tw.kernel_problem
+    assert [e.newstate for e in out] == [TIME_WAIT]  # sock_diag's word stands
+    table.requests.clear()
+    tw.on_events([kernel_end(1, TW_TIME_WAIT)])
+    assert table.requests  # every end asked again
+
+
+def test_an_orphans_end_is_held_until_a_poll_finds_it_in_time_wait():
+    import time
+
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0x10 | 0x20, ts=now - 50_000_000)  # a timewait socket in FIN_WAIT2
+    table = SkippingTable({}, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    assert tw.on_events([ev]) == []  # not closed: held back
+    assert tw.waiting and tw.followed[next(iter(tw.waiting))].state == FIN_WAIT2
+    key, row = time_wait_row(ev, TIME_WAIT)
+    table.rows[key] = dataclasses.replace(row, expires_ms=59_990)  # the FIN came 10 ms ago
+    out = tw.poll()
+    assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT)]
+    assert abs(out[0].ts_ns - (now - 10_000_000)) < 5_000_000
+    assert not tw.waiting and tw.followed[next(iter(tw.followed))].cookie == row.cookie
+
+
+def test_beyond_poll_all_time_waits_end_at_their_timer_unasked():
+    import time
+
+    from tcptrace.sockets.timewait import CLOSE, DUE_GRACE_NS, POLL_ALL, TIME_WAIT
+
+    now = time.monotonic_ns()
+    rows, followed = followed_time_waits(POLL_ALL + 10, now - 60_000_000_000)
+    # the oldest 10 fell due over a grace ago; the others later
+    for i, f in enumerate(followed.values()):
+        f.due_ns = now - DUE_GRACE_NS - 1_000 if i < 10 else now + 1_000_000_000 + i
+    table = SkippingTable(rows, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    out = tw.poll()
+    assert not [r for r in table.requests if r[0] == "find"]
+    assert [(e.oldstate, e.newstate) for e in out] == [(TIME_WAIT, CLOSE)] * 10
+    due = [f.due_ns for f in list(followed.values())[:10]]
+    assert [e.ts_ns for e in out] == due  # at their timer
+    assert len(tw.followed) == POLL_ALL
