@@ -15,6 +15,8 @@ from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import (
     JUDGED_STATES,
+    MAX_DURATION,
+    MAX_DURATION_NS,
     Filters,
     merge_state_durations,
     parse_comm,
@@ -65,7 +67,7 @@ class StatesType(click.ParamType):
         try:
             return parse_states(str(value))
         except ValueError as exc:
-            names = ", ".join(s.name for s in TcpState)
+            names = ", ".join(s.name for s in TcpState if s != TcpState.NEW_SYN_RECV)
             self.fail(f"{exc} (known: {names})", param, ctx)
 
     def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str):
@@ -153,6 +155,8 @@ class FiniteSeconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        if seconds * 1e9 > MAX_DURATION_NS:
+            self.fail(f"{value!r} is longer than {MAX_DURATION}", param, ctx)
         if seconds < self.minimum:
             self.fail(f"{value!r} is below the shortest interval, {self.minimum:g} s", param, ctx)
         return seconds
@@ -326,7 +330,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 @click.option(
     "-c",
     "--count",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**63 - 1),
     default=None,
     help="Stop after this many transitions (with --lifetime: finished connections).",
 )

@@ -27,7 +27,7 @@ BAD = [
     (["--state", "LISTENING"], "unknown TCP state 'LISTENING' (known: ESTABLISHED"),
     (["--state", ""], "no TCP state named in ''"),
     (["-s", ","], "no TCP state named"),
-    (["--count", "0"], "0 is not in the range x>=1"),
+    (["--count", "0"], "0 is not in the range 1<=x<="),
     (["--count", "-3"], "not in the range"),
     (["-c", "1.5"], "'1.5' is not a valid integer"),
     (["--duration", "0"], "not a positive, finite number of seconds"),
@@ -94,6 +94,23 @@ BAD = [
     (["--stuck", "1s", "--count", "3"], "--count counts transitions shown: --stuck shows none"),
     (["--stuck", "1s", "--snapshot"], "--stuck and --snapshot exclude each other"),
     (["--stuck", "1s", "-s", "SYN_SENT"], "--state selects transitions: --stuck alone shows none"),
+    # huge values (issue 22.4): once a traceback, an internal error, or a threshold
+    # wrapped modulo 2^64 ns in the kernel
+    (["--slower-than", "1e400s"], "'1e400s' is longer than 366 days"),
+    (["--stuck", "1e300h"], "'1e300h' is longer than 366 days"),
+    (["-d", "1e308"], "'1e308' is longer than 366 days"),
+    (["-i", "1e308"], "'1e308' is longer than 366 days"),
+    (["--slower-than", "18446744074.709551616s"], "is longer than 366 days"),
+    (["--slower-than", "1e20s"], "'1e20s' is longer than 366 days"),
+    (["--count", "99999999999999999999999"], "not in the range 1<=x<=9223372036854775807"),
+    # small gaps (issue 22.5)
+    (["-s", "SYN_SENT,,"], "empty item in state list 'SYN_SENT,,'"),
+    (["-s", "NEW_SYN_RECV"], "NEW_SYN_RECV: the kernel never reports it"),
+    (["--pid", "99999999"], "'99999999' is not a process id (at most 4194304"),
+    # (issue 22.3) a path that is not a network namespace
+    (["--netns", "/etc/passwd"], "/etc/passwd is not a network namespace"),
+    (["--netns", "/tmp"], "/tmp is not a network namespace"),
+    (["--netns", "/dev/null"], "/dev/null is not a network namespace"),
     (["--check", "--port", "80"], "--check takes no other option (--port given)"),
     (["--check", "-q"], "--check takes no other option (--quiet given)"),
 ]
