@@ -162,3 +162,15 @@ def test_a_full_disk_is_one_line_exit_1(args):
         )
     assert result.returncode == 1
     assert result.stderr == FULL + "\n"
+
+
+def test_a_closed_standard_output_is_one_line_exit_1():
+    """tcptrace -p 80 >&- once gave 'internal error: AttributeError ... fileno'."""
+    result = subprocess.run(
+        ["sh", "-c", f"exec {sys.executable} -m tcptrace --port 80 -n >&-"],
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr == "tcptrace: standard output is closed: nothing to write to\n"
