@@ -16,6 +16,7 @@ from tcptrace.kernel import preflight
 from tcptrace.kernel.events import F_STUCK, Event
 from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.losses import LossReport
+from tcptrace.outputs.losses import advice as loss_advice
 from tcptrace.outputs.output import (
     Clock,
     LifetimeFormatter,
@@ -439,7 +440,9 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             lives=probe.lives,
         )
         # first: its on_finish completes the final accounting the outputs print
-        stages.insert(0, LossReport(probe, err, "connections" if options.lifetime else "events"))
+        unit = "connections" if options.lifetime else "events"
+        why = loss_advice(options.max_cpu if options.emit_events else None, options.lifetime)
+        stages.insert(0, LossReport(probe, err, unit, why))
         tracer = Tracer(
             probe,
             stages,
