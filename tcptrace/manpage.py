@@ -16,6 +16,7 @@ import click
 
 from tcptrace import __version__
 from tcptrace.errors import EXIT_INTERRUPTED
+from tcptrace.kernel.preflight import CAPABILITIES
 
 SECTION = 8
 # Where scripts/install puts the examples file and bash completion (named in FILES).
@@ -65,7 +66,7 @@ def render(command: click.Command, name: str = "tcptrace") -> str:
         out += [".PP", escape(paragraph)]
     out += [
         ".PP",
-        "It needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE), bcc's Python "
+        f"It needs root (or {CAPABILITIES}), bcc's Python "
         "bindings and the running kernel's headers. Events it could not show are counted "
         "and reported as lost; the per-state statistics, kept in the kernel, stay exact. "
         "When something does not work, run tcptrace \\-\\-check first: one line per "
