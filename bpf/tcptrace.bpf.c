@@ -40,6 +40,10 @@
  *                   pprev, NULL once unhashed) and in which substate (SOCK_DONE
  *                   in sk_flags: the peer's FIN came); from the running kernel's
  *                   BTF, -1 when unknown (then user space asks sock_diag)
+ *   TASK_LEADER_OFFSET, TASK_COMM_OFFSET
+ *                   where the process's name is (its group leader's comm):
+ *                   from the running kernel's BTF, -1 when unknown (then the
+ *                   thread's own name)
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -376,6 +380,23 @@ static __always_inline u32 timewait_flags(u64 sk)
 #endif
 }
 
+/*
+ * The current process's name, as ps -o comm shows it: its group leader's comm (a
+ * thread may have named itself otherwise, prctl(PR_SET_NAME)); offsets from the
+ * running kernel's BTF, else the thread's own name.
+ */
+static __always_inline void process_comm(char *comm)
+{
+#if TASK_LEADER_OFFSET >= 0 && TASK_COMM_OFFSET >= 0
+	u64 task = bpf_get_current_task(), leader = 0;
+	if (bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + TASK_LEADER_OFFSET)) == 0 &&
+	    leader &&
+	    bpf_probe_read_kernel(comm, TCPTRACE_COMM_LEN, (void *)(leader + TASK_COMM_OFFSET)) == 0)
+		return;
+#endif
+	bpf_get_current_comm(comm, TCPTRACE_COMM_LEN);
+}
+
 /* At a system call of the owner: is it in one of the filtered cgroups (or below)? */
 static __always_inline u32 current_in_cgroup(void)
 {
@@ -670,7 +691,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 #if KERNEL_LIFETIMES
 			pending.birth = now;
 #endif
-			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
+			process_comm(pending.comm);
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
 		}
@@ -730,7 +751,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 
 	if (owner) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
-		bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+		process_comm(ev.comm);
 		ev.cgroup_id = bpf_get_current_cgroup_id();
 		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
 		owner_flags = current_in_cgroup();
@@ -757,7 +778,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			/* softirq context: current is whoever ran; user space looks
 			 * the owner up (sock_diag) */
 			ev.pid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+			process_comm(ev.comm);
 		}
 	}
 

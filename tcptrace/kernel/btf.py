@@ -291,6 +291,29 @@ def timewait_offsets(btf: Btf | None = None) -> TimewaitOffsets:
     )
 
 
+@dataclass(frozen=True)
+class TaskOffsets:
+    """Where the process's name is, as ps -o comm shows it: the comm of the current
+    thread's group leader (bpf_get_current_comm gives the thread's own name)."""
+
+    group_leader: int  # offsetof(struct task_struct, group_leader)
+    comm: int  # offsetof(struct task_struct, comm)
+
+    def cflags(self) -> list[str]:
+        return [f"-DTASK_LEADER_OFFSET={self.group_leader}", f"-DTASK_COMM_OFFSET={self.comm}"]
+
+
+NO_TASK_OFFSETS = TaskOffsets(group_leader=-1, comm=-1)
+
+
+def task_offsets(btf: Btf | None = None) -> TaskOffsets:
+    btf = btf or Btf.load()
+    return TaskOffsets(
+        group_leader=btf.offset_of("task_struct", "group_leader"),
+        comm=btf.offset_of("task_struct", "comm"),
+    )
+
+
 # The map-element iterator's context as the BPF program declares it (bpf/tcptrace.bpf.c):
 # (struct, member, offset). The verifier types the program's reads by the kernel's BTF,
 # so the declaration must match the running kernel's.

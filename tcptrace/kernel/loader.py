@@ -19,15 +19,18 @@ from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters, describe_state_durations
 from tcptrace.kernel import perfbuf
 from tcptrace.kernel.btf import (
+    NO_TASK_OFFSETS,
     NO_TIMEWAIT_OFFSETS,
     Btf,
     BtfError,
     NetnsOffsets,
     SockOffsets,
+    TaskOffsets,
     TimewaitOffsets,
     map_iter_problem,
     netns_offsets,
     sock_offsets,
+    task_offsets,
     timewait_offsets,
 )
 from tcptrace.kernel.events import (
@@ -151,6 +154,8 @@ class ProbeConfig:
     # what tells, at a socket's FIN_WAIT2/CLOSING -> CLOSE, whether a timewait socket
     # took its place and in which substate (None: unknown, user space asks sock_diag)
     timewait_offsets: TimewaitOffsets | None = None
+    # where the process's name is (its group leader's comm; None: the thread's name)
+    task_offsets: TaskOffsets | None = None
     # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
     keep_ends: bool = False
     # load the map scan (Probe.scan): --stuck, the live table's OLDEST, the metrics' gauges
@@ -194,6 +199,7 @@ class ProbeConfig:
             f"-DNESTED={int(self.sock_offsets is not None)}",
             *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
             *(self.timewait_offsets or NO_TIMEWAIT_OFFSETS).cflags(),
+            *(self.task_offsets or NO_TASK_OFFSETS).cflags(),
         ]
 
 
@@ -250,6 +256,10 @@ class Probe:
                 # (without: each closing socket's timewait socket is asked of sock_diag)
                 with contextlib.suppress(BtfError):
                     config = replace(config, timewait_offsets=timewait_offsets(btf))
+            if config.task_offsets is None:
+                # (without: the thread's name, as bpf_get_current_comm gives it)
+                with contextlib.suppress(BtfError):
+                    config = replace(config, task_offsets=task_offsets(btf))
             if config.scan:
                 self._scan_problem = map_iter_problem(btf)
             del btf  # ~10 MB parsed: not kept for the session

@@ -345,3 +345,40 @@ def test_the_namespace_check_passes_whatever_the_family_filter(family: str) -> N
     code, _, err = run.wait()
     assert code == 0, err
     assert "cannot read sockets' network namespaces" not in err, err
+
+
+THREAD_CONNECTS = """
+import ctypes, socket, sys, threading
+port = int(sys.argv[1])
+def worker():
+    libc = ctypes.CDLL(None)
+    libc.prctl(15, b"worker-1", 0, 0, 0)  # PR_SET_NAME: this thread's name only
+    c = socket.create_connection(("127.0.0.1", port))
+    c.close()
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+"""
+
+
+def test_comm_is_the_process_name_not_a_threads():
+    """A python3 process whose connecting thread is named worker-1: ps -o comm says
+    the process's name, and so must --comm and the COMM column. Once --comm missed
+    it, and the line named the thread."""
+    port = free_port()
+    process = Path(sys.executable).name[:15]  # the name ps -o comm shows
+    run = Running("--port", str(port), "--json", "--comm", process)
+    run.wait_ready()
+    with listener(port=port) as srv:
+        client = subprocess.Popen([sys.executable, "-c", THREAD_CONNECTS, str(port)])
+        conn, _ = srv.accept()
+        conn.close()
+        assert client.wait(timeout=30) == 0
+    time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    transitions, _ = records(out)
+    client_side = [r for r in transitions if r["pid"] == client.pid]
+    assert client_side, [(r["pid"], r["comm"], r["old"], r["new"]) for r in transitions]
+    assert {r["comm"] for r in client_side} == {process}
+    assert ("CLOSE", "SYN_SENT") in [(r["old"], r["new"]) for r in client_side]
