@@ -221,3 +221,61 @@ def test_a_listener_shared_across_fork_names_the_worker_not_the_master():
         # after the accept, every line names the worker that accepted
         after = [r["pid"] for r in lines if r["old"] in ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK")]
         assert set(after) == {closer}, [(r["old"], r["new"], r["pid"], r["note"]) for r in lines]
+
+
+REUSEPORT_SERVER = """
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
+print(os.getpid(), flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(1)
+    c.sendall(b"y")
+    while c.recv(64):
+        pass
+    c.close()
+"""
+
+
+def test_so_reuseport_children_name_their_acceptor_on_every_line():
+    """Two processes in one SO_REUSEPORT group: 6 of 8 children once had pid null on
+    their handshake lines (their close lines were right)."""
+    port = free_port()
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", REUSEPORT_SERVER, str(port)], stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    try:
+        pids = {int(s.stdout.readline()) for s in servers}
+        run = Running("--port", str(port), "--json")
+        run.wait_ready()
+        for _ in range(8):
+            cli = socket.create_connection(("127.0.0.1", port))
+            cli.sendall(b"x")
+            cli.recv(1)
+            cli.shutdown(socket.SHUT_WR)
+            cli.recv(1)
+            cli.close()
+        time.sleep(0.5)
+        code, out, err = run.stop(signal.SIGINT)
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    served = [
+        r
+        for r in records
+        if r["type"] == "transition" and r["local_port"] == port and r["remote_port"] != 0
+    ]
+    assert len(served) == 8 * 5
+    by_conn: dict[int, set] = {}
+    for r in served:
+        by_conn.setdefault(r["remote_port"], set()).add(r["pid"])
+    assert all(len(owners) == 1 and owners <= pids for owners in by_conn.values()), by_conn
