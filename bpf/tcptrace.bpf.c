@@ -34,6 +34,16 @@
  *   SK_V6_SADDR_OFFSET, SK_V6_DADDR_OFFSET, INET_SPORT_OFFSET, INET_SADDR_OFFSET
  *                   where the tracepoint's fields come from in struct sock and
  *                   struct inet_sock (with NESTED)
+ *   SK_PPREV_OFFSET, SK_FLAGS_OFFSET, SOCK_DONE_BIT
+ *                   where to tell, at FIN_WAIT2/CLOSING -> CLOSE, whether a
+ *                   timewait socket took the socket's place (its hash node's
+ *                   pprev, NULL once unhashed) and in which substate (SOCK_DONE
+ *                   in sk_flags: the peer's FIN came); from the running kernel's
+ *                   BTF, -1 when unknown (then user space asks sock_diag)
+ *   TASK_LEADER_OFFSET, TASK_COMM_OFFSET
+ *                   where the process's name is (its group leader's comm):
+ *                   from the running kernel's BTF, -1 when unknown (then the
+ *                   thread's own name)
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -355,6 +365,46 @@ static __always_inline u32 sock_netns(u64 sk)
 #endif
 }
 
+/*
+ * At a full socket's FIN_WAIT2/CLOSING -> CLOSE: did a timewait socket take its place,
+ * and in which substate? tcp_time_wait() unhashes the socket for its timewait socket
+ * before tcp_done() sets CLOSE (which unhashes it otherwise, after the tracepoint);
+ * the peer's FIN (tcp_fin) set SOCK_DONE, so that timewait socket is in TIME_WAIT,
+ * else it is an orphan's, still in FIN_WAIT2. Offsets from the running kernel's BTF.
+ */
+static __always_inline u32 timewait_flags(u64 sk)
+{
+#if SK_PPREV_OFFSET >= 0 && SK_FLAGS_OFFSET >= 0
+	u64 pprev = 1, flags = 0;
+	if (bpf_probe_read_kernel(&pprev, sizeof(pprev), (void *)(sk + SK_PPREV_OFFSET)) ||
+	    bpf_probe_read_kernel(&flags, sizeof(flags), (void *)(sk + SK_FLAGS_OFFSET)))
+		return 0;
+	if (pprev)
+		return TCPTRACE_F_TW_KNOWN;
+	return TCPTRACE_F_TW_KNOWN | TCPTRACE_F_TW |
+	       ((flags >> SOCK_DONE_BIT) & 1 ? TCPTRACE_F_TW_PEER_FIN : 0);
+#else
+	return 0;
+#endif
+}
+
+/*
+ * The current process's name, as ps -o comm shows it: its group leader's comm (a
+ * thread may have named itself otherwise, prctl(PR_SET_NAME)); offsets from the
+ * running kernel's BTF, else the thread's own name.
+ */
+static __always_inline void process_comm(char *comm)
+{
+#if TASK_LEADER_OFFSET >= 0 && TASK_COMM_OFFSET >= 0
+	u64 task = bpf_get_current_task(), leader = 0;
+	if (bpf_probe_read_kernel(&leader, sizeof(leader), (void *)(task + TASK_LEADER_OFFSET)) == 0 &&
+	    leader &&
+	    bpf_probe_read_kernel(comm, TCPTRACE_COMM_LEN, (void *)(leader + TASK_COMM_OFFSET)) == 0)
+		return;
+#endif
+	bpf_get_current_comm(comm, TCPTRACE_COMM_LEN);
+}
+
 /* At a system call of the owner: is it in one of the filtered cgroups (or below)? */
 static __always_inline u32 current_in_cgroup(void)
 {
@@ -629,6 +679,13 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			count(TCPTRACE_C_DELETED);
 		info = 0;
 	}
+	if (info && info->state == new) {
+		/* in `new` already, from another state: this hit was handled once. The
+		 * nested program handles a hit twice when a softirq with hits of its own
+		 * interrupts it as it starts (its hit is then not found on the stack);
+		 * seen in emulated VMs as a second SYN_SENT -> ESTABLISHED */
+		return 0;
+	}
 	if (!info && !port_match(sport, dport)) {
 #if FILTER_PORTS & PORT_LOCAL
 		/* connect() enters SYN_SENT before the local port is chosen: keep
@@ -641,7 +698,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 #if KERNEL_LIFETIMES
 			pending.birth = now;
 #endif
-			bpf_get_current_comm(&pending.comm, sizeof(pending.comm));
+			process_comm(pending.comm);
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
 		}
@@ -673,6 +730,13 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 	if (netns)
 		ev.flags |= TCPTRACE_F_NETNS_KNOWN;
 #endif
+	if (new == TT_CLOSE && (old == TT_FIN_WAIT2 || old == TT_CLOSING)) {
+		ev.flags |= timewait_flags(sk);
+		/* its timer, armed just now, fires on the timer wheel's grain after
+		 * TCP_TIMEWAIT_LEN: user space works out when from the jiffies */
+		if (ev.flags & TCPTRACE_F_TW)
+			ev.jiffies = (u32)bpf_jiffies64();
+	}
 	if (family == TT_AF_INET) {
 		bpf_probe_read_kernel(ev.saddr, 4, saddr);
 		bpf_probe_read_kernel(ev.daddr, 4, daddr);
@@ -694,7 +758,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 
 	if (owner) {
 		ev.pid = bpf_get_current_pid_tgid() >> 32;
-		bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+		process_comm(ev.comm);
 		ev.cgroup_id = bpf_get_current_cgroup_id();
 		ev.flags |= TCPTRACE_F_OWNER_KNOWN;
 		owner_flags = current_in_cgroup();
@@ -721,7 +785,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			/* softirq context: current is whoever ran; user space looks
 			 * the owner up (sock_diag) */
 			ev.pid = bpf_get_current_pid_tgid() >> 32;
-			bpf_get_current_comm(&ev.comm, sizeof(ev.comm));
+			process_comm(ev.comm);
 		}
 	}
 
@@ -822,13 +886,15 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 }
 
 /*
- * The start-up check of the nested program's offsets: is this a socket of the check
- * connection (its own address in 127.84.84.0/24, IPv4 or v4-mapped)? Then note what
- * was read of it as it enters ESTABLISHED, and say so: it is never traced.
+ * The start-up check of the nested program's offsets: is this a socket of a check
+ * connection (its own address in 127.84.84.0/24, IPv4 or v4-mapped)? Then it is never
+ * traced; and if it is ours (the armed value is our check server's port: another
+ * tcptrace may be checking at the same time) note what was read of it as it enters
+ * ESTABLISHED.
  */
 static __always_inline int check_connection(u16 family, u16 protocol, int new, u16 sport,
 					    u16 dport, const void *saddr, const void *daddr,
-					    u32 level, int note)
+					    u32 level, int note, u32 port)
 {
 	struct check_ends seen = {.sport = sport, .dport = dport, .family = family,
 				  .protocol = protocol};
@@ -840,7 +906,7 @@ static __always_inline int check_connection(u16 family, u16 protocol, int new, u
 		net = (seen.saddr[12] << 16) | (seen.saddr[13] << 8) | seen.saddr[14];
 	if (net != CHECK_NET)
 		return 0;
-	if (note && new == TT_ESTABLISHED) {
+	if (note && new == TT_ESTABLISHED && (sport == port || dport == port)) {
 		u32 slot = level * 2 + (family != TT_AF_INET);
 		check_ends.update(&slot, &seen);
 	}
@@ -874,7 +940,7 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 		u32 *armed = self_check.lookup(&armed_key);
 		if (!(armed && *armed &&
 		      check_connection(family, args->protocol, args->newstate, args->sport,
-				       args->dport, saddr, daddr, LEVEL_TRACEPOINT, 1)))
+				       args->dport, saddr, daddr, LEVEL_TRACEPOINT, 1, *armed)))
 			ret = on_transition(args, (u64)args->skaddr, args->oldstate, args->newstate,
 					    family, args->sport, args->dport, saddr, daddr,
 					    LEVEL_TRACEPOINT);
@@ -914,7 +980,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 		t->depth = d - 2;
 	}
 	u32 *armed = self_check.lookup(&armed_key);
-	int checking = armed && *armed;
+	u32 checking = armed ? *armed : 0; /* the check server's port while checking */
 	if (!skipped && !checking)
 		return 0;
 	if (skipped)
@@ -933,7 +999,7 @@ RAW_TRACEPOINT_PROBE(inet_sock_set_state)
 	}
 	/* the check's hits were all taken: one found skipped is not noted, and fails it */
 	if (checking && check_connection(family, protocol, new, sport, dport, saddr, daddr,
-					 LEVEL_NESTED, !skipped))
+					 LEVEL_NESTED, !skipped, checking))
 		return 0;
 	if (!skipped || protocol != TT_IPPROTO_TCP)
 		return 0;

@@ -21,6 +21,12 @@
 /* Not a transition: the map scan found the socket in newstate (== oldstate) for
  * delta_ns, past its --stuck threshold; ts_ns is the scan's time. */
 #define TCPTRACE_F_STUCK 0x8
+/* At FIN_WAIT2/CLOSING -> CLOSE (tcptrace/sockets/timewait.py): the program looked
+ * whether a timewait socket took the socket's place (TW_KNOWN); one did (TW); the
+ * peer's FIN had come, so it is in TIME_WAIT, not an orphan's FIN_WAIT2 (TW_PEER_FIN). */
+#define TCPTRACE_F_TW_KNOWN 0x10
+#define TCPTRACE_F_TW 0x20
+#define TCPTRACE_F_TW_PEER_FIN 0x40
 /* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */
@@ -52,7 +58,8 @@ struct tcptrace_event {
 	__u32 pid;      /* owner tgid (valid with TCPTRACE_F_OWNER_KNOWN), else current */
 	__u32 flags;
 	__u32 netns;    /* the socket's network namespace inode (TCPTRACE_F_NETNS_KNOWN) */
-	__u32 reserved; /* zero: keeps the struct free of padding */
+	__u32 jiffies;  /* with TCPTRACE_F_TW: the kernel's jiffies (low 32 bits) as the
+			 * timewait socket's timer was armed; else 0 */
 	__u8 saddr[16]; /* IPv4 uses the first 4 bytes */
 	__u8 daddr[16];
 	__u16 sport;    /* host byte order, as the tracepoint gives it */

@@ -10,6 +10,11 @@ startup.install_early_signals()  # before click, bcc and LLVM load
 
 
 def main() -> None:
+    if sys.stdout is None:
+        # started with its standard output closed (>&-): where would lines go?
+        if sys.stderr is not None:
+            sys.stderr.write("tcptrace: standard output is closed: nothing to write to\n")
+        sys.exit(startup.EXIT_OUTPUT)
     from tcptrace.cli import main as command
 
     try:

@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import sys
+from typing import Callable, NoReturn
 
 import click
 from click.core import ParameterSource
@@ -14,6 +15,8 @@ from tcptrace import __version__, startup
 from tcptrace.errors import EXIT_INTERRUPTED, TcptraceError
 from tcptrace.filters import (
     JUDGED_STATES,
+    MAX_DURATION,
+    MAX_DURATION_NS,
     Filters,
     merge_state_durations,
     parse_comm,
@@ -64,7 +67,7 @@ class StatesType(click.ParamType):
         try:
             return parse_states(str(value))
         except ValueError as exc:
-            names = ", ".join(s.name for s in TcpState)
+            names = ", ".join(s.name for s in TcpState if s != TcpState.NEW_SYN_RECV)
             self.fail(f"{exc} (known: {names})", param, ctx)
 
     def shell_complete(self, ctx: click.Context, param: click.Parameter, incomplete: str):
@@ -152,6 +155,8 @@ class FiniteSeconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(seconds) or seconds <= 0:
             self.fail(f"{value!r} is not a positive, finite number of seconds", param, ctx)
+        if seconds * 1e9 > MAX_DURATION_NS:
+            self.fail(f"{value!r} is longer than {MAX_DURATION}", param, ctx)
         if seconds < self.minimum:
             self.fail(f"{value!r} is below the shortest interval, {self.minimum:g} s", param, ctx)
         return seconds
@@ -211,6 +216,7 @@ Examples:
   tcptrace --stuck CLOSE_WAIT=30s     a report per socket in CLOSE_WAIT for over 30 s
   tcptrace --stuck 5s -p 443 --json   a watchdog: JSON records of sockets stuck over 5 s
   tcptrace --interval 2 --stuck SYN_SENT=1s   the live table with OLDEST and STUCK
+  tcptrace --check                    what this kernel lets tcptrace do (run it first)
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -324,7 +330,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
 @click.option(
     "-c",
     "--count",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=1, max=2**63 - 1),
     default=None,
     help="Stop after this many transitions (with --lifetime: finished connections).",
 )
@@ -429,6 +435,14 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     help="Capacity of the kernel's per-socket map (LRU: beyond it the least recently "
     "active sockets are evicted, counted in the summary, and their next transition is UNTIMED).",
 )
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Print what this kernel lets tcptrace do, one line per feature (the tracepoint, "
+    "BTF, the map scan, the nested program, cgroups, the perf buffer, headers, versions, "
+    "lockdown) and what is degraded, then exit: 0 when tracing works, 1 when not. "
+    "Takes no other option.",
+)
 @click.version_option(__version__)
 def main(**opts: object) -> None:
     """Show every TCP state transition live, with the time spent in the state it left.
@@ -436,6 +450,13 @@ def main(**opts: object) -> None:
     Prints one line per transition of the matching sockets and, at exit (Ctrl-C,
     SIGTERM, --count or --duration), how long sockets stayed in each state.
     """
+    if opts["check"]:
+        others = _given_options(but="check")
+        if others:
+            raise click.UsageError(f"--check takes no other option ({others[0]} given)")
+        from tcptrace.session import check
+
+        _finish(check)
     if opts["ipv4"] and opts["ipv6"]:
         raise click.UsageError("-4 and -6 exclude each other")
     if opts["as_json"] and opts["as_csv"]:
@@ -515,8 +536,13 @@ def main(**opts: object) -> None:
         # --stuck alone prints its reports only; with --slower-than, the slow lines too
         transitions=not stuck or bool(opts["slower_than"]),
     )
+    _finish(lambda: run(options))
+
+
+def _finish(run: Callable[[], int]) -> NoReturn:
+    """Run the library's part and exit with its code; a problem it names is one line."""
     try:
-        code = run(options)
+        code = run()
     except TcptraceError as exc:
         click.echo(f"tcptrace: {exc}", err=True)
         sys.exit(exc.exit_code)
@@ -544,6 +570,16 @@ def _internal_error(exc: Exception) -> BaseException:
         err=True,
     )
     return SystemExit(1)
+
+
+def _given_options(but: str) -> list[str]:
+    """The options on the command line (their long names), except `but`."""
+    command = click.get_current_context().command
+    return [
+        max(param.opts, key=len)
+        for param in command.params
+        if isinstance(param, click.Option) and param.name != but and _given(str(param.name))
+    ]
 
 
 def _given(name: str) -> bool:

@@ -58,6 +58,10 @@ def parse_ports(text: str) -> frozenset[int]:
 def parse_states(text: str) -> frozenset[TcpState]:
     """Parse 'SYN_SENT,TIME-WAIT' into states."""
     states = frozenset(parse_state(item) for item in text.split(",") if item.strip())
+    if states and any(not item.strip() for item in text.split(",")):
+        raise ValueError(f"empty item in state list {text!r}")
+    if TcpState.NEW_SYN_RECV in states:
+        raise ValueError(UNJUDGED_STATES[TcpState.NEW_SYN_RECV])
     if not states:
         # an empty list must not silently mean "every state"
         raise ValueError(f"no TCP state named in {text!r}")
@@ -74,6 +78,10 @@ DURATION_UNITS = {
     "h": 3_600_000_000_000,
 }
 _DURATION = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([a-z]*)\s*$")
+# The longest duration any option takes: longer ones are typos (1e20s), and the kernel
+# keeps durations in 64 bits of nanoseconds (584 years would wrap).
+MAX_DURATION_NS = 366 * 24 * 3_600_000_000_000
+MAX_DURATION = "366 days"
 # The key of a duration that applies to every state not named (STATE=DUR overrides it).
 ALL_STATES = 0
 
@@ -85,7 +93,10 @@ def parse_duration(text: str) -> int:
         units = ", ".join(DURATION_UNITS)
         raise ValueError(f"{text.strip()!r} is not a duration (a number and a unit: {units})")
     number, unit = match.groups()
-    ns = round(float(number) * DURATION_UNITS[unit or "s"])
+    value = float(number) * DURATION_UNITS[unit or "s"]
+    if not value < MAX_DURATION_NS + 1:  # inf (1e400s) included
+        raise ValueError(f"{text.strip()!r} is longer than {MAX_DURATION}")
+    ns = round(value)
     if ns <= 0:
         raise ValueError(f"{text.strip()!r} is not a positive duration")
     return ns
@@ -297,10 +308,16 @@ def describe_ports(ports: frozenset[int]) -> str:
     return ",".join(runs)
 
 
+# PID_MAX_LIMIT (include/linux/threads.h, 64-bit): no process id is larger.
+PID_MAX_LIMIT = 4 * 1024 * 1024
+
+
 def parse_pid(text: str) -> int:
     text = text.strip()
     if not text.isdigit() or int(text) == 0:
         raise ValueError(f"{text!r} is not a process id (a positive number)")
+    if int(text) > PID_MAX_LIMIT:
+        raise ValueError(f"{text!r} is not a process id (at most {PID_MAX_LIMIT}, PID_MAX_LIMIT)")
     return int(text)
 
 

@@ -16,6 +16,7 @@ import click
 
 from tcptrace import __version__
 from tcptrace.errors import EXIT_INTERRUPTED
+from tcptrace.kernel.preflight import CAPABILITIES
 
 SECTION = 8
 # Where scripts/install puts the examples file and bash completion (named in FILES).
@@ -65,9 +66,11 @@ def render(command: click.Command, name: str = "tcptrace") -> str:
         out += [".PP", escape(paragraph)]
     out += [
         ".PP",
-        "It needs root (or CAP_BPF, CAP_PERFMON and CAP_SYS_RESOURCE), bcc's Python "
+        f"It needs root (or {CAPABILITIES}), bcc's Python "
         "bindings and the running kernel's headers. Events it could not show are counted "
-        "and reported as lost; the per-state statistics, kept in the kernel, stay exact.",
+        "and reported as lost; the per-state statistics, kept in the kernel, stay exact. "
+        "When something does not work, run tcptrace \\-\\-check first: one line per "
+        "feature the kernel allows or refuses, and what tcptrace does instead.",
         ".SH OPTIONS",
     ]
     for param in command.get_params(ctx):
@@ -84,10 +87,12 @@ def render(command: click.Command, name: str = "tcptrace") -> str:
         ".SH EXIT STATUS",
         ".TP",
         ".B 0",
-        "Stopped by Ctrl\\-C, SIGTERM, \\-\\-count or \\-\\-duration; the summary was printed.",
+        "Stopped by Ctrl\\-C, SIGTERM, \\-\\-count or \\-\\-duration; the summary was printed. "
+        "With \\-\\-check: tracing works here (some features may be degraded).",
         ".TP",
         ".B 1",
-        "A problem it names on one line (no root, no BPF, no headers, ...).",
+        "A problem it names on one line (no root, no BPF, no headers, ...). With "
+        "\\-\\-check: tracing does not work here.",
         ".TP",
         ".B 2",
         "A usage error.",

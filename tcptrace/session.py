@@ -16,6 +16,7 @@ from tcptrace.kernel import preflight
 from tcptrace.kernel.events import F_STUCK, Event
 from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.losses import LossReport
+from tcptrace.outputs.losses import advice as loss_advice
 from tcptrace.outputs.output import (
     Clock,
     LifetimeFormatter,
@@ -32,7 +33,7 @@ if TYPE_CHECKING:
     from tcptrace.kernel.events import Life
     from tcptrace.outputs.metrics import ListenAddress
     from tcptrace.sockets.lifetimes import Lifetimes
-    from tcptrace.sockets.stuck import Scanner
+    from tcptrace.sockets.stuck import Oldest, Scanner, StuckWatch
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -171,11 +172,7 @@ class LifetimeOutput(Stage):
         self.lifetimes.on_events(events)
 
     def on_finish(self, summary: Summary) -> None:
-        waiting = len(self.lifetimes.waiting)
-        if waiting:
-            summary.notes.append(
-                f"{waiting} connections still in TIME_WAIT at exit: not finished, not shown"
-            )
+        self.lifetimes.remark_waiting(summary)
         self.out.write("\n" + format_summary(summary, self.formatter.printed, lifetimes=True))
         self.out.flush()
 
@@ -227,6 +224,8 @@ def build_stages(
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
+    timewait = None
+    owners = None
     if scanner is not None:
         from tcptrace.sockets.stuck import StuckWatch
 
@@ -272,7 +271,7 @@ def build_stages(
             options.metrics,
             summaries,
             options.filters.describe(),
-            oldest=watch.oldest if watch is not None else None,
+            oldest=_scrape_oldest(watch) if watch is not None else None,
             stuck_states=options.stuck,
         )
         server.start()  # bound before "tracing ..." is printed: scrapers can rely on it
@@ -321,6 +320,10 @@ def build_stages(
     lifetimes = _lifetimes(stages)
     if lifetimes is not None and lives is not None:
         lifetimes.use_kernel(lives)
+    if lifetimes is not None and timewait is not None:
+        timewait.on_dropped = lifetimes.forget
+    if lifetimes is not None and owners is not None:
+        lifetimes.seen_since = owners.seen_since
     from tcptrace.pipes import PipeWatch, is_pipe
 
     if is_pipe(out):
@@ -349,6 +352,20 @@ def print_snapshot(options: Options, out: TextIO | None = None) -> int:
     )
     out.flush()
     return 0
+
+
+def check(out: TextIO | None = None) -> int:
+    """--check: what this kernel lets tcptrace do, one line per feature; 0 when tracing
+    works (whatever is degraded), 1 when not."""
+    from tcptrace.kernel import features
+    from tcptrace.outputs.findings import format_findings
+    from tcptrace.sockets.cgroups import cgroup2_mount, process_cgroup
+
+    out = out or sys.stdout
+    findings = features.check(cgroup2_mount(), process_cgroup(os.getpid()))
+    out.write(format_findings(findings))
+    out.flush()
+    return features.exit_code(findings)
 
 
 def _stop_on_early_sigterm() -> list[int]:
@@ -423,7 +440,9 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             lives=probe.lives,
         )
         # first: its on_finish completes the final accounting the outputs print
-        stages.insert(0, LossReport(probe, err, "connections" if options.lifetime else "events"))
+        unit = "connections" if options.lifetime else "events"
+        why = loss_advice(options.max_cpu if options.emit_events else None, options.lifetime)
+        stages.insert(0, LossReport(probe, err, unit, why))
         tracer = Tracer(
             probe,
             stages,
@@ -478,6 +497,13 @@ def _open_scanner(probe: object, options: Options, err: TextIO) -> Scanner | Non
         raise TcptraceError(f"--stuck needs the kernel to scan its socket map: {problem}")
     err.write(f"tcptrace: no OLDEST ages: the kernel cannot scan its socket map ({problem})\n")
     return None
+
+
+def _scrape_oldest(watch: StuckWatch) -> Callable[[], Oldest]:
+    """What a scrape reads of the map's walk: one at most SCRAPE_SCAN_S old."""
+    from tcptrace.sockets.stuck import SCRAPE_SCAN_S
+
+    return lambda: watch.oldest(max_age_s=SCRAPE_SCAN_S)
 
 
 def _lifetimes(stages: list[Stage]) -> Lifetimes | None:

@@ -33,6 +33,11 @@ class Stage:
         """
         return None
 
+    def on_drained(self, now_ns: int) -> list[Event] | None:
+        """The kernel side is detached and every buffered event was handed on: a last
+        look at what polling follows (events returned go on as from on_tick)."""
+        return None
+
     def on_finish(self, summary: Summary) -> None:
         """Tracing stopped; summary holds the kernel's exact statistics.
 

@@ -217,6 +217,11 @@ class Tracer:
                 gc.collect()  # ~10 ms: the live objects are few, start-up's are frozen
                 next_collection = time.monotonic() + GC_FULL_INTERVAL
         self._drain()
+        now = time.monotonic_ns()
+        for index, stage in enumerate(self.stages):
+            made = stage.on_drained(now)
+            if made:
+                self._dispatch(made, index + 1)
         summary = self.source.summary()
         for stage in self.stages:
             stage.on_finish(summary)

@@ -128,3 +128,12 @@ def test_which_kernels_count_skipped_tracepoint_hits():
     assert kernel_counts_misses("6.18.44-fc-v669")
     assert kernel_counts_misses("6.7.0")
     assert not kernel_counts_misses("6.1.0-56-amd64")
+
+
+def test_loss_advice_names_the_cause_the_options_make():
+    from tcptrace.outputs.losses import ADVICE, advice
+
+    assert advice() == ADVICE
+    assert advice(max_cpu=0.05).startswith("--max-cpu 5 capped the reader")
+    # --lifetime refuses --quiet: not offered
+    assert "--quiet" not in advice(lifetime=True) and "--quiet" in ADVICE

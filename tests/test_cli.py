@@ -190,3 +190,40 @@ def test_signals_are_caught_before_the_slow_imports():
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=30
     )
     assert result.stdout.split() == ["True", "True", "False"], result.stderr
+
+
+@pytest.mark.parametrize("code", [0, 1])
+def test_check_exits_with_the_session_code(monkeypatch, code):
+    monkeypatch.setattr("tcptrace.session.check", lambda: code)
+    monkeypatch.setattr("tcptrace.session.run", lambda options: pytest.fail("traced"))
+    result = CliRunner().invoke(main, ["--check"])
+    assert result.exit_code == code, result.output
+
+
+@pytest.mark.parametrize(
+    "args,named",
+    [
+        (["-p", "80"], "--port"),
+        (["--json"], "--json"),
+        (["--buffer-pages", "8"], "--buffer-pages"),
+        (["--max-sockets", "65536"], "--max-sockets"),  # its default, given all the same
+        (["-T", "wall"], "--timestamp"),
+    ],
+)
+def test_check_takes_no_other_option(monkeypatch, args, named):
+    monkeypatch.setattr("tcptrace.session.check", lambda: pytest.fail("checked"))
+    result = CliRunner().invoke(main, ["--check", *args])
+    assert result.exit_code == 2
+    assert f"--check takes no other option ({named} given)" in result.output
+
+
+def test_check_problem_is_one_line_exit_1(monkeypatch):
+    from tcptrace.errors import TcptraceError
+
+    def fail():
+        raise TcptraceError("cannot read the BPF program /nowhere")
+
+    monkeypatch.setattr("tcptrace.session.check", fail)
+    result = CliRunner().invoke(main, ["--check"])
+    assert result.exit_code == 1
+    assert result.output == "tcptrace: cannot read the BPF program /nowhere\n"

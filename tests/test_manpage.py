@@ -87,3 +87,16 @@ def test_groff_renders_without_warnings(tmp_path):
         # groff may break a long heading's metavar; the option names themselves stay whole
         for name in re.findall(r"--?[\w-]+", option):
             assert name in shown
+
+
+def test_capabilities_are_told_one_way():
+    """The man page and the README's systemd unit once said CAP_SYS_RESOURCE, the
+    error and the README's error table CAP_DAC_READ_SEARCH."""
+    from pathlib import Path
+
+    from tcptrace.kernel.preflight import CAPABILITIES
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert f"root (or {CAPABILITIES})" in readme
+    roff = manpage.render(command).replace("\\-", "-")
+    assert f"It needs root (or {CAPABILITIES})" in roff

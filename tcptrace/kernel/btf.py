@@ -30,6 +30,7 @@ BTF_MAGIC = 0xEB9F
 _HEADER = struct.Struct("<HBBIIIII")  # magic, version, flags, hdr_len, type/str off+len
 _TYPE = struct.Struct("<III")  # name_off, info, size or type
 _MEMBER = struct.Struct("<III")  # name_off, type, offset
+_ENUMERATOR = struct.Struct("<Ii")  # name_off, value
 
 # BTF kinds (include/uapi/linux/btf.h)
 KIND_INT = 1
@@ -42,6 +43,7 @@ KIND_TYPEDEF = 8
 KIND_VOLATILE = 9
 KIND_CONST = 10
 KIND_RESTRICT = 11
+KIND_FUNC = 12
 KIND_FUNC_PROTO = 13
 KIND_VAR = 14
 KIND_DATASEC = 15
@@ -138,15 +140,19 @@ class Btf:
 
     def find_struct(self, name: str) -> int:
         """The id of the struct so named (the first with members, not a declaration)."""
+        return self.find(name, KIND_STRUCT, "struct")
+
+    def find(self, name: str, kind: int, what: str) -> int:
+        """The id of the first type of this kind so named (what: the kind, for errors)."""
         wanted = self._strings.find(b"\0" + name.encode() + b"\0")
         if wanted < 0:
-            raise BtfError(f"no struct {name} in the BTF")
+            raise BtfError(f"no {what} {name} in the BTF")
         name_off = wanted + 1
         words = self._words
         for type_id, pos in enumerate(self._offsets[1:], start=1):
-            if words[pos] == name_off and (words[pos + 1] >> 24) & 0x1F == KIND_STRUCT:
+            if words[pos] == name_off and (words[pos + 1] >> 24) & 0x1F == kind:
                 return type_id
-        raise BtfError(f"no struct {name} in the BTF")
+        raise BtfError(f"no {what} {name} in the BTF")
 
     def resolve(self, type_id: int) -> int:
         """Skip typedefs and qualifiers."""
@@ -172,6 +178,16 @@ class Btf:
                 if inner is not None:
                     return bits // 8 + inner[0], inner[1]
         return None
+
+    def enum_value(self, enum_name: str, enumerator: str) -> int:
+        """The value of one enumerator of a named enum (enum sock_flags, SOCK_DONE)."""
+        t = self.type(self.find(enum_name, KIND_ENUM, "enum"))
+        for i in range(t.vlen):
+            pos = t.data_pos + i * _ENUMERATOR.size
+            name_off, value = _ENUMERATOR.unpack_from(self._types, pos)
+            if self._name(name_off) == enumerator:
+                return value
+        raise BtfError(f"enum {enum_name} has no {enumerator}")
 
     def offset_of(self, struct_name: str, path: str) -> int:
         """Byte offset of a dotted member path, as offsetof(struct NAME, a.b.c)."""
@@ -237,6 +253,65 @@ def sock_offsets(btf: Btf | None = None) -> SockOffsets:
     its struct sock), from the running kernel's BTF."""
     btf = btf or Btf.load()
     return SockOffsets({macro: btf.offset_of(st, path) for macro, st, path in SOCK_FIELDS})
+
+
+@dataclass(frozen=True)
+class TimewaitOffsets:
+    """What the program reads of a socket at its FIN_WAIT2/CLOSING -> CLOSE to tell
+    whether a timewait socket took its place, and in which substate: the socket is
+    out of the established hash already (inet_twsk_hashdance_schedule unhashed it
+    before tcp_done) only when one did; SOCK_DONE is set when the peer's FIN came
+    (tcp_fin), so the timewait socket is in TIME_WAIT, not an orphan's FIN_WAIT2."""
+
+    node_pprev: int  # offsetof(struct sock, __sk_common.skc_node.pprev): NULL, unhashed
+    flags: int  # offsetof(struct sock, sk_flags): __sk_common.skc_flags in newer kernels
+    sock_done_bit: int  # SOCK_DONE in enum sock_flags
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DSK_PPREV_OFFSET={self.node_pprev}",
+            f"-DSK_FLAGS_OFFSET={self.flags}",
+            f"-DSOCK_DONE_BIT={self.sock_done_bit}",
+        ]
+
+
+NO_TIMEWAIT_OFFSETS = TimewaitOffsets(node_pprev=-1, flags=-1, sock_done_bit=0)
+
+
+def timewait_offsets(btf: Btf | None = None) -> TimewaitOffsets:
+    btf = btf or Btf.load()
+    try:
+        flags = btf.offset_of("sock", "__sk_common.skc_flags")
+    except BtfError:
+        flags = btf.offset_of("sock", "sk_flags")  # older kernels
+    return TimewaitOffsets(
+        node_pprev=btf.offset_of("sock", "__sk_common.skc_node.pprev"),
+        flags=flags,
+        sock_done_bit=btf.enum_value("sock_flags", "SOCK_DONE"),
+    )
+
+
+@dataclass(frozen=True)
+class TaskOffsets:
+    """Where the process's name is, as ps -o comm shows it: the comm of the current
+    thread's group leader (bpf_get_current_comm gives the thread's own name)."""
+
+    group_leader: int  # offsetof(struct task_struct, group_leader)
+    comm: int  # offsetof(struct task_struct, comm)
+
+    def cflags(self) -> list[str]:
+        return [f"-DTASK_LEADER_OFFSET={self.group_leader}", f"-DTASK_COMM_OFFSET={self.comm}"]
+
+
+NO_TASK_OFFSETS = TaskOffsets(group_leader=-1, comm=-1)
+
+
+def task_offsets(btf: Btf | None = None) -> TaskOffsets:
+    btf = btf or Btf.load()
+    return TaskOffsets(
+        group_leader=btf.offset_of("task_struct", "group_leader"),
+        comm=btf.offset_of("task_struct", "comm"),
+    )
 
 
 # The map-element iterator's context as the BPF program declares it (bpf/tcptrace.bpf.c):

@@ -29,7 +29,7 @@ EVENT_FIELDS: tuple[tuple[str, str, int], ...] = (
     ("pid", "__u32", 1),
     ("flags", "__u32", 1),
     ("netns", "__u32", 1),
-    ("reserved", "__u32", 1),
+    ("jiffies", "__u32", 1),
     ("saddr", "__u8", 16),
     ("daddr", "__u8", 16),
     ("sport", "__u16", 1),
@@ -91,12 +91,20 @@ F_OWNER_KNOWN = 0x2
 F_NETNS_KNOWN = 0x4
 # A stuck report from the map scan, not a transition (oldstate == newstate, delta_ns its age).
 F_STUCK = 0x8
+# At FIN_WAIT2/CLOSING -> CLOSE: the kernel looked whether a timewait socket took the
+# socket's place; one did; its peer's FIN had come (so it is in TIME_WAIT).
+F_TW_KNOWN = 0x10
+F_TW = 0x20
+F_TW_PEER_FIN = 0x40
 # Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
 # delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
 F_DELTA_LOWER = 0x10000
 # The transition was found by polling sock_diag (timewait sockets), not traced:
 # its time is known to the poll interval (see tcptrace/sockets/timewait.py).
 F_POLLED = 0x20000
+# A full socket's end (FIN_WAIT2/CLOSING -> CLOSE) whose timewait socket was not looked
+# for (look-ups over their budget): it may have gone on to TIME_WAIT.
+F_END_UNSURE = 0x40000
 C_SEEN = 0
 C_SUBMITTED = 1
 C_DROPPED = 2
@@ -128,7 +136,7 @@ class Event(NamedTuple):
     pid: int
     flags: int
     netns: int
-    reserved: int
+    jiffies: int  # with F_TW: jiffies (low 32 bits) as its timewait socket's timer was armed
     saddr: bytes
     daddr: bytes
     sport: int

@@ -19,13 +19,19 @@ from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters, describe_state_durations
 from tcptrace.kernel import perfbuf
 from tcptrace.kernel.btf import (
+    NO_TASK_OFFSETS,
+    NO_TIMEWAIT_OFFSETS,
     Btf,
     BtfError,
     NetnsOffsets,
     SockOffsets,
+    TaskOffsets,
+    TimewaitOffsets,
     map_iter_problem,
     netns_offsets,
     sock_offsets,
+    task_offsets,
+    timewait_offsets,
 )
 from tcptrace.kernel.events import (
     C_DROPPED,
@@ -76,6 +82,10 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 WRITE_SLACK_NS = 10_000_000
 
 
+# Set to "user": walk the socket map in user space even where the kernel runs the
+# iterator (tests run both walks on the same sockets).
+SCAN_ENV = "TCPTRACE_MAP_SCAN"
+SCAN_IN_USER_SPACE = "user"
 # The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
 SCAN_FN = b"bpf_iter__bpf_map_elem"
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
@@ -140,6 +150,11 @@ class ProbeConfig:
     # where the tracepoint's fields are in a socket, from the running kernel's BTF: the
     # nested program (None: unknown, no nested program)
     sock_offsets: SockOffsets | None = None
+    # what tells, at a socket's FIN_WAIT2/CLOSING -> CLOSE, whether a timewait socket
+    # took its place and in which substate (None: unknown, user space asks sock_diag)
+    timewait_offsets: TimewaitOffsets | None = None
+    # where the process's name is (its group leader's comm; None: the thread's name)
+    task_offsets: TaskOffsets | None = None
     # the per-socket map keeps each socket's ends, for the scan's stuck reports (--stuck)
     keep_ends: bool = False
     # load the map scan (Probe.scan): --stuck, the live table's OLDEST, the metrics' gauges
@@ -182,6 +197,8 @@ class ProbeConfig:
             *(self.netns_offsets or NO_OFFSETS).cflags(),
             f"-DNESTED={int(self.sock_offsets is not None)}",
             *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
+            *(self.timewait_offsets or NO_TIMEWAIT_OFFSETS).cflags(),
+            *(self.task_offsets or NO_TASK_OFFSETS).cflags(),
         ]
 
 
@@ -236,6 +253,14 @@ class Probe:
                     config = replace(config, sock_offsets=sock_offsets(btf))
                 except BtfError as exc:
                     self.nested_problem = f"no usable BTF ({exc})"
+            if config.timewait_offsets is None:
+                # (without: each closing socket's timewait socket is asked of sock_diag)
+                with contextlib.suppress(BtfError):
+                    config = replace(config, timewait_offsets=timewait_offsets(btf))
+            if config.task_offsets is None:
+                # (without: the thread's name, as bpf_get_current_comm gives it)
+                with contextlib.suppress(BtfError):
+                    config = replace(config, task_offsets=task_offsets(btf))
             if config.scan:
                 self._scan_problem = map_iter_problem(btf)
             del btf  # ~10 MB parsed: not kept for the session
@@ -286,7 +311,12 @@ class Probe:
             return None
         if not self.config.scan:
             return "the probe was loaded without the map scan (ProbeConfig.scan)"
-        problem = self._scan_problem or self._open_iterator()
+        forced = os.environ.get(SCAN_ENV) == SCAN_IN_USER_SPACE
+        problem = (
+            f"{SCAN_ENV}={SCAN_IN_USER_SPACE}"
+            if forced
+            else self._scan_problem or self._open_iterator()
+        )
         if problem is None:
             return None
         layout = self._sk_info_problem()
@@ -425,7 +455,6 @@ class Probe:
 
         check = self.bpf[b"self_check"]
         ends = self.bpf[b"check_ends"]
-        check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(1)
         try:
             with contextlib.ExitStack() as stack:
                 server = stack.enter_context(socket.socket(socket.AF_INET6, socket.SOCK_STREAM))
@@ -433,6 +462,9 @@ class Probe:
                 server.bind((f"::ffff:{CHECK_SERVER}", 0))
                 server.listen(1)
                 port = server.getsockname()[1]
+                # armed with our server's port: the program notes our connection only,
+                # not another tcptrace's checking at the same time
+                check[ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(port)
                 client = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
                 client.bind((CHECK_CLIENT, 0))
                 client.connect((CHECK_SERVER, port))
@@ -775,6 +807,16 @@ def _return_freed_memory() -> None:
     """
     with contextlib.suppress(AttributeError, OSError):
         ctypes.CDLL(None).malloc_trim(0)
+
+
+def bcc_version() -> tuple[str, str]:
+    """bcc's version and where its package is (tcptrace --check)."""
+    try:
+        import bcc
+    except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
+        raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
+    where = Path(bcc.__file__ or "?").parent
+    return str(getattr(bcc, "__version__", "of unknown version")), str(where)
 
 
 def program_path() -> Path:

@@ -26,7 +26,6 @@ of 8 bytes}, for PERF_RECORD_LOST {u64 id; u64 lost}.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import mmap
 import os
@@ -216,7 +215,14 @@ def cut_before(chunk: bytes, sample_size: int, frontier_ns: int) -> tuple[int, i
     rsize = record_size(sample_size)
     n = _regular(chunk, rsize)
     if n is not None:
-        index = bisect.bisect_right(range(n), frontier_ns, key=lambda i: _stamp(chunk, i * rsize))
+        # bisect_right over the records' stamps, read in place (bisect's key= is 3.10+)
+        index, hi = 0, n
+        while index < hi:
+            mid = (index + hi) // 2
+            if frontier_ns < _stamp(chunk, mid * rsize):
+                hi = mid
+            else:
+                index = mid + 1
         if index == n:
             return len(chunk), None
         return index * rsize, _stamp(chunk, index * rsize)
@@ -388,34 +394,38 @@ class PerfReader:
         up to hold_ns before the read began (stamped, not yet written); a ring read
         up to the bound, nothing older than its last sample read. Later samples stay
         in their ring for the next read; `release_at_ns` says when the first of them
-        may go. hold_ns None takes everything (nothing more will be written).
+        may go. hold_ns None takes everything up to the bounded rings' frontier
+        (nothing more will be written: a backlog drained at exit).
         """
         started = self.read_ns = time.monotonic_ns()
         size = self.sample_size
         limit = READ_RECORDS * record_size(size)
         chunks = [ring.peek(limit) for ring in self.rings]
-        truncated = [len(chunk) == limit for chunk in chunks]
-        frontier = None
-        if hold_ns is not None:
-            frontier = started - hold_ns
-            for chunk, bounded in zip(chunks, truncated, strict=True):
-                last = last_stamp(chunk, size) if bounded else None
-                if last is not None:
-                    frontier = min(frontier, last)
+        truncated = [len(chunk) == limit for chunk in chunks]  # one per ring, as chunks
+        frontier = None if hold_ns is None else started - hold_ns
+        # A ring read up to the bound gives next time samples older than what another
+        # ring may give now: nothing stamped after its last one goes in this batch.
+        # Also once nothing more is written (hold_ns None: a backlog drained at exit).
+        for chunk, bounded in zip(chunks, truncated):
+            last = last_stamp(chunk, size) if bounded else None
+            if last is not None:
+                frontier = last if frontier is None else min(frontier, last)
         runs: list[bytes] = []
         self.more = False
         self.release_at_ns = None
-        for ring, chunk, bounded in zip(self.rings, chunks, truncated, strict=True):
+        for ring, chunk, bounded in zip(self.rings, chunks, truncated):
             held = None
             if frontier is not None:
                 end, held = cut_before(chunk, size, frontier)
             if held is not None:
-                assert hold_ns is not None
                 parsed = parse(chunk[:end], size)
                 release = end  # whole records: the held ones are read again next time
-                due = held + hold_ns
-                if self.release_at_ns is None or due < self.release_at_ns:
-                    self.release_at_ns = due
+                if hold_ns is None:
+                    self.more = True  # held only behind a bounded ring: they go next read
+                else:
+                    due = held + hold_ns
+                    if self.release_at_ns is None or due < self.release_at_ns:
+                        self.release_at_ns = due
             else:
                 parsed = parse(chunk, size)
                 # a complete chunk goes back whole (even past a corrupt record); a

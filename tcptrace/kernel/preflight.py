@@ -28,6 +28,9 @@ CAP_BPF = 39
 
 SETUP_HINT = "run scripts/setup.sh from the tcptrace source tree"
 ROOT_HINT = "run it as root (sudo tcptrace ...)"
+# What root gives that tracing needs, said the same way in errors, the man page and the
+# README (CAP_SYS_RESOURCE is not among them: no program load checks it since 5.11).
+CAPABILITIES = "CAP_BPF, CAP_PERFMON and CAP_DAC_READ_SEARCH"
 
 # Shared with loader.py, which reports a bcc that is found but fails to import.
 BCC_FIX = (
@@ -87,8 +90,7 @@ def check_privileges() -> None:
         )
     raise TcptraceError(
         f"loading the eBPF program needs root; this process (uid {os.geteuid()}) lacks "
-        f"{' and '.join(missing)}: {ROOT_HINT}, or grant it CAP_BPF, CAP_PERFMON "
-        "and CAP_DAC_READ_SEARCH"
+        f"{' and '.join(missing)}: {ROOT_HINT}, or grant it {CAPABILITIES}"
     )
 
 

@@ -106,6 +106,9 @@ class Summary:
     lost: int = 0
     # one-line remarks the stages add (things not followed, limits reached)
     notes: list[str] = field(default_factory=list)
+    # the numbers behind those remarks, by name, for machine-readable summaries
+    # (time_wait_not_followed, time_wait_dropped_with_netns, still_in_time_wait)
+    remarks: dict[str, int] = field(default_factory=dict)
     # events handed to the perf buffer but not read when the summary was taken
     unread: int = 0
     # entries in the kernel's per-socket map when the summary was taken
@@ -118,6 +121,11 @@ class Summary:
     missed: int = 0
     # --slower-than as given ("1s", "2s,SYN_SENT=100ms"); empty without it
     slower_than: str = ""
+
+    def remark(self, name: str, count: int, note: str) -> None:
+        """A remark of the summary: its line for people, its number for programs."""
+        self.remarks[name] = self.remarks.get(name, 0) + count
+        self.notes.append(note)
 
     def state(self, state: int) -> StateStats:
         stats = self.states.get(state)

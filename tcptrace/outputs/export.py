@@ -7,8 +7,10 @@ builds its dict and calls write_record (see RecordOutput.transition/summary).
 
 Schema (README "Machine-readable output"):
   transition: time, ts_ns, pid, comm, family, local_addr, local_port,
-              remote_addr, remote_port, old, new, duration_ns
-  summary:    transitions_traced, written, faster, lost, held, states{...}, transitions[...]
+              remote_addr, remote_port, old, new, duration_ns, note
+  summary:    transitions_traced, written, faster, lost, held, notes[...],
+              time_wait_not_followed, time_wait_dropped_with_netns,
+              still_in_time_wait, states{...}, transitions[...]
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from tcptrace.kernel.events import (
     C_SEEN,
     F_DELTA_KNOWN,
     F_DELTA_LOWER,
+    F_END_UNSURE,
     F_OWNER_KNOWN,
+    F_POLLED,
     F_STUCK,
     Event,
     format_addr,
@@ -63,6 +67,7 @@ TRANSITION_FIELDS = (
     "old",
     "new",
     "duration_ns",
+    "note",
     "netns",
     "netns_name",
     "cgroup",
@@ -108,6 +113,25 @@ class IsoClock:
         return self._prefix
 
 
+_NOTED = F_POLLED | F_END_UNSURE
+# The summary's remarks that programs may count on (0 when there was none).
+REMARKS = ("time_wait_not_followed", "time_wait_dropped_with_netns", "still_in_time_wait")
+
+
+def transition_note(flags: int) -> str | None:
+    """What a transition record must say of itself: learnt from sock_diag, not traced;
+    or an end that may hide a TIME_WAIT (its timewait socket was not looked for)."""
+    if flags & F_POLLED:
+        return NOTE_POLLED
+    if flags & F_END_UNSURE:
+        return NOTE_END_UNSURE
+    return None
+
+
+NOTE_POLLED = "learnt_from_sock_diag"
+NOTE_END_UNSURE = "time_wait_not_followed"
+
+
 def summary_record(summary: Summary, written: int | None) -> Record:
     """The exit summary as one record: accounting, then per state and per transition."""
     states: dict[str, Record] = {}
@@ -137,6 +161,9 @@ def summary_record(summary: Summary, written: int | None) -> Record:
         "faster": summary.faster if summary.slower_than else None,
         "lost": lost_events(summary),
         "held": summary.held,
+        # the text summary's remarks: each line, and the numbers behind them
+        "notes": list(summary.notes),
+        **{name: summary.remarks.get(name, 0) for name in REMARKS},
         "states": states,
         "transitions": transitions,
     }
@@ -270,6 +297,7 @@ class RecordOutput(Stage):
             "old": state_name(ev.oldstate),
             "new": state_name(ev.newstate),
             "duration_ns": ev.delta_ns if ev.delta_known else None,
+            "note": transition_note(ev.flags),
             **self.place(ev),
         }
 
@@ -281,6 +309,7 @@ class RecordOutput(Stage):
         record["state"] = state_name(ev.newstate)
         record["age_ns"] = ev.delta_ns
         record["age_lower_bound"] = bool(ev.flags & F_DELTA_LOWER)
+        del record["note"]
         return record
 
     def place(self, ev: Event) -> Record:
@@ -384,11 +413,12 @@ class RecordOutput(Stage):
             prefix = iso.prefix(secs)
             micro = frac // NS_PER_US
             duration = delta if flags & F_DELTA_KNOWN else "null"
+            note = f'"{transition_note(flags)}"' if flags & _NOTED else "null"
             append(
                 f'{{"type":"transition","time":"{prefix}.{micro:06d}Z","ts_ns":{ts},{owner},'
                 f'"local_addr":{local},"local_port":{sport},'
                 f'"remote_addr":{remote},"remote_port":{dport},{change},"duration_ns":{duration},'
-                f"{place}}}"
+                f'"note":{note},{place}}}'
             )
         return out
 
@@ -446,6 +476,7 @@ class RecordOutput(Stage):
             _STATE_NAMES[ev.oldstate],
             _STATE_NAMES[ev.newstate],
             ev.delta_ns if ev.delta_known else None,
+            transition_note(ev.flags),
             *self.place(ev).values(),
         )
 
@@ -455,10 +486,14 @@ class RecordOutput(Stage):
             self.writer.write_records(KIND_STUCK, [self.stuck(ev) for ev in events])
             self.writer.flush()
             return
-        if self.quiet or not events:
+        if self.quiet:
             return
         if self.lifetimes is not None:
+            # even an empty batch: it may carry the kernel's record of a connection
+            # whose closing event TIME_WAIT following holds back (Lifetimes._held)
             self.lifetimes.on_events(events)
+            return
+        if not events:
             return
         writer = self.writer
         if isinstance(writer, JsonLinesWriter):
@@ -471,6 +506,8 @@ class RecordOutput(Stage):
         writer.flush()
 
     def on_finish(self, summary: Summary) -> None:
+        if self.lifetimes is not None:
+            self.lifetimes.remark_waiting(summary)
         if self.still_stuck is not None:
             still = [self.stuck(ev) for ev in self.still_stuck()]
             self.writer.write_records(KIND_STILL_STUCK, still)

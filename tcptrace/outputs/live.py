@@ -10,6 +10,7 @@ sockets that left during the interval.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from collections.abc import Mapping
 from typing import Callable, TextIO
@@ -97,7 +98,10 @@ class LiveTable:
         seconds: float,
         wall: float,
         oldest: Oldest | None = None,
+        width: int | None = None,
     ) -> str:
+        """One frame; width: the terminal's columns, which no line exceeds (columns
+        dropped as top drops them, the rest cut), None in a pipe."""
         entered_now, left_now = state_flows(now)
         entered_before, left_before = state_flows(before)
         current = sockets_in_states(now)
@@ -114,13 +118,16 @@ class LiveTable:
             f"{lost_events(now) - lost_events(before)} lost  "
             f"total {now.counters[C_SEEN]}, {lost_events(now)} lost"
         )
-        pcts = "".join(f"{'p' + format(p, 'g'):>9}" for p in PERCENTILES)
         ages = oldest.ages if oldest is not None else {}
-        extra = f"{'OLDEST':>{_OLDEST_WIDTH}}" if oldest is not None else ""
-        if self.stuck:
-            extra += f"{'STUCK':>7}"
-        header = f"{'STATE':<12}{'ENTER':>9}{'LEAVE':>9}{'NOW':>9}{extra}{pcts}"
-        lines = [self._paint(title, _BOLD), self._paint(header, _REVERSE)]
+        columns = [("STATE", 12), ("ENTER", 9), ("LEAVE", 9), ("NOW", 9)]
+        if oldest is not None:
+            columns.append(("OLDEST", _OLDEST_WIDTH))
+            if self.stuck:
+                columns.append(("STUCK", 7))
+        columns += [(f"p{p:g}", 9) for p in PERCENTILES]
+        shown_columns = _fit(columns, width)
+        header = "".join(_cell(name, w, name == "STATE") for name, w in shown_columns)
+        lines = [self._paint(_cut(title, width), _BOLD), self._paint(_cut(header, width), _REVERSE)]
         shown = 0
         for state in LIFECYCLE_ORDER:
             s = int(state)
@@ -131,24 +138,55 @@ class LiveTable:
                 continue  # never seen since start: keep the table compact
             shown += 1
             stats = interval_stats(now.states.get(s), before.states.get(s))
-            if stats.count:
-                cells = "".join(f"{format_duration(stats.percentile(p)):>9}" for p in PERCENTILES)
-            else:
-                cells = f"{'-':>9}" * len(PERCENTILES)
-            now_cell = "-" if in_state is None else str(in_state)
-            name = self._paint(f"{state.name:<12}", _STATE_COLORS.get(state))
-            cols = ""
+            cells = {
+                "ENTER": str(entered),
+                "LEAVE": str(left),
+                "NOW": "-" if in_state is None else str(in_state),
+            }
             if oldest is not None:
-                cols = f"{_age(ages.get(s)):>{_OLDEST_WIDTH}}"
-                if self.stuck:
-                    cols += f"{oldest.stuck.get(s, 0):>7}"
-            row = f"{entered:>9}{left:>9}{now_cell:>9}{cols}{cells}"
+                cells["OLDEST"] = _age(ages.get(s))
+                cells["STUCK"] = str(oldest.stuck.get(s, 0))
+            for p in PERCENTILES:
+                cells[f"p{p:g}"] = format_duration(stats.percentile(p)) if stats.count else "-"
+            name_w = shown_columns[0][1]
+            plain = f"{state.name:<{name_w}}" + "".join(
+                _cell(cells[key], w) for key, w in shown_columns[1:]
+            )
+            plain = _cut(plain, width)
+            name = self._paint(plain[:name_w], _STATE_COLORS.get(state))
+            row = plain[name_w:]
             if self.color and not (entered or left):
                 row = self._paint(row, _DIM)  # quiet states fade on a terminal
             lines.append(name + row)
         if not shown:
             lines.append("(no transitions yet)")
         return "\n".join(lines) + "\n"
+
+
+# Dropped first when the terminal is narrow: the percentiles from the right, then
+# STUCK, OLDEST, LEAVE and ENTER; STATE and NOW stay.
+_DROP_ORDER = ("p99", "p90", "p50", "STUCK", "OLDEST", "LEAVE", "ENTER")
+
+
+def _fit(columns: list[tuple[str, int]], width: int | None) -> list[tuple[str, int]]:
+    """The columns that fit in width, in their order."""
+    shown = list(columns)
+    if width is None:
+        return shown
+    for key in _DROP_ORDER:
+        if sum(w for _, w in shown) <= width:
+            break
+        shown = [c for c in shown if c[0] != key]
+    return shown
+
+
+def _cell(text: str, width: int, left: bool = False) -> str:
+    return f"{text:<{width}}" if left else f"{text:>{width}}"
+
+
+def _cut(text: str, width: int | None) -> str:
+    """A line that never wraps: cut at the terminal's width."""
+    return text if width is None or len(text) <= width else text[:width]
 
 
 # ">=542.96ms": a lower bound takes two more characters than a duration
@@ -210,7 +248,9 @@ class IntervalView(Stage):
         current = self.summaries()
         seconds = (now_ns - self.previous_ns) / NS_PER_S
         oldest = self.oldest() if self.oldest is not None else None
-        text = self.table.render(current, self.previous, seconds, time.time(), oldest)
+        # on a terminal, as wide as it is now (it may have been resized); a pipe has none
+        width = shutil.get_terminal_size().columns if self.redraw else None
+        text = self.table.render(current, self.previous, seconds, time.time(), oldest, width)
         if self.redraw:
             text = CLEAR_SCREEN + text
         elif self.frames:

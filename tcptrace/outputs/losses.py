@@ -20,6 +20,24 @@ ADVICE = (
 )
 
 
+def advice(max_cpu: float | None = None, lifetime: bool = False) -> str:
+    """Why events were lost and what loses fewer, for the options given: a --max-cpu cap
+    (a share of one CPU) the user set sheds on purpose; --lifetime refuses --quiet, so
+    it is not offered."""
+    if max_cpu is not None:
+        return (
+            f"--max-cpu {max_cpu * 100:g} capped the reader, and the kernel shed what did not "
+            "fit (per-state statistics stay exact; a higher --max-cpu or narrower filters "
+            "lose fewer)"
+        )
+    if lifetime:
+        return (
+            "the output did not keep up (per-state statistics stay exact; a faster "
+            "reader, a larger --buffer-pages or narrower filters lose fewer)"
+        )
+    return ADVICE
+
+
 class LossSource(Protocol):
     def lost_so_far(self) -> int: ...
 
@@ -33,12 +51,15 @@ class LossReport(Stage):
     accounting (unread events, map evictions) before the outputs print it.
     """
 
-    def __init__(self, source: LossSource, err: TextIO, unit: str = "events") -> None:
+    def __init__(
+        self, source: LossSource, err: TextIO, unit: str = "events", why: str = ADVICE
+    ) -> None:
         self.lost_so_far = source.lost_so_far
         # what the kernel sends: "events", or "connections" (--lifetime: one record each)
         self.unit = unit
         self.finish_accounting = source.finish_accounting
         self.err = err
+        self.why = why
         self.reported = 0
         self.next_check_ns = 0
 
@@ -49,13 +70,13 @@ class LossReport(Stage):
         lost = self.lost_so_far()
         if lost > self.reported:
             self.reported = lost
-            self._say(f"{lost} {self.unit} lost so far: {ADVICE}")
+            self._say(f"{lost} {self.unit} lost so far: {self.why}")
         return None
 
     def on_finish(self, summary: Summary) -> None:
         self.finish_accounting(summary)
         if summary.lost_total:
-            self._say(f"{summary.lost_total} {self.unit} lost in all: {ADVICE}")
+            self._say(f"{summary.lost_total} {self.unit} lost in all: {self.why}")
         if summary.missed:
             closes = (
                 f" ({summary.stale} of them a traced socket's close, found when a new "

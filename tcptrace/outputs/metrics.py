@@ -49,6 +49,8 @@ from tcptrace.sockets.stuck import Oldest
 from tcptrace.stages import Stage
 from tcptrace.states import LIFECYCLE_ORDER, TcpState, state_name
 
+TIME_WAIT = int(TcpState.TIME_WAIT)
+
 DEFAULT_ADDRESS = "127.0.0.1"
 
 # Bucket edges 2**k ns: from about 1 µs to about 73 minutes, doubling.
@@ -187,12 +189,25 @@ class StateCollector:
                 durations.add_metric([state.name], buckets, total)
         yield durations
 
+        current = sockets_in_states(summary)
+        if self.oldest is not None:
+            # the map's walk counted them at one instant (with the live sockets older
+            # than tracing), as the live table's NOW: entries minus exits, read from
+            # maps that change while they are read, ran 1,000s ahead under churn
+            walked = self.oldest()
+            if walked.taken_ns:
+                # (timewait sockets are not in the map: TIME_WAIT is followed's count)
+                current = {
+                    st: n if st == TIME_WAIT else walked.count.get(st, 0)
+                    for st, n in current.items()
+                }
         sockets = GaugeMetricFamily(
             "tcptrace_sockets",
-            "Sockets in each state now, among those that entered it since tcptrace started",
+            "Sockets in each state now: the kernel's per-socket map walked at most a "
+            "second ago, with the sockets older than tcptrace still there",
             labels=["state"],
         )
-        for state, n in sockets_in_states(summary).items():
+        for state, n in current.items():
             sockets.add_metric([TcpState(state).name], n)
         yield sockets
 

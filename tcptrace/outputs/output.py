@@ -223,9 +223,16 @@ _CACHE_MAX = 16384
 _NO_OWNER = f"{'-':>7} {'-':<15}"
 _NO_DURATION = f"{'-':>9}"
 # The NETNS and CGROUP columns (-w, or a host with several namespaces): longer
-# names are cut, as ps cuts its columns.
+# names are cut, as ps cuts its columns; a cgroup path keeps its end, which tells
+# siblings apart (/pods/averyverylongname-abcdef as ...ylongname-abcdef).
 _NETNS_WIDTH = 12
 _CGROUP_WIDTH = 20
+_CUT = "…"
+
+
+def keep_end(text: str, width: int) -> str:
+    """text in width columns: its end, after an ellipsis, when it does not fit."""
+    return text if len(text) <= width else _CUT + text[len(text) - width + 1 :]
 
 
 class TextFormatter:
@@ -309,7 +316,7 @@ class TextFormatter:
             self._places.clear()
         col = (
             f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
-            f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+            f" {keep_end(printable(place.cgroup_label), _CGROUP_WIDTH):<{_CGROUP_WIDTH}}"
         )
         if place.complete:
             self._places[(netns, cgroup_id, pid if known and not cgroup_id else 0)] = col
@@ -684,7 +691,7 @@ class LifetimeFormatter:
         place = self.places.of(netns, cgroup_id, pid, bool(pid))
         return (
             f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
-            f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+            f" {keep_end(printable(place.cgroup_label), _CGROUP_WIDTH):<{_CGROUP_WIDTH}}"
         )
 
     def _addr_text(self, family: int, raw: bytes) -> str:
@@ -761,7 +768,7 @@ def format_snapshot(
             place = places.of(row.netns, 0, owner_pid, bool(owner_pid))
             line += (
                 f" {printable(place.netns_label):<{_NETNS_WIDTH}.{_NETNS_WIDTH}}"
-                f" {printable(place.cgroup_label):<{_CGROUP_WIDTH}.{_CGROUP_WIDTH}}"
+                f" {keep_end(printable(place.cgroup_label), _CGROUP_WIDTH):<{_CGROUP_WIDTH}}"
             )
         if extended:
             line += f" {row.entry.uid:>6} {row.entry.inode:>10}"

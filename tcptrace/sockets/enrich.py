@@ -202,6 +202,7 @@ class Owners(Stage):
         first) drops it from the caches, as its address may be reused."""
         out: list[Event] | None = None
         found, failed = self.found, self.failed
+        unresolved_before = self.unresolved
         for i in which:
             ev = events[i]
             flags = ev.flags
@@ -233,6 +234,8 @@ class Owners(Stage):
             if ev.newstate == CLOSE and (found or failed):
                 found.pop(ev.skaddr, None)
                 failed.pop(ev.skaddr, None)
+        if self.unresolved != unresolved_before and out is not None:
+            _fill_from_later(out)
         return out
 
     # ------------------------------------------------------------ owners
@@ -363,8 +366,9 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        owners = [self.procs.owner(r.inode, fresh=True) for r in rows if r.inode]
-        return [o for o in owners if o is not None], None not in owners
+        # every process holding each listener: a server's workers share its socket
+        holders = [self.procs.holders(r.inode, fresh=True) for r in rows if r.inode]
+        return [o for h in holders for o in h], all(holders)
 
     def _socket_owner(
         self,
@@ -399,6 +403,17 @@ class Owners(Stage):
 
     # ------------------------------------------------------------ durations
 
+    def seen_since(self, key: tuple[int, str, int, str, int], state: int) -> int | None:
+        """When the start-up snapshot saw this socket in this state (None: it did not):
+        a lower bound on the start of its stay there."""
+        if self.snapshot is None:
+            return None
+        netns = key[0] or (self.tables.own if self.tables is not None else 0)
+        row = self.snapshot.get((netns, *key[1:]))
+        if row is None or row.entry.state != state:
+            return None
+        return self.snapshot.taken_ns
+
     def _lower_bound(self, ev: Event) -> Event:
         if self.snapshot is None:
             return ev
@@ -424,3 +439,26 @@ def _alive(pid: int) -> bool:
 def _bound(cache: dict) -> None:
     while len(cache) > MAX_CACHED:
         del cache[next(iter(cache))]
+
+
+def _fill_from_later(events: list[Event]) -> None:
+    """An event whose owner nobody could find takes the owner a later event of the same
+    socket's life in the batch names: a listener's child before accept() (no process
+    holds it yet, and once closed sock_diag no longer finds it) is the accepting
+    process's, whose close() the kernel saw. In place; a birth starts another life."""
+    later: dict[int, Event] = {}
+    for i in range(len(events) - 1, -1, -1):
+        ev = events[i]
+        sk = ev[_SKADDR]
+        if ev.flags & F_OWNER_KNOWN:
+            later[sk] = ev
+        elif sk in later:
+            owner = later[sk]
+            events[i] = ev._replace(
+                pid=owner.pid,
+                comm=owner.comm,
+                cgroup_id=owner.cgroup_id or ev.cgroup_id,
+                flags=ev.flags | F_OWNER_KNOWN,
+            )
+        if is_birth(ev.oldstate, ev.newstate):
+            later.pop(sk, None)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from tcptrace.compat import slotted
 from tcptrace.kernel.events import (
     F_DELTA_LOWER,
     F_OWNER_KNOWN,
@@ -26,6 +27,7 @@ from tcptrace.kernel.events import (
     decode_comm,
     format_addr,
 )
+from tcptrace.kernel.stats import Summary
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState, is_birth, state_name
 
@@ -44,14 +46,16 @@ _VISITS = Life._fields.index("visits")
 _NAMES = tuple(state_name(n) for n in range(256))
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class StateTime:
     state: str
     duration_ns: int | None  # None: unknown (the socket predates tracing)
     lower_bound: bool = False  # at least this long (it was in the state when tracing began)
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class Lifetime:
     start_ns: int  # CLOCK_MONOTONIC, as event timestamps; a lower bound unless complete
     end_ns: int
@@ -88,6 +92,8 @@ class Lifetimes(Stage):
         # the kernel's life records of the batch being handled (loader.Probe.lives), by
         # (skaddr, ts_ns) of their closing Event; None: built from transitions
         self.kernel: dict[tuple[int, int], Life] | None = None
+        # the start-up snapshot's word on connections first seen mid-life (enrich's)
+        self.seen_since: SeenSince | None = None
         self.open: dict[int, Lifetime] = {}  # skaddr -> connection
         # connections in TIME_WAIT: their socket is gone (the address may be reused)
         self.waiting: dict[tuple[str, int, str, int], Lifetime] = {}
@@ -98,6 +104,22 @@ class Lifetimes(Stage):
     def stop_after(self, count: int, stop: Callable[[], None]) -> None:
         """Hand on `count` finished connections, then call `stop` and take no more."""
         self.remaining, self.stop = count, stop
+
+    def forget(self, keys: list[tuple[int, str, int, str, int]]) -> None:
+        """Connections whose TIME_WAIT can no longer end (TimeWait dropped their
+        sockets with their network namespace): not waited for, and not counted so."""
+        for key in keys:
+            self.waiting.pop(key, None)
+
+    def remark_waiting(self, summary: Summary) -> None:
+        """The summary's remark on connections whose TIME_WAIT had not ended at exit."""
+        waiting = len(self.waiting)
+        if waiting:
+            summary.remark(
+                "still_in_time_wait",
+                waiting,
+                f"{waiting} connections still in TIME_WAIT at exit: not finished, not shown",
+            )
 
     def use_kernel(self, lives: dict[tuple[int, int], Life]) -> None:
         """Take each connection from the kernel's life record (the probe refills `lives`
@@ -119,13 +141,14 @@ class Lifetimes(Stage):
                     if (
                         whole
                         and ev[_NEW] == CLOSE
+                        and ev[0] == record[0][0]
                         and record[_BIRTH]
                         and record[_VISITS] <= LIFE_VISITS
                     ):
                         done.append((ev, record))  # type: ignore[arg-type]
                         continue
                     # the kernel's whole connection: it ends now, or enters TIME_WAIT
-                    life = _from_record(ev, record)
+                    life = _from_record(ev, record, self.seen_since)
                     if ev[_NEW] == CLOSE:
                         life.end_ns = end = ev[0]
                         life.duration_ns = max(0, end - life.start_ns)
@@ -167,7 +190,7 @@ class Lifetimes(Stage):
         whole time in FIN_WAIT2. Until then the connection waits here, without it."""
         for record in kernel.values():
             ev = record.event
-            life = _from_record(ev, record)
+            life = _from_record(ev, record, self.seen_since)
             life.states.pop()  # the closing visit: the later event gives its whole time
             self.open[ev.skaddr] = life
         _bound(self.open)
@@ -198,7 +221,12 @@ class Lifetimes(Stage):
         return life
 
 
-def _from_record(ev: Event, record: Life) -> Lifetime:
+# When the start-up snapshot saw a socket ((netns, local address, port, remote address,
+# port), state) in that state: tracing has known it since then (None: not seen so)
+SeenSince = Callable[[tuple[int, str, int, str, int], int], "int | None"]
+
+
+def _from_record(ev: Event, record: Life, seen_since: SeenSince | None = None) -> Lifetime:
     """A connection from the kernel's record; ev is its closing transition as enriched
     (the owner found in user space, the time in a state older than tracing). Not yet
     ended: end_ns and duration_ns are the caller's. The per-connection path: no
@@ -210,6 +238,11 @@ def _from_record(ev: Event, record: Life) -> Lifetime:
     if visits < LIFE_VISITS:
         visited = visited[:visits]
     states = [StateTime(names[state], ns) for state, ns in zip(visited, times)]
+    later = ts - _event[0]
+    if later > 0 and states:
+        # TIME_WAIT following found it entered TIME_WAIT after the kernel's event (at
+        # the peer's FIN): the state it left lasted until then
+        states[-1].duration_ns += later
     if visits > LIFE_VISITS:
         # (not in Linux's state machine) the last slot holds the time of the rest
         states[-1].state += f"+{visits - LIFE_VISITS}"
@@ -219,8 +252,19 @@ def _from_record(ev: Event, record: Life) -> Lifetime:
         # first seen mid-life: untimed in the state it was first seen in, unless
         # enrichment knew it from the snapshot (it was first seen as it closed)
         first = states[0]
+        since = None
+        if seen_since is not None and len(states) > 1:
+            since = seen_since(
+                (netns, format_addr(family, saddr), sport, format_addr(family, daddr), dport),
+                visited[0],
+            )
         if len(states) == 1 and flags & F_DELTA_LOWER:
             first.duration_ns, first.lower_bound = delta, True
+        elif since is not None:
+            # older than tracing, in this state when the snapshot saw it: it left it
+            # when the later visits began, at least this long after
+            left = ts - sum(s.duration_ns or 0 for s in states[1:])
+            first.duration_ns, first.lower_bound = max(0, left - since), True
         else:
             first.duration_ns = None
         # it began at least as long ago as the times known

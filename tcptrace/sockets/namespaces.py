@@ -11,6 +11,7 @@ are found by their first transition.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import time
 from dataclasses import dataclass
@@ -18,6 +19,10 @@ from pathlib import Path
 
 NETNS_RUN_DIR = Path("/run/netns")
 PROC = Path("/proc")
+# ioctl(NS_GET_NSTYPE) on a namespace file (linux/nsfs.h, Linux 4.11) returns its
+# CLONE_NEW* type; other files fail it.
+NS_GET_NSTYPE = 0xB703
+CLONE_NEWNET = 0x40000000
 # A missing inode rebuilds the index, at most this often.
 RESCAN_S = 0.05
 
@@ -100,6 +105,15 @@ class NetnsIndex:
         return self.name(inode) or str(inode)
 
 
+def namespace_type(fd: int) -> int | None:
+    """What an open file is a handle of: CLONE_NEWNET for a network namespace, another
+    CLONE_NEW* for another namespace, None for a file that is none."""
+    try:
+        return fcntl.ioctl(fd, NS_GET_NSTYPE)
+    except OSError:
+        return None
+
+
 def resolve(text: str, run_dir: Path = NETNS_RUN_DIR, proc: Path = PROC) -> int:
     """A --netns value: an `ip netns` name, a path (/proc/PID/ns/net), or an inode number."""
     if text.isdigit():
@@ -109,8 +123,18 @@ def resolve(text: str, run_dir: Path = NETNS_RUN_DIR, proc: Path = PROC) -> int:
         return inode
     path = Path(text) if "/" in text else run_dir / text
     try:
-        return os.stat(path).st_ino
-    except OSError:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
         if "/" in text:
             raise ValueError(f"no network namespace at {text}") from None
         raise ValueError(f"no network namespace named {text} (ip netns list)") from None
+    except OSError as exc:
+        raise ValueError(f"cannot open {path}: {exc.strerror}") from None
+    try:
+        kind = namespace_type(fd)
+        inode = os.fstat(fd).st_ino
+    finally:
+        os.close(fd)
+    if kind != CLONE_NEWNET:
+        raise ValueError(f"{path} is not a network namespace (as /proc/PID/ns/net is)")
+    return inode

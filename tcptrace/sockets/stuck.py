@@ -62,6 +62,9 @@ NOT_STUCK = {
 # second keeps a full map under 2% of a CPU.
 MIN_SCAN_S = 0.1
 MAX_SCAN_S = 1.0
+# A scrape's walk is at most this old: scrapes are seconds apart, and one read right
+# after sockets came or went must count them (a busy scraper: at most 10 walks a second)
+SCRAPE_SCAN_S = 0.1
 # How often sockets older than tracing are checked again (still there, in the same
 # state?) while something reads OLDEST: an age shown is never staler than this.
 OLD_RECHECK_S = 1.0
@@ -168,6 +171,10 @@ class StuckWatch(Stage):
         self.started_ns = 0
         self.next_scan_ns = 0
         self.old: list[OldSocket] | None = None  # None until the snapshot is read
+        # the old list as on_events looks it up: by 4-tuple, and their local ports
+        self._indexed: list[OldSocket] | None = None
+        self._old_index: dict[tuple[str, int, str, int], OldSocket] = {}
+        self._old_ports: set[int] = set()
         self.old_checked_ns = 0
         self.lock = threading.Lock()  # the old sockets: the metrics thread reads them too
         self.reported = 0
@@ -190,6 +197,30 @@ class StuckWatch(Stage):
             with self.lock:
                 self._take_old()
             self.old_checked_ns = time.monotonic_ns()
+
+    def on_events(self, events: list[Event]) -> None:
+        """A socket older than tracing that moves is in the kernel's map from then on:
+        it leaves the old list at once, not at the next check (counted twice until then)."""
+        old = self.old
+        if not old:
+            return
+        if self._indexed is not old:
+            self._old_index = {o.row.entry.key: o for o in old}
+            self._old_ports = {o.row.entry.local_port for o in old}
+            self._indexed = old
+        ports = self._old_ports
+        moved = [ev for ev in events if ev[_SPORT] in ports]
+        if not moved:
+            return
+        index = self._old_index
+        gone = set()
+        for ev in moved:
+            o = index.get((ev.local_addr, ev.sport, ev.remote_addr, ev.dport))
+            if o is not None and (not ev.netns or ev.netns == o.row.netns):
+                gone.add(id(o))
+        if gone:
+            with self.lock:
+                self.old = [o for o in self.old or () if id(o) not in gone]
 
     def on_tick(self, now_ns: int) -> list[Event] | None:
         if self.old is None:
@@ -232,7 +263,7 @@ class StuckWatch(Stage):
             self.old = [o for o in self.old or () if id(o) in alive]
             self.old_checked_ns = now_ns
 
-    def oldest(self, verify: bool = False) -> Oldest:
+    def oldest(self, verify: bool = False, max_age_s: float = MAX_SCAN_S) -> Oldest:
         """Each state's oldest socket now (for the live table and the metrics).
 
         The map is walked at most once a MAX_SCAN_S (a walk of a full map costs
@@ -246,7 +277,7 @@ class StuckWatch(Stage):
         now = time.monotonic_ns()
         if verify and self.old and now - self.old_checked_ns >= MAX_SCAN_S * 1e9:
             self._recheck(now)
-        result = self.scanner.latest(MAX_SCAN_S)
+        result = self.scanner.latest(max_age_s)
         if result is None:
             return Oldest()
         now = max(now, result.now_ns)
@@ -369,6 +400,9 @@ class StuckWatch(Stage):
 
 
 STATE_VALUES = frozenset(int(s) for s in STUCK_STATES)
+
+
+_SPORT = Event._fields.index("sport")
 
 
 def _key_of(ev: Event) -> tuple[int, str, int, str, int]:

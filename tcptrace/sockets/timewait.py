@@ -35,11 +35,23 @@ from __future__ import annotations
 import operator
 import time
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field, replace
 
+from tcptrace.compat import slotted
 from tcptrace.filters import Filters
-from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event, Life
+from tcptrace.kernel.events import (
+    C_SEEN,
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_END_UNSURE,
+    F_POLLED,
+    F_TW,
+    F_TW_KNOWN,
+    F_TW_PEER_FIN,
+    Event,
+    Life,
+)
 from tcptrace.kernel.stats import StateStats, Summary
 from tcptrace.sockets.sockdiag import (
     LOCAL,
@@ -47,9 +59,11 @@ from tcptrace.sockets.sockdiag import (
     TIMEWAIT_STATES,
     Budget,
     SockEntry,
+    SocketTable,
     SocketTables,
     port_ranges,
 )
+from tcptrace.sockets.wheel import MIN_SPAN_NS, TimerWheel, sample_jiffies
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState
 
@@ -65,12 +79,38 @@ TIME_WAIT_LEN_NS = 60_000 * NS_PER_MS
 POLL_INTERVAL = 1.0
 # Faster while a socket waits in FIN_WAIT2 for its peer, so FIN_WAIT2 -> TIME_WAIT is prompt.
 FAST_POLL_INTERVAL = 0.1
-# At most this many timewait sockets are followed; more are counted and left as traced.
-# A poll parses a row per followed socket (~5 µs each, sockdiag.decode_answer):
-# 4096 take about 20 ms, and about 3 MB to keep.
-MAX_FOLLOWED = 4096
+# At most this many timewait sockets are followed; more are counted and left as traced:
+# 60 s of 5,000 new ones a second, and room (about 0.6 KB each to keep).
+MAX_FOLLOWED = 400_000
+# Up to this many followed, a poll asks for every one (a row each, ~5 µs to parse:
+# about 20 ms), so that one a reset killed early is seen go. Beyond, it asks only for
+# those still in FIN_WAIT2; each in TIME_WAIT ends at its timer (exact to a jiffy)
+# or when a new connection takes its 4-tuple (exact), which the events tell.
+POLL_ALL = 4096
+# Past its timer by this much, a timewait socket not asked for is closed at its timer
+# (a new connection that took its 4-tuple sooner comes in the events before then).
+DUE_GRACE_NS = 1_000_000_000
+# Followed sockets are kept in about the order their timers fall due (they are
+# entered as they are seen); the walk for due ones stops this far past now.
+DUE_ORDER_SLACK_NS = 2_000_000_000
+# The kernel's word on timewait sockets (events.F_TW_KNOWN) is checked against
+# sock_diag's on the first this many it gives before it is trusted.
+VERIFY_AGREED = 8
 # How often namespaces that have gone are looked for (a /proc walk: a few ms).
 PRUNE_INTERVAL_NS = 1_000_000_000
+# Up to this many sockets are looked up one by one, more in one dump (its kernel walk
+# costs about as much as this many look-ups).
+EXACT_LOOK_UPS = 8
+# A dump that resumes by index within a hash bucket skips a row when another row of the
+# bucket goes meanwhile: a followed socket missing from a poll before its timer is due
+# is looked up alone before it is called closed, up to this many a poll (the rest wait
+# for the next poll).
+MAX_CONFIRMS = 32
+# Beyond POLL_ALL, the (port, port) pairs of followed sockets are rebuilt (dropping
+# those gone) once in this many polls, not at each.
+PAIRS_REBUILD = 16
+# Reads of /proc/timer_list until the timer wheel's HZ is known (events tell it too).
+WHEEL_SAMPLES = 5
 # Port ranges in one sock_diag request; more take several requests.
 MAX_RANGES = 256
 
@@ -86,10 +126,12 @@ _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpSta
 _OLD = Event._fields.index("oldstate")
 _NEW = Event._fields.index("newstate")
 _new_state = operator.itemgetter(_NEW)
+_event_time = operator.itemgetter(0)
 _SPORT = Event._fields.index("sport")
 _DPORT = Event._fields.index("dport")
 _SKADDR = Event._fields.index("skaddr")
 _NETNS = Event._fields.index("netns")
+_FAMILY = Event._fields.index("family")
 _NONE: frozenset[int] = frozenset()
 
 
@@ -97,7 +139,8 @@ def key_of(ev: Event, own_netns: int = 0) -> Key:
     return (ev.netns or own_netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class Followed:
     template: Event  # addresses, owner and socket of the traced socket
     cookie: int
@@ -162,7 +205,7 @@ class TimeWait(Stage):
         tables: SocketTables,
         budget: Budget | None = None,
         poll_interval: float = POLL_INTERVAL,
-        lives: Mapping[tuple[int, int], Life] | None = None,
+        lives: MutableMapping[tuple[int, int], Life] | None = None,
     ) -> None:
         self.filters = filters
         # --lifetime: the kernel's life records of the batch (loader.Probe.lives), whose
@@ -180,50 +223,98 @@ class TimeWait(Stage):
         self.unfollowed = 0  # candidates not checked (limit or budget)
         self.asked_ns = 0  # when the last look-up was sent
         self.polls = 0
-        # followed sockets dropped because their namespace went away
+        # followed sockets dropped because their namespace went away, and who else
+        # must forget them (--lifetime: the connections waiting for their end)
         self.dropped_with_netns = 0
+        self.on_dropped: Callable[[list[Key]], None] | None = None
         self.own = tables.own
         self.pruned_ns = 0
+        # followed sockets still in FIN_WAIT2 (waiting for their peer's FIN)
+        self.waiting: set[Key] = set()
+        # the program's word on timewait sockets at each end (events.F_TW_KNOWN):
+        # None while it is checked against sock_diag, then trusted or not
+        self.kernel_trusted: bool | None = None
+        self.kernel_agreed = 0
+        self.kernel_problem: str | None = None
+        # when the timer wheel runs a TIME_WAIT's timer, learnt from the events' jiffies
+        self.wheel = TimerWheel()
+        self.wheel_sampled_ns = 0
+        self.wheel_samples = 0  # timer list reads (a few, until HZ is known)
 
     # ------------------------------------------------------------ events
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         # one C-level pass tells whether the batch needs the per-event loop at all
         news = set(map(_new_state, events))
-        opening = _OPENING if self.followed and not news.isdisjoint(_OPENING) else _NONE
-        lives = self.lives if self.followed and self.lives else None
         # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
+        # a new connection may end a TIME_WAIT followed before, or one begun in this batch
+        follows = bool(self.followed or candidates)
+        opening = _OPENING if follows and not news.isdisjoint(_OPENING) else _NONE
+        lives = self.lives if follows and self.lives else None
+        told: list[Event] = []
+        if candidates and self.kernel_trusted:
+            # the program saw whether a timewait socket took each one's place: no asking
+            told = [ev for ev in candidates if ev.flags & F_TW_KNOWN]
+            if told:
+                candidates = [ev for ev in candidates if not ev.flags & F_TW_KNOWN]
         if candidates:
             candidates = self._may_wait(candidates)
         found = self._look_up(candidates) if candidates else None
-        if found is None:
+        if found is None and candidates:
             self.unfollowed += len(candidates)
-        if not found:
+            events = _unsure(events, candidates)
+        elif candidates and not news.isdisjoint(_OPENING):
+            late = self._reused_before_asked(events, candidates)
+            if late:
+                # what sock_diag holds on their 4-tuple now is a later connection's
+                self.unfollowed += len(late)
+                events = _unsure(events, late)
+        if told and not news.isdisjoint(_OPENING):
+            # an orphan's timewait socket in FIN_WAIT2 whose 4-tuple a new connection
+            # took in the same batch: whether the peer's FIN came first, nothing tells
+            late = self._reused_before_asked(
+                events, [ev for ev in told if ev.flags & F_TW and not ev.flags & F_TW_PEER_FIN]
+            )
+            if late:
+                self.unfollowed += len(late)
+                events = _unsure(events, late)
+        if told:
+            found = found or {}
+        if not found and not told:
             # no timewait socket behind these ends: the kernel's events stand
-            return self._reused(events, lives) if opening or lives else None
+            if opening or lives:
+                return self._reused(events, lives)
+            return events if found is None and candidates else None
         out: list[Event] = []
         keep = out.append
+        moved = False  # a TIME_WAIT entry stamped later than the kernel's event
         for ev in events:
             new = ev[_NEW]
             if new in opening and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
                 self._end_if_reused(out, ev)
             elif lives is not None and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
                 self._end_if_reborn(out, ev, lives)
-            if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT:
+            if new != CLOSE or ev[_OLD] not in _ENDS_IN_TIMEWAIT or ev.flags & F_END_UNSURE:
                 keep(ev)
                 continue
             key = key_of(ev, self.own)
+            if ev.flags & F_TW_KNOWN and self.kernel_trusted:
+                self._told(out, key, ev)
+                continue
             entry = found.get(key)
+            if ev.flags & F_TW_KNOWN and self.kernel_trusted is None:
+                self._check_kernel(ev, entry)
             if entry is None:
                 self._keep(out, ev)
                 continue
             self._replace_previous(out, key, entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
-                new_ev = ev._replace(newstate=TIME_WAIT)
+                new_ev = self._time_wait_since(ev, entry)
+                moved = moved or new_ev.ts_ns != ev.ts_ns
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
-                self._follow(key, new_ev, entry, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN)
+                self._follow(key, new_ev, entry, TIME_WAIT, new_ev.ts_ns, F_DELTA_KNOWN)
                 self._keep(out, new_ev)
             else:
                 # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
@@ -233,7 +324,99 @@ class TimeWait(Stage):
                 if ev.delta_known:
                     f.kernel_partial_ns = ev.delta_ns
                     self.fixes.remove(FIN_WAIT2, ev.delta_ns)
+        if moved:
+            out.sort(key=_event_time)
         return out
+
+    def _told(self, out: list[Event], key: Key, ev: Event) -> None:
+        """An end the program saw: no timewait socket (its event stands), one in
+        TIME_WAIT since this very event, or an orphan's in FIN_WAIT2 (held back)."""
+        if not ev.flags & F_TW:
+            self._keep(out, ev)
+            return
+        self.wheel.note(ev.ts_ns, ev.jiffies)
+        old = self.followed.get(key)
+        if old is not None:
+            # a new timewait socket on the 4-tuple: the one followed there has gone
+            self._forget(key)
+            self._keep(out, self._closed(old, _clamp(self._fires(old), old.last_seen_ns, ev.ts_ns)))
+        if len(self.followed) >= MAX_FOLLOWED:
+            self.unfollowed += 1
+            self._keep(out, ev._replace(flags=ev.flags | F_END_UNSURE))
+            return
+        self.fixes.move(ev.oldstate, CLOSE, -1)
+        due = ev.ts_ns + TIME_WAIT_LEN_NS
+        if ev.flags & F_TW_PEER_FIN:
+            self.fixes.move(ev.oldstate, TIME_WAIT)
+            new_ev = ev._replace(newstate=TIME_WAIT)
+            self._track(key, new_ev, 0, TIME_WAIT, ev.ts_ns, F_DELTA_KNOWN, ev.ts_ns, due)
+            self._keep(out, new_ev)
+            return
+        since, flags = _start_of(ev)
+        # its timer is at most TIME_WAIT_LEN away (tcp_fin_time): the poll says when
+        f = self._track(key, ev, 0, FIN_WAIT2, since, flags, ev.ts_ns, due)
+        if ev.delta_known:
+            f.kernel_partial_ns = ev.delta_ns
+            self.fixes.remove(FIN_WAIT2, ev.delta_ns)
+
+    def _check_kernel(self, ev: Event, entry: SockEntry | None) -> None:
+        """Compare the program's word on a timewait socket with what sock_diag found."""
+        tw = bool(ev.flags & F_TW)
+        if entry is None and tw:
+            return  # gone already (a reset, a new connection): tells nothing
+        peer_fin = bool(ev.flags & F_TW_PEER_FIN)
+        if entry is not None and not tw:
+            problem = "a timewait socket the kernel did not report"
+        elif entry is not None and peer_fin and entry.state != TIME_WAIT:
+            problem = "a timewait socket in FIN_WAIT2 the kernel said was in TIME_WAIT"
+        else:
+            self.kernel_agreed += 1
+            if self.kernel_agreed >= VERIFY_AGREED:
+                self.kernel_trusted = True
+            return
+        self.kernel_trusted = False
+        self.kernel_problem = f"sock_diag found {problem} (BTF offsets): each end is asked"
+
+    def _time_wait_since(self, ev: Event, entry: SockEntry) -> Event:
+        """The kernel's FIN_WAIT2 -> CLOSE (CLOSING -> CLOSE) of a socket whose timewait
+        socket was found in TIME_WAIT: it went there when the peer's FIN came, which
+        may be after the kernel's event (an orphan's timewait socket starts in
+        FIN_WAIT2). When, its timer tells: armed for TIME_WAIT_LEN at that moment."""
+        asked = self.asked_ns
+        at = _clamp(asked + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, ev.ts_ns, asked)
+        if at == ev.ts_ns:
+            return ev._replace(newstate=TIME_WAIT)
+        later = at - ev.ts_ns
+        if self.lives is not None:
+            # --lifetime: its life record is found by its closing event's time
+            record = self.lives.pop((ev[_SKADDR], ev.ts_ns), None)
+            if record is not None:
+                self.lives[(ev[_SKADDR], at)] = record
+        if ev.delta_known:  # the kernel timed the state to its event: to the FIN now
+            self.fixes.remove(ev.oldstate, ev.delta_ns)
+            self.fixes.add(ev.oldstate, ev.delta_ns + later)
+        return ev._replace(
+            newstate=TIME_WAIT, ts_ns=at, delta_ns=ev.delta_ns + later, flags=ev.flags | F_POLLED
+        )
+
+    def _reused_before_asked(self, events: list[Event], candidates: list[Event]) -> list[Event]:
+        """The ends whose 4-tuple a new connection took before sock_diag was asked (a
+        reader far behind): their timewait socket, if there was one, went with it, and
+        what sock_diag finds there now is the new connection's. Nothing can tell what
+        became of theirs: their FIN_WAIT2 -> CLOSE stays, marked unsure."""
+        ends: dict[Key, list[Event]] = {}
+        for ev in candidates:
+            ends.setdefault(key_of(ev, self.own), []).append(ev)
+        late: list[Event] = []
+        for ev in events:
+            if ev[_NEW] in _OPENING and ev.ts_ns <= self.asked_ns:
+                mine = ends.get(key_of(ev, self.own))
+                if mine:
+                    # (several connections may have had the 4-tuple in one batch)
+                    before = [end for end in mine if end.ts_ns < ev.ts_ns]
+                    late.extend(before)
+                    mine[:] = [end for end in mine if end.ts_ns >= ev.ts_ns]
+        return late
 
     def _reused(
         self, events: list[Event], lives: Mapping[tuple[int, int], Life] | None = None
@@ -267,7 +450,7 @@ class TimeWait(Stage):
         f = self.followed.get(key)
         if f is None or ev.ts_ns < f.since_ns:
             return  # not followed, or an opening from before this TIME_WAIT began
-        del self.followed[key]
+        self._forget(key)
         if f.state == FIN_WAIT2:
             # only a TIME_WAIT socket gives way to a new connection (a FIN_WAIT2 one
             # answers with a reset): the peer's FIN came after our last poll
@@ -294,24 +477,24 @@ class TimeWait(Stage):
         started = time.monotonic()
         self.asked_ns = time.monotonic_ns()
         try:
-            found, _unreachable = self._dump([key_of(ev, self.own) for ev in candidates])
+            found, _unreachable = self._ask(
+                [(key_of(ev, self.own), ev[_FAMILY]) for ev in candidates]
+            )
         finally:
             self.budget.charge(started)
         return found
 
-    def _dump(self, keys: list[Key]) -> tuple[dict[Key, SockEntry], set[int]]:
-        """The timewait sockets of these 4-tuples (and a few more), from sock_diag in
-        each one's namespace; and the namespaces that cannot be asked any more.
+    def _ask(self, keys: list[tuple[Key, int]]) -> tuple[dict[Key, SockEntry], set[int]]:
+        """The timewait sockets of these (4-tuple, family)s, from sock_diag in each
+        one's namespace; and the namespaces that cannot be asked any more.
 
-        Each 4-tuple is asked for by its own port: the local one, unless other
-        4-tuples share it (the server's port when the server closed first), then
-        the remote one. Filtering in the kernel keeps the rows, each of which costs
-        ~5 µs to parse, near one per 4-tuple even when thousands of timewait
-        sockets share the server's port.
+        A few are looked up one by one (the kernel's hash look-up, ~0.15 ms each);
+        more in a dump, whose kernel walk of the whole established table costs
+        ~1-3 ms per family however few sockets it finds.
         """
-        by_netns: dict[int, list[Key]] = {}
-        for key in keys:
-            by_netns.setdefault(key[0], []).append(key)
+        by_netns: dict[int, list[tuple[Key, int]]] = {}
+        for key, family in keys:
+            by_netns.setdefault(key[0], []).append((key, family))
         found: dict[Key, SockEntry] = {}
         unreachable: set[int] = set()
         for netns, ns_keys in by_netns.items():
@@ -319,46 +502,109 @@ class TimeWait(Stage):
             if table is None:
                 unreachable.add(netns)
                 continue
-            shared = Counter(key[2] for key in ns_keys)
-            local = {key[2] for key in ns_keys if shared[key[2]] == 1}
-            remote = {key[4] for key in ns_keys if shared[key[2]] > 1}
-            for side, ports in ((LOCAL, local), (REMOTE, remote)):
-                ranges = port_ranges(ports)
-                for start in range(0, len(ranges), MAX_RANGES):
-                    clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
-                    for row in table.dump(TIMEWAIT_STATES, self.filters, [clause]):
-                        if row.timewait:
-                            found[(netns, *row.key)] = row
+            if len(ns_keys) <= EXACT_LOOK_UPS:
+                for key, family in ns_keys:
+                    row = table.find(family, (key[1], key[2]), (key[3], key[4]))
+                    if row is not None and row.timewait and (netns, *row.key) == key:
+                        found[key] = row
+            else:
+                for family in {family for _key, family in ns_keys}:
+                    self._dump(table, netns, [k for k, f in ns_keys if f == family], family, found)
         return found, unreachable
+
+    def _dump(
+        self, table: SocketTable, netns: int, keys: list[Key], family: int, found: dict
+    ) -> None:
+        """The timewait sockets of these 4-tuples of one family (and a few more), by a
+        dump of the namespace's table, into found.
+
+        Each 4-tuple is asked for by its own port: the local one, unless other
+        4-tuples share it (the server's port when the server closed first), then
+        the remote one. Filtering in the kernel keeps the rows, each of which costs
+        ~5 µs to parse, near one per 4-tuple even when thousands of timewait
+        sockets share the server's port.
+        """
+        filters = replace(self.filters, family=family)
+        shared = Counter(key[2] for key in keys)
+        local = {key[2] for key in keys if shared[key[2]] == 1}
+        remote = {key[4] for key in keys if shared[key[2]] > 1}
+        for side, ports in ((LOCAL, local), (REMOTE, remote)):
+            ranges = port_ranges(ports)
+            for start in range(0, len(ranges), MAX_RANGES):
+                clause = [(side, r) for r in ranges[start : start + MAX_RANGES]]
+                for row in table.dump(TIMEWAIT_STATES, filters, [clause]):
+                    if row.timewait:
+                        found[(netns, *row.key)] = row
 
     def _follow(
         self, key: Key, template: Event, entry: SockEntry, state: int, since: int, flags: int
     ) -> Followed:
         # timer arithmetic uses the moment the kernel was asked, not the parse's end
         asked = self.asked_ns
+        due = asked + entry.expires_ms * NS_PER_MS
+        return self._track(key, template, entry.cookie, state, since, flags, asked, due)
+
+    def _track(
+        self,
+        key: Key,
+        template: Event,
+        cookie: int,
+        state: int,
+        since: int,
+        flags: int,
+        seen: int,
+        due: int,
+    ) -> Followed:
+        """Follow a timewait socket (cookie 0: not known yet, the first poll takes it)."""
         f = Followed(
             template=template,
-            cookie=entry.cookie,
+            cookie=cookie,
             state=state,
             since_ns=since,
             since_flags=flags,
-            last_seen_ns=asked,
-            due_ns=asked + entry.expires_ms * NS_PER_MS,
+            last_seen_ns=seen,
+            due_ns=due,
         )
+        self.followed.pop(key, None)  # re-entered last: the walk for due ones is in order
         self.followed[key] = f
-        self.port_pairs.add((entry.local_port, entry.remote_port))
+        if state == FIN_WAIT2:
+            self.waiting.add(key)
+        else:
+            self.waiting.discard(key)
+        self.port_pairs.add((key[2], key[4]))
         return f
+
+    def _forget(self, key: Key) -> None:
+        del self.followed[key]
+        self.waiting.discard(key)
 
     def _replace_previous(self, out: list[Event], key: Key, entry: SockEntry, ts: int) -> None:
         """A new timewait socket on a followed 4-tuple: the old one has gone."""
         old = self.followed.get(key)
         if old is not None and old.cookie != entry.cookie:
-            del self.followed[key]
-            self._keep(out, self._closed(old, min(ts, max(old.due_ns, old.last_seen_ns))))
+            self._forget(key)
+            self._keep(out, self._closed(old, min(ts, max(self._fires(old), old.last_seen_ns))))
 
     # ------------------------------------------------------------ polling
 
+    def on_start(self) -> None:
+        self._sample_wheel()
+
+    def _sample_wheel(self) -> None:
+        """The timer list tells HZ and the jiffies' phase before any event does."""
+        pair = sample_jiffies()
+        self.wheel_samples += 1
+        self.wheel_sampled_ns = time.monotonic_ns()
+        if pair is not None:
+            self.wheel.note(*pair)
+
     def on_tick(self, now_ns: int) -> list[Event] | None:
+        if (
+            self.wheel.hz is None
+            and self.wheel_samples < WHEEL_SAMPLES
+            and now_ns - self.wheel_sampled_ns >= MIN_SPAN_NS
+        ):
+            self._sample_wheel()
         if len(self.tables.tables) > 1 and now_ns - self.pruned_ns >= PRUNE_INTERVAL_NS:
             # let go of namespaces that have gone (a held socket keeps one alive)
             self.pruned_ns = now_ns
@@ -367,18 +613,27 @@ class TimeWait(Stage):
                 self._drop_followed(gone)
         if not self.followed:
             return None
-        waiting = any(f.state == FIN_WAIT2 for f in self.followed.values())
-        interval = min(self.poll_interval, FAST_POLL_INTERVAL) if waiting else self.poll_interval
+        interval = self.poll_interval
+        if self.waiting:
+            interval = min(interval, FAST_POLL_INTERVAL)
         if now_ns - self.last_poll_ns < interval * 1e9 or not self.budget.allows():
             return None
         return self.poll()
 
+    def on_drained(self, now_ns: int) -> list[Event] | None:
+        # a reader held back (a stalled pipe) polled little: where did those waiting
+        # for their peer's FIN go (the summary counts the rest as held)
+        return self.poll() if self.waiting else None
+
     def poll(self) -> list[Event]:
-        """One sock_diag dump of the followed sockets; events for what changed."""
+        """One sock_diag dump of the followed sockets (beyond POLL_ALL, of those in
+        FIN_WAIT2, the others ending at their timer); events for what changed."""
+        every = len(self.followed) <= POLL_ALL
+        asking = self.followed if every else {k: self.followed[k] for k in self.waiting}
         started = time.monotonic()
         asked = time.monotonic_ns()
         try:
-            seen, unreachable = self._dump(list(self.followed))
+            seen, unreachable = self._ask([(key, f.template[_FAMILY]) for key, f in asking.items()])
         finally:
             self.budget.charge(started)
         # the kernel looked at its table between `asked` and `now`
@@ -387,18 +642,30 @@ class TimeWait(Stage):
         self.polls += 1
         if unreachable:
             self._drop_followed(unreachable)
+        confirmed, postponed = self._confirm_missing(seen, now, asking)
         made: list[Event] = []
-        for key, f in list(self.followed.items()):
-            entry = seen.get(key)
+        for key, f in list(asking.items()):
+            if key not in self.followed:
+                continue  # dropped with its namespace
+            if key in postponed:
+                continue  # not looked up alone this time: the next poll will
+            entry = seen.get(key) or confirmed.get(key)
+            if entry is not None and not f.cookie and f.since_ns <= asked:
+                f.cookie = entry.cookie  # followed on the kernel's word: now known
             if entry is not None and entry.cookie == f.cookie:
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
                     made.append(self._entered_time_wait(f, entry, asked))
+                    self.waiting.discard(key)
+                    self.followed[key] = self.followed.pop(key)  # due last: in order
                 f.last_seen_ns = asked
                 f.due_ns = asked + entry.expires_ms * NS_PER_MS
             else:
-                del self.followed[key]
-                made.append(self._closed(f, _clamp(f.due_ns, f.last_seen_ns, now)))
-        self.port_pairs = {(key[2], key[4]) for key in self.followed}
+                self._forget(key)
+                made.append(self._closed(f, _clamp(self._fires(f), f.last_seen_ns, now)))
+        if not every:
+            made.extend(self._timers_out(now))
+        if every or not self.polls % PAIRS_REBUILD:
+            self.port_pairs = {(key[2], key[4]) for key in self.followed}
         made.sort(key=lambda ev: ev.ts_ns)
         return [
             ev
@@ -406,11 +673,68 @@ class TimeWait(Stage):
             if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
         ]
 
+    def _fires(self, f: Followed) -> int:
+        """When a followed socket's timer runs: a TIME_WAIT's, armed for TIME_WAIT_LEN,
+        on the timer wheel's grain past its expiry (nominal until the wheel is known)."""
+        if f.state != TIME_WAIT:
+            return f.due_ns
+        fires = self.wheel.fires_ns(f.due_ns - TIME_WAIT_LEN_NS, f.due_ns)
+        return f.due_ns if fires is None else fires
+
+    def _timers_out(self, now: int) -> list[Event]:
+        """The sockets in TIME_WAIT not asked for whose timer ran: closed then."""
+        due: list[tuple[Key, int]] = []
+        for key, f in self.followed.items():
+            if f.due_ns > now + DUE_ORDER_SLACK_NS:
+                break  # the rest fall due later
+            if f.state != TIME_WAIT:
+                continue
+            fires = self._fires(f)
+            if fires + DUE_GRACE_NS <= now:
+                due.append((key, fires))
+        made = []
+        for key, fires in due:
+            f = self.followed[key]
+            self._forget(key)
+            if self.wheel.hz is None and f.since_flags:
+                # the wheel's grain unknown: at least until its expiry
+                f.since_flags = F_DELTA_LOWER
+            made.append(self._closed(f, max(fires, f.last_seen_ns)))
+        return made
+
+    def _confirm_missing(
+        self, seen: Mapping[Key, SockEntry], now: int, asking: Mapping[Key, Followed]
+    ) -> tuple[dict[Key, SockEntry], set[Key]]:
+        """The followed sockets a dump did not show though their timer was not due, each
+        looked up alone: the rows found (the others are gone: a reset, or a SYN took
+        the 4-tuple), and those past MAX_CONFIRMS, left for the next poll."""
+        missing = [
+            (key, f)
+            for key, f in asking.items()
+            if key not in seen and self._fires(f) > now and self.tables.get(key[0]) is not None
+        ]
+        confirmed: dict[Key, SockEntry] = {}
+        if not missing:
+            return confirmed, set()
+        started = time.monotonic()
+        try:
+            for key, f in missing[:MAX_CONFIRMS]:
+                table = self.tables.get(key[0])
+                row = table.find(f.template[_FAMILY], (key[1], key[2]), (key[3], key[4]))
+                if row is not None and row.timewait and (key[0], *row.key) == key:
+                    confirmed[key] = row
+        finally:
+            self.budget.charge(started)
+        return confirmed, {key for key, _f in missing[MAX_CONFIRMS:]}
+
     def _drop_followed(self, namespaces: set[int]) -> None:
         """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""
-        for key in [k for k in self.followed if k[0] in namespaces]:
-            del self.followed[key]
+        dropped = [k for k in self.followed if k[0] in namespaces]
+        for key in dropped:
+            self._forget(key)
             self.dropped_with_netns += 1
+        if dropped and self.on_dropped is not None:
+            self.on_dropped(dropped)
 
     def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
         # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came
@@ -458,15 +782,29 @@ class TimeWait(Stage):
         # their kernel FIN_WAIT2 -> CLOSE was traced but not shown: they have not closed
         summary.held = sum(1 for f in self.followed.values() if f.state == FIN_WAIT2)
         if self.dropped_with_netns:
-            summary.notes.append(
+            summary.remark(
+                "time_wait_dropped_with_netns",
+                self.dropped_with_netns,
                 f"TIME_WAIT: {self.dropped_with_netns} followed sockets dropped with their "
-                "network namespace (it was deleted: their end is not known)"
+                "network namespace (it was deleted: their end is not known)",
             )
+        if self.kernel_problem:
+            summary.remark("time_wait_kernel_distrusted", 1, f"TIME_WAIT: {self.kernel_problem}")
         if self.unfollowed:
-            summary.notes.append(
+            summary.remark(
+                "time_wait_not_followed",
+                self.unfollowed,
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "
-                f"(over {MAX_FOLLOWED} followed, or sock_diag budget spent)"
+                f"(over {MAX_FOLLOWED} followed, sock_diag budget spent, or their 4-tuple "
+                "reused before they were looked up): their FIN_WAIT2/CLOSING -> CLOSE may "
+                "have been a TIME_WAIT",
             )
+
+
+def _unsure(events: list[Event], ends: list[Event]) -> list[Event]:
+    """The batch with these ends (not looked up) marked: they may hide a TIME_WAIT."""
+    marked = {id(ev) for ev in ends}
+    return [ev._replace(flags=ev.flags | F_END_UNSURE) if id(ev) in marked else ev for ev in events]
 
 
 def _start_of(ev: Event) -> tuple[int, int]:

@@ -60,3 +60,12 @@ def assert_all_accounted(last_line: str, err: str, expected: int) -> None:
             err,
             expected,
         )
+
+
+def transition_lines(lines: list[str]) -> list[str]:
+    """The text output's transition lines: after the header, before the summary (whose
+    notes may quote a transition, 'FIN_WAIT2/CLOSING -> CLOSE')."""
+    body = lines[1:]
+    if "" in body:
+        body = body[: body.index("")]
+    return [line for line in body if " -> " in line]

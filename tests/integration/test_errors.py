@@ -104,6 +104,18 @@ def test_not_root(readable_tree):
     assert len(result.stderr.splitlines()) == 1
 
 
+def test_check_not_root_reports_it_as_a_line_exit_1(readable_tree):
+    result = as_nobody(readable_tree, "", "--check")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("privileges      missing   loading the eBPF program needs root")
+    assert "uid 65534" in lines[0]
+    assert lines[1] == "tracepoint      unknown   not checked: privileges missing"
+    assert "missing: privileges: tcptrace cannot trace" in lines
+    assert lines[-1] == "result: tracing does not work here"
+
+
 def test_not_root_with_cap_bpf_only_names_the_missing_one(readable_tree):
     result = as_nobody(readable_tree, "+bpf", "--port", "80")
     last = assert_one_line_error(result, "lacks CAP_PERFMON")
@@ -175,6 +187,27 @@ def test_kernel_headers_missing():
     assert_one_line_error(
         result, "kernel headers not found at /nonexistent", "linux-headers-$(uname -r)"
     )
+
+
+def test_check_without_headers_or_bcc_reports_them_exit_1(tmp_path):
+    result = tcptrace_cmd("--check", env={"TCPTRACE_HEADERS": "/nonexistent"})
+    assert result.returncode == 1, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(
+        line.startswith("kernel headers  missing   kernel headers not found at /nonexistent")
+        for line in lines
+    ), lines
+    assert "tracepoint      unknown   not checked: kernel headers missing" in lines
+    assert "missing: kernel headers: the program cannot be compiled" in lines
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os, sys\n"
+        "sys.path[:] = [p for p in sys.path if not os.path.isdir(os.path.join(p, 'bcc'))]\n"
+    )
+    result = tcptrace_cmd("--check", env={"PYTHONPATH": str(tmp_path)})
+    assert result.returncode == 1, result.stderr
+    bcc = [line for line in result.stdout.splitlines() if line.startswith("bcc  ")]
+    assert bcc[0].startswith("bcc             missing   bcc is not importable"), bcc
+    assert result.stdout.splitlines()[-1] == "result: tracing does not work here"
 
 
 def test_tracefs_not_mounted_and_not_mountable(tmp_path):

@@ -266,5 +266,6 @@ def test_uninstall_leaves_nothing(installed):
     assert done.returncode == 0, done.stderr
     assert listing() == installed
     assert not BIN.exists() and not BIN.is_symlink()
+    assert not Path("/run/lock/tcptrace-install.lock").exists()  # once it survived
     again = run("bash", INSTALL, "--uninstall")
     assert again.returncode == 0 and "nothing to remove" in again.stderr

@@ -18,7 +18,7 @@ import pytest
 
 from tcptrace.kernel.loader import BUFFER_TOTAL_BYTES
 
-from .accounting import accounting_line, assert_all_accounted, summary_numbers
+from .accounting import accounting_line, assert_all_accounted, summary_numbers, transition_lines
 from .churn import LISTENER_TRANSITIONS, TRANSITIONS_PER_CONNECTION, run_in_netns
 from .cmd import Running
 from .netutil import free_port, listener
@@ -383,7 +383,7 @@ def test_soak_steady_churn_no_growth_every_event_accounted():
     # 4-tuple ends a TIME_WAIT), not by the kernel: they count as traced on top.
     traced, shown, lost = summary_numbers(last)
     assert shown + lost == traced
-    assert len([line for line in drain.lines[1:] if " -> " in line]) == shown  # [0]: header
+    assert len(transition_lines(drain.lines)) == shown
     found = len([line for line in drain.lines if "TIME_WAIT -> CLOSE" in line])
     kernel = f"{traced - found} transitions traced, {shown - found} shown, {lost} lost"
     expected = connections * TRANSITIONS_PER_CONNECTION + LISTENER_TRANSITIONS
@@ -397,3 +397,24 @@ def test_soak_steady_churn_no_growth_every_event_accounted():
     rings_kib = BUFFER_TOTAL_BYTES // 1024
     assert rss_last - rss_middle <= rings_kib + GROWTH_SLACK_KIB, samples
     assert max(entries for *_, entries in samples) < 100, samples
+
+
+def test_losses_under_max_cpu_are_blamed_on_the_cap():
+    """--max-cpu 1 under a churn: the kernel sheds what the capped reader cannot take.
+    The message once blamed the output and offered --buffer-pages and --quiet."""
+    port = free_port()
+    run = Running("-6", "--port", str(port), "-n", "--max-cpu", "1")
+    run.wait_ready()
+    drain = Drain(run.proc.stdout)
+    drain.start()
+    churn = run_in_netns(port, 4.0, 1000.0)
+    churn.communicate(timeout=60)
+    code, err = stop_drained(run, drain)
+    assert code == 0, err
+    _traced, _shown, lost = summary_numbers(accounting_line(drain.lines))
+    assert lost > 0, drain.lines[-3:]
+    assert (
+        f"tcptrace: {lost} events lost in all: --max-cpu 1 capped the reader, and the kernel "
+        "shed what did not fit" in err
+    ), err
+    assert "--quiet" not in err and "did not keep up" not in err

@@ -174,6 +174,24 @@ def test_a_namespace_deleted_while_its_sockets_are_followed_is_dropped_quietly()
     assert traced == shown + lost
 
 
+def test_lifetime_of_a_connection_whose_namespace_went_is_not_also_still_waiting():
+    """--lifetime: a followed socket dropped with its deleted namespace is said once
+    (dropped), not again as a connection still in TIME_WAIT at exit."""
+    port = free_port()
+    name = f"{name_tag()}l"
+    run = Running("--port", str(port), "-n", "--lifetime")
+    run.wait_ready()
+    with netns(name):
+        burst(port, "ip", "netns", "exec", name)
+        # no line tells when they are followed: give the reader time (emulation lags)
+        time.sleep(5.0 if os.environ.get("TCPTRACE_IN_VM") == "1" else 1.0)
+    time.sleep(2.5)  # deleted: tcptrace notices within a second and lets it go
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    assert f"TIME_WAIT: {CONNECTIONS} followed sockets dropped with their network namespace" in out
+    assert "still in TIME_WAIT at exit" not in out, out
+
+
 @contextlib.contextmanager
 def cgroup(name: str) -> Iterator[str]:
     """A cgroup v2 directory made for the test; yields its path below the mount."""
@@ -327,3 +345,40 @@ def test_the_namespace_check_passes_whatever_the_family_filter(family: str) -> N
     code, _, err = run.wait()
     assert code == 0, err
     assert "cannot read sockets' network namespaces" not in err, err
+
+
+THREAD_CONNECTS = """
+import ctypes, socket, sys, threading
+port = int(sys.argv[1])
+def worker():
+    libc = ctypes.CDLL(None)
+    libc.prctl(15, b"worker-1", 0, 0, 0)  # PR_SET_NAME: this thread's name only
+    c = socket.create_connection(("127.0.0.1", port))
+    c.close()
+t = threading.Thread(target=worker)
+t.start()
+t.join()
+"""
+
+
+def test_comm_is_the_process_name_not_a_threads():
+    """A python3 process whose connecting thread is named worker-1: ps -o comm says
+    the process's name, and so must --comm and the COMM column. Once --comm missed
+    it, and the line named the thread."""
+    port = free_port()
+    process = Path(sys.executable).name[:15]  # the name ps -o comm shows
+    run = Running("--port", str(port), "--json", "--comm", process)
+    run.wait_ready()
+    with listener(port=port) as srv:
+        client = subprocess.Popen([sys.executable, "-c", THREAD_CONNECTS, str(port)])
+        conn, _ = srv.accept()
+        conn.close()
+        assert client.wait(timeout=30) == 0
+    time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    transitions, _ = records(out)
+    client_side = [r for r in transitions if r["pid"] == client.pid]
+    assert client_side, [(r["pid"], r["comm"], r["old"], r["new"]) for r in transitions]
+    assert {r["comm"] for r in client_side} == {process}
+    assert ("CLOSE", "SYN_SENT") in [(r["old"], r["new"]) for r in client_side]

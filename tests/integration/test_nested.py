@@ -10,8 +10,10 @@ it. Before the nested program, these bursts under it lost 1.6% of their transiti
 
 from __future__ import annotations
 
+import ctypes
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from tcptrace.kernel.btf import SockOffsets, sock_offsets
-from tcptrace.kernel.loader import RAW_TRACEPOINT, Probe, ProbeConfig
+from tcptrace.kernel.loader import CHECK_ARMED, CHECK_SERVER, RAW_TRACEPOINT, Probe, ProbeConfig
 
 from . import massclose
 from .accounting import (
@@ -91,6 +93,33 @@ def test_offsets_that_misread_the_check_connection_leave_the_nested_program_out(
         problem = probe.check_nested()
         assert problem is not None and problem.startswith("the BTF offsets read"), problem
         assert RAW_TRACEPOINT not in probe.bpf.raw_tracepoint_fds
+    finally:
+        probe.close()
+
+
+def test_a_check_connection_of_another_port_is_not_taken_for_ours():
+    """Two tracers started together check at the same time: each must note only its
+    own check connection (the VM's slow start made two tracers' checks overlap, and
+    one tracer took the other's connection for its own and left its program out)."""
+    probe = Probe(ProbeConfig(emit_events=False))
+    try:
+        assert probe.check_nested() is None
+        ends = probe.bpf[b"check_ends"]
+        for slot in range(len(ends)):
+            ends[ctypes.c_int(slot)] = ends.Leaf()
+        with socket.socket() as server:
+            server.bind((CHECK_SERVER, 0))
+            server.listen(1)
+            # armed as while checking, with a port of its own: this connection is
+            # another tracer's check
+            armed_with = server.getsockname()[1] + 1
+            probe.bpf[b"self_check"][ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(armed_with)
+            try:
+                with socket.create_connection(server.getsockname()), server.accept()[0]:
+                    time.sleep(0.05)
+            finally:
+                probe.bpf[b"self_check"][ctypes.c_int(CHECK_ARMED)] = ctypes.c_uint32(0)
+        assert not any(any(bytes(ends[ctypes.c_int(s)])) for s in range(len(ends)))
     finally:
         probe.close()
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -146,3 +150,132 @@ def test_child_of_a_listener_older_than_tcptrace_is_the_listeners():
     owners = owner_by_port(rows, port)
     assert owners["server"] == {(str(server.pid), "tt-server")}, out
     assert owners["client"] == {(str(client.pid), "tt-client")}, out
+
+
+FORKED_SERVER = """
+import os, socket, sys, time
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("127.0.0.1", int(sys.argv[1])))
+srv.listen(64)
+workers = []
+for _ in range(2):
+    pid = os.fork()
+    if pid == 0:  # a worker: accepts, answers, reads to the client's FIN, closes
+        while True:
+            conn, _ = srv.accept()
+            conn.recv(1)
+            conn.sendall(b"y")
+            while conn.recv(64):
+                pass
+            conn.close()
+    workers.append(pid)
+print(os.getpid(), *workers, flush=True)
+time.sleep(120)  # the master never accepts
+"""
+
+
+def test_a_listener_shared_across_fork_names_the_worker_not_the_master():
+    """nginx-like: the master listens, forks two workers that accept, and never accepts
+    itself; it started before tcptrace. Every line once named the master, which served
+    no connection."""
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", FORKED_SERVER, str(port)], stdout=subprocess.PIPE, text=True
+    )
+    workers: list[int] = []
+    try:
+        master, *workers = (int(p) for p in server.stdout.readline().split())
+        run = Running("--port", str(port), "--json")
+        run.wait_ready()
+        for _ in range(20):
+            cli = socket.create_connection(("127.0.0.1", port))
+            cli.sendall(b"x")
+            cli.recv(1)  # accepted: a worker answered
+            cli.shutdown(socket.SHUT_WR)
+            cli.recv(1)  # the worker's close
+            cli.close()
+        time.sleep(0.5)
+        code, out, err = run.stop(signal.SIGINT)
+    finally:
+        for pid in (server.pid, *workers):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        server.wait()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    served = [
+        r
+        for r in records
+        if r["type"] == "transition" and r["local_port"] == port and r["remote_port"] != 0
+    ]
+    seen = [(r["old"], r["new"], r["pid"]) for r in served]
+    assert len(served) == 20 * 5, seen
+    assert master not in {r["pid"] for r in served}, (master, workers, seen)
+    by_conn: dict[int, list[dict]] = {}
+    for r in served:
+        by_conn.setdefault(r["remote_port"], []).append(r)
+    for lines in by_conn.values():
+        closer = next(r["pid"] for r in lines if r["old"] == "CLOSE_WAIT")
+        assert closer in workers
+        # after the accept, every line names the worker that accepted
+        after = [r["pid"] for r in lines if r["old"] in ("ESTABLISHED", "CLOSE_WAIT", "LAST_ACK")]
+        assert set(after) == {closer}, [(r["old"], r["new"], r["pid"], r["note"]) for r in lines]
+
+
+REUSEPORT_SERVER = """
+import os, socket, sys
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+s.bind(("127.0.0.1", int(sys.argv[1])))
+s.listen(64)
+print(os.getpid(), flush=True)
+while True:
+    c, _ = s.accept()
+    c.recv(1)
+    c.sendall(b"y")
+    while c.recv(64):
+        pass
+    c.close()
+"""
+
+
+def test_so_reuseport_children_name_their_acceptor_on_every_line():
+    """Two processes in one SO_REUSEPORT group: 6 of 8 children once had pid null on
+    their handshake lines (their close lines were right)."""
+    port = free_port()
+    servers = [
+        subprocess.Popen(
+            [sys.executable, "-c", REUSEPORT_SERVER, str(port)], stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    try:
+        pids = {int(s.stdout.readline()) for s in servers}
+        run = Running("--port", str(port), "--json")
+        run.wait_ready()
+        for _ in range(8):
+            cli = socket.create_connection(("127.0.0.1", port))
+            cli.sendall(b"x")
+            cli.recv(1)
+            cli.shutdown(socket.SHUT_WR)
+            cli.recv(1)
+            cli.close()
+        time.sleep(0.5)
+        code, out, err = run.stop(signal.SIGINT)
+    finally:
+        for s in servers:
+            s.kill()
+            s.wait()
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    served = [
+        r
+        for r in records
+        if r["type"] == "transition" and r["local_port"] == port and r["remote_port"] != 0
+    ]
+    assert len(served) == 8 * 5
+    by_conn: dict[int, set] = {}
+    for r in served:
+        by_conn.setdefault(r["remote_port"], set()).add(r["pid"])
+    assert all(len(owners) == 1 and owners <= pids for owners in by_conn.values()), by_conn

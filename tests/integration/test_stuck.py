@@ -20,6 +20,16 @@ from .netutil import free_port
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
+
+@pytest.fixture(autouse=True, params=["kernel", "user"])
+def map_scan(request, monkeypatch) -> str:
+    """Each test with the machine's own walk of the socket map (the kernel's iterator,
+    or user space where the kernel refuses it) and with the user-space walk forced."""
+    if request.param == "user":
+        monkeypatch.setenv("TCPTRACE_MAP_SCAN", "user")
+    return request.param
+
+
 REPO = __file__.rsplit("/tests/", 1)[0]
 # the scan runs every shortest threshold, at most every second (sockets/stuck.py)
 SCAN_S = 1.0
@@ -214,6 +224,7 @@ def test_live_table_and_metrics_show_the_oldest() -> None:
     assert "1 still stuck at exit, oldest first:" in out.lines
 
 
+@pytest.mark.parametrize("map_scan", ["kernel"], indirect=True)  # its own reason
 def test_without_the_iterator_the_map_is_walked_in_user_space_and_it_says_so() -> None:
     # Without BTF the iterator's context cannot be checked, so it is not loaded (as on
     # a kernel whose policy refuses iterator programs): the same reports, from a walk

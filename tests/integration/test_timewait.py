@@ -6,6 +6,8 @@ import json
 import os
 import signal
 import socket
+import subprocess
+import threading
 import time
 
 import pytest
@@ -25,12 +27,14 @@ def bound_client(port: int, client_port: int) -> socket.socket:
     return cli
 
 
-def server_closes_first(srv: socket.socket, port: int, client_port: int) -> None:
+def server_closes_first(
+    srv: socket.socket, port: int, client_port: int, peer_after: float = 0.05
+) -> None:
     """The server makes the active close: its side of the 4-tuple goes to TIME_WAIT."""
     cli = bound_client(port, client_port)
     conn, _ = srv.accept()
     conn.close()
-    time.sleep(0.05)
+    time.sleep(peer_after)
     cli.close()
 
 
@@ -61,6 +65,162 @@ def test_time_wait_ended_by_a_new_connection_on_the_same_4_tuple():
     # the summary counts TIME_WAIT like any other state
     row = next(line for line in out.splitlines() if line.startswith("TIME_WAIT"))
     assert row.split()[1] == "1"
+
+
+PEER_CLOSES_AFTER_S = 0.04
+
+
+def test_time_wait_begins_at_the_peers_fin_even_when_read_after_it():
+    """The kernel reports the orphan's FIN_WAIT2 -> CLOSE when a timewait socket takes
+    its place, still in FIN_WAIT2; TIME_WAIT begins with the peer's FIN. The tracer is
+    stopped (a reader far behind) until after that FIN: the line must still say when."""
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        cli = bound_client(port, client_port)
+        conn, _ = srv.accept()
+        time.sleep(0.2)  # the handshake read: only the close is behind
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        try:
+            cli.close()  # the client closes first: FIN_WAIT1, FIN_WAIT2
+            time.sleep(PEER_CLOSES_AFTER_S)
+            conn.close()  # the peer's FIN: the client's timewait socket enters TIME_WAIT
+            time.sleep(0.1)
+        finally:
+            os.kill(run.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    client = [r for r in transitions(out) if r[2] == f"127.0.0.1:{client_port}"]
+    spent = {r[4]: parse_duration(r[6]) for r in client if r[6] != "-"}
+    assert [(r[4], r[5]) for r in client][-2:] == [
+        ("FIN_WAIT1", "FIN_WAIT2"),
+        ("FIN_WAIT2", "TIME_WAIT"),
+    ], out
+    # from close() to the peer's FIN, to the timer's precision (a jiffy: 4 ms at HZ 250)
+    closing = spent["FIN_WAIT1"] + spent["FIN_WAIT2"]
+    assert PEER_CLOSES_AFTER_S - 0.01 <= closing < PEER_CLOSES_AFTER_S + 0.1, out
+
+
+# connections a second: an ordinary rate, which once left most unfollowed; under the
+# VM's emulation each look-up costs many times more of the look-up budget
+RATE = 25 if os.environ.get("TCPTRACE_IN_VM") == "1" else 100
+CONNECTIONS = 3 * RATE
+
+
+def test_every_time_wait_is_followed_at_an_ordinary_rate():
+    """A client closing first 100 times a second: each of its sockets goes to TIME_WAIT
+    (ss holds 300), and each is shown so; once 231 of 300 were left FIN_WAIT2 -> CLOSE
+    ("not followed"), every look-up a dump of the whole established table (~6 ms)."""
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    with listener(port=port, backlog=128) as srv:
+
+        def serve() -> None:
+            for _ in range(CONNECTIONS):
+                conn, _ = srv.accept()
+                conn.recv(1)  # the client's FIN
+                conn.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        started = time.monotonic()
+        for i in range(CONNECTIONS):
+            socket.create_connection(("127.0.0.1", port)).close()
+            time.sleep(max(0.0, started + (i + 1) / RATE - time.monotonic()))
+        server.join(10)
+        time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    moves = [(r[4], r[5]) for r in transitions(out) if r[3] == f"127.0.0.1:{port}"]
+    assert moves.count(("FIN_WAIT2", "TIME_WAIT")) == CONNECTIONS, out[-2000:]
+    assert ("FIN_WAIT2", "CLOSE") not in moves, out[-2000:]
+    assert "not followed" not in out + err
+
+
+# More sockets in TIME_WAIT at once than were ever followed (4,096 once): the
+# kernel's 60 s keeps every one of a burst there together (fewer in the emulated VM)
+BURST = 1000 if os.environ.get("TCPTRACE_IN_VM") == "1" else 6000
+
+
+def test_every_time_wait_of_a_burst_is_followed():
+    """Thousands of clients closing first as fast as one process can: all are in
+    TIME_WAIT together, and each is shown so. Once 4,096 followed was the cap, and
+    each look-up charged a 5% budget: the rest were left FIN_WAIT2 -> CLOSE."""
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    with listener(port=port, backlog=1024) as srv:
+
+        def serve() -> None:
+            for _ in range(BURST):
+                conn, _ = srv.accept()
+                conn.recv(1)  # the client's FIN
+                conn.close()
+
+        server = threading.Thread(target=serve, daemon=True)
+        server.start()
+        for _ in range(BURST):
+            socket.create_connection(("127.0.0.1", port)).close()
+        server.join(60)
+        time.sleep(1.0)
+        in_time_wait = subprocess.run(
+            ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.count("\n")
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    moves = [(r[4], r[5]) for r in transitions(out) if r[3] == f"127.0.0.1:{port}"]
+    assert moves.count(("FIN_WAIT2", "TIME_WAIT")) == BURST, out[-2000:]
+    # connect() may take a port whose 4-tuple waits (tcp_tw_reuse, on for loopback),
+    # and a reset kills one (the burst overflows the accept queue): those TIME_WAITs
+    # end early, ss holds the rest (a dump can miss a row of a hash bucket that
+    # changes under it, never add one)
+    ended = moves.count(("TIME_WAIT", "CLOSE"))
+    assert 0.99 * BURST <= in_time_wait + ended <= BURST, (in_time_wait, ended)
+    assert "not followed" not in out + err
+
+
+def test_a_4_tuple_reused_before_the_reader_looked_says_its_end_is_unsure():
+    """The reader is stopped while a client closes first and then, 1.5 s later, connects
+    again on the same 4-tuple (ending its TIME_WAIT): by the time the reader asks, the
+    timewait socket is gone, and nothing tells whether it was there. The kernel's
+    FIN_WAIT2 -> CLOSE stands, marked, and counted in the summary."""
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "--json")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        os.kill(run.proc.pid, signal.SIGSTOP)
+        try:
+            cli = bound_client(port, client_port)
+            conn, _ = srv.accept()
+            cli.close()  # FIN_WAIT1, FIN_WAIT2, then TIME_WAIT at the peer's FIN
+            time.sleep(0.05)
+            conn.close()
+            time.sleep(1.5)
+            again = bound_client(port, client_port)  # ends that TIME_WAIT
+            conn, _ = srv.accept()
+            again.close()
+            conn.close()
+            time.sleep(0.1)
+        finally:
+            os.kill(run.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    first_end = next(
+        r
+        for r in records
+        if r["type"] == "transition" and r["local_port"] == client_port and r["old"] == "FIN_WAIT2"
+    )
+    assert (first_end["new"], first_end["note"]) == ("CLOSE", "time_wait_not_followed"), out
+    (summary,) = [r for r in records if r["type"] == "summary"]
+    assert summary["time_wait_not_followed"] >= 1, summary
 
 
 def test_state_filter_time_wait_shows_only_time_wait():
@@ -132,28 +292,80 @@ def test_lifetime_json_records():
     assert life["start"].endswith("Z") and life["pid"] == os.getpid()
 
 
+def test_lifetime_json_keeps_the_whole_connection_through_time_wait():
+    """The same as the text lines: the first server connection, from SYN_RECV to the end
+    of its TIME_WAIT (its kernel record came in a batch whose event was held back)."""
+    port, client_port = free_port(), free_port()
+    run = Running("--port", str(port), "-n", "--lifetime", "--json")
+    run.wait_ready()
+    with listener(port=port) as srv:
+        # the peer closes well after the reader saw the server's socket go: its timewait
+        # socket waits in FIN_WAIT2, and the kernel's record with it
+        server_closes_first(srv, port, client_port, peer_after=0.3)
+        time.sleep(0.5)
+        server_closes_first(srv, port, client_port)
+        time.sleep(0.3)
+    code, out, err = run.stop(signal.SIGINT)
+    assert code == 0, err
+    records = [json.loads(line) for line in out.splitlines()]
+    servers = [r for r in records if r["type"] == "lifetime" and r["local_port"] == port]
+    assert len(servers) == 1, out
+    (life,) = servers
+    assert [s["state"] for s in life["states"]] == [
+        "SYN_RECV",
+        "ESTABLISHED",
+        "FIN_WAIT1",
+        "FIN_WAIT2",
+        "TIME_WAIT",
+    ], out
+    assert life["complete"] is True, out
+    assert sum(s["duration_ns"] for s in life["states"]) == life["duration_ns"], out
+    assert life["duration_ns"] >= 0.5e9, out
+
+
 @pytest.mark.slow
 # the VM suite checks TIME_WAIT's following on 6.1 in the tests above; this one adds
 # 65 s of waiting for the same polls
 @pytest.mark.host_only
 def test_time_wait_lasts_the_kernels_60_seconds():
     """The natural end of TIME_WAIT: the kernel's fixed 60 s (no sysctl shortens it),
-    rounded up by the timer wheel (up to 2 s at HZ=250), seen by a poll every second."""
+    rounded up by the timer wheel (up to 2 s at HZ=250, 60.06 s to 61.96 s seen), told
+    to a jiffy from the wheel's arithmetic. ss, asked every 20 ms, says when it went:
+    once a poll every second told it (up to 1 s off)."""
     port = free_port()
-    run = Running("--port", str(port), "-n", "-T", "none")
+    run = Running("--port", str(port), "--json")  # durations to the ns (text: 1m01s)
     run.wait_ready()
     with listener(port=port) as srv:
         cli = socket.create_connection(("127.0.0.1", port))
+        client_port = cli.getsockname()[1]
         conn, _ = srv.accept()
         cli.close()  # the client's active close
         time.sleep(0.05)
-        conn.close()
-    time.sleep(65)
+        conn.close()  # its FIN: the client's socket enters TIME_WAIT
+        entered = time.monotonic()
+    time.sleep(59.5)
+    gone = None
+    while gone is None and time.monotonic() < entered + 65:
+        listing = subprocess.run(
+            ["ss", "-Htan", "state", "time-wait", f"( sport = :{client_port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        if not listing.strip():
+            gone = time.monotonic()
+        time.sleep(0.02)
+    time.sleep(1.5)
     code, out, err = run.stop(signal.SIGINT)
     assert code == 0, err
-    ended = [r for r in transitions(out) if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")]
-    assert len(ended) == 1, out
-    assert 59.5 <= parse_duration(ended[0][6]) <= 64.0, out
+    assert gone is not None, "ss still shows it after 65 s"
+    records = [json.loads(line) for line in out.splitlines()]
+    ended = [r for r in records if r["type"] == "transition" and r["old"] == "TIME_WAIT"]
+    assert [r["new"] for r in ended] == ["CLOSE"], out
+    lasted = ended[0]["duration_ns"] / 1e9
+    assert 60.0 <= lasted <= 62.1, out
+    # ss's 20 ms, a subprocess's start, the entry's own few ms after conn.close()
+    assert abs(lasted - (gone - entered)) < 0.1, (lasted, gone - entered)
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ import pytest
 from tcptrace.filters import Filters
 from tcptrace.kernel.events import C_DROPPED, C_SEEN, C_SHED, C_SUBMITTED
 
+from .accounting import transition_lines
 from .cmd import Running
 from .netutil import free_port
 
@@ -54,7 +55,7 @@ def test_moderate_churn_loses_nothing():
     code, out, err = run.stop(signal.SIGINT)
     assert code == 0, err
     traced, shown, lost = map(int, SUMMARY.findall(out)[-1])
-    lines = [line for line in out.splitlines()[1:] if " -> " in line]
+    lines = transition_lines(out.splitlines())
     # every connection is ten transitions (or nine with CLOSING), plus listen and close
     assert traced >= 3000 * 9
     assert lost == 0
@@ -93,7 +94,7 @@ def test_tiny_buffer_through_the_command_still_adds_up():
     code, out, err = run.stop(signal.SIGINT)
     assert code == 0, err
     traced, shown, lost = map(int, SUMMARY.findall(out)[-1])
-    lines = [line for line in out.splitlines()[1:] if " -> " in line]
+    lines = transition_lines(out.splitlines())
     held = sum(int(n) for n in HELD.findall(out)[-1:])
     assert traced >= 1000 * 9
     # (under emulation the server may close long after its client: some client

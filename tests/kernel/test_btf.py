@@ -8,7 +8,15 @@ import subprocess
 
 import pytest
 
-from tcptrace.kernel.btf import SOCK_FIELDS, VMLINUX, Btf, BtfError, netns_offsets, sock_offsets
+from tcptrace.kernel.btf import (
+    KIND_FUNC,
+    SOCK_FIELDS,
+    VMLINUX,
+    Btf,
+    BtfError,
+    netns_offsets,
+    sock_offsets,
+)
 
 pytestmark = pytest.mark.skipif(not VMLINUX.exists(), reason="this kernel has no BTF")
 
@@ -50,6 +58,22 @@ def test_the_tracepoints_fields_in_a_socket_agree_with_bpftool(btf):
     assert offsets["SK_FAMILY_OFFSET"] == btf.offset_of("sock_common", "skc_family")
     assert offsets["SK_V6_DADDR_OFFSET"] == bpftool_member_offset("sock_common", "skc_v6_daddr")
     assert sock_offsets(btf).cflags()[0] == f"-DSK_FAMILY_OFFSET={offsets['SK_FAMILY_OFFSET']}"
+
+
+@pytest.mark.skipif(shutil.which("bpftool") is None, reason="bpftool is not installed")
+def test_functions_are_found_by_name_with_bpftool_s_ids(btf):
+    raw = subprocess.run(
+        ["bpftool", "btf", "dump", "file", str(VMLINUX), "format", "raw"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for name in ("bpf_iter_bpf_map_elem", "tcp_set_state"):
+        found = re.search(rf"^\[(\d+)\] FUNC '{name}' ", raw, re.M)
+        assert found, name
+        assert btf.find(name, KIND_FUNC, "function") == int(found.group(1))
+    with pytest.raises(BtfError, match="no function sock in the BTF"):
+        btf.find("sock", KIND_FUNC, "function")  # a struct, not a function
 
 
 def test_member_paths_add_up_and_look_into_anonymous_unions(btf):

@@ -1,3 +1,5 @@
+from __future__ import annotations
+
 import socket
 
 from tcptrace.kernel.events import (
@@ -25,7 +27,7 @@ def raw_event(**kw) -> bytes:
         pid=42,
         flags=F_DELTA_KNOWN | F_OWNER_KNOWN,
         netns=4026531840,
-        reserved=0,
+        jiffies=0,
         saddr=socket.inet_pton(socket.AF_INET, "10.0.0.1").ljust(16, b"\0"),
         daddr=socket.inet_pton(socket.AF_INET, "10.0.0.2").ljust(16, b"\0"),
         sport=40000,

@@ -80,6 +80,9 @@ def test_constants_match_header():
     assert consts["TCPTRACE_F_OWNER_KNOWN"] == events.F_OWNER_KNOWN
     assert consts["TCPTRACE_F_NETNS_KNOWN"] == events.F_NETNS_KNOWN
     assert consts["TCPTRACE_F_STUCK"] == events.F_STUCK
+    assert consts["TCPTRACE_F_TW_KNOWN"] == events.F_TW_KNOWN
+    assert consts["TCPTRACE_F_TW"] == events.F_TW
+    assert consts["TCPTRACE_F_TW_PEER_FIN"] == events.F_TW_PEER_FIN
     # every counter index, both ways: a counter added on one side only fails here
     c_counters = {
         k.removeprefix("TCPTRACE_C_"): v for k, v in consts.items() if k.startswith("TCPTRACE_C_")

@@ -86,6 +86,21 @@ def test_empty_chunk():
     assert perfbuf.parse(b"", EVENT_SIZE).samples == 0
 
 
+def test_cut_before_finds_the_first_sample_after_the_frontier():
+    """The binary search over stamps read in place: before every sample, between equal
+    stamps, after the last, and on the walk of a chunk that is not all samples."""
+    stamps = [10, 20, 20, 20, 30, 40]
+    rsize = perfbuf.record_size(EVENT_SIZE)
+    chunk = b"".join(sample_record(event(pid, ts)) for pid, ts in enumerate(stamps))
+    expected = {5: (0, 10), 10: (rsize, 20), 19: (rsize, 20), 20: (4 * rsize, 30)}
+    expected.update({39: (5 * rsize, 40), 40: (len(chunk), None), 99: (len(chunk), None)})
+    for frontier, cut in expected.items():
+        assert perfbuf.cut_before(chunk, EVENT_SIZE, frontier) == cut, frontier
+    assert perfbuf.cut_before(b"", EVENT_SIZE, 0) == (0, None)
+    walked = lost_record(1) + chunk  # the general path: not a whole number of samples
+    assert perfbuf.cut_before(walked, EVENT_SIZE, 20) == (24 + 4 * rsize, 30)
+
+
 def test_iter_samples_gives_the_raw_events():
     chunk = b"".join(sample_record(event(pid)) for pid in (7, 8))
     raws = list(perfbuf.iter_samples(chunk, EVENT_SIZE))
@@ -240,6 +255,30 @@ def test_a_ring_read_to_its_bound_holds_back_the_later_samples_of_the_others(mon
     finally:
         lagging.close()
         drained.close()
+
+
+def test_a_backlog_drained_at_exit_comes_out_in_time_order(monkeypatch):
+    """Detached (hold_ns None: nothing more will be written), two rings both far behind:
+    each read stops at the bound, and no batch may run ahead of a bounded ring."""
+    monkeypatch.setattr(perfbuf, "READ_RECORDS", 3)
+    one, two = FileRing(data_pages=1), FileRing(data_pages=1)
+    try:
+        reader = fake_reader(one, two)
+        for i, ts in enumerate((10, 20, 30, 40, 50, 60)):
+            one.kernel_write(stamped(i, ts))
+        for i, ts in enumerate((15, 70, 80, 90, 95, 99)):
+            two.kernel_write(stamped(100 + i, ts))
+        stamps: list[int] = []
+        reader.more = True
+        while reader.more:
+            runs = reader.read_runs(hold_ns=None)
+            batch = sorted(Event._make(t).ts_ns for r in runs for t in reader.record.iter_unpack(r))
+            stamps += batch
+        assert stamps == sorted(stamps) and len(stamps) == 12
+        assert one.pending() == two.pending() == 0
+    finally:
+        one.close()
+        two.close()
 
 
 def test_samples_stamped_just_before_the_read_wait_for_the_slack(monkeypatch):

@@ -5,7 +5,7 @@ import io
 import json
 import socket
 
-from tcptrace.kernel.events import C_FAST, C_SEEN
+from tcptrace.kernel.events import C_FAST, C_SEEN, F_DELTA_KNOWN, F_END_UNSURE, F_POLLED
 from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.export import (
     FORMAT_CSV,
@@ -47,11 +47,36 @@ def test_transition_record_follows_the_schema():
         "old": "SYN_SENT",
         "new": "ESTABLISHED",
         "duration_ns": 437_200,
+        "note": None,
         "netns": None,
         "netns_name": None,
         "cgroup": None,
         "container": None,
     }
+
+
+def test_a_transition_says_when_it_was_learnt_or_may_hide_a_time_wait():
+    stage, _, _ = output(FORMAT_JSON)
+    polled = make_event(TcpState.FIN_WAIT2, TcpState.TIME_WAIT, flags=F_DELTA_KNOWN | F_POLLED)
+    unsure = make_event(TcpState.FIN_WAIT2, TcpState.CLOSE, flags=F_DELTA_KNOWN | F_END_UNSURE)
+    records = [stage.transition(ev) for ev in (polled, unsure, make_event())]
+    assert [r["note"] for r in records] == [
+        "learnt_from_sock_diag",
+        "time_wait_not_followed",
+        None,
+    ]
+    # the hot path writes the same
+    lines = stage.transition_lines([polled, unsure, make_event()])
+    assert [json.loads(line)["note"] for line in lines] == [r["note"] for r in records]
+
+
+def test_the_summary_carries_every_remark_of_the_text_summary():
+    summary = Summary()
+    summary.remark("time_wait_not_followed", 3, "TIME_WAIT: 3 closing sockets not followed")
+    record = summary_record(summary, written=0)
+    assert record["notes"] == ["TIME_WAIT: 3 closing sockets not followed"]
+    assert record["time_wait_not_followed"] == 3
+    assert record["still_in_time_wait"] == record["time_wait_dropped_with_netns"] == 0
 
 
 def test_unknown_duration_and_owner_are_null():

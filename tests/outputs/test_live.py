@@ -154,3 +154,28 @@ def test_oldest_and_stuck_columns():
     assert table["CLOSE_WAIT"][3:5] == [">=1m15s", "3"]  # shown though no flow: it has a socket
     assert table["FIN_WAIT1"][3:5] == ["2.00ms", "0"]
     assert table["SYN_SENT"][3] == "-"
+
+
+@pytest.mark.parametrize(
+    "width,header",
+    [
+        (None, ["STATE", "ENTER", "LEAVE", "NOW", "OLDEST", "STUCK", "p50", "p90", "p99"]),
+        (80, ["STATE", "ENTER", "LEAVE", "NOW", "OLDEST", "STUCK", "p50", "p90"]),
+        (60, ["STATE", "ENTER", "LEAVE", "NOW", "OLDEST", "STUCK"]),
+        (50, ["STATE", "ENTER", "LEAVE", "NOW", "OLDEST"]),
+        (40, ["STATE", "ENTER", "LEAVE", "NOW"]),
+        (30, ["STATE", "ENTER", "NOW"]),
+        (21, ["STATE", "NOW"]),
+    ],
+)
+def test_a_narrow_terminal_drops_columns_and_no_line_wraps(width, header):
+    """tmux at 60 or 50 columns once wrapped every row ('...lost  tota' / 'l 0, 0 lost')."""
+    from tcptrace.sockets.stuck import Oldest
+
+    oldest = Oldest(0, {int(S.CLOSE_WAIT): (75_000_000_000, True)}, {}, {int(S.CLOSE_WAIT): 3})
+    text = LiveTable(stuck=True).render(connections(2), Summary(), 1.0, 0.0, oldest, width)
+    lines = text.splitlines()
+    assert lines[1].split() == header
+    if width is not None:
+        assert max(len(line) for line in lines) <= width
+    assert rows(text)["CLOSE_WAIT"][header.index("NOW") - 1] == "0"  # the walk's count

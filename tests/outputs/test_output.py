@@ -66,7 +66,7 @@ def make_event(old=TcpState.SYN_SENT, new=TcpState.ESTABLISHED, delta=437_200, f
         pid=2588,
         flags=F_DELTA_KNOWN | F_OWNER_KNOWN if flags is None else flags,
         netns=0,
-        reserved=0,
+        jiffies=0,
         saddr=socket.inet_pton(socket.AF_INET, "127.0.0.1").ljust(16, b"\0"),
         daddr=socket.inet_pton(socket.AF_INET, "127.0.0.1").ljust(16, b"\0"),
         sport=42374,
@@ -354,7 +354,11 @@ class _Names:
 
 class _Paths:
     def path(self, cgroup_id: int):
-        return {5: "/system.slice/nginx.service"}.get(cgroup_id)
+        return {
+            5: "/system.slice/nginx.service",
+            6: "/advtest/averyveryverylongcgroupname-abcdef",
+            7: "/advtest/averyveryverylongcgroupname-ghijkl",
+        }.get(cgroup_id)
 
 
 def test_namespace_columns_grow_with_the_second_namespace():
@@ -386,6 +390,22 @@ def test_wide_shows_the_columns_from_the_start():
     header, line = out.getvalue().splitlines()
     assert header.split()[2:4] == ["NETNS", "CGROUP"]
     assert line.split()[:4] == ["-", "-", "blue", "-"]
+
+
+def test_a_long_cgroup_path_keeps_its_end_which_tells_siblings_apart():
+    """Once both showed as '/advtest/averyveryve'."""
+    from tcptrace.sockets.places import Places
+
+    out = io.StringIO()
+    fmt = TextFormatter(
+        out, Clock.now("none"), numeric=True, places=Places(_Names(), _Paths()), wide=True
+    )  # type: ignore[arg-type]
+    fmt.write_header()
+    fmt.write([make_event(netns=11, cgroup_id=6), make_event(netns=11, cgroup_id=7)])
+    header, first, second = out.getvalue().splitlines()
+    assert first.split()[3] == "…ngcgroupname-abcdef"
+    assert second.split()[3] == "…ngcgroupname-ghijkl"
+    assert len({len(header), len(first), len(second)}) == 1  # still aligned
 
 
 def test_a_stuck_report_reads_state_and_age():

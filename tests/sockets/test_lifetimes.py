@@ -39,7 +39,7 @@ def ev(old, new, ts_ms, delta_ms=None, sk=1, sport=40000, dport=443, pid=7, flag
         pid=pid,
         flags=flags,
         netns=0,
-        reserved=0,
+        jiffies=0,
         saddr=LO,
         daddr=LO,
         sport=sport,

@@ -6,6 +6,7 @@ import os
 
 import pytest
 
+from tcptrace.sockets import namespaces
 from tcptrace.sockets.namespaces import NetnsIndex, resolve, scan
 
 
@@ -45,8 +46,10 @@ def test_the_index_labels_by_name_else_inode_and_finds_new_ones(tmp_path):
     assert index.name(os.stat(run / "green").st_ino) == "green"
 
 
-def test_resolve_takes_a_name_a_path_or_a_known_inode(tmp_path):
+def test_resolve_takes_a_name_a_path_or_a_known_inode(tmp_path, monkeypatch):
     run, proc = fake_host(tmp_path)
+    # the fake host's files stand for namespaces
+    monkeypatch.setattr(namespaces, "namespace_type", lambda fd: namespaces.CLONE_NEWNET)
     blue = os.stat(run / "blue").st_ino
     assert resolve("blue", run, proc) == blue
     assert resolve(str(proc / "42" / "ns" / "net"), run, proc) == blue
@@ -57,3 +60,11 @@ def test_resolve_takes_a_name_a_path_or_a_known_inode(tmp_path):
         resolve("/no/such", run, proc)
     with pytest.raises(ValueError, match="no network namespace with inode 123"):
         resolve("123", run, proc)
+
+
+def test_a_path_that_is_not_a_network_namespace_is_refused():
+    """--netns /etc/passwd once traced nothing under the file's inode."""
+    for path in ("/etc/passwd", "/tmp", "/dev/null", "/proc/self/ns/uts"):
+        with pytest.raises(ValueError, match="is not a network namespace"):
+            resolve(path)
+    assert resolve("/proc/self/ns/net") == os.stat("/proc/self/ns/net").st_ino

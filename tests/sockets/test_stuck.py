@@ -181,3 +181,26 @@ def test_a_snapshot_socket_the_map_already_holds_counts_once(
     watch.on_tick(clock[0])
     assert SCAN_EVERY in kernel.scans
     assert [o.row.entry.local_port for o in watch.old] == [80]
+
+
+def test_a_socket_older_than_tracing_that_moves_leaves_the_old_list_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its transition puts it in the kernel's map: counted there from then on, not also
+    as an old socket until the next sock_diag check a second later."""
+    clock = [100 * SECOND]
+    monkeypatch.setattr("tcptrace.sockets.stuck.time.monotonic_ns", lambda: clock[0])
+    moving, staying = old_row(S.ESTABLISHED, 80, 11), old_row(S.ESTABLISHED, 81, 12)
+    table = FakeTable([moving.entry, staying.entry])
+    watch = StuckWatch(Scanner(FakeKernel()), {}, FakeTables(table), oldest_wanted=True)  # type: ignore[arg-type]
+    snap = Snapshot(clock[0], [moving, staying])
+    watch.snapshot = lambda: snap
+    watch.on_start()
+    watch.on_tick(clock[0])
+    assert watch.oldest().count[int(S.ESTABLISHED)] == 2
+    elsewhere = make_event(S.ESTABLISHED, S.FIN_WAIT1, sport=80, dport=40000, netns=8)
+    watch.on_events([elsewhere])  # the same ends in another namespace
+    assert watch.oldest().count[int(S.ESTABLISHED)] == 2
+    watch.on_events([make_event(S.ESTABLISHED, S.FIN_WAIT1, sport=80, dport=40000, netns=7)])
+    assert [o.row.entry.local_port for o in watch.old] == [81]
+    assert watch.oldest().count[int(S.ESTABLISHED)] == 1

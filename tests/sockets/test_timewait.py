@@ -1,8 +1,11 @@
 """TIME_WAIT following: how timewait sockets are asked for (no kernel needed)."""
 
+import dataclasses
+import socket
+
 from tcptrace.filters import Filters
 from tcptrace.sockets.sockdiag import LOCAL, REMOTE, TIMEWAIT_STATES
-from tcptrace.sockets.timewait import MAX_RANGES, TimeWait
+from tcptrace.sockets.timewait import EXACT_LOOK_UPS, MAX_RANGES, TimeWait
 
 
 class RecordingTable:
@@ -18,6 +21,10 @@ class RecordingTable:
     def dump(self, states, filters, clauses):
         self.requests.append((frozenset(states), clauses))
         return []
+
+    def find(self, family, local, remote):
+        self.requests.append(("find", family, local, remote))
+        return None
 
 
 class RecordingTables:
@@ -44,31 +51,56 @@ def stage() -> tuple[TimeWait, RecordingTable]:
     return TimeWait(Filters(ports=frozenset({8080})), tables), table  # type: ignore[arg-type]
 
 
+def ipv4(keys: list) -> list:
+    return [(key, socket.AF_INET) for key in keys]
+
+
+def test_a_few_ends_are_looked_up_one_by_one():
+    """The kernel's hash look-up, not a dump that walks the whole established table."""
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(EXACT_LOOK_UPS)]
+    tw._ask(ipv4(keys))
+    assert table.requests == [
+        ("find", socket.AF_INET, ("127.0.0.1", 40000 + i), ("127.0.0.1", 8080))
+        for i in range(EXACT_LOOK_UPS)
+    ]
+
+
 def test_client_ends_are_asked_for_by_their_own_local_port():
     tw, table = stage()
-    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(3)]
-    tw._dump(keys)
+    count = EXACT_LOOK_UPS + 2
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(count)]
+    tw._ask(ipv4(keys))
     assert len(table.requests) == 1
     states, clauses = table.requests[0]
     assert states == frozenset(TIMEWAIT_STATES)
-    assert clauses == [[(LOCAL, (40000, 40002))]]
+    assert clauses == [[(LOCAL, (40000, 40000 + count - 1))]]
+
+
+def test_a_dump_asks_only_for_the_families_of_the_ends():
+    tw, table = stage()
+    keys = [(OWN, "127.0.0.1", 40000 + i, "127.0.0.1", 8080) for i in range(EXACT_LOOK_UPS + 1)]
+    families = []
+    table.dump = lambda states, filters, clauses: families.append(filters.family) or []
+    tw._ask(ipv4(keys))
+    assert families == [socket.AF_INET]
 
 
 def test_ends_sharing_the_servers_port_are_asked_for_by_the_remote_port():
     tw, table = stage()
-    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(3)]
+    server = [(OWN, "127.0.0.1", 8080, "127.0.0.1", 50000 + 2 * i) for i in range(EXACT_LOOK_UPS)]
     client = [(OWN, "127.0.0.1", 41000, "10.0.0.1", 443)]
-    tw._dump(server + client)
+    tw._ask(ipv4(server + client))
     assert [c for _, c in table.requests] == [
         [[(LOCAL, (41000, 41000))]],
-        [[(REMOTE, (50000, 50000)), (REMOTE, (50002, 50002)), (REMOTE, (50004, 50004))]],
+        [[(REMOTE, (50000 + 2 * i, 50000 + 2 * i)) for i in range(EXACT_LOOK_UPS)]],
     ]
 
 
 def test_many_scattered_ports_take_several_bounded_requests():
     tw, table = stage()
     keys = [(OWN, "127.0.0.1", 30000 + 2 * i, "127.0.0.1", 8080) for i in range(MAX_RANGES + 10)]
-    tw._dump(keys)
+    tw._ask(ipv4(keys))
     sizes = [len(clauses[0]) for _, clauses in table.requests]
     assert sizes == [MAX_RANGES, 10]
     assert all(side == LOCAL for _, clauses in table.requests for side, _ in clauses[0])
@@ -88,7 +120,7 @@ def test_where_no_timewait_socket_can_be_made_nothing_is_asked():
     assert table.requests == [] and tw.unfollowed == 0
     table.timewait = True
     tw.on_events(ends)
-    assert len(table.requests) == 1
+    assert [r[0] for r in table.requests] == ["find"] * 3
 
 
 def test_corrections_move_durations_between_states_in_the_summary():
@@ -177,3 +209,199 @@ def test_a_life_records_birth_ends_a_time_wait_on_its_4_tuple():
         (9, CLOSE, 20_000, 5),
     ]
     assert not tw.followed
+
+
+class SkippingTable(RecordingTable):
+    """A table whose dumps skip the rows in `skipped` (a dump resumed by index in a
+    hash bucket that lost a row meanwhile), as the kernel's inet_diag can."""
+
+    def __init__(self, rows: dict, skipped: set) -> None:
+        super().__init__()
+        self.rows = rows  # 4-tuple -> SockEntry
+        self.skipped = skipped
+
+    def dump(self, states, filters, clauses):
+        self.requests.append(("dump",))
+        return [row for key, row in self.rows.items() if key not in self.skipped]
+
+    def find(self, family, local, remote):
+        self.requests.append(("find", local[1]))
+        return self.rows.get((*local, *remote))
+
+
+def followed_time_waits(count: int, now_ns: int):
+    """A TimeWait stage following `count` client sockets in TIME_WAIT, and their rows."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN, Event
+    from tcptrace.sockets.sockdiag import SockEntry
+    from tcptrace.sockets.timewait import TIME_WAIT, Followed, key_of
+
+    lo = b"\x7f\0\0\1" + bytes(12)
+    rows, followed = {}, {}
+    for i in range(count):
+        closed = Event(
+            now_ns, 10, i, 0, 7, F_DELTA_KNOWN, OWN, 0, lo, lo, 40000 + i, 8080, 2, 5, 6, b"cli"
+        )
+        key = key_of(closed)
+        rows[key[1:]] = SockEntry(
+            socket.AF_INET, TIME_WAIT, *key[1:], 0, 0, cookie=i + 1, timer=3, expires_ms=59_000
+        )
+        followed[key] = Followed(
+            template=closed,
+            cookie=i + 1,
+            state=TIME_WAIT,
+            since_ns=now_ns,
+            since_flags=F_DELTA_KNOWN,
+            last_seen_ns=now_ns,
+            due_ns=now_ns + 59_000_000_000,
+        )
+    return rows, followed
+
+
+def test_a_socket_a_dump_skipped_is_looked_up_alone_not_called_closed():
+    import time
+
+    rows, followed = followed_time_waits(EXACT_LOOK_UPS + 4, time.monotonic_ns())
+    skipped = {next(iter(rows))}
+    table = SkippingTable(rows, skipped)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    assert tw.poll() == []
+    assert len(tw.followed) == len(rows)
+    assert table.requests == [("dump",), ("find", 40000)]
+
+
+def test_a_socket_gone_before_its_timer_is_closed_once_its_look_up_agrees():
+    import time
+
+    from tcptrace.sockets.timewait import CLOSE, TIME_WAIT
+
+    rows, followed = followed_time_waits(EXACT_LOOK_UPS + 4, time.monotonic_ns())
+    gone = next(iter(rows))
+    del rows[gone]  # reset, say
+    table = SkippingTable(rows, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    out = tw.poll()
+    assert [(ev.oldstate, ev.newstate, ev.sport) for ev in out] == [(TIME_WAIT, CLOSE, gone[1])]
+    assert len(tw.followed) == len(rows)
+
+
+def test_past_max_confirms_the_missing_wait_for_the_next_poll():
+    import time
+
+    from tcptrace.sockets.timewait import MAX_CONFIRMS
+
+    rows, followed = followed_time_waits(MAX_CONFIRMS + 5, time.monotonic_ns())
+    table = SkippingTable(rows, set(rows))  # a dump that showed none of them
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    assert tw.poll() == []
+    assert len(tw.followed) == len(rows)
+    assert len([r for r in table.requests if r[0] == "find"]) == MAX_CONFIRMS
+
+
+def kernel_end(i: int, flags: int, ts: int = 5_000_000_000):
+    """A client socket's FIN_WAIT2 -> CLOSE as the program reports it, with its word on
+    the timewait socket (events.F_TW_KNOWN...)."""
+    from tcptrace.kernel.events import F_DELTA_KNOWN
+    from tcptrace.states import TcpState
+    from tests.outputs.test_output import make_event
+
+    return make_event(
+        TcpState.FIN_WAIT2,
+        TcpState.CLOSE,
+        delta=3_000,
+        flags=F_DELTA_KNOWN | flags,
+        sport=40000 + i,
+        dport=8080,
+        skaddr=i + 1,
+        netns=OWN,
+        ts_ns=ts + i,
+    )
+
+
+def time_wait_row(ev, state: int):
+    from tcptrace.sockets.sockdiag import SockEntry
+    from tcptrace.sockets.timewait import key_of
+
+    key = key_of(ev)
+    return key[1:], SockEntry(
+        socket.AF_INET, state, *key[1:], 0, 0, cookie=ev.skaddr, timer=3, expires_ms=59_000
+    )
+
+
+TW_TIME_WAIT = 0x10 | 0x20 | 0x40  # F_TW_KNOWN | F_TW | F_TW_PEER_FIN
+
+
+def test_the_kernels_word_is_checked_then_trusted_without_asking():
+    from tcptrace.sockets.timewait import TIME_WAIT, VERIFY_AGREED
+
+    first = [kernel_end(i, TW_TIME_WAIT) for i in range(VERIFY_AGREED)]
+    table = SkippingTable(dict(time_wait_row(ev, TIME_WAIT) for ev in first), set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.on_events(first)
+    assert table.requests and tw.kernel_trusted is True
+    table.requests.clear()
+    later = [kernel_end(i, TW_TIME_WAIT) for i in range(VERIFY_AGREED, 3 * VERIFY_AGREED)]
+    out = tw.on_events(later)
+    assert table.requests == []  # not one look-up
+    # in TIME_WAIT from the very event: the peer's FIN had come
+    assert [(ev.newstate, ev.ts_ns, ev.delta_ns) for ev in out] == [
+        (TIME_WAIT, ev.ts_ns, ev.delta_ns) for ev in later
+    ]
+    assert len(tw.followed) == 3 * VERIFY_AGREED and not tw.waiting
+
+
+def test_a_kernel_sock_diag_contradicts_is_not_trusted():
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    ev = kernel_end(0, 0x10)  # F_TW_KNOWN alone: "no timewait socket"
+    table = SkippingTable(dict([time_wait_row(ev, TIME_WAIT)]), set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    out = tw.on_events([ev])
+    assert tw.kernel_trusted is False and "did not report" in tw.kernel_problem
+    assert [e.newstate for e in out] == [TIME_WAIT]  # sock_diag's word stands
+    table.requests.clear()
+    tw.on_events([kernel_end(1, TW_TIME_WAIT)])
+    assert table.requests  # every end asked again
+
+
+def test_an_orphans_end_is_held_until_a_poll_finds_it_in_time_wait():
+    import time
+
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0x10 | 0x20, ts=now - 50_000_000)  # a timewait socket in FIN_WAIT2
+    table = SkippingTable({}, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    assert tw.on_events([ev]) == []  # not closed: held back
+    assert tw.waiting and tw.followed[next(iter(tw.waiting))].state == FIN_WAIT2
+    key, row = time_wait_row(ev, TIME_WAIT)
+    table.rows[key] = dataclasses.replace(row, expires_ms=59_990)  # the FIN came 10 ms ago
+    out = tw.poll()
+    assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT)]
+    assert abs(out[0].ts_ns - (now - 10_000_000)) < 5_000_000
+    assert not tw.waiting and tw.followed[next(iter(tw.followed))].cookie == row.cookie
+
+
+def test_beyond_poll_all_time_waits_end_at_their_timer_unasked():
+    import time
+
+    from tcptrace.sockets.timewait import CLOSE, DUE_GRACE_NS, POLL_ALL, TIME_WAIT
+
+    now = time.monotonic_ns()
+    rows, followed = followed_time_waits(POLL_ALL + 10, now - 60_000_000_000)
+    # the oldest 10 fell due over a grace ago; the others later
+    for i, f in enumerate(followed.values()):
+        f.due_ns = now - DUE_GRACE_NS - 1_000 if i < 10 else now + 1_000_000_000 + i
+    table = SkippingTable(rows, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    out = tw.poll()
+    assert not [r for r in table.requests if r[0] == "find"]
+    assert [(e.oldstate, e.newstate) for e in out] == [(TIME_WAIT, CLOSE)] * 10
+    due = [f.due_ns for f in list(followed.values())[:10]]
+    assert [e.ts_ns for e in out] == due  # at their timer
+    assert len(tw.followed) == POLL_ALL

@@ -1,0 +1,52 @@
+"""What the kernel allows, asked without tcptrace's loader: the oracle of test_check.py.
+
+A trivial program (r0 = 0; exit) of the kind asked about, loaded with the bpf()
+system call through ctypes, its errno read: no bcc, no compiler, none of the code
+under test but the BTF parser that finds the attach target's id.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import struct
+
+from tcptrace.kernel.btf import KIND_FUNC, Btf
+
+# bpf(2) by architecture (the syscall has no libc wrapper)
+SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
+BPF_PROG_LOAD = 5
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_ITER = 28
+# union bpf_attr's BPF_PROG_LOAD member up to attach_btf_id and its union (120 bytes)
+ATTR_SIZE = 120
+ATTR_HEAD = struct.Struct("=IIQQIIQII")  # prog_type ... prog_flags
+EXPECTED_ATTACH_TYPE_OFFSET = 68
+ATTACH_BTF_ID_OFFSET = 108
+RETURN_ZERO = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
+
+
+def load_errno(prog_type: int, attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """0 when the kernel loads a trivial program of this kind, else its errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    insns = ctypes.create_string_buffer(RETURN_ZERO, len(RETURN_ZERO))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = ctypes.create_string_buffer(ATTR_SIZE)
+    ATTR_HEAD.pack_into(
+        attr, 0, prog_type, len(RETURN_ZERO) // 8, ctypes.addressof(insns),
+        ctypes.addressof(license_), 0, 0, 0, 0, 0,
+    )  # fmt: skip
+    struct.pack_into("=I", attr, EXPECTED_ATTACH_TYPE_OFFSET, attach_type)
+    struct.pack_into("=I", attr, ATTACH_BTF_ID_OFFSET, attach_btf_id)
+    fd = libc.syscall(SYS_BPF[platform.machine()], BPF_PROG_LOAD, attr, ATTR_SIZE)
+    if fd < 0:
+        return ctypes.get_errno()
+    os.close(fd)
+    return 0
+
+
+def map_iterator_errno() -> int:
+    """0 when the kernel loads a map-element iterator (what tcptrace's scan is), else why not."""
+    target = Btf.load().find("bpf_iter_bpf_map_elem", KIND_FUNC, "function")
+    return load_errno(BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER, target)
