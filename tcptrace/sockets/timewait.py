@@ -32,6 +32,7 @@ TIME_WAIT as a state of its own, FIN_WAIT2 durations of held-back sockets.
 
 from __future__ import annotations
 
+import heapq
 import operator
 import time
 from collections import Counter
@@ -109,6 +110,10 @@ MAX_CONFIRMS = 32
 # Beyond POLL_ALL, the (port, port) pairs of followed sockets are rebuilt (dropping
 # those gone) once in this many polls, not at each.
 PAIRS_REBUILD = 16
+# Lines learnt by polling wait for the events read to reach their time; with no event
+# for this long, the reader has read everything older than that.
+IDLE_RELEASE_NS = 200_000_000
+IDLE_TICKS = 2
 # Reads of /proc/timer_list until the timer wheel's HZ is known (events tell it too).
 WHEEL_SAMPLES = 5
 # Port ranges in one sock_diag request; more take several requests.
@@ -240,10 +245,40 @@ class TimeWait(Stage):
         self.wheel = TimerWheel()
         self.wheel_sampled_ns = 0
         self.wheel_samples = 0  # timer list reads (a few, until HZ is known)
+        # lines learnt by polling, held until the events read reach their time, so
+        # that they come in time order with the kernel's (sorted by time)
+        self.held_lines: list[Event] = []
+        self.read_upto_ns = 0  # the newest event time read
+        self.last_batch_ns = 0  # when the last batch of events came (monotonic)
+        self.empty_ticks = 0  # ticks since then: each after a read that found nothing
 
     # ------------------------------------------------------------ events
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
+        out = self._on_events(events)
+        if events:
+            # batches come in time order (the reader's frontier): what is older than
+            # this one's newest has all been read
+            self.read_upto_ns = max(self.read_upto_ns, max(map(_event_time, events)))
+            self.last_batch_ns = time.monotonic_ns()
+            self.empty_ticks = 0
+        if not self.held_lines:
+            return out
+        ready = self._release(self.read_upto_ns)
+        if not ready:
+            return out
+        return list(heapq.merge(events if out is None else out, ready, key=_event_time))
+
+    def _release(self, upto_ns: int) -> list[Event]:
+        """The lines learnt by polling whose time the events read have reached."""
+        held = self.held_lines
+        n = 0
+        while n < len(held) and held[n].ts_ns <= upto_ns:
+            n += 1
+        ready, self.held_lines = held[:n], held[n:]
+        return ready
+
+    def _on_events(self, events: list[Event]) -> list[Event] | None:
         # one C-level pass tells whether the batch needs the per-event loop at all
         news = set(map(_new_state, events))
         # candidates: the full socket's end that may hide a new timewait socket
@@ -599,6 +634,21 @@ class TimeWait(Stage):
             self.wheel.note(*pair)
 
     def on_tick(self, now_ns: int) -> list[Event] | None:
+        made = self._poll_if_due(now_ns)
+        if made:
+            self.held_lines = sorted(self.held_lines + made, key=_event_time)
+        self.empty_ticks += 1
+        if (
+            self.held_lines
+            and self.empty_ticks >= IDLE_TICKS
+            and now_ns - self.last_batch_ns >= IDLE_RELEASE_NS
+        ):
+            # the rings were read and found empty, for a while: every event older than
+            # that has been read (a reader that was blocked writing had not)
+            return self._release(now_ns - IDLE_RELEASE_NS) or None
+        return None
+
+    def _poll_if_due(self, now_ns: int) -> list[Event] | None:
         if (
             self.wheel.hz is None
             and self.wheel_samples < WHEEL_SAMPLES
@@ -623,7 +673,9 @@ class TimeWait(Stage):
     def on_drained(self, now_ns: int) -> list[Event] | None:
         # a reader held back (a stalled pipe) polled little: where did those waiting
         # for their peer's FIN go (the summary counts the rest as held)
-        return self.poll() if self.waiting else None
+        made = self.held_lines + (self.poll() if self.waiting else [])
+        self.held_lines = []
+        return sorted(made, key=_event_time) or None
 
     def poll(self) -> list[Event]:
         """One sock_diag dump of the followed sockets (beyond POLL_ALL, of those in

@@ -405,3 +405,25 @@ def test_beyond_poll_all_time_waits_end_at_their_timer_unasked():
     due = [f.due_ns for f in list(followed.values())[:10]]
     assert [e.ts_ns for e in out] == due  # at their timer
     assert len(tw.followed) == POLL_ALL
+
+
+def test_lines_learnt_by_polling_wait_for_the_events_read_to_reach_their_time():
+    import time
+
+    from tcptrace.sockets.timewait import IDLE_RELEASE_NS
+
+    tw, _table = stage()
+    learnt = kernel_end(0, 0)._replace(ts_ns=2_000, newstate=7, oldstate=6)  # a poll's line
+    tw.held_lines = [learnt]
+    older = [kernel_end(i, 0, ts=1_000)._replace(newstate=1, oldstate=2) for i in range(2)]
+    assert tw.on_events(older) is None  # read up to 1,001 only: held
+    newer = [kernel_end(5, 0, ts=3_000)._replace(newstate=1, oldstate=2)]
+    assert [ev.ts_ns for ev in tw.on_events(newer)] == [2_000, 3_005]  # in order
+    # a reader blocked writing for long: one tick after its batch is not idleness
+    tw.on_events(newer)
+    later = learnt._replace(ts_ns=10_000)  # past what was read
+    tw.held_lines = [later]
+    tw.last_batch_ns = time.monotonic_ns() - 2 * IDLE_RELEASE_NS
+    assert tw.on_tick(time.monotonic_ns()) is None
+    # a read that found nothing, a while after the last batch: released
+    assert tw.on_tick(time.monotonic_ns()) == [later]
