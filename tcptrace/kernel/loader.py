@@ -216,6 +216,9 @@ class Probe:
         self.reader: perfbuf.PerfReader | None = None
         self.detached = False
         self._scan_link: int | None = None  # the map iterator's link (open_scan)
+        # the scan's input and output map, as bcc's table object: made once, since bcc
+        # asks libbcc for the map's type, flags and size each time it makes one
+        self._scan_table = None
         # the walk in user space, where the kernel refuses the iterator (and why it does)
         self._user_scan: UserScan | None = None
         self.scan_fallback: str | None = None
@@ -380,7 +383,9 @@ class Probe:
         from bcc.libbcc import lib
 
         assert self._scan_link is not None, "open_scan() first"
-        table = self.bpf[b"scan"]
+        if self._scan_table is None:
+            self._scan_table = self.bpf[b"scan"]
+        table = self._scan_table
         key = ctypes.c_int(0)
         leaf = table.Leaf()
         leaf.now, leaf.list_all = now_ns, list_all

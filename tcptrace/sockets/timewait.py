@@ -660,7 +660,9 @@ class TimeWait(Stage):
             self.pruned_ns = now_ns
             gone = set(self.tables.prune())
             if gone:
-                self._drop_followed(gone)
+                back = self._drop_followed(gone)
+                if back:
+                    self.held_lines = sorted(self.held_lines + back, key=_event_time)
         if not self.followed:
             return None
         interval = self.poll_interval
@@ -692,10 +694,10 @@ class TimeWait(Stage):
         now = time.monotonic_ns()
         self.last_poll_ns = asked
         self.polls += 1
-        if unreachable:
-            self._drop_followed(unreachable)
-        confirmed, postponed = self._confirm_missing(seen, now, asking)
         made: list[Event] = []
+        if unreachable:
+            made += self._drop_followed(unreachable)
+        confirmed, postponed = self._confirm_missing(seen, now, asking)
         for key, f in list(asking.items()):
             if key not in self.followed:
                 continue  # dropped with its namespace
@@ -779,14 +781,33 @@ class TimeWait(Stage):
             self.budget.charge(started)
         return confirmed, {key for key, _f in missing[MAX_CONFIRMS:]}
 
-    def _drop_followed(self, namespaces: set[int]) -> None:
-        """Forget, quietly, the sockets of namespaces that have gone: their end is unknown."""
+    def _drop_followed(self, namespaces: set[int]) -> list[Event]:
+        """Forget the sockets of namespaces that have gone: their end is unknown. One
+        still waiting in FIN_WAIT2 had the kernel's FIN_WAIT2 -> CLOSE held back: it is
+        given back, marked unsure, so that every traced transition is shown or counted
+        (--lifetime: its connection is dropped, as the others)."""
         dropped = [k for k in self.followed if k[0] in namespaces]
+        back: list[Event] = []
         for key in dropped:
+            f = self.followed[key]
             self._forget(key)
-            self.dropped_with_netns += 1
+            if f.state == FIN_WAIT2 and self.lives is None:
+                back.append(self._give_back(f))
+            else:
+                self.dropped_with_netns += 1
         if dropped and self.on_dropped is not None:
             self.on_dropped(dropped)
+        states = self.filters.states
+        return [ev for ev in back if not states or self.filters.shows(ev.oldstate, ev.newstate)]
+
+    def _give_back(self, f: Followed) -> Event:
+        """The kernel's own end of a socket held back while it waited in FIN_WAIT2."""
+        ev = f.template
+        self.fixes.move(ev.oldstate, CLOSE)
+        if f.kernel_partial_ns is not None:
+            self.fixes.add(FIN_WAIT2, f.kernel_partial_ns)
+        self.unfollowed += 1
+        return ev._replace(flags=ev.flags | F_END_UNSURE)
 
     def _entered_time_wait(self, f: Followed, entry: SockEntry, now: int) -> Event:
         # the TIME_WAIT timer was armed for TCP_TIMEWAIT_LEN when the peer's FIN came
