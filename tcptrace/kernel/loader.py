@@ -346,6 +346,7 @@ class Probe:
         if link < 0:
             return f"could not attach the map iterator ({os.strerror(-link)})"
         self._scan_link = link
+        self._scan_table = self.bpf[b"scan"]
         return None
 
     def _sk_info_problem(self) -> str | None:
