@@ -202,7 +202,6 @@ class Owners(Stage):
         first) drops it from the caches, as its address may be reused."""
         out: list[Event] | None = None
         found, failed = self.found, self.failed
-        unresolved_before = self.unresolved
         for i in which:
             ev = events[i]
             flags = ev.flags
@@ -234,8 +233,6 @@ class Owners(Stage):
             if ev.newstate == CLOSE and (found or failed):
                 found.pop(ev.skaddr, None)
                 failed.pop(ev.skaddr, None)
-        if self.unresolved != unresolved_before and out is not None:
-            _fill_from_later(out)
         return out
 
     # ------------------------------------------------------------ owners
@@ -366,9 +363,8 @@ class Owners(Stage):
         )
         exact = [r for r in rows if r.local_addr == local_addr]
         rows = exact or [r for r in rows if r.local_addr in WILDCARDS]
-        # every process holding each listener: a server's workers share its socket
-        holders = [self.procs.holders(r.inode, fresh=True) for r in rows if r.inode]
-        return [o for h in holders for o in h], all(holders)
+        owners = [self.procs.owner(r.inode, fresh=True) for r in rows if r.inode]
+        return [o for o in owners if o is not None], None not in owners
 
     def _socket_owner(
         self,
@@ -439,26 +435,3 @@ def _alive(pid: int) -> bool:
 def _bound(cache: dict) -> None:
     while len(cache) > MAX_CACHED:
         del cache[next(iter(cache))]
-
-
-def _fill_from_later(events: list[Event]) -> None:
-    """An event whose owner nobody could find takes the owner a later event of the same
-    socket's life in the batch names: a listener's child before accept() (no process
-    holds it yet, and once closed sock_diag no longer finds it) is the accepting
-    process's, whose close() the kernel saw. In place; a birth starts another life."""
-    later: dict[int, Event] = {}
-    for i in range(len(events) - 1, -1, -1):
-        ev = events[i]
-        sk = ev[_SKADDR]
-        if ev.flags & F_OWNER_KNOWN:
-            later[sk] = ev
-        elif sk in later:
-            owner = later[sk]
-            events[i] = ev._replace(
-                pid=owner.pid,
-                comm=owner.comm,
-                cgroup_id=owner.cgroup_id or ev.cgroup_id,
-                flags=ev.flags | F_OWNER_KNOWN,
-            )
-        if is_birth(ev.oldstate, ev.newstate):
-            later.pop(sk, None)

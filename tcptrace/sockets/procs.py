@@ -52,12 +52,8 @@ def started_ns(pid: int, proc: str = PROC) -> int | None:
     return since_boot - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns())
 
 
-def scan_sockets(
-    proc: str = PROC, shared: dict[int, list[Owner]] | None = None
-) -> dict[int, Owner]:
-    """socket inode -> first process (lowest pid) holding it, from /proc/*/fd; into
-    shared, every holder of a socket several processes hold (a listener a server
-    shared with the workers it forked)."""
+def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
+    """socket inode -> first process (lowest pid) holding it, from /proc/*/fd."""
     found: dict[int, Owner] = {}
     owners: dict[int, Owner | None] = {}  # one per process: a server may hold thousands
     try:
@@ -78,21 +74,14 @@ def scan_sockets(
             if not target.startswith("socket:["):
                 continue
             inode = int(target[8:-1])
-            first = found.get(inode)
-            if first is not None and (shared is None or first.pid == pid):
+            if inode in found:
                 continue
             if pid not in owners:
                 comm = read_comm(pid, proc)
                 owners[pid] = None if comm is None else Owner(pid, comm)
             owner = owners[pid]
-            if owner is None:
-                continue
-            if first is None:
+            if owner is not None:
                 found[inode] = owner
-            elif shared is not None:
-                holders = shared.setdefault(inode, [first])
-                if owner not in holders:
-                    holders.append(owner)
     return found
 
 
@@ -103,15 +92,11 @@ class ProcessIndex:
         self.min_interval = min_interval
         self.proc = proc
         self.by_inode: dict[int, Owner] = {}
-        # sockets several processes hold: all of them, by pid
-        self.shared: dict[int, list[Owner]] = {}
         self.scanned_at = float("-inf")
         self.scans = 0
 
     def refresh(self) -> None:
-        shared: dict[int, list[Owner]] = {}
-        self.by_inode = scan_sockets(self.proc, shared)
-        self.shared = shared
+        self.by_inode = scan_sockets(self.proc)
         self.scanned_at = time.monotonic()
         self.scans += 1
 
@@ -140,14 +125,6 @@ class ProcessIndex:
                 owner = self.by_inode[inode] = Owner(pid, comm)
                 return owner
         return None
-
-    def holders(self, inode: int, fresh: bool = False) -> list[Owner]:
-        """Every process holding this socket (a listener shared across fork() is held
-        by the server and each worker), as of the last scan."""
-        owner = self.owner(inode, fresh)
-        if owner is None:
-            return []
-        return list(self.shared.get(inode, [owner]))
 
     def owner(self, inode: int, fresh: bool = False) -> Owner | None:
         """The process holding this socket inode, or None (gone, kernel-owned, unknown).

@@ -37,8 +37,6 @@ class SnapshotRow:
 class Snapshot:
     taken_ns: int  # CLOCK_MONOTONIC, the clock of the kernel's event timestamps
     rows: list[SnapshotRow] = field(default_factory=list)
-    # sockets several processes hold (a listener shared across fork()): inode -> all
-    shared: dict[int, list[Owner]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.by_key: dict[Key, SnapshotRow] = {row.key: row for row in self.rows}
@@ -59,10 +57,7 @@ class Snapshot:
             for row in rows:
                 e = row.entry
                 key = (row.netns, e.family, e.local_addr, e.local_port)
-                # a listener a server shares with the workers it forked: any of them
-                # may accept, so the kernel must name none of them
-                holders = self.shared.get(e.inode) if e.inode else None
-                by_address.setdefault(key, []).extend(holders or [row.owner])
+                by_address.setdefault(key, []).append(row.owner)
         return [(*key, owners) for key, owners in by_address.items()]
 
 
@@ -104,5 +99,4 @@ def take(
             r.entry.remote_port,
         )
     )
-    shared = {inode: list(h) for inode, h in procs.shared.items()} if procs is not None else {}
-    return Snapshot(taken_ns, rows, shared)
+    return Snapshot(taken_ns, rows)

@@ -52,17 +52,9 @@ class FakeProcs:
         self.by_inode = {1001: SERVER}
         self.held: dict[int, Owner] = {}
         self.started: dict[int, int] = {}
-        self.shared: dict[int, list[Owner]] = {}  # a listener shared across fork()
 
     def owner(self, inode: int, fresh: bool = False) -> Owner | None:
         return self.by_inode.get(inode)
-
-    def holders(self, inode: int, fresh: bool = False) -> list[Owner]:
-        shared = self.shared.get(inode)
-        if shared:
-            return shared
-        owner = self.owner(inode, fresh)
-        return [] if owner is None else [owner]
 
     def holder(self, inode: int, pids: list[int]) -> Owner | None:
         owner = self.held.get(inode) or self.by_inode.get(inode)
@@ -315,20 +307,3 @@ def test_with_owner_filters_the_kernels_owner_stands() -> None:
     gone = exited_pid()
     assert stage.on_events([event(S.ESTABLISHED, S.CLOSE_WAIT, flags=KNOWN, pid=gone)]) is None
     assert table.dumps == 0
-
-
-def test_an_unknown_owner_takes_the_later_owner_of_the_same_life_only():
-    from tcptrace.kernel.events import F_OWNER_KNOWN
-    from tcptrace.sockets.enrich import _fill_from_later
-
-    sk = 0xFFFF0042
-    batch = [
-        event(S.CLOSE, S.SYN_SENT, sk, pid=7)._replace(flags=F_OWNER_KNOWN),  # another life
-        event(S.SYN_SENT, S.CLOSE, sk),  # its end, owner unknown: not the next life's
-        event(S.LISTEN, S.SYN_RECV, sk),  # a child, before accept()
-        event(S.ESTABLISHED, S.CLOSE_WAIT, sk),
-        event(S.CLOSE_WAIT, S.LAST_ACK, sk, pid=9)._replace(flags=F_OWNER_KNOWN),  # close()
-    ]
-    _fill_from_later(batch)
-    assert [ev.pid for ev in batch] == [7, 0, 9, 9, 9]
-    assert all(ev.flags & F_OWNER_KNOWN for ev in batch[2:])
