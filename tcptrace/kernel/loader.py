@@ -384,8 +384,6 @@ class Probe:
         from bcc.libbcc import lib
 
         assert self._scan_link is not None, "open_scan() first"
-        if self._scan_table is None:
-            self._scan_table = self.bpf[b"scan"]
         table = self._scan_table
         key = ctypes.c_int(0)
         leaf = table.Leaf()

@@ -648,29 +648,29 @@ class TimeWait(Stage):
             return self._release(now_ns - IDLE_RELEASE_NS) or None
         return None
 
-    def _poll_if_due(self, now_ns: int) -> list[Event] | None:
+    def _poll_if_due(self, now_ns: int) -> list[Event]:
+        """What the namespaces gone and a poll, when one is due, have learnt."""
         if (
             self.wheel.hz is None
             and self.wheel_samples < WHEEL_SAMPLES
             and now_ns - self.wheel_sampled_ns >= MIN_SPAN_NS
         ):
             self._sample_wheel()
+        made: list[Event] = []
         if len(self.tables.tables) > 1 and now_ns - self.pruned_ns >= PRUNE_INTERVAL_NS:
             # let go of namespaces that have gone (a held socket keeps one alive)
             self.pruned_ns = now_ns
             gone = set(self.tables.prune())
             if gone:
-                back = self._drop_followed(gone)
-                if back:
-                    self.held_lines = sorted(self.held_lines + back, key=_event_time)
+                made += self._drop_followed(gone)
         if not self.followed:
-            return None
+            return made
         interval = self.poll_interval
         if self.waiting:
             interval = min(interval, FAST_POLL_INTERVAL)
         if now_ns - self.last_poll_ns < interval * 1e9 or not self.budget.allows():
-            return None
-        return self.poll()
+            return made
+        return made + self.poll()
 
     def on_drained(self, now_ns: int) -> list[Event] | None:
         # a reader held back (a stalled pipe) polled little: where did those waiting
