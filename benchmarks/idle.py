@@ -37,17 +37,13 @@ import threading
 import time
 from pathlib import Path
 
+from churn import proc_cpu_s  # benchmarks/ is on the path when a script in it runs
+
 REPO = Path(__file__).resolve().parent.parent
 READY = "Ctrl-C to stop"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 RESERVED_PORT = 2024  # the workplace listens here: never touch it
 SCRAPES_PER_S = 10
 CASES = ("i1", "i0.1", "metrics")
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
 def free_port(after: int = 0) -> int:
@@ -147,9 +143,9 @@ def measure(case: str, seconds: float, strace_seconds: float, settle: float) -> 
                 scraper = Scraper(metrics)
                 scraper.start()
             time.sleep(settle)
-            before, t0 = cpu_seconds(proc.pid), time.monotonic()
+            before, t0 = proc_cpu_s(proc.pid), time.monotonic()
             time.sleep(seconds)
-            cpu = (cpu_seconds(proc.pid) - before) / (time.monotonic() - t0)
+            cpu = (proc_cpu_s(proc.pid) - before) / (time.monotonic() - t0)
             calls, bpf = strace_counts(proc.pid, strace_seconds)
         finally:
             if scraper is not None:

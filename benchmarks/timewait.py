@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import re
 import selectors
 import signal
@@ -38,6 +37,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+# benchmarks/ is on the path when a script in it runs: one definition of each
+from churn import proc_cpu_s, proc_hwm_mb
+from idle import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 READY = "Ctrl-C to stop"
@@ -118,23 +121,6 @@ def workload(port: int, rate: float, seconds: float, procs: int) -> None:
     print(json.dumps({"connections": connections, "seconds": elapsed, "tw": tw}))
 
 
-def proc_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def peak_rss_mb(pid: int) -> float:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmHWM:\s+(\d+)", status).group(1)) / 1024
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return port if port < 32768 else 20000 + port % 10000
-
-
 def run_rate(rate: float, seconds: float, procs: int, workdir: Path) -> dict:
     port = free_port()
     out_path, err_path = workdir / f"out-{rate:g}.txt", workdir / f"err-{rate:g}.txt"
@@ -162,7 +148,7 @@ def run_rate(rate: float, seconds: float, procs: int, workdir: Path) -> dict:
     time.sleep(1.0)  # the reader's last batches and polls
     cpu = proc_cpu_s(tracer.pid) - cpu_before
     wall = time.monotonic() - started
-    rss = peak_rss_mb(tracer.pid)
+    rss = proc_hwm_mb(tracer.pid)
     tracer.send_signal(signal.SIGINT)
     tracer.wait(timeout=120)
     made = json.loads(done.stdout)

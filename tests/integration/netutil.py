@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 
@@ -68,3 +69,26 @@ def script_in_fresh_netns(
         stdout=subprocess.PIPE,
         text=True,
     )
+
+
+def clients_close_first(
+    srv: socket.socket, port: int, count: int, rate: float | None = None, wait: float = 60.0
+) -> None:
+    """count loopback clients connect to srv and close first (their sockets go to
+    TIME_WAIT); a server thread closes each at its FIN. rate: connections a second,
+    else as fast as one process can."""
+
+    def serve() -> None:
+        for _ in range(count):
+            conn, _ = srv.accept()
+            conn.recv(1)  # the client's FIN
+            conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    started = time.monotonic()
+    for i in range(count):
+        socket.create_connection(("127.0.0.1", port)).close()
+        if rate is not None:
+            time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))
+    server.join(wait)

@@ -17,7 +17,7 @@ import pytest
 
 from .accounting import accounting_line, summary_numbers
 from .cmd import Lines, Running
-from .netutil import free_port, listener
+from .netutil import clients_close_first, free_port, listener
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
@@ -256,18 +256,7 @@ def test_lines_learnt_by_polling_never_come_before_older_traced_lines():
     run.wait_ready()
     connections = 2000
     with listener(port=port, backlog=128) as srv:
-
-        def serve() -> None:
-            for _ in range(connections):
-                conn, _ = srv.accept()
-                conn.recv(1)
-                conn.close()
-
-        server = threading.Thread(target=serve, daemon=True)
-        server.start()
-        for _ in range(connections):
-            socket.create_connection(("127.0.0.1", port)).close()
-        server.join(60)
+        clients_close_first(srv, port, connections)
     time.sleep(2.0)  # the tracer blocked on its full pipe all along
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(run.proc.stdout), daemon=True)
