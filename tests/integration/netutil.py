@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import shlex
 import socket
 import struct
 import subprocess
@@ -54,7 +55,9 @@ def script_in_fresh_netns(
 ) -> subprocess.Popen:
     """Run a Python script in a fresh network namespace (unshare -n, loopback up, these
     sysctls of the namespace set); its stdout is a pipe."""
-    setup = "".join(f"sysctl -qw {key}={value} && " for key, value in (sysctls or {}).items())
+    setup = "".join(
+        f"sysctl -qw {shlex.quote(f'{key}={value}')} && " for key, value in (sysctls or {}).items()
+    )
     return subprocess.Popen(
         [
             "unshare",
@@ -71,16 +74,24 @@ def script_in_fresh_netns(
     )
 
 
+# Connections a client may open before the server accepted them (below somaxconn, 4096).
+ACCEPT_AHEAD = 1024
+
+
 def clients_close_first(
     srv: socket.socket, port: int, count: int, rate: float | None = None, wait: float = 60.0
 ) -> None:
     """count loopback clients connect to srv and close first (their sockets go to
     TIME_WAIT); a server thread closes each at its FIN. rate: connections a second,
-    else as fast as one process can."""
+    else as fast as one process can, but never more than ACCEPT_AHEAD ahead of the
+    server: a server thread starved on a loaded machine would let the accept queue
+    overflow (somaxconn caps any backlog), and the handshakes it drops end otherwise."""
+    ahead = threading.Semaphore(ACCEPT_AHEAD)
 
     def serve() -> None:
         for _ in range(count):
             conn, _ = srv.accept()
+            ahead.release()
             conn.recv(1)  # the client's FIN
             conn.close()
 
@@ -88,6 +99,8 @@ def clients_close_first(
     server.start()
     started = time.monotonic()
     for i in range(count):
+        if not ahead.acquire(timeout=wait):
+            raise AssertionError(f"the server accepted {i - ACCEPT_AHEAD} of {count} in {wait} s")
         socket.create_connection(("127.0.0.1", port)).close()
         if rate is not None:
             time.sleep(max(0.0, started + (i + 1) / rate - time.monotonic()))

@@ -94,7 +94,21 @@ def test_exporter_counts_real_connections():
         ("LAST_ACK", "CLOSE"),
     ]:
         assert metric(after, "tcptrace_transitions_total", old=old, new=new) == HELD, (old, new)
-    assert metric(after, "tcptrace_events_traced_total") == 10 * HELD + 2
+    # the clients' ends: a client's FIN_WAIT1 -> FIN_WAIT2 -> CLOSE (TIME_WAIT) may go
+    # unseen by any BPF program, both hits together (kernel-side, rare: see
+    # test_timewait's KERNEL_UNREPORTED); once so in CI. Anything else is exact.
+    counted = {k: v for k, v in after.items() if k[0] == "tcptrace_transitions_total"}
+    entered = metric(after, "tcptrace_transitions_total", old="FIN_WAIT1", new="FIN_WAIT2")
+    left = sum(
+        metric(after, "tcptrace_transitions_total", old="FIN_WAIT2", new=new)
+        for new in ("TIME_WAIT", "CLOSE")
+    )
+    unseen = HELD - int(entered)
+    assert unseen <= 1 and left == entered, (counted, out)
+    assert metric(after, "tcptrace_events_traced_total") == 10 * HELD + 2 - 2 * unseen, (
+        counted,
+        out,
+    )
     assert metric(after, "tcptrace_events_lost_total") == 0
 
     # ESTABLISHED lasted at least HOLD for all 2*HELD sockets: none below 2**28 ns (0.27 s)
@@ -107,7 +121,7 @@ def test_exporter_counts_real_connections():
 
     # --quiet: an exporter, no event lines; the summary agrees with the scrape
     assert out.splitlines()[0].startswith("STATE")
-    assert out.splitlines()[-1] == f"{10 * HELD + 2} transitions traced, 0 lost"
+    assert out.splitlines()[-1] == f"{10 * HELD + 2 - 2 * unseen} transitions traced, 0 lost"
 
 
 def test_metrics_on_ipv6_loopback_beside_event_lines():

@@ -129,8 +129,16 @@ def test_every_time_wait_is_followed_at_an_ordinary_rate():
 # More sockets in TIME_WAIT at once than were ever followed (4,096 once): the
 # kernel's 60 s keeps every one of a burst there together (fewer in the emulated VM)
 BURST = 1000 if os.environ.get("TCPTRACE_IN_VM") == "1" else 6000
-# FIN_WAIT2 exits of a burst the kernel may not report (below)
-KERNEL_UNREPORTED = 5
+# Share of a burst's clients whose FIN_WAIT1 -> FIN_WAIT2 -> CLOSE no BPF program sees
+# (below): up to 83 of 6,000 (1.4%) on a loaded 6.18 host
+KERNEL_UNREPORTED = 0.02
+
+
+def tcp_out_resets() -> int:
+    """Resets this network namespace's TCP has sent (Tcp: OutRsts of /proc/net/snmp)."""
+    with open("/proc/net/snmp") as snmp:
+        names, values = [line.split() for line in snmp if line.startswith("Tcp:")]
+    return int(values[names.index("OutRsts")])
 
 
 def test_every_time_wait_of_a_burst_is_followed():
@@ -141,9 +149,11 @@ def test_every_time_wait_of_a_burst_is_followed():
     run = Running("--port", str(port), "-n", "-T", "none")
     run.wait_ready()
     # (a backlog the burst cannot overflow: no handshake retried a second later)
+    resets = tcp_out_resets()
     with listener(port=port, backlog=BURST) as srv:
         clients_close_first(srv, port, BURST)
         time.sleep(1.0)
+        resets = tcp_out_resets() - resets
         in_time_wait = subprocess.run(
             ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"],
             capture_output=True,
@@ -160,17 +170,23 @@ def test_every_time_wait_of_a_burst_is_followed():
     left = {row[0]: int(row[1]) for row in rows if row[1].isdigit()}  # the summary's
     reported = left.get("FIN_WAIT2", 0) + left.get("CLOSING", 0)
     assert entered == reported, out[-2000:]
-    # About 1 run in 10 here, 1 to 3 of 6,000 client sockets are never reported leaving
-    # FIN_WAIT2 (their peer's LAST_ACK -> CLOSE is), with no recursion miss counted: a
-    # kernel-side loss tcptrace cannot follow, not understood yet (see the issue's note).
-    assert BURST - KERNEL_UNREPORTED <= reported <= BURST, out[-2000:]
+    # About 1 run in 20 here (more under load), 1 to 83 of 6,000 client sockets are
+    # never seen entering or leaving FIN_WAIT2 (their peer's LAST_ACK -> CLOSE is),
+    # with no recursion miss counted for either program. An independent raw-tracepoint
+    # counter beside tcptrace saw exactly the same shortfall (5,924 and 5,953 of 6,000
+    # under load): the tracepoint's hits never reach BPF. A kernel-side loss tcptrace
+    # cannot follow, not understood yet (see the issue's note).
+    assert BURST * (1 - KERNEL_UNREPORTED) <= reported <= BURST, out[-2000:]
     assert ("FIN_WAIT2", "CLOSE") not in moves and ("CLOSING", "CLOSE") not in moves
-    # connect() may take a port whose 4-tuple waits (tcp_tw_reuse, on for loopback),
-    # and a reset kills one (the burst overflows the accept queue): those TIME_WAITs
-    # end early, ss holds the rest (a dump can miss a row of a hash bucket that
-    # changes under it, never add one)
+    # connect() may take a port whose 4-tuple waits (tcp_tw_reuse, on for loopback):
+    # those TIME_WAITs end early, shown so. And the kernel kills some with a reset
+    # (without tcptrace too: on a loaded host up to 272 of 6,000 were gone from ss a
+    # second later, exactly as many as the resets sent); above POLL_ALL followed, a
+    # socket in TIME_WAIT is not asked for and ends at its timer in tcptrace's view.
+    # ss holds the rest.
     ended = moves.count(("TIME_WAIT", "CLOSE"))
-    assert 0.99 * BURST <= in_time_wait + ended <= BURST, (in_time_wait, ended)
+    assert in_time_wait + ended + resets >= BURST, (in_time_wait, ended, resets)
+    assert in_time_wait + ended <= BURST, (in_time_wait, ended)
     assert "not followed" not in out + err
 
 
