@@ -27,6 +27,7 @@ from tcptrace.outputs.output import (
 from tcptrace.sockets.places import Places
 from tcptrace.sockets.sockdiag import Budget, SocketTables
 from tcptrace.stages import Stage
+from tcptrace.states import TcpState
 from tcptrace.tracer import EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
@@ -72,6 +73,18 @@ class Options:
         """Whether the kernel streams events: the live table, --quiet and --stuck alone
         need only its maps."""
         return self.transitions and not (self.quiet or self.interval)
+
+    @property
+    def follows_closes(self) -> bool:
+        """--quiet and the live table (with --metrics or not) print no transitions, but
+        their summary follows TIME_WAIT as the lines' does (one truth for both): the
+        kernel streams only the ends that may be entries into TIME_WAIT."""
+        return (
+            self.transitions
+            and not self.emit_events
+            and not self.lifetime
+            and bool(self.filters.show_mask & (1 << TcpState.TIME_WAIT))
+        )
 
     @property
     def scan(self) -> bool:
@@ -238,10 +251,10 @@ def build_stages(
             oldest_wanted=bool(options.interval) or options.metrics is not None,
         )
         stages.append(watch)
+    budget = Budget()  # shared: look-ups of both stages together stay within it
     if tables is not None and (options.emit_events or options.stuck):
         from tcptrace.sockets.enrich import Owners
 
-        budget = Budget()  # shared: look-ups of both stages together stay within it
         owners = Owners(
             options.filters,
             tables,
@@ -252,17 +265,18 @@ def build_stages(
         stages.append(owners)
         if watch is not None:
             watch.use_owners(owners)
-        if options.emit_events:
-            from tcptrace.sockets.timewait import TimeWait
+    if tables is not None and (options.emit_events or options.follows_closes):
+        from tcptrace.sockets.timewait import TimeWait
 
-            # --lifetime --state: whole connections are chosen by the states they
-            # visited (Lifetimes), their TIME_WAIT transitions are all needed
-            chosen = replace(options.filters, states=frozenset()) if options.lifetime else None
-            timewait = TimeWait(chosen or options.filters, tables, budget, lives=lives)
-            stages.append(timewait)
-            if summaries is not None:
-                # metrics count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the exit summary does
-                summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
+        # --lifetime --state: whole connections are chosen by the states they
+        # visited (Lifetimes), their TIME_WAIT transitions are all needed
+        chosen = replace(options.filters, states=frozenset()) if options.lifetime else None
+        timewait = TimeWait(chosen or options.filters, tables, budget, lives=lives)
+        stages.append(timewait)
+        if summaries is not None:
+            # metrics and the live table count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the
+            # exit summary does
+            summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
     still_stuck = (lambda: watch.still) if watch is not None and options.stuck else None
     if options.metrics is not None and summaries is not None:
         from tcptrace.outputs.metrics import MetricsServer
@@ -390,7 +404,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
 
     config = ProbeConfig(
         filters=options.filters,
-        emit_events=options.emit_events,
+        emit_events=options.emit_events or options.follows_closes,
+        closes_only=options.follows_closes,
         max_sockets=options.max_sockets,
         # the scan's records: stuck reports, and which snapshot sockets the map holds
         keep_ends=options.scan,
@@ -426,7 +441,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     scanner = _open_scanner(probe, options, err) if options.scan else None
     summaries = KernelStats(probe)
     stages: list[Stage] = []
-    tables = SocketTables() if options.emit_events or scanner is not None else None
+    streams = options.emit_events or options.follows_closes
+    tables = SocketTables() if streams or scanner is not None else None
     try:
         stages = build_stages(
             options,

@@ -57,7 +57,7 @@ from tcptrace.kernel.mapscan import (
 )
 from tcptrace.kernel.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
 from tcptrace.kernel.stats import Summary
-from tcptrace.states import NSTATES
+from tcptrace.states import NSTATES, TcpState
 
 TRACEPOINT = "sock:inet_sock_set_state"
 PROGRAM = "tcptrace.bpf.c"
@@ -164,6 +164,17 @@ class ProbeConfig:
     # --lifetime: the kernel sums each connection's states and sends one life record
     # (events.LIFE_STRUCT) at its end instead of its transitions
     kernel_lifetimes: bool = False
+    # stream only the ends that may become TIME_WAIT (FIN_WAIT2/CLOSING -> CLOSE), for
+    # summaries that follow TIME_WAIT without per-transition lines (--quiet, -i)
+    closes_only: bool = False
+
+    @property
+    def show_mask(self) -> int:
+        """SHOW_STATES: with closes_only, TIME_WAIT's bit alone (the program then sends
+        just the FIN_WAIT2/CLOSING -> CLOSE ends, which may be entries into TIME_WAIT)."""
+        if self.closes_only:
+            return self.filters.show_mask & (1 << TcpState.TIME_WAIT)
+        return self.filters.show_mask
 
     @property
     def record(self) -> struct.Struct:
@@ -184,7 +195,7 @@ class ProbeConfig:
             f"-DMAX_LISTENERS={self.max_listeners}",
             f"-DFILTER_FAMILY={self.filters.family}",
             f"-DFILTER_PORTS={self.filters.port_checks}",
-            f"-DSHOW_STATES={self.filters.show_mask:#x}",
+            f"-DSHOW_STATES={self.show_mask:#x}",
             f"-DEMIT_EVENTS={int(self.emit_events)}",
             f"-DMAX_CPUS={possible_cpus()}",
             f"-DSHED_LAG={self.shed_lag()}",

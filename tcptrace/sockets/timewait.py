@@ -510,7 +510,6 @@ class TimeWait(Stage):
         if len(self.followed) + len(candidates) > MAX_FOLLOWED or not self.budget.allows():
             return None
         started = time.monotonic()
-        self.asked_ns = time.monotonic_ns()
         try:
             found, _unreachable = self._ask(
                 [(key_of(ev, self.own), ev[_FAMILY]) for ev in candidates]
@@ -531,11 +530,14 @@ class TimeWait(Stage):
         for key, family in keys:
             by_netns.setdefault(key[0], []).append((key, family))
         found: dict[Key, SockEntry] = {}
-        unreachable: set[int] = set()
+        # (opening a namespace's table takes long the first time: ~100 ms)
+        tables = {netns: self.tables.get(netns) for netns in by_netns}
+        unreachable = {netns for netns, table in tables.items() if table is None}
+        # timers are read against this: the kernel is asked from now on
+        self.asked_ns = time.monotonic_ns()
         for netns, ns_keys in by_netns.items():
-            table = self.tables.get(netns)
+            table = tables[netns]
             if table is None:
-                unreachable.add(netns)
                 continue
             if len(ns_keys) <= EXACT_LOOK_UPS:
                 for key, family in ns_keys:
@@ -685,11 +687,11 @@ class TimeWait(Stage):
         every = len(self.followed) <= POLL_ALL
         asking = self.followed if every else {k: self.followed[k] for k in self.waiting}
         started = time.monotonic()
-        asked = time.monotonic_ns()
         try:
             seen, unreachable = self._ask([(key, f.template[_FAMILY]) for key, f in asking.items()])
         finally:
             self.budget.charge(started)
+        asked = self.asked_ns
         # the kernel looked at its table between `asked` and `now`
         now = time.monotonic_ns()
         self.last_poll_ns = asked

@@ -420,3 +420,55 @@ def test_the_socket_table_knows_where_no_timewait_socket_is_made(no_timewait_nam
     with SocketTable() as here, SocketTable(home) as there:
         assert not here.makes_timewait()
         assert there.makes_timewait()
+
+
+# The peer closes this long after the client: the client's real FIN_WAIT2 time.
+PEER_LAG = 0.1
+
+
+def summary_rows(out: str) -> dict[str, tuple[int, float]]:
+    """The exit summary's table: state -> (LEFT, MEAN in seconds)."""
+    lines = out.splitlines()
+    start = max(i for i, line in enumerate(lines) if line.startswith("STATE "))
+    rows = {}
+    for line in lines[start + 1 :]:
+        fields = line.split()
+        if len(fields) < 3 or not fields[1].isdigit():
+            break
+        rows[fields[0]] = (int(fields[1]), parse_duration(fields[2]))
+    return rows
+
+
+def test_summaries_without_lines_follow_time_wait_as_lines_do():
+    """--quiet and the live table print no transitions; their summary is the lines' one
+    all the same: an orphan's FIN_WAIT2 lasts until its peer's FIN (PEER_LAG), not the
+    few µs until the kernel swapped it for a timewait socket (issue 21.7)."""
+    port = free_port()
+    modes = [("-n",), ("-q",), ("-i", "1"), ("-q", "--metrics", str(free_port()))]
+    runs = [Running("--port", str(port), *mode) for mode in modes]
+    for run in runs:
+        run.wait_ready()
+    with listener(port=port) as srv:
+        for _ in range(CONNECTIONS_SLOW):
+            client = socket.create_connection(("127.0.0.1", port))
+            server, _ = srv.accept()
+            client.close()
+            time.sleep(PEER_LAG)
+            server.close()
+        time.sleep(0.5)
+    summaries = []
+    for run in runs:
+        code, out, err = run.stop(signal.SIGINT)
+        assert code == 0, err
+        summaries.append(summary_rows(out))
+    lines_mode = summaries[0]
+    left, mean = lines_mode["FIN_WAIT2"]
+    assert left == CONNECTIONS_SLOW and PEER_LAG * 0.9 <= mean <= PEER_LAG * 2, lines_mode
+    for mode, rows in zip(modes[1:], summaries[1:]):
+        assert rows.keys() == lines_mode.keys(), (mode, rows)
+        assert rows["FIN_WAIT2"][0] == left, (mode, rows)
+        # (each mode stamps the peer's FIN from its own poll of the timer: a jiffy apart)
+        assert abs(rows["FIN_WAIT2"][1] - mean) <= 0.01, (mode, rows, lines_mode)
+
+
+CONNECTIONS_SLOW = 5

@@ -444,3 +444,39 @@ def test_a_socket_waiting_in_fin_wait2_whose_namespace_went_is_given_back_unsure
     assert [(e.oldstate, e.newstate, e.ts_ns) for e in back] == [(FIN_WAIT2, CLOSE, ev.ts_ns)]
     assert back[0].flags & F_END_UNSURE and tw.unfollowed == 1 and not tw.followed
     assert tw.dropped_with_netns == 0
+
+
+class SlowToOpenTables(RecordingTables):
+    """A namespace whose table takes OPEN_S to open the first time (pyroute2's socket)."""
+
+    OPEN_S = 0.05
+
+    def __init__(self, table: RecordingTable) -> None:
+        super().__init__(table)
+        self.opened = False
+
+    def get(self, netns: int = 0):
+        import time
+
+        if not self.opened:
+            time.sleep(self.OPEN_S)
+            self.opened = True
+        return super().get(netns)
+
+
+def test_a_timer_is_read_against_when_the_kernel_was_asked_not_before_its_table_opened():
+    import time
+
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0, ts=now - 100_000_000)  # no word from the kernel: asked
+    key, row = time_wait_row(ev, TIME_WAIT)
+    table = SkippingTable({key: dataclasses.replace(row, expires_ms=59_990)}, set())
+    tables = SlowToOpenTables(table)
+    tw = TimeWait(Filters(ports=frozenset({8080})), tables)  # type: ignore[arg-type]
+    out = tw.on_events([ev])
+    # its timer, read just after the table opened, was armed 10 ms before: the peer's FIN
+    fin = time.monotonic_ns() - 10_000_000
+    assert [e.newstate for e in out] == [TIME_WAIT]
+    assert abs(out[0].ts_ns - fin) < 5_000_000, (out[0].ts_ns - fin) / 1e6
