@@ -230,6 +230,7 @@ def build_stages(
     seed_listeners: Callable[[list], int] | None = None,
     scanner: Scanner | None = None,
     lives: dict[tuple[int, int], Life] | None = None,
+    behind: Callable[[], bool] | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With
@@ -271,7 +272,7 @@ def build_stages(
         # --lifetime --state: whole connections are chosen by the states they
         # visited (Lifetimes), their TIME_WAIT transitions are all needed
         chosen = replace(options.filters, states=frozenset()) if options.lifetime else None
-        timewait = TimeWait(chosen or options.filters, tables, budget, lives=lives)
+        timewait = TimeWait(chosen or options.filters, tables, budget, lives=lives, behind=behind)
         stages.append(timewait)
         if summaries is not None:
             # metrics and the live table count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the
@@ -454,6 +455,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             seed_listeners=probe.seed_listeners,
             scanner=scanner,
             lives=probe.lives,
+            behind=getattr(probe, "behind", None),
         )
         # first: its on_finish completes the final accounting the outputs print
         unit = "connections" if options.lifetime else "events"

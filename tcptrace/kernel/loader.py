@@ -733,6 +733,11 @@ class Probe:
         width = value_size // cpus // 8
         return per_cpu_totals(keys, values, table.max_entries, cpus, reduce, width)
 
+    def behind(self) -> bool:
+        """Whether the reader has fallen behind: after its last read a ring is still over
+        BEHIND_FILL full (what costs time beyond the events themselves then waits)."""
+        return self.reader is not None and self.reader.backlog() > BEHIND_FILL
+
     def summary(self) -> Summary:
         """The kernel's exact statistics, summed over CPUs."""
         summary = Summary.from_maps(
@@ -907,6 +912,11 @@ def load_error(exc: Exception, path: Path) -> TcptraceError:
 BUFFER_TOTAL_BYTES = 64 << 20
 MIN_BUFFER_PAGES = 256
 MAX_BUFFER_PAGES = 4096
+
+
+# A ring this full after a read: the reader is behind (the kernel sheds at
+# shed_fraction, 0.75; at full churn 0.1 of a 16 MiB ring is ~0.15 s of events).
+BEHIND_FILL = 0.1
 
 
 def default_buffer_pages(cpus: int | None = None) -> int:

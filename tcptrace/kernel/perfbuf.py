@@ -363,6 +363,10 @@ class PerfReader:
             self.close()
             raise
 
+    def backlog(self) -> float:
+        """The fullest ring's share of its capacity written and not read yet."""
+        return max((ring.pending() / ring.data_size for ring in self.rings), default=0.0)
+
     def fds(self) -> dict[int, int]:
         """cpu -> ring fd, for the BPF program's perf event array."""
         return {ring.cpu: ring.fd for ring in self.rings}

@@ -83,6 +83,12 @@ FAST_POLL_INTERVAL = 0.1
 # At most this many timewait sockets are followed; more are counted and left as traced:
 # 60 s of 5,000 new ones a second, and room (about 0.6 KB each to keep).
 MAX_FOLLOWED = 400_000
+# New timewait sockets followed a second at most (a second's worth may come at once);
+# beyond, their ends stay as traced, counted as not followed. Following costs the
+# reader ~10 µs an end, and every reuse of a followed 4-tuple a TIME_WAIT -> CLOSE line:
+# at 19,000 connections a second, following them all cost 15-30% more CPU and lost
+# events; at this rate BENCHMARKS.md "TIME_WAIT followed" follows every one.
+MAX_FOLLOW_RATE = 6_000
 # Up to this many followed, a poll asks for every one (a row each, ~5 µs to parse:
 # about 20 ms), so that one a reset killed early is seen go. Beyond, it asks only for
 # those still in FIN_WAIT2; each in TIME_WAIT ends at its timer (exact to a jiffy)
@@ -211,8 +217,11 @@ class TimeWait(Stage):
         budget: Budget | None = None,
         poll_interval: float = POLL_INTERVAL,
         lives: MutableMapping[tuple[int, int], Life] | None = None,
+        behind: Callable[[], bool] | None = None,
     ) -> None:
         self.filters = filters
+        # whether the event reader has fallen behind the kernel (loader.Probe.behind)
+        self.behind = behind
         # --lifetime: the kernel's life records of the batch (loader.Probe.lives), whose
         # births are the openings that end a TIME_WAIT on their 4-tuple
         self.lives = lives
@@ -226,6 +235,10 @@ class TimeWait(Stage):
         self.last_poll_ns = 0
         self.fixes = Corrections()
         self.unfollowed = 0  # candidates not checked (limit or budget)
+        self.behind_count = 0  # of which because the reader was behind
+        self.over_rate = 0  # of which beyond MAX_FOLLOW_RATE
+        self.follow_tokens = float(MAX_FOLLOW_RATE)
+        self.tokens_ns = time.monotonic_ns()
         self.asked_ns = 0  # when the last look-up was sent
         self.polls = 0
         # followed sockets dropped because their namespace went away, and who else
@@ -288,6 +301,33 @@ class TimeWait(Stage):
         opening = _OPENING if follows and not news.isdisjoint(_OPENING) else _NONE
         lives = self.lives if follows and self.lives else None
         told: list[Event] = []
+        if candidates and self.behind is not None and self.behind():
+            # the reader is behind (its rings fill): following (~30% of its time at
+            # 19,000 connections a second) gives way to the events themselves, whose
+            # loss would be worse; these ends stay as traced, counted
+            self.unfollowed += len(candidates)
+            self.behind_count += len(candidates)
+            events = _unsure(events, candidates)
+            candidates = []
+            marked = True
+        else:
+            marked = False
+        if candidates:
+            now = time.monotonic_ns()
+            self.follow_tokens = min(
+                MAX_FOLLOW_RATE,
+                self.follow_tokens + (now - self.tokens_ns) * MAX_FOLLOW_RATE / 1e9,
+            )
+            self.tokens_ns = now
+            if len(candidates) > self.follow_tokens:
+                n = int(self.follow_tokens)
+                over = candidates[n:]
+                self.unfollowed += len(over)
+                self.over_rate += len(over)
+                events = _unsure(events, over)
+                candidates = candidates[:n]
+                marked = True
+            self.follow_tokens -= len(candidates)
         if candidates and self.kernel_trusted:
             # the program saw whether a timewait socket took each one's place: no asking
             told = [ev for ev in candidates if ev.flags & F_TW_KNOWN]
@@ -320,7 +360,7 @@ class TimeWait(Stage):
             # no timewait socket behind these ends: the kernel's events stand
             if opening or lives:
                 return self._reused(events, lives)
-            return events if found is None and candidates else None
+            return events if (found is None and candidates) or marked else None
         out: list[Event] = []
         keep = out.append
         moved = False  # a TIME_WAIT entry stamped later than the kernel's event
@@ -870,7 +910,9 @@ class TimeWait(Stage):
                 "time_wait_not_followed",
                 self.unfollowed,
                 f"TIME_WAIT: {self.unfollowed} closing sockets not followed "
-                f"(over {MAX_FOLLOWED} followed, sock_diag budget spent, or their 4-tuple "
+                f"(beyond {MAX_FOLLOW_RATE:,} new a second for {self.over_rate}, the "
+                f"reader behind for {self.behind_count}, over {MAX_FOLLOWED:,} followed, "
+                "sock_diag budget spent, or their 4-tuple "
                 "reused before they were looked up): their FIN_WAIT2/CLOSING -> CLOSE may "
                 "have been a TIME_WAIT",
             )

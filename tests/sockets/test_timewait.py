@@ -480,3 +480,37 @@ def test_a_timer_is_read_against_when_the_kernel_was_asked_not_before_its_table_
     fin = time.monotonic_ns() - 10_000_000
     assert [e.newstate for e in out] == [TIME_WAIT]
     assert abs(out[0].ts_ns - fin) < 5_000_000, (out[0].ts_ns - fin) / 1e6
+
+
+def test_while_the_reader_is_behind_ends_are_not_followed_but_counted():
+    from tcptrace.kernel.events import F_END_UNSURE
+    from tcptrace.sockets.timewait import CLOSE
+
+    behind = [True]
+    table = SkippingTable({}, set())
+    tw = TimeWait(
+        Filters(ports=frozenset({8080})),
+        RecordingTables(table),  # type: ignore[arg-type]
+        behind=lambda: behind[0],
+    )
+    tw.kernel_trusted = True
+    ends = [kernel_end(i, TW_TIME_WAIT) for i in range(3)]
+    out = tw.on_events(ends)
+    assert [(e.newstate, bool(e.flags & F_END_UNSURE)) for e in out] == [(CLOSE, True)] * 3
+    assert not tw.followed and tw.unfollowed == tw.behind_count == 3
+    behind[0] = False  # caught up: followed again
+    tw.on_events([kernel_end(3, TW_TIME_WAIT)])
+    assert len(tw.followed) == 1 and tw.unfollowed == 3
+
+
+def test_beyond_the_follow_rate_ends_are_not_followed_but_counted():
+    from tcptrace.kernel.events import F_END_UNSURE
+    from tcptrace.sockets.timewait import MAX_FOLLOW_RATE, TIME_WAIT
+
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(SkippingTable({}, set())))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    ends = [kernel_end(i, TW_TIME_WAIT) for i in range(MAX_FOLLOW_RATE + 10)]
+    out = tw.on_events(ends)
+    assert [e.newstate for e in out[:MAX_FOLLOW_RATE]] == [TIME_WAIT] * MAX_FOLLOW_RATE
+    assert all(e.flags & F_END_UNSURE for e in out[MAX_FOLLOW_RATE:])
+    assert len(tw.followed) == MAX_FOLLOW_RATE and tw.unfollowed == tw.over_rate == 10
