@@ -914,9 +914,10 @@ MIN_BUFFER_PAGES = 256
 MAX_BUFFER_PAGES = 4096
 
 
-# A ring this full after a read: the reader is behind (the kernel sheds at
-# shed_fraction, 0.75; at full churn 0.1 of a 16 MiB ring is ~0.15 s of events).
-BEHIND_FILL = 0.1
+# A ring this full after a read: the reader is behind, and the kernel sheds at
+# shed_fraction, 0.75 (a quarter of a 16 MiB ring is ~0.4 s of events at full churn).
+# Not much less: a burst of closes the reader soon catches up with must stay followed.
+BEHIND_FILL = 0.5
 
 
 def default_buffer_pages(cpus: int | None = None) -> int:

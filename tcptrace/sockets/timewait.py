@@ -35,7 +35,7 @@ from __future__ import annotations
 import heapq
 import operator
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field, replace
 
@@ -94,6 +94,12 @@ MAX_FOLLOW_RATE = 6_000
 # those still in FIN_WAIT2; each in TIME_WAIT ends at its timer (exact to a jiffy)
 # or when a new connection takes its 4-tuple (exact), which the events tell.
 POLL_ALL = 4096
+# Beyond POLL_ALL, each poll also asks for this many followed sockets in TIME_WAIT in
+# turn (a band of ports: one request, ~5 µs a row), so that one a reset killed is seen
+# go within a round (followed / ROTATION polls), while no more than ROTATE_MAX are
+# followed (a round within 30 s); beyond, a TIME_WAIT ends at its timer or its reuse.
+ROTATION = 2048
+ROTATE_MAX = 60_000
 # Past its timer by this much, a timewait socket not asked for is closed at its timer
 # (a new connection that took its 4-tuple sooner comes in the events before then).
 DUE_GRACE_NS = 1_000_000_000
@@ -249,6 +255,8 @@ class TimeWait(Stage):
         self.pruned_ns = 0
         # followed sockets still in FIN_WAIT2 (waiting for their peer's FIN)
         self.waiting: set[Key] = set()
+        # beyond POLL_ALL: the followed sockets in TIME_WAIT still to ask for this round
+        self.turn: deque[Key] = deque()
         # the program's word on timewait sockets at each end (events.F_TW_KNOWN):
         # None while it is checked against sock_diag, then trusted or not
         self.kernel_trusted: bool | None = None
@@ -723,7 +731,8 @@ class TimeWait(Stage):
 
     def poll(self) -> list[Event]:
         """One sock_diag dump of the followed sockets (beyond POLL_ALL, of those in
-        FIN_WAIT2, the others ending at their timer); events for what changed."""
+        FIN_WAIT2, and of one band of the others in turn, ROTATION at a time; they
+        end at their timer); events for what changed."""
         every = len(self.followed) <= POLL_ALL
         asking = self.followed if every else {k: self.followed[k] for k in self.waiting}
         started = time.monotonic()
@@ -732,13 +741,42 @@ class TimeWait(Stage):
         finally:
             self.budget.charge(started)
         asked = self.asked_ns
-        # the kernel looked at its table between `asked` and `now`
-        now = time.monotonic_ns()
         self.last_poll_ns = asked
         self.polls += 1
         made: list[Event] = []
         if unreachable:
             made += self._drop_followed(unreachable)
+        self._take(asking, seen, asked, made)
+        if not every:
+            band = self._next_band()
+            if band:
+                started = time.monotonic()
+                try:
+                    seen, unreachable = self._ask_band(band)
+                finally:
+                    self.budget.charge(started)
+                if unreachable:
+                    made += self._drop_followed(unreachable)
+                asking = {key: self.followed[key] for key in band if key in self.followed}
+                postponed = self._take(asking, seen, self.asked_ns, made)
+                self.turn.extendleft(reversed([key for key in band if key in postponed]))
+            made.extend(self._timers_out(time.monotonic_ns()))
+        if every or not self.polls % PAIRS_REBUILD:
+            self.port_pairs = {(key[2], key[4]) for key in self.followed}
+        made.sort(key=lambda ev: ev.ts_ns)
+        return [
+            ev
+            for ev in made
+            if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
+        ]
+
+    def _take(
+        self, asking: Mapping[Key, Followed], seen: Mapping[Key, SockEntry], asked: int, made: list
+    ) -> set[Key]:
+        """What one ask found of these followed sockets, into made: the keys whose
+        check was postponed (beyond MAX_CONFIRMS missing)."""
+        # the kernel looked at its table between `asked` and `now`
+        now = time.monotonic_ns()
         confirmed, postponed = self._confirm_missing(seen, now, asking)
         for key, f in list(asking.items()):
             if key not in self.followed:
@@ -758,16 +796,48 @@ class TimeWait(Stage):
             else:
                 self._forget(key)
                 made.append(self._closed(f, _clamp(self._fires(f), f.last_seen_ns, now)))
-        if not every:
-            made.extend(self._timers_out(now))
-        if every or not self.polls % PAIRS_REBUILD:
-            self.port_pairs = {(key[2], key[4]) for key in self.followed}
-        made.sort(key=lambda ev: ev.ts_ns)
-        return [
-            ev
-            for ev in made
-            if not self.filters.states or self.filters.shows(ev.oldstate, ev.newstate)
-        ]
+        return postponed
+
+    def _next_band(self) -> list[Key]:
+        """The next ROTATION followed sockets in TIME_WAIT, in port order (a band of
+        ports one request asks for), while no more than ROTATE_MAX are followed."""
+        if len(self.followed) > ROTATE_MAX:
+            self.turn.clear()
+            return []
+        if not self.turn:
+            waits = [key for key, f in self.followed.items() if f.state == TIME_WAIT]
+            self.turn.extend(sorted(waits, key=_band_order))
+        band: list[Key] = []
+        while self.turn and len(band) < ROTATION:
+            key = self.turn.popleft()
+            f = self.followed.get(key)
+            if f is not None and f.state == TIME_WAIT:
+                band.append(key)
+        return band
+
+    def _ask_band(self, keys: list[Key]) -> tuple[dict[Key, SockEntry], set[int]]:
+        """The timewait sockets of a band of followed 4-tuples: one dump per namespace
+        and family, for the range of ports they span (the local port, or the remote one
+        where they share it: the server closed first)."""
+        groups: dict[tuple[int, int], list[Key]] = {}
+        for key in keys:
+            groups.setdefault((key[0], self.followed[key].template[_FAMILY]), []).append(key)
+        tables = {netns: self.tables.get(netns) for netns, _family in groups}
+        unreachable = {netns for netns, table in tables.items() if table is None}
+        self.asked_ns = time.monotonic_ns()
+        found: dict[Key, SockEntry] = {}
+        for (netns, family), group in groups.items():
+            table = tables[netns]
+            if table is None:
+                continue
+            shared = len({key[2] for key in group}) < len(group)
+            side, at = (REMOTE, 4) if shared else (LOCAL, 2)
+            band = (min(key[at] for key in group), max(key[at] for key in group))
+            filters = replace(self.filters, family=family)
+            for row in table.dump(TIMEWAIT_STATES, filters, [[(side, band)]]):
+                if row.timewait:
+                    found[(netns, *row.key)] = row
+        return found, unreachable
 
     def _fires(self, f: Followed) -> int:
         """When a followed socket's timer runs: a TIME_WAIT's, armed for TIME_WAIT_LEN,
@@ -916,6 +986,10 @@ class TimeWait(Stage):
                 "reused before they were looked up): their FIN_WAIT2/CLOSING -> CLOSE may "
                 "have been a TIME_WAIT",
             )
+
+
+def _band_order(key: Key) -> tuple[int, int, int]:
+    return (key[0], key[2], key[4])
 
 
 def _unsure(events: list[Event], ends: list[Event]) -> list[Event]:

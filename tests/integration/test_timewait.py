@@ -7,11 +7,12 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 
 import pytest
 
-from .cmd import Running
+from .cmd import Lines, Running
 from .netutil import clients_close_first, free_port, listener
 from .test_owners import parse_duration, transitions
 
@@ -472,3 +473,75 @@ def test_summaries_without_lines_follow_time_wait_as_lines_do():
 
 
 CONNECTIONS_SLOW = 5
+
+
+def half_close_first(srv: socket.socket, port: int, count: int) -> None:
+    """count clients shut down their sending side first and close once the server's
+    FIN came: each enters TIME_WAIT as the kernel's event says, at once (no orphan
+    waiting in FIN_WAIT2 for a poll to find it there)."""
+
+    def serve() -> None:
+        for _ in range(count):
+            conn, _ = srv.accept()
+            conn.recv(1)  # the client's FIN
+            conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""  # the server's FIN: TIME_WAIT
+    server.join(30)
+
+
+def test_beyond_poll_all_a_time_wait_killed_early_is_seen_go_within_a_round():
+    """More than POLL_ALL followed: those in TIME_WAIT are asked for a band at a time,
+    so one the kernel kills early (a reset; here ss -K) is told gone within a round,
+    not at its 60 s timer. Before, nothing was said until then."""
+    from tcptrace.sockets.timewait import POLL_ALL, ROTATION
+
+    count = POLL_ALL + 600
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    drain = Lines(run.proc.stdout)  # read as it comes: a blocked writer would not poll
+    with listener(port=port, backlog=count) as srv:
+        half_close_first(srv, port, count)
+        time.sleep(1.0)
+        rows = subprocess.run(
+            ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.splitlines()
+        victims = sorted(int(row.split()[-2].rsplit(":", 1)[1]) for row in rows)[::250]
+        for victim in victims:
+            subprocess.run(
+                ["ss", "-K", "-Htan", "state", "time-wait", f"( sport = :{victim} )"],
+                capture_output=True,
+                check=True,
+            )
+        killed_at = time.monotonic()
+        # two rounds of polls, one a second (the first may have begun before the
+        # burst's last sockets were followed), and more
+        time.sleep(2 * -(-count // ROTATION) + 2)
+    run.proc.send_signal(signal.SIGINT)
+    code = run.proc.wait(timeout=60)
+    drain.join(10)
+    out, err = "\n".join(drain.lines), run.stderr_head + run.proc.stderr.read()
+    assert code == 0, err
+    mine = [r for r in transitions(out) if r[3] == f"127.0.0.1:{port}"]
+    ends = {
+        int(r[2].rsplit(":", 1)[1]): parse_duration(r[6])
+        for r in mine
+        if (r[4], r[5]) == ("TIME_WAIT", "CLOSE")
+    }
+    # (ss may also list an earlier run's TIME_WAITs on this port: not this burst's)
+    entered = {int(r[2].rsplit(":", 1)[1]) for r in mine if r[5] == "TIME_WAIT"}
+    victims = [victim for victim in victims if victim in entered]
+    waited = time.monotonic() - killed_at
+    assert len(victims) >= 15, (len(entered), len(mine), out[-1500:])
+    for victim in victims:
+        assert victim in ends, (victim, sorted(ends))
+        assert ends[victim] < waited + 5, (victim, ends[victim])

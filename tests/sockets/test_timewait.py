@@ -392,19 +392,66 @@ def test_beyond_poll_all_time_waits_end_at_their_timer_unasked():
     from tcptrace.sockets.timewait import CLOSE, DUE_GRACE_NS, POLL_ALL, TIME_WAIT
 
     now = time.monotonic_ns()
-    rows, followed = followed_time_waits(POLL_ALL + 10, now - 60_000_000_000)
-    # the oldest 10 fell due over a grace ago; the others later
-    for i, f in enumerate(followed.values()):
-        f.due_ns = now - DUE_GRACE_NS - 1_000 if i < 10 else now + 1_000_000_000 + i
+    count = POLL_ALL + 10
+    rows, followed = followed_time_waits(count, now - 60_000_000_000)
+    # the last 10 (by port: beyond the first band asked for) fell due over a grace ago
+    for i, (key, f) in enumerate(followed.items()):
+        f.due_ns = now - DUE_GRACE_NS - 1_000 if i >= count - 10 else now + 1_000_000_000 + i
+        # what the kernel says of each timer (a band asked for reads them again)
+        row = rows[key[1:]]
+        rows[key[1:]] = dataclasses.replace(row, expires_ms=(f.due_ns - now) // 1_000_000)
     table = SkippingTable(rows, set())
     tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
     tw.followed.update(followed)
     out = tw.poll()
-    assert not [r for r in table.requests if r[0] == "find"]
+    assert table.requests == [("dump",)]  # the band's (none waits in FIN_WAIT2)
     assert [(e.oldstate, e.newstate) for e in out] == [(TIME_WAIT, CLOSE)] * 10
-    due = [f.due_ns for f in list(followed.values())[:10]]
+    due = [f.due_ns for f in list(followed.values())[-10:]]
     assert [e.ts_ns for e in out] == due  # at their timer
     assert len(tw.followed) == POLL_ALL
+
+
+def test_beyond_poll_all_time_waits_are_asked_for_in_turn_a_band_a_poll():
+    import time
+
+    from tcptrace.sockets.sockdiag import LOCAL
+    from tcptrace.sockets.timewait import CLOSE, POLL_ALL, ROTATION, TIME_WAIT
+
+    now = time.monotonic_ns()
+    rows, followed = followed_time_waits(POLL_ALL + 10, now - 1_000_000_000)
+    killed = [key for key in rows if key[1] in (40000 + ROTATION + 7, 40000 + 2 * ROTATION + 3)]
+    for key in killed:
+        del rows[key]  # a reset killed them
+    table = BandTable(rows)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    bands, ended = [], []
+    for _ in range(3):  # a round: 4,106 followed, 2,048 a poll
+        table.bands.clear()
+        out = tw.poll()
+        bands += table.bands
+        ended += [(e.oldstate, e.newstate, e.sport) for e in out]
+    assert bands == [
+        (LOCAL, (40000, 40000 + ROTATION - 1)),
+        (LOCAL, (40000 + ROTATION, 40000 + 2 * ROTATION - 1)),
+        (LOCAL, (40000 + 2 * ROTATION, 40000 + POLL_ALL + 9)),
+    ]
+    # each looked up alone first (a dump can skip a row), then told gone, at the poll
+    assert ended == [(TIME_WAIT, CLOSE, key[1]) for key in killed]
+    assert len(tw.followed) == POLL_ALL + 8
+
+
+class BandTable(SkippingTable):
+    """Dumps that return the rows whose local port is in the asked band."""
+
+    def __init__(self, rows: dict) -> None:
+        super().__init__(rows, set())
+        self.bands: list = []
+
+    def dump(self, states, filters, clauses):
+        ((side, band),) = clauses[0]
+        self.bands.append((side, band))
+        return [row for key, row in self.rows.items() if band[0] <= key[1] <= band[1]]
 
 
 def test_lines_learnt_by_polling_wait_for_the_events_read_to_reach_their_time():
