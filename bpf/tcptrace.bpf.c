@@ -44,6 +44,13 @@
  *                   where the process's name is (its group leader's comm):
  *                   from the running kernel's BTF, -1 when unknown (then the
  *                   thread's own name)
+ *   ACCEPT_HOOK     1: programs on the accept()/accept4() system calls' return
+ *                   give an accepted socket its acceptor as owner (a listener
+ *                   shared by forked workers is the master's); TASK_FILES_OFFSET,
+ *                   FILES_FDT_OFFSET, FDT_MAX_FDS_OFFSET, FDT_FD_OFFSET,
+ *                   FILE_PRIVATE_OFFSET, SOCKET_SK_OFFSET: the way from the new
+ *                   descriptor to its struct sock, from the running kernel's BTF
+ *                   and checked by user space on a connection of its own
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -791,6 +798,23 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 
 #if FILTER_OWNER
 	if (!owner_match(&ev, owner_flags)) {
+#if ACCEPT_HOOK && !KERNEL_LIFETIMES
+		if ((old == TT_LISTEN && new == TT_SYN_RECV) ||
+		    (old == TT_SYN_RECV && new == TT_ESTABLISHED)) {
+			/* a child not accepted yet: its listener's owner may not be the
+			 * process that accepts it (workers forked after listen()); kept,
+			 * untold, for on_accepted to decide, its times running on */
+			if (info) {
+				remember(info, &ev, owner_flags);
+			} else {
+				struct sk_info next = {};
+				remember(&next, &ev, owner_flags);
+				if (sockets.update(&sk, &next) == 0)
+					count(TCPTRACE_C_INSERTED);
+			}
+			return 0;
+		}
+#endif
 		/* another owner's socket, or one whose owner the kernel does not know:
 		 * forget it, like a socket on another port */
 		if (info && sockets.delete(&sk) == 0)
@@ -947,6 +971,70 @@ TRACEPOINT_PROBE(sock, inet_sock_set_state)
 	}
 	return ret;
 }
+
+#if ACCEPT_HOOK
+/* The check connection's server end, as on_accepted found it through the offsets
+ * (tcptrace's own accept() while checking): its local and remote ports. */
+BPF_ARRAY(accept_check, u32, 2);
+
+/*
+ * accept() or accept4() returned fd in the current process: the socket behind it is
+ * the acceptor's from now on. A listener shared across fork() names the process that
+ * called listen() (a master that never accepts); every later transition of the
+ * connection, in softirq context too, names this one. Only sockets the map holds.
+ */
+static __always_inline int on_accepted(long fd)
+{
+	if (fd < 0)
+		return 0;
+	u64 task = bpf_get_current_task(), files = 0, fdt = 0, fds = 0, file = 0, sock = 0;
+	u64 sk = 0;
+	u32 max_fds = 0;
+	if (bpf_probe_read_kernel(&files, sizeof(files), (void *)(task + TASK_FILES_OFFSET)) ||
+	    !files ||
+	    bpf_probe_read_kernel(&fdt, sizeof(fdt), (void *)(files + FILES_FDT_OFFSET)) || !fdt ||
+	    bpf_probe_read_kernel(&max_fds, sizeof(max_fds), (void *)(fdt + FDT_MAX_FDS_OFFSET)) ||
+	    fd >= max_fds ||
+	    bpf_probe_read_kernel(&fds, sizeof(fds), (void *)(fdt + FDT_FD_OFFSET)) || !fds ||
+	    bpf_probe_read_kernel(&file, sizeof(file), (void *)(fds + fd * sizeof(u64))) || !file ||
+	    bpf_probe_read_kernel(&sock, sizeof(sock), (void *)(file + FILE_PRIVATE_OFFSET)) ||
+	    !sock ||
+	    bpf_probe_read_kernel(&sk, sizeof(sk), (void *)(sock + SOCKET_SK_OFFSET)) || !sk)
+		return 0;
+	u32 armed_key = CHECK_ARMED;
+	u32 *armed = self_check.lookup(&armed_key);
+	if (armed && *armed && (bpf_get_current_pid_tgid() >> 32) == SELF_PID) {
+		/* tcptrace's own check connection: note what the offsets led to */
+		u16 sport = 0, dport = 0;
+		bpf_probe_read_kernel(&sport, sizeof(sport), (void *)(sk + INET_SPORT_OFFSET));
+		bpf_probe_read_kernel(&dport, sizeof(dport), (void *)(sk + SK_DPORT_OFFSET));
+		u32 slot = 0, v = bpf_ntohs(sport);
+		accept_check.update(&slot, &v);
+		slot = 1;
+		v = bpf_ntohs(dport);
+		accept_check.update(&slot, &v);
+		return 0;
+	}
+	struct sk_info *info = sockets.lookup(&sk);
+	if (!info)
+		return 0;
+	info->pid = bpf_get_current_pid_tgid() >> 32;
+	process_comm(info->comm);
+	info->cgroup_id = bpf_get_current_cgroup_id();
+	info->flags = (info->flags & ~OWNER_IN_CGROUP) | TCPTRACE_F_OWNER_KNOWN | current_in_cgroup();
+	return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
+{
+	return on_accepted(args->ret);
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_accept)
+{
+	return on_accepted(args->ret);
+}
+#endif
 
 #if NESTED
 /*

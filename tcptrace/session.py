@@ -432,6 +432,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             f"({netns_problem}): each socket's namespace is its owner's /proc/PID/ns/net\n"
         )
     nested_problem = probe.check_nested()
+    accept_problem = getattr(probe, "accept_problem", None)
+    if accept_problem is not None:
+        err.write(
+            "tcptrace: an accepted connection keeps its listener's owner, not the "
+            f"process that accepted it ({accept_problem})\n"
+        )
     if nested_problem is not None:
         err.write(
             "tcptrace: transitions the kernel skips while a BPF program runs on their CPU "

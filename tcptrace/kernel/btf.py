@@ -314,6 +314,41 @@ def task_offsets(btf: Btf | None = None) -> TaskOffsets:
     )
 
 
+@dataclass(frozen=True)
+class AcceptOffsets:
+    """Where the program finds, at accept()'s return, the socket behind the new file
+    descriptor: current->files->fdt->fd[fd]->private_data (struct socket)->sk."""
+
+    task_files: int  # offsetof(struct task_struct, files)
+    files_fdt: int  # offsetof(struct files_struct, fdt)
+    fdt_max_fds: int  # offsetof(struct fdtable, max_fds)
+    fdt_fd: int  # offsetof(struct fdtable, fd)
+    file_private: int  # offsetof(struct file, private_data)
+    socket_sk: int  # offsetof(struct socket, sk)
+
+    def cflags(self) -> list[str]:
+        return [
+            f"-DTASK_FILES_OFFSET={self.task_files}",
+            f"-DFILES_FDT_OFFSET={self.files_fdt}",
+            f"-DFDT_MAX_FDS_OFFSET={self.fdt_max_fds}",
+            f"-DFDT_FD_OFFSET={self.fdt_fd}",
+            f"-DFILE_PRIVATE_OFFSET={self.file_private}",
+            f"-DSOCKET_SK_OFFSET={self.socket_sk}",
+        ]
+
+
+def accept_offsets(btf: Btf | None = None) -> AcceptOffsets:
+    btf = btf or Btf.load()
+    return AcceptOffsets(
+        task_files=btf.offset_of("task_struct", "files"),
+        files_fdt=btf.offset_of("files_struct", "fdt"),
+        fdt_max_fds=btf.offset_of("fdtable", "max_fds"),
+        fdt_fd=btf.offset_of("fdtable", "fd"),
+        file_private=btf.offset_of("file", "private_data"),
+        socket_sk=btf.offset_of("socket", "sk"),
+    )
+
+
 # The map-element iterator's context as the BPF program declares it (bpf/tcptrace.bpf.c):
 # (struct, member, offset). The verifier types the program's reads by the kernel's BTF,
 # so the declaration must match the running kernel's.

@@ -49,6 +49,7 @@ TRACEPOINT = "tracepoint"
 BTF = "BTF offsets"
 MAP_SCAN = "map scan"
 NESTED = "nested program"
+ACCEPT = "accept hook"
 CGROUP = "cgroup helpers"
 PERF_BUFFER = "perf buffer"
 HEADERS = "kernel headers"
@@ -62,6 +63,7 @@ NAMES = (
     BTF,
     MAP_SCAN,
     NESTED,
+    ACCEPT,
     CGROUP,
     PERF_BUFFER,
     HEADERS,
@@ -71,7 +73,7 @@ NAMES = (
     LOCKDOWN,
 )
 # The findings that need the program loaded (unknown when it could not be).
-LOADED = (TRACEPOINT, BTF, MAP_SCAN, NESTED, CGROUP, PERF_BUFFER)
+LOADED = (TRACEPOINT, BTF, MAP_SCAN, NESTED, ACCEPT, CGROUP, PERF_BUFFER)
 
 # Capability bits (include/uapi/linux/capability.h) beyond preflight's.
 CAP_IPC_LOCK = 14
@@ -232,6 +234,7 @@ def _loaded(cgroup2: Path | None, own_cgroup: str | None) -> list[Finding]:
     try:
         netns = probe.check_netns()
         nested = probe.check_nested()
+        accept = probe.accept_problem
         scan = _map_scan(probe)
         events, problem = _trace_own_connection(probe)
         assert probe.reader is not None
@@ -244,6 +247,7 @@ def _loaded(cgroup2: Path | None, own_cgroup: str | None) -> list[Finding]:
         _btf(netns, offsets),
         scan,
         _nested(nested),
+        _accept(accept),
         _cgroup(events, cgroup2, own_cgroup),
         _perf_buffer(pages, config.buffer_pages, cpus),
     ]
@@ -263,6 +267,23 @@ def _btf(problem: str | None, offsets: NetnsOffsets | None) -> Finding:
         OK,
         f"{btf}: a socket's namespace at sock+{offsets.sock_net}, its inode at "
         f"net+{offsets.net_inum}; read right on a socket of its own",
+    )
+
+
+def _accept(problem: str | None) -> Finding:
+    if problem is not None:
+        return Finding(
+            ACCEPT,
+            DEGRADED,
+            problem,
+            "an accepted connection keeps its listener's owner (a forked server's master, "
+            "not the worker that accepted it)",
+        )
+    return Finding(
+        ACCEPT,
+        OK,
+        "on accept() and accept4(): an accepted socket is its acceptor's; found its own "
+        "accepted socket right",
     )
 
 

@@ -23,12 +23,14 @@ from tcptrace.kernel import perfbuf
 from tcptrace.kernel.btf import (
     NO_TASK_OFFSETS,
     NO_TIMEWAIT_OFFSETS,
+    AcceptOffsets,
     Btf,
     BtfError,
     NetnsOffsets,
     SockOffsets,
     TaskOffsets,
     TimewaitOffsets,
+    accept_offsets,
     map_iter_problem,
     netns_offsets,
     sock_offsets,
@@ -166,9 +168,18 @@ class ProbeConfig:
     # --lifetime: the kernel sums each connection's states and sends one life record
     # (events.LIFE_STRUCT) at its end instead of its transitions
     kernel_lifetimes: bool = False
+    # the way from accept()'s new descriptor to its socket, from the running kernel's
+    # BTF (None: unknown; with no syscall tracepoints either, no accept hook)
+    accept_offsets: AcceptOffsets | None = None
     # stream only the ends that may become TIME_WAIT (FIN_WAIT2/CLOSING -> CLOSE), for
     # summaries that follow TIME_WAIT without per-transition lines (--quiet, -i)
     closes_only: bool = False
+
+    @property
+    def accept_hook(self) -> bool:
+        """The accept hook is compiled: its offsets known, and the nested program's, with
+        which its start-up check reads the socket it found."""
+        return self.accept_offsets is not None and self.sock_offsets is not None
 
     @property
     def show_mask(self) -> int:
@@ -212,6 +223,8 @@ class ProbeConfig:
             *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
             *(self.timewait_offsets or NO_TIMEWAIT_OFFSETS).cflags(),
             *(self.task_offsets or NO_TASK_OFFSETS).cflags(),
+            f"-DACCEPT_HOOK={int(self.accept_hook)}",
+            *(self.accept_offsets.cflags() if self.accept_hook else []),
         ]
 
 
@@ -264,6 +277,9 @@ class Probe:
         self.netns_problem: str | None = None
         # why transitions the kernel skips are not handled (None: they are)
         self.nested_problem: str | None = None
+        # why an accepted socket cannot be given its acceptor as owner (None: it can)
+        self.accept_problem: str | None = None
+        self._accepted_check: tuple[int, int] | None = None
         # why the map scan cannot run here (None: it can); open_scan reports it
         self._scan_problem: str | None = None
         # parsed once: every offset comes from the same BTF (seconds under emulation)
@@ -272,7 +288,7 @@ class Probe:
             btf = Btf.load()
         except BtfError as exc:
             self.netns_problem = self.nested_problem = f"no usable BTF ({exc})"
-            self._scan_problem = self.netns_problem
+            self._scan_problem = self.accept_problem = self.netns_problem
         if btf is not None:
             if config.netns_offsets is None:
                 try:
@@ -292,6 +308,14 @@ class Probe:
                 # (without: the thread's name, as bpf_get_current_comm gives it)
                 with contextlib.suppress(BtfError):
                     config = replace(config, task_offsets=task_offsets(btf))
+            if config.accept_offsets is None:
+                # (without: an accepted socket keeps its listener's owner)
+                self.accept_problem = accept_tracepoints_problem()
+                if self.accept_problem is None:
+                    try:
+                        config = replace(config, accept_offsets=accept_offsets(btf))
+                    except BtfError as exc:
+                        self.accept_problem = f"no usable BTF ({exc})"
             if config.scan:
                 self._scan_problem = map_iter_problem(btf)
             del btf  # ~10 MB parsed: not kept for the session
@@ -479,6 +503,10 @@ class Probe:
         transitions that interrupt the program cannot be handled, or None."""
         if self.nested_problem is None:
             self.nested_problem = self._check_connection()
+            if self.accept_problem is None and self.config.accept_hook:
+                self.accept_problem = self._check_accept()
+                if self.accept_problem is not None:
+                    self._detach_accept()
             if self.nested_problem is not None:
                 self._detach_nested()
         return self.nested_problem
@@ -506,6 +534,7 @@ class Probe:
                 for sock in (client, child):
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
                 client_port = client.getsockname()[1]
+                self._accepted_check = (port, client_port)  # the server end's ports
         except OSError as exc:
             return f"no check connection on {CHECK_SERVER} ({exc.strerror})"
         finally:
@@ -532,6 +561,30 @@ class Probe:
                     f"for a socket with {(sport, dport, int(family), socket.IPPROTO_TCP)}"
                 )
         return None
+
+    def _check_accept(self) -> str | None:
+        """Did the accept hook find the check connection's server end through its
+        offsets? (Checked on the connection _check_connection accepted.)"""
+        if self._accepted_check is None:
+            return "no check connection was accepted"
+        try:
+            table = self.bpf[b"accept_check"]
+            got = (table[ctypes.c_int(0)].value, table[ctypes.c_int(1)].value)
+        except KeyError:
+            return "the accept hook was not compiled"
+        if got == (0, 0):
+            return "the accept hook did not run for tcptrace's own accept()"
+        if got != self._accepted_check:
+            return (
+                f"the BTF offsets led to a socket with ports {got} for one with "
+                f"{self._accepted_check}"
+            )
+        return None
+
+    def _detach_accept(self) -> None:
+        for tracepoint in ACCEPT_TRACEPOINTS:
+            if tracepoint.encode() in self.bpf.tracepoint_fds:
+                self.bpf.detach_tracepoint(tracepoint.encode())
 
     def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
         """Tell the kernel about listeners older than tracing, so that it names their
@@ -912,6 +965,26 @@ def load_error(exc: Exception, path: Path) -> TcptraceError:
 BUFFER_TOTAL_BYTES = 64 << 20
 MIN_BUFFER_PAGES = 256
 MAX_BUFFER_PAGES = 4096
+
+
+# The system calls whose return gives an accepted socket its acceptor (ACCEPT_HOOK).
+ACCEPT_TRACEPOINTS = ("syscalls:sys_exit_accept4", "syscalls:sys_exit_accept")
+
+
+def accept_tracepoints_problem() -> str | None:
+    """Why the accept hook cannot attach here (None: it can): the kernel's syscall
+    tracepoints (CONFIG_FTRACE_SYSCALLS), which bcc compiles against tracefs."""
+    from tcptrace.kernel.preflight import tracefs_root
+
+    try:
+        events = tracefs_root() / "events"
+    except TcptraceError as exc:
+        return str(exc)
+    for tracepoint in ACCEPT_TRACEPOINTS:
+        category, name = tracepoint.split(":")
+        if not (events / category / name / "format").exists():
+            return f"the kernel has no tracepoint {tracepoint}"
+    return None
 
 
 # A ring this full after a read: the reader is behind, and the kernel sheds at

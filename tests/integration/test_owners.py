@@ -146,3 +146,88 @@ def test_child_of_a_listener_older_than_tcptrace_is_the_listeners():
     owners = owner_by_port(rows, port)
     assert owners["server"] == {(str(server.pid), "tt-server")}, out
     assert owners["client"] == {(str(client.pid), "tt-client")}, out
+
+
+PREFORK = Path(__file__).with_name("prefork.py")
+
+
+class Prefork:
+    """prefork.py: a master that listens and WORKERS that accept, once ready."""
+
+    def __init__(self, port: int) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, str(PREFORK), str(port)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self.master = 0
+        self.workers: list[int] = []
+        for line in self.proc.stdout:
+            role, _, pid = line.strip().partition(" ")
+            if role == "ready":
+                break
+            if role == "master":
+                self.master = int(pid)
+            else:
+                self.workers.append(int(pid))
+
+    def stop(self) -> None:
+        self.proc.stdin.close()
+        assert self.proc.wait(timeout=10) == 0
+
+
+def served_by(port: int, count: int) -> dict[str, int]:
+    """count connections, each closed by the client once the worker said who it is:
+    {client's local address: the pid of the worker that accepted it}."""
+    import socket
+
+    served = {}
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            pid = int(client.makefile().readline())
+            served[f"127.0.0.1:{client.getsockname()[1]}"] = pid
+        time.sleep(0.01)
+    return served
+
+
+# Transitions of the accepted socket after accept(): the acceptor's (issue 22.1).
+AFTER_ACCEPT = [("ESTABLISHED", "CLOSE_WAIT"), ("CLOSE_WAIT", "LAST_ACK"), ("LAST_ACK", "CLOSE")]
+
+
+def test_a_forked_workers_connections_are_the_workers_after_accept():
+    """nginx-like: the master listens and never accepts, its forked workers do. Every
+    line of a connection after its accept names the worker (the kernel's softirq lines
+    too), and --pid WORKER shows that worker's connections from their accept, timed.
+    Before, they named the master, and --pid WORKER gave CLOSE_WAIT an unknown time."""
+    port = free_port()
+    whole = Running("--port", str(port), "-n", "-T", "none")
+    whole.wait_ready()
+    server = Prefork(port)
+    assert server.master and len(server.workers) == 2
+    one = server.workers[0]
+    picked = Running("--port", str(port), "--pid", str(one), "-n", "-T", "none")
+    picked.wait_ready()
+    try:
+        served = served_by(port, 20)
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    results = [run.stop() for run in (whole, picked)]
+    for code, _out, err in results:
+        assert code == 0, err
+    assert set(served.values()) == set(server.workers), served  # both accepted some
+    rows = transitions(results[0][1])
+    for remote, pid in served.items():
+        after = [r for r in rows if r[3] == remote and (r[4], r[5]) in AFTER_ACCEPT]
+        assert [(r[4], r[5]) for r in after] == AFTER_ACCEPT, (remote, rows)
+        assert {int(r[0]) for r in after} == {pid}, (remote, pid, server.master, after)
+    mine = [r for r in transitions(results[1][1]) if r[2] == f"127.0.0.1:{port}"]
+    expected = {remote for remote, pid in served.items() if pid == one}
+    assert {r[3] for r in mine} == expected
+    for remote in expected:
+        after = [r for r in mine if r[3] == remote]
+        # from the accept on, each transition timed (the kernel kept the handshake's)
+        assert [(r[4], r[5]) for r in after] == AFTER_ACCEPT, (remote, mine)
+        assert all(r[6] != "-" for r in after), after
+        assert {int(r[0]) for r in after} == {one}
