@@ -304,6 +304,10 @@ class TimeWait(Stage):
         news = set(map(_new_state, events))
         # candidates: the full socket's end that may hide a new timewait socket
         candidates = [ev for ev in events if ev[_NEW] == CLOSE and ev[_OLD] in _ENDS_IN_TIMEWAIT]
+        if candidates:
+            # where no timewait socket can be made, the kernel's end is the whole truth:
+            # not a candidate, not counted against the limits below
+            candidates = self._may_wait(candidates)
         # a new connection may end a TIME_WAIT followed before, or one begun in this batch
         follows = bool(self.followed or candidates)
         opening = _OPENING if follows and not news.isdisjoint(_OPENING) else _NONE
@@ -341,8 +345,6 @@ class TimeWait(Stage):
             told = [ev for ev in candidates if ev.flags & F_TW_KNOWN]
             if told:
                 candidates = [ev for ev in candidates if not ev.flags & F_TW_KNOWN]
-        if candidates:
-            candidates = self._may_wait(candidates)
         found = self._look_up(candidates) if candidates else None
         if found is None and candidates:
             self.unfollowed += len(candidates)

@@ -561,3 +561,16 @@ def test_beyond_the_follow_rate_ends_are_not_followed_but_counted():
     assert [e.newstate for e in out[:MAX_FOLLOW_RATE]] == [TIME_WAIT] * MAX_FOLLOW_RATE
     assert all(e.flags & F_END_UNSURE for e in out[MAX_FOLLOW_RATE:])
     assert len(tw.followed) == MAX_FOLLOW_RATE and tw.unfollowed == tw.over_rate == 10
+
+
+def test_where_no_timewait_socket_can_be_made_the_limits_do_not_apply():
+    # (tcp_max_tw_buckets=0: the kernel's FIN_WAIT2 -> CLOSE is the whole truth)
+    table = SkippingTable({}, set())
+    table.timewait = False
+    tw = TimeWait(
+        Filters(ports=frozenset({8080})),
+        RecordingTables(table),  # type: ignore[arg-type]
+        behind=lambda: True,
+    )
+    assert tw.on_events([kernel_end(0, 0x10)]) is None  # unchanged, not unsure
+    assert tw.unfollowed == 0
