@@ -255,6 +255,10 @@ class TimeWait(Stage):
         self.pruned_ns = 0
         # followed sockets still in FIN_WAIT2 (waiting for their peer's FIN)
         self.waiting: set[Key] = set()
+        # TIME_WAITs a poll found gone, and when (at the latest): their end is told once
+        # the events read reach that time, unless an opening read by then on their
+        # 4-tuple (a reader behind) says exactly when a new connection took it
+        self.gone: dict[Key, tuple[Followed, int]] = {}
         # beyond POLL_ALL: the followed sockets in TIME_WAIT still to ask for this round
         self.turn: deque[Key] = deque()
         # the program's word on timewait sockets at each end (events.F_TW_KNOWN):
@@ -283,15 +287,28 @@ class TimeWait(Stage):
             self.read_upto_ns = max(self.read_upto_ns, max(map(_event_time, events)))
             self.last_batch_ns = time.monotonic_ns()
             self.empty_ticks = 0
-        if not self.held_lines:
+        if not self.held_lines and not self.gone:
             return out
         ready = self._release(self.read_upto_ns)
         if not ready:
             return out
         return list(heapq.merge(events if out is None else out, ready, key=_event_time))
 
+    def _gone_upto(self, upto_ns: int) -> list[Event]:
+        """The ends of the TIME_WAITs found gone no later than upto_ns, told now."""
+        lines = []
+        for key, (f, at) in list(self.gone.items()):
+            if at <= upto_ns:
+                del self.gone[key]
+                self._keep(lines, self._closed(f, at))
+        return lines
+
     def _release(self, upto_ns: int) -> list[Event]:
         """The lines learnt by polling whose time the events read have reached."""
+        if self.gone:
+            gone = self._gone_upto(upto_ns)
+            if gone:
+                self.held_lines = sorted(self.held_lines + gone, key=_event_time)
         held = self.held_lines
         n = 0
         while n < len(held) and held[n].ts_ns <= upto_ns:
@@ -533,8 +550,15 @@ class TimeWait(Stage):
         """
         key = key_of(ev, self.own)
         f = self.followed.get(key)
-        if f is None or ev.ts_ns < f.since_ns:
-            return  # not followed, or an opening from before this TIME_WAIT began
+        if f is None:
+            gone = self.gone.get(key)
+            if gone is not None and gone[0].since_ns <= ev.ts_ns <= gone[1]:
+                # a poll found it gone; this opening, read since, says when
+                del self.gone[key]
+                self._keep(out, self._closed(gone[0], ev.ts_ns, polled=False))
+            return
+        if ev.ts_ns < f.since_ns:
+            return  # an opening from before this TIME_WAIT began
         self._forget(key)
         if f.state == FIN_WAIT2:
             # only a TIME_WAIT socket gives way to a new connection (a FIN_WAIT2 one
@@ -691,7 +715,7 @@ class TimeWait(Stage):
             self.held_lines = sorted(self.held_lines + made, key=_event_time)
         self.empty_ticks += 1
         if (
-            self.held_lines
+            (self.held_lines or self.gone)
             and self.empty_ticks >= IDLE_TICKS
             and now_ns - self.last_batch_ns >= IDLE_RELEASE_NS
         ):
@@ -728,6 +752,7 @@ class TimeWait(Stage):
         # a reader held back (a stalled pipe) polled little: where did those waiting
         # for their peer's FIN go (the summary counts the rest as held)
         made = self.held_lines + (self.poll() if self.waiting else [])
+        made += self._gone_upto(now_ns)
         self.held_lines = []
         return sorted(made, key=_event_time) or None
 
@@ -764,7 +789,7 @@ class TimeWait(Stage):
                 self.turn.extendleft(reversed([key for key in band if key in postponed]))
             made.extend(self._timers_out(time.monotonic_ns()))
         if every or not self.polls % PAIRS_REBUILD:
-            self.port_pairs = {(key[2], key[4]) for key in self.followed}
+            self.port_pairs = {(key[2], key[4]) for key in (*self.followed, *self.gone)}
         made.sort(key=lambda ev: ev.ts_ns)
         return [
             ev
@@ -797,7 +822,11 @@ class TimeWait(Stage):
                 f.due_ns = asked + entry.expires_ms * NS_PER_MS
             else:
                 self._forget(key)
-                made.append(self._closed(f, _clamp(self._fires(f), f.last_seen_ns, now)))
+                at = _clamp(self._fires(f), f.last_seen_ns, now)
+                if f.state == TIME_WAIT:
+                    self.gone[key] = (f, at)
+                else:
+                    made.append(self._closed(f, at))
         return postponed
 
     def _next_band(self) -> list[Key]:

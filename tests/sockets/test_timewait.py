@@ -281,9 +281,33 @@ def test_a_socket_gone_before_its_timer_is_closed_once_its_look_up_agrees():
     table = SkippingTable(rows, set())
     tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
     tw.followed.update(followed)
-    out = tw.poll()
+    assert tw.poll() == []  # told once the events read reach the poll's time
+    out = tw.on_drained(time.monotonic_ns())
     assert [(ev.oldstate, ev.newstate, ev.sport) for ev in out] == [(TIME_WAIT, CLOSE, gone[1])]
     assert len(tw.followed) == len(rows)
+
+
+def test_a_time_wait_a_poll_found_gone_ends_at_the_opening_read_after_it():
+    """A reader behind: the poll finds a TIME_WAIT gone before the events that say why
+    are read; the new connection on its 4-tuple, read later, tells exactly when."""
+    import time
+
+    from tcptrace.kernel.events import F_POLLED
+    from tcptrace.sockets.timewait import CLOSE, TIME_WAIT
+    from tcptrace.states import TcpState
+
+    rows, followed = followed_time_waits(EXACT_LOOK_UPS + 4, time.monotonic_ns() - 500_000_000)
+    gone = next(iter(rows))
+    del rows[gone]  # a connect() took its 4-tuple (tcp_tw_reuse)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(SkippingTable(rows, set())))  # type: ignore[arg-type]
+    tw.followed.update(followed)
+    template = next(f.template for key, f in followed.items() if key[2] == gone[1])
+    assert tw.poll() == []
+    opened = time.monotonic_ns() - 100_000_000  # before the poll
+    reuse = template._replace(ts_ns=opened, oldstate=2, newstate=int(TcpState.ESTABLISHED), flags=0)
+    out = tw.on_events([reuse])
+    assert [(e.oldstate, e.newstate, e.ts_ns) for e in out[:1]] == [(TIME_WAIT, CLOSE, opened)]
+    assert not out[0].flags & F_POLLED and out[1] is reuse and not tw.gone
 
 
 def test_past_max_confirms_the_missing_wait_for_the_next_poll():
@@ -428,7 +452,7 @@ def test_beyond_poll_all_time_waits_are_asked_for_in_turn_a_band_a_poll():
     bands, ended = [], []
     for _ in range(3):  # a round: 4,106 followed, 2,048 a poll
         table.bands.clear()
-        out = tw.poll()
+        out = tw.poll() + (tw.on_drained(time.monotonic_ns()) or [])
         bands += table.bands
         ended += [(e.oldstate, e.newstate, e.sport) for e in out]
     assert bands == [
