@@ -30,6 +30,7 @@ def missed(err: str) -> int:
 MISSES_COUNTED_SINCE = (6, 7)
 UNCOUNTED_MISS_BOUND = 0.01
 UNEXPLAINED_SHORTFALL = 1e-4
+UNSEEN_PAIR = 2
 
 
 def kernel_counts_misses(release: str | None = None) -> bool:
@@ -51,7 +52,10 @@ def assert_all_accounted(last_line: str, err: str, expected: int) -> None:
         # fixed in churn.py: the churn closed its listener with connections still
         # queued, which end in a reset with one transition fewer. The bound stays
         # until soaks confirm it.
-        slack = int(expected * UNEXPLAINED_SHORTFALL)
+        # Also: now and then a client's FIN_WAIT1 -> FIN_WAIT2 -> CLOSE reaches no BPF
+        # program at all, both hits (an independent raw-tracepoint counter misses the
+        # same ones; test_timewait's KERNEL_UNREPORTED): one such pair is allowed.
+        slack = max(UNSEEN_PAIR, int(expected * UNEXPLAINED_SHORTFALL))
         assert expected <= traced + missed(err) + slack, (last_line, err, expected)
         assert traced <= expected + doubled, (last_line, err, expected)
     else:

@@ -50,3 +50,19 @@ def map_iterator_errno() -> int:
     """0 when the kernel loads a map-element iterator (what tcptrace's scan is), else why not."""
     target = Btf.load().find("bpf_iter_bpf_map_elem", KIND_FUNC, "function")
     return load_errno(BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER, target)
+
+
+ACCEPT_EXITS = ("sys_exit_accept", "sys_exit_accept4")
+
+
+def attached_programs() -> list[tuple[str, str]]:
+    """(fd_type, tracepoint) of what tcptrace attaches here, sorted as bpftool perf lists
+    them: the tracepoint program, the nested raw-tracepoint one, and the accept hook's
+    two where the kernel has syscall tracepoints (asked of tracefs directly)."""
+    found = [("raw_tracepoint", "inet_sock_set_state"), ("tracepoint", "inet_sock_set_state")]
+    for root in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing"):
+        events = os.path.join(root, "events", "syscalls")
+        if all(os.path.exists(os.path.join(events, name, "format")) for name in ACCEPT_EXITS):
+            found += [("tracepoint", name) for name in ACCEPT_EXITS]
+            break
+    return sorted(found)
