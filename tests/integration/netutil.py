@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Callable
 
 RESERVED_PORT = 2024  # the workplace listens here: never touch it
 
@@ -74,6 +75,36 @@ def script_in_fresh_netns(
     )
 
 
+def close_at_fin(
+    srv: socket.socket, count: int, accepted: Callable[[], object] = lambda: None
+) -> threading.Thread:
+    """A server thread that accepts count connections and closes each at the client's
+    FIN (calling accepted() after each accept)."""
+
+    def serve() -> None:
+        for _ in range(count):
+            conn, _ = srv.accept()
+            accepted()
+            conn.recv(1)  # the client's FIN
+            conn.close()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    return server
+
+
+def half_close_first(srv: socket.socket, port: int, count: int) -> None:
+    """count clients shut down their sending side first and close once the server's
+    FIN came: each enters TIME_WAIT as the kernel's event says, at once (no orphan
+    waiting in FIN_WAIT2 for a poll to find it there)."""
+    server = close_at_fin(srv, count)
+    for _ in range(count):
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.shutdown(socket.SHUT_WR)
+            assert client.recv(1) == b""  # the server's FIN: TIME_WAIT
+    server.join(30)
+
+
 # Connections a client may open before the server accepted them (below somaxconn, 4096).
 ACCEPT_AHEAD = 1024
 
@@ -87,16 +118,7 @@ def clients_close_first(
     server: a server thread starved on a loaded machine would let the accept queue
     overflow (somaxconn caps any backlog), and the handshakes it drops end otherwise."""
     ahead = threading.Semaphore(ACCEPT_AHEAD)
-
-    def serve() -> None:
-        for _ in range(count):
-            conn, _ = srv.accept()
-            ahead.release()
-            conn.recv(1)  # the client's FIN
-            conn.close()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
+    server = close_at_fin(srv, count, ahead.release)
     started = time.monotonic()
     for i in range(count):
         if not ahead.acquire(timeout=wait):

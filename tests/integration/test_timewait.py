@@ -7,13 +7,12 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import pytest
 
 from .cmd import Lines, Running
-from .netutil import clients_close_first, free_port, listener
+from .netutil import clients_close_first, free_port, half_close_first, listener
 from .test_owners import parse_duration, transitions
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
@@ -481,26 +480,6 @@ CONNECTIONS_SLOW = 5
 
 # TCP_TIMEWAIT_LEN: a TIME_WAIT's timer, which no test waits for.
 TIME_WAIT_LEN_S = 60
-
-
-def half_close_first(srv: socket.socket, port: int, count: int) -> None:
-    """count clients shut down their sending side first and close once the server's
-    FIN came: each enters TIME_WAIT as the kernel's event says, at once (no orphan
-    waiting in FIN_WAIT2 for a poll to find it there)."""
-
-    def serve() -> None:
-        for _ in range(count):
-            conn, _ = srv.accept()
-            conn.recv(1)  # the client's FIN
-            conn.close()
-
-    server = threading.Thread(target=serve, daemon=True)
-    server.start()
-    for _ in range(count):
-        with socket.create_connection(("127.0.0.1", port)) as client:
-            client.shutdown(socket.SHUT_WR)
-            assert client.recv(1) == b""  # the server's FIN: TIME_WAIT
-    server.join(30)
 
 
 def test_beyond_poll_all_a_time_wait_killed_early_is_seen_go_within_a_round():
