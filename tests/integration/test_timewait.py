@@ -141,6 +141,21 @@ def tcp_out_resets() -> int:
     return int(values[names.index("OutRsts")])
 
 
+def odd_fin_wait2_exits(out: str, port: int) -> str:
+    """The lines leaving FIN_WAIT2 or CLOSING towards the port that are not a plain
+    entry into TIME_WAIT, with every other line of their client port: what a failed
+    count needs to be understood (the tail of 60,000 lines does not show it)."""
+    odd = set()
+    for line in out.splitlines():
+        parts = line.split()
+        if f"127.0.0.1:{port}" in parts and ("FIN_WAIT2" in parts or "CLOSING" in parts):
+            plain = len(parts) == 8 and parts[5] == "->" and parts[6] == "TIME_WAIT"
+            if not plain and parts[4] in ("FIN_WAIT2", "CLOSING"):
+                odd.add(parts[2])
+    lines = [line for line in out.splitlines() if any(f" {o} " in line for o in odd)]
+    return "\n".join(lines[:200] + out.splitlines()[-14:])
+
+
 def test_every_time_wait_of_a_burst_is_followed():
     """Thousands of clients closing first as fast as one process can: all are in
     TIME_WAIT together, and each is shown so. Once 4,096 followed was the cap, and
@@ -149,11 +164,11 @@ def test_every_time_wait_of_a_burst_is_followed():
     run = Running("--port", str(port), "-n", "-T", "none")
     run.wait_ready()
     # (a backlog the burst cannot overflow: no handshake retried a second later)
-    resets = tcp_out_resets()
+    resets_before = tcp_out_resets()
     with listener(port=port, backlog=BURST) as srv:
         clients_close_first(srv, port, BURST)
         time.sleep(1.0)
-        resets = tcp_out_resets() - resets
+        resets = tcp_out_resets() - resets_before
         in_time_wait = subprocess.run(
             ["ss", "-Htan", "state", "time-wait", f"( dport = :{port} )"],
             capture_output=True,
@@ -169,7 +184,12 @@ def test_every_time_wait_of_a_burst_is_followed():
     rows = [line.split() for line in out.splitlines() if line[:1].isupper()]
     left = {row[0]: int(row[1]) for row in rows if row[1].isdigit()}  # the summary's
     reported = left.get("FIN_WAIT2", 0) + left.get("CLOSING", 0)
-    assert entered == reported, out[-2000:]
+    # a reset (below) may kill a timewait socket before the peer's FIN: found gone by
+    # a poll while still in FIN_WAIT2, it never entered TIME_WAIT and is told so
+    # (once in CI, 1 of 6,000, with 13 TIME_WAITs killed the same way)
+    killed = moves.count(("FIN_WAIT2", "CLOSE")) + moves.count(("CLOSING", "CLOSE"))
+    assert entered + killed == reported, odd_fin_wait2_exits(out, port)
+    assert killed <= tcp_out_resets() - resets_before, odd_fin_wait2_exits(out, port)
     # About 1 run in 20 here (more under load), 1 to 83 of 6,000 client sockets are
     # never seen entering or leaving FIN_WAIT2 (their peer's LAST_ACK -> CLOSE is),
     # with no recursion miss counted for either program. An independent raw-tracepoint
@@ -177,7 +197,6 @@ def test_every_time_wait_of_a_burst_is_followed():
     # under load): the tracepoint's hits never reach BPF. A kernel-side loss tcptrace
     # cannot follow, not understood yet (see the issue's note).
     assert BURST * (1 - KERNEL_UNREPORTED) <= reported <= BURST, out[-2000:]
-    assert ("FIN_WAIT2", "CLOSE") not in moves and ("CLOSING", "CLOSE") not in moves
     # connect() may take a port whose 4-tuple waits (tcp_tw_reuse, on for loopback):
     # those TIME_WAITs end early, shown so. And the kernel kills some with a reset
     # (without tcptrace too: on a loaded host up to 272 of 6,000 were gone from ss a
