@@ -598,3 +598,28 @@ def test_where_no_timewait_socket_can_be_made_the_limits_do_not_apply():
     )
     assert tw.on_events([kernel_end(0, 0x10)]) is None  # unchanged, not unsure
     assert tw.unfollowed == 0
+
+
+def test_a_namespace_table_opened_at_start_is_not_charged_to_the_first_ends():
+    """Under emulation, opening the first sock_diag table (pyroute2's import and socket)
+    took 1.7 s: done at the first end, it spent the look-up budget's burst at once, and
+    --quiet left the next four ends of the VM's parity test unfollowed. It is opened
+    at start, before tracing is said to have begun."""
+    import time
+
+    from tcptrace.sockets.sockdiag import Budget
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    table = RecordingTable()
+    tables = SlowToOpenTables(table)
+    tables.OPEN_S = 0.3  # more than the budget's burst
+    tw = TimeWait(Filters(ports=frozenset({8080})), tables, Budget())  # type: ignore[arg-type]
+    tw.on_start()
+    assert tables.opened
+    now = time.monotonic_ns()
+    ends = [kernel_end(i, 0, ts=now - 1_000_000) for i in range(5)]
+    rows = dict(time_wait_row(ev, TIME_WAIT) for ev in ends)
+    tables.table = SkippingTable(rows, set())
+    out = [ev for end in ends for ev in tw.on_events([end]) or []]
+    assert [ev.newstate for ev in out] == [TIME_WAIT] * 5, out
+    assert tw.unfollowed == 0
