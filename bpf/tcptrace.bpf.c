@@ -51,6 +51,9 @@
  *                   FILE_PRIVATE_OFFSET, SOCKET_SK_OFFSET: the way from the new
  *                   descriptor to its struct sock, from the running kernel's BTF
  *                   and checked by user space on a connection of its own
+ *   ACCEPT_RECORDS  1 (with ACCEPT_HOOK and a transition stream): an accept that
+ *                   gives a socket another owner than its lines named is sent
+ *                   as a record of its own (TCPTRACE_F_ACCEPTED)
  *   FILTER_NETNS    1: keep only sockets of the namespaces in netns_filter
  *   FILTER_OWNER    bitmask of OWNER_PID/OWNER_COMM/OWNER_CGROUP checks: keep
  *                   only sockets whose owner the kernel knows and that match
@@ -983,7 +986,7 @@ BPF_ARRAY(accept_check, u32, 2);
  * called listen() (a master that never accepts); every later transition of the
  * connection, in softirq context too, names this one. Only sockets the map holds.
  */
-static __always_inline int on_accepted(long fd)
+static __always_inline int on_accepted(void *ctx, long fd)
 {
 	if (fd < 0)
 		return 0;
@@ -1018,21 +1021,46 @@ static __always_inline int on_accepted(long fd)
 	struct sk_info *info = sockets.lookup(&sk);
 	if (!info)
 		return 0;
-	info->pid = bpf_get_current_pid_tgid() >> 32;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	/* another process than the one its lines named so far (a forked worker) */
+	int moved = !(info->flags & TCPTRACE_F_OWNER_KNOWN) || info->pid != tgid;
+	info->pid = tgid;
 	process_comm(info->comm);
 	info->cgroup_id = bpf_get_current_cgroup_id();
 	info->flags = (info->flags & ~OWNER_IN_CGROUP) | TCPTRACE_F_OWNER_KNOWN | current_in_cgroup();
+#if ACCEPT_RECORDS
+	if (moved) {
+		/* user space names the acceptor on the handshake lines it holds
+		 * (tcptrace/sockets/acceptors.py); not a transition, not counted seen */
+		struct tcptrace_event ev = {};
+		ev.ts_ns = bpf_ktime_get_ns();
+		ev.skaddr = sk;
+		ev.pid = tgid;
+		ev.cgroup_id = info->cgroup_id;
+		ev.netns = info->netns;
+		ev.flags = TCPTRACE_F_ACCEPTED | TCPTRACE_F_OWNER_KNOWN;
+		/* its local port, the listener's: which listener is shared */
+		u16 port = 0;
+		bpf_probe_read_kernel(&port, sizeof(port), (void *)(sk + INET_SPORT_OFFSET));
+		ev.sport = bpf_ntohs(port);
+		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
+		if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
+			count(TCPTRACE_C_SUBMITTED);
+		else
+			count(TCPTRACE_C_DROPPED);
+	}
+#endif
 	return 0;
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_accept4)
 {
-	return on_accepted(args->ret);
+	return on_accepted(args, args->ret);
 }
 
 TRACEPOINT_PROBE(syscalls, sys_exit_accept)
 {
-	return on_accepted(args->ret);
+	return on_accepted(args, args->ret);
 }
 #endif
 

@@ -27,6 +27,10 @@
 #define TCPTRACE_F_TW_KNOWN 0x10
 #define TCPTRACE_F_TW 0x20
 #define TCPTRACE_F_TW_PEER_FIN 0x40
+/* Not a transition: accept() gave the socket skaddr to pid/comm/cgroup_id, another
+ * process than its lines named before (a listener shared by forked workers names
+ * its creator until then); ts_ns is the accept's time, oldstate = newstate = 0. */
+#define TCPTRACE_F_ACCEPTED 0x80
 /* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */

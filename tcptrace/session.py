@@ -231,10 +231,12 @@ def build_stages(
     scanner: Scanner | None = None,
     lives: dict[tuple[int, int], Life] | None = None,
     behind: Callable[[], bool] | None = None,
+    accept_records: bool = False,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With
-    --lifetime, lives are the kernel's life records of each batch (loader.Probe.lives)."""
+    --lifetime, lives are the kernel's life records of each batch (loader.Probe.lives).
+    accept_records: the kernel sends its accept records (ProbeConfig.accept_records)."""
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
@@ -278,6 +280,16 @@ def build_stages(
             # metrics and the live table count FIN_WAIT2 -> TIME_WAIT -> CLOSE as the
             # exit summary does
             summaries.adjust.append(lambda summary: timewait.corrections().apply_to(summary))
+    if accept_records:
+        from tcptrace.sockets.acceptors import Acceptors
+
+        def shared_at_start() -> set[tuple[int, int]]:
+            snap = owners.snapshot if owners is not None else None
+            return snap.shared_listeners if snap is not None else set()
+
+        # first: the accept records go no further, the lines they name wait before
+        # anything else sees them
+        stages.insert(0, Acceptors(shared_at_start))
     still_stuck = (lambda: watch.still) if watch is not None and options.stuck else None
     if options.metrics is not None and summaries is not None:
         from tcptrace.outputs.metrics import MetricsServer
@@ -462,6 +474,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             scanner=scanner,
             lives=probe.lives,
             behind=getattr(probe, "behind", None),
+            accept_records=accept_problem is None
+            and getattr(getattr(probe, "config", None), "accept_records", False),
         )
         # first: its on_finish completes the final accounting the outputs print
         unit = "connections" if options.lifetime else "events"

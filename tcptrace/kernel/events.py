@@ -96,6 +96,9 @@ F_STUCK = 0x8
 F_TW_KNOWN = 0x10
 F_TW = 0x20
 F_TW_PEER_FIN = 0x40
+# Not a transition: accept() gave the socket (skaddr) to pid/comm/cgroup_id, another
+# process than its lines named before; oldstate = newstate = 0 (sockets/acceptors.py).
+F_ACCEPTED = 0x80
 # Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
 # delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
 F_DELTA_LOWER = 0x10000
@@ -105,6 +108,9 @@ F_POLLED = 0x20000
 # A full socket's end (FIN_WAIT2/CLOSING -> CLOSE) whose timewait socket was not looked
 # for (look-ups over their budget): it may have gone on to TIME_WAIT.
 F_END_UNSURE = 0x40000
+# The owner named is the listener's creator, one of several processes holding the
+# listener, as no accept named the process that took the socket (sockets/acceptors.py).
+F_OWNER_SHARED = 0x80000
 C_SEEN = 0
 C_SUBMITTED = 1
 C_DROPPED = 2

@@ -182,6 +182,21 @@ class ProbeConfig:
         return self.accept_offsets is not None and self.sock_offsets is not None
 
     @property
+    def accept_records(self) -> bool:
+        """ACCEPT_RECORDS: the accept hook sends an accept that gives a socket another
+        owner than its lines named (sockets.acceptors names the acceptor on the
+        handshake lines it holds). Only where handshake lines stream and no owner
+        filter chose them by the listener's owner already."""
+        handshake = (1 << TcpState.LISTEN) | (1 << TcpState.SYN_RECV) | (1 << TcpState.ESTABLISHED)
+        return (
+            self.accept_hook
+            and self.emit_events
+            and not self.kernel_lifetimes
+            and not self.filters.owner_checks
+            and bool(self.show_mask & handshake)
+        )
+
+    @property
     def show_mask(self) -> int:
         """SHOW_STATES: with closes_only, TIME_WAIT's bit alone (the program then sends
         just the FIN_WAIT2/CLOSING -> CLOSE ends, which may be entries into TIME_WAIT)."""
@@ -224,6 +239,7 @@ class ProbeConfig:
             *(self.timewait_offsets or NO_TIMEWAIT_OFFSETS).cflags(),
             *(self.task_offsets or NO_TASK_OFFSETS).cflags(),
             f"-DACCEPT_HOOK={int(self.accept_hook)}",
+            f"-DACCEPT_RECORDS={int(self.accept_records)}",
             *(self.accept_offsets.cflags() if self.accept_hook else []),
         ]
 

@@ -29,6 +29,7 @@ from tcptrace.kernel.events import (
     F_DELTA_LOWER,
     F_END_UNSURE,
     F_OWNER_KNOWN,
+    F_OWNER_SHARED,
     F_POLLED,
     F_STUCK,
     Event,
@@ -113,7 +114,7 @@ class IsoClock:
         return self._prefix
 
 
-_NOTED = F_POLLED | F_END_UNSURE
+_NOTED = F_POLLED | F_END_UNSURE | F_OWNER_SHARED
 # The summary's remarks that programs may count on (0 when there was none).
 REMARKS = ("time_wait_not_followed", "time_wait_dropped_with_netns", "still_in_time_wait")
 
@@ -125,11 +126,16 @@ def transition_note(flags: int) -> str | None:
         return NOTE_POLLED
     if flags & F_END_UNSURE:
         return NOTE_END_UNSURE
+    if flags & F_OWNER_SHARED:
+        return NOTE_OWNER_SHARED
     return None
 
 
 NOTE_POLLED = "learnt_from_sock_diag"
 NOTE_END_UNSURE = "time_wait_not_followed"
+# pid/comm are the listener's creator, one of the processes holding it: none accepted
+# the connection within sockets.acceptors.HOLD_NS
+NOTE_OWNER_SHARED = "listener_shared"
 
 
 def summary_record(summary: Summary, written: int | None) -> Record:

@@ -19,6 +19,7 @@ from tcptrace.kernel.events import (
     F_DELTA_KNOWN,
     F_DELTA_LOWER,
     F_OWNER_KNOWN,
+    F_OWNER_SHARED,
     LIFE_VISITS,
     Event,
     decode_comm,
@@ -221,6 +222,9 @@ def write_all(out: TextIO, text: str) -> None:
 # Caches of formatted columns are dropped whole when they grow past this.
 _CACHE_MAX = 16384
 _NO_OWNER = f"{'-':>7} {'-':<15}"
+# After a pid: one of several processes holding the socket's listener (F_OWNER_SHARED).
+SHARED_MARK = "+"
+_OWNER_FLAGS = F_OWNER_KNOWN | F_OWNER_SHARED
 _NO_DURATION = f"{'-':>9}"
 # The NETNS and CGROUP columns (-w, or a host with several namespaces): longer
 # names are cut, as ps cuts its columns; a cgroup path keeps its end, which tells
@@ -297,6 +301,10 @@ class TextFormatter:
         return "-", "-"
 
     def _owner_column(self, ev: Event) -> str:
+        if ev.flags & F_OWNER_SHARED and ev.flags & F_OWNER_KNOWN:
+            # the listener's creator, one of its holders: none accepted the socket in time
+            comm = printable(decode_comm(ev.comm))
+            return f"{str(ev.pid) + SHARED_MARK:>7} {comm:<15.15}"
         if ev.flags & F_OWNER_KNOWN:
             key = (ev.pid, ev.comm)
             col = self._owners.get(key)
@@ -396,8 +404,11 @@ class TextFormatter:
             ) = ev
             local = endpoints.get((family, saddr, sport)) or self._endpoint(family, saddr, sport)
             remote = endpoints.get((family, daddr, dport)) or self._endpoint(family, daddr, dport)
-            if flags & F_OWNER_KNOWN:
+            known = flags & _OWNER_FLAGS
+            if known == F_OWNER_KNOWN:
                 owner = owners.get((pid, comm)) or self._owner_column(ev)
+            elif known:
+                owner = self._owner_column(ev)  # one of a shared listener's holders
             else:
                 owner = _NO_OWNER  # enrich.Owners has already filled in what it could find
             if home is not None and netns != home and netns:

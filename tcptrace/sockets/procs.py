@@ -52,8 +52,9 @@ def started_ns(pid: int, proc: str = PROC) -> int | None:
     return since_boot - (time.clock_gettime_ns(time.CLOCK_BOOTTIME) - time.monotonic_ns())
 
 
-def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
-    """socket inode -> first process (lowest pid) holding it, from /proc/*/fd."""
+def scan_sockets(proc: str = PROC, shared: set[int] | None = None) -> dict[int, Owner]:
+    """socket inode -> first process (lowest pid) holding it, from /proc/*/fd; into
+    shared, the inodes several processes hold (a listener forked workers share)."""
     found: dict[int, Owner] = {}
     owners: dict[int, Owner | None] = {}  # one per process: a server may hold thousands
     try:
@@ -75,6 +76,8 @@ def scan_sockets(proc: str = PROC) -> dict[int, Owner]:
                 continue
             inode = int(target[8:-1])
             if inode in found:
+                if shared is not None and found[inode].pid != pid:
+                    shared.add(inode)
                 continue
             if pid not in owners:
                 comm = read_comm(pid, proc)
@@ -92,11 +95,13 @@ class ProcessIndex:
         self.min_interval = min_interval
         self.proc = proc
         self.by_inode: dict[int, Owner] = {}
+        self.shared: set[int] = set()  # inodes several processes held at the last scan
         self.scanned_at = float("-inf")
         self.scans = 0
 
     def refresh(self) -> None:
-        self.by_inode = scan_sockets(self.proc)
+        self.shared = set()
+        self.by_inode = scan_sockets(self.proc, self.shared)
         self.scanned_at = time.monotonic()
         self.scans += 1
 

@@ -37,6 +37,8 @@ class SnapshotRow:
 class Snapshot:
     taken_ns: int  # CLOCK_MONOTONIC, the clock of the kernel's event timestamps
     rows: list[SnapshotRow] = field(default_factory=list)
+    # (netns, port) of the listeners several processes held (workers forked after listen)
+    shared_listeners: set[tuple[int, int]] = field(default_factory=set)
 
     def __post_init__(self) -> None:
         self.by_key: dict[Key, SnapshotRow] = {row.key: row for row in self.rows}
@@ -99,4 +101,6 @@ def take(
             r.entry.remote_port,
         )
     )
-    return Snapshot(taken_ns, rows)
+    shared: set[int] = getattr(procs, "shared", set()) if procs is not None else set()
+    listeners = {(n, e.local_port) for n, e in found if e.state == _LISTEN and e.inode in shared}
+    return Snapshot(taken_ns, rows, listeners)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -231,3 +232,71 @@ def test_a_forked_workers_connections_are_the_workers_after_accept():
         assert [(r[4], r[5]) for r in after] == AFTER_ACCEPT, (remote, mine)
         assert all(r[6] != "-" for r in after), after
         assert {int(r[0]) for r in after} == {one}
+
+
+HANDSHAKE = [("LISTEN", "SYN_RECV"), ("SYN_RECV", "ESTABLISHED")]
+
+
+def handshake_owners(rows: list[list[str]], served: dict[str, int]) -> dict[str, set[str]]:
+    """client address -> the pid columns of its server side's handshake lines."""
+    found: dict[str, set[str]] = {}
+    for remote in served:
+        lines = [r for r in rows if r[3] == remote and (r[4], r[5]) in HANDSHAKE]
+        assert [(r[4], r[5]) for r in lines] == HANDSHAKE, (remote, rows)
+        found[remote] = {r[0] for r in lines}
+    return found
+
+
+def test_a_forked_servers_handshake_lines_name_the_worker_that_accepted():
+    """The nginx of issue 22.1, started before tcptrace: the master listens, two forked
+    workers accept. Each connection's handshake lines (before any accept) name the
+    worker that then accepted it, in text and JSON, never the master (they did)."""
+    port = free_port()
+    server = Prefork(port)
+    try:
+        text = Running("--port", str(port), "-n", "-T", "none")
+        records = Running("--port", str(port), "--json")
+        text.wait_ready()
+        records.wait_ready()
+        served = served_by(port, 20)
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    (code, out, err), (jcode, jout, jerr) = text.stop(), records.stop()
+    assert code == 0 and jcode == 0, err + jerr
+    assert set(served.values()) == set(server.workers), served  # both accepted some
+    named = handshake_owners(transitions(out), served)
+    assert named == {remote: {str(pid)} for remote, pid in served.items()}, (named, server.master)
+    objects = [json.loads(line) for line in jout.splitlines()]
+    for remote, pid in served.items():
+        port_of = int(remote.rsplit(":", 1)[1])
+        lines = [
+            o
+            for o in objects
+            if o.get("type") == "transition"
+            and o["remote_port"] == port_of
+            and (o["old"], o["new"]) in HANDSHAKE
+        ]
+        assert [(o["pid"], o["note"]) for o in lines] == [(pid, None)] * 2, (remote, lines)
+
+
+def test_a_listener_shown_shared_by_an_accept_names_the_acceptor_on_later_handshakes():
+    """The same server started after tcptrace: no start-up snapshot saw its listener
+    shared. The first worker's accept shows it: from the next connection on, every
+    handshake line names the worker that accepted."""
+    port = free_port()
+    run = Running("--port", str(port), "-n", "-T", "none")
+    run.wait_ready()
+    server = Prefork(port)
+    try:
+        first = served_by(port, 1)
+        time.sleep(0.3)
+        served = served_by(port, 20)
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    code, out, err = run.stop()
+    assert code == 0, err
+    assert first and set(served.values()) == set(server.workers), served
+    named = handshake_owners(transitions(out), served)
+    assert named == {remote: {str(pid)} for remote, pid in served.items()}, (named, server.master)

@@ -1,0 +1,174 @@
+"""Who accepted: the handshake lines of a listener shared across fork() name the
+process that accepted the connection, not the listener's creator.
+
+nginx, apache prefork, gunicorn, php-fpm, postgres: a master listens, then forks
+workers that accept on its socket. A new connection's handshake (LISTEN -> SYN_RECV
+-> ESTABLISHED) happens before any process holds it, and the kernel names it after
+the listener's creator, the master, which never accepts. The accept hook (bpf/,
+ACCEPT_HOOK) gives the socket its acceptor from accept() on, and sends a record
+(F_ACCEPTED) when that is another process than its lines named so far.
+
+Once such a record showed a listener shared (or the start-up snapshot saw several
+processes holding it), the handshake lines of its children wait here for their
+accept, up to HOLD_NS of reading, and then name the acceptor; the lines read after
+them wait too, so the output stays in time order. A child not accepted by then (a
+full accept queue, a client that gave up) keeps the listener's creator, marked as
+one of several holders (F_OWNER_SHARED: text "PID+", JSON and CSV a note), as
+`ss -tp` lists a socket shared by several processes. The first connection of a
+listener forked after tracing began names the creator on its handshake lines: no
+accept of another process had shown the listener shared yet.
+"""
+
+from __future__ import annotations
+
+import operator
+import time
+from collections.abc import Callable, Iterable
+
+from tcptrace.kernel.events import F_ACCEPTED, F_OWNER_KNOWN, F_OWNER_SHARED, F_STUCK, Event
+from tcptrace.stages import Stage
+from tcptrace.states import TcpState
+
+# How long (monotonic, from when it was read) a handshake line of a shared listener
+# waits for its accept: workers accept within micro- to milliseconds unless the
+# server is overloaded, and everything read after it waits as long.
+HOLD_NS = 1_000_000_000
+# Lines held at most (a second of the fastest churn): past it the oldest waiting
+# socket goes out without its acceptor.
+MAX_HELD = 200_000
+# An accept record's old and new state: no TCP state (Linux's run 1..12).
+NO_STATE = 0
+HANDSHAKE = frozenset(
+    {
+        (int(TcpState.LISTEN), int(TcpState.SYN_RECV)),
+        (int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)),
+    }
+)
+
+_OLD = Event._fields.index("oldstate")
+_NEW = Event._fields.index("newstate")
+_SKADDR = Event._fields.index("skaddr")
+_NETNS = Event._fields.index("netns")
+_SPORT = Event._fields.index("sport")
+_old_state = operator.itemgetter(_OLD)
+
+Listener = tuple[int, int]  # (network namespace inode, port)
+
+
+class _Held:
+    """A line read and not told yet; sk is set while it waits for its socket's accept."""
+
+    __slots__ = ("ev", "sk")
+
+    def __init__(self, ev: Event, sk: int | None) -> None:
+        self.ev = ev
+        self.sk = sk
+
+
+class Acceptors(Stage):
+    """Holds the handshake lines of shared listeners' children until their accept."""
+
+    def __init__(
+        self,
+        shared_at_start: Callable[[], Iterable[Listener]] | None = None,
+        hold_ns: int = HOLD_NS,
+        clock: Callable[[], int] = time.monotonic_ns,
+    ) -> None:
+        # the listeners several processes hold, as the start-up snapshot saw them
+        # (asked once, at the first batch: the snapshot is taken by a later stage)
+        self.shared_at_start = shared_at_start
+        self.hold_ns = hold_ns
+        self.clock = clock
+        self.shared: set[Listener] = set()
+        self.held: list[_Held] = []  # in time order, from the oldest waiting line on
+        self.first = 0  # held[first:] are still held (a list: no O(n) pops)
+        # socket -> (when its first line was read, its held lines)
+        self.waiting: dict[int, tuple[int, list[_Held]]] = {}
+        self.named = 0  # connections whose handshake lines named their acceptor
+        self.unnamed = 0  # waited HOLD_NS for an accept that did not come
+
+    def on_events(self, events: list[Event]) -> list[Event] | None:
+        if not events or events[0].flags & F_STUCK:
+            return None  # the map scan's reports are not in the transitions' order
+        if self.shared_at_start is not None:
+            self.shared.update(self.shared_at_start())
+            self.shared_at_start = None
+        if not self.shared and not self.waiting and NO_STATE not in set(map(_old_state, events)):
+            return None  # no shared listener known, no accept: as read
+        now = self.clock()
+        out: list[Event] = []
+        for ev in events:
+            if ev[_OLD] == NO_STATE and ev.flags & F_ACCEPTED:
+                self._accepted(ev)
+                continue
+            sk = ev[_SKADDR]
+            wait = self.waiting.get(sk)
+            if wait is not None:  # a later line of a socket not accepted yet
+                entry = _Held(ev, sk)
+                wait[1].append(entry)
+            elif (ev[_OLD], ev[_NEW]) in HANDSHAKE and (ev[_NETNS], ev[_SPORT]) in self.shared:
+                entry = _Held(ev, sk)
+                self.waiting[sk] = (now, [entry])
+            elif self.first < len(self.held):
+                entry = _Held(ev, None)
+            else:
+                out.append(ev)
+                continue
+            self.held.append(entry)
+        out += self._release(now)
+        return out
+
+    def on_tick(self, now_ns: int) -> list[Event] | None:
+        return self._release(self.clock()) if self.waiting else None
+
+    def on_drained(self, now_ns: int) -> list[Event] | None:
+        # nothing more will be read: whoever did not accept by now is not known
+        for sk in list(self.waiting):
+            self._unnamed(sk)
+        return self._release(self.clock()) or None
+
+    def _accepted(self, record: Event) -> None:
+        """An accept record: its listener is shared; its socket's lines name the acceptor."""
+        self.shared.add((record[_NETNS], record[_SPORT]))
+        wait = self.waiting.pop(record[_SKADDR], None)
+        if wait is None:
+            return
+        self.named += 1
+        for entry in wait[1]:
+            entry.ev = entry.ev._replace(
+                pid=record.pid,
+                comm=record.comm,
+                cgroup_id=record.cgroup_id,
+                flags=entry.ev.flags | F_OWNER_KNOWN,
+            )
+            entry.sk = None
+
+    def _unnamed(self, sk: int) -> None:
+        """No accept came in time: the socket's lines keep the listener's creator,
+        marked as one of several holders."""
+        _since, entries = self.waiting.pop(sk)
+        self.unnamed += 1
+        for entry in entries:
+            entry.ev = entry.ev._replace(flags=entry.ev.flags | F_OWNER_SHARED)
+            entry.sk = None
+
+    def _release(self, now: int) -> list[Event]:
+        """The held lines that can go: from the oldest on, up to the first still waiting
+        for an accept (one that waited HOLD_NS, or beyond MAX_HELD, goes without)."""
+        held, n = self.held, self.first
+        while n < len(held):
+            sk = held[n].sk
+            if sk is not None:
+                since = self.waiting[sk][0]
+                if now - since < self.hold_ns and len(held) - n <= MAX_HELD:
+                    break
+                self._unnamed(sk)
+            n += 1
+        ready = [entry.ev for entry in held[self.first : n]]
+        if n == len(held):
+            self.held, self.first = [], 0
+        elif n > len(held) // 2:
+            self.held, self.first = held[n:], 0  # compacted now and then
+        else:
+            self.first = n
+        return ready
