@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from tcptrace.errors import EXIT_INTERRUPTED
-from tcptrace.kernel.events import Event, decode_many
+from tcptrace.kernel.events import F_ACCEPTED, Event, decode_many
 from tcptrace.kernel.stats import Summary
 from tcptrace.stages import Stage
 
@@ -135,10 +135,16 @@ class Tracer:
         if not events:
             return
         limit = self.conditions.count
-        if limit is not None and self.handled + len(events) >= limit:
-            events = events[: limit - self.handled]
-            self.stopping.set()
-        self.handled += len(events)
+        if limit is None:
+            self.handled += len(events)
+        else:
+            # transitions only: an accept record (F_ACCEPTED) goes with them uncounted
+            room = limit - self.handled
+            counted = [i for i, ev in enumerate(events) if not ev.flags & F_ACCEPTED]
+            if len(counted) >= room:
+                events = events[: counted[room - 1] + 1] if room > 0 else []
+                self.stopping.set()
+            self.handled += min(len(counted), room)
         self._dispatch(events)
 
     def _drain(self) -> None:

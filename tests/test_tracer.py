@@ -54,6 +54,19 @@ def test_count_truncates_and_stops():
     assert tracer.handled == 4
 
 
+def test_count_counts_transitions_not_accept_records():
+    """--count 3: an accept record (F_ACCEPTED, not a transition) is not one of them."""
+    from tcptrace.kernel.events import F_ACCEPTED
+
+    accept = EVENT_STRUCT.pack(1, 2, 3, 0, 9, F_ACCEPTED, 0, 0, b"", b"", 1, 2, 2, 0, 0, b"x")
+    log = []
+    src = FakeSource([[raw(1), accept, raw(2)], [raw(3), raw(4)]])
+    tracer = Tracer(src, [Recorder(log, "a")], StopConditions(count=3))
+    tracer.run()
+    assert log[1:3] == [("a", [1, 9, 2]), ("a", [3])]
+    assert tracer.handled == 3
+
+
 def test_stages_can_replace_a_batch():
     log = []
     stages = [
