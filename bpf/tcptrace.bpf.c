@@ -196,6 +196,16 @@ struct comm_key {
 	char comm[TCPTRACE_COMM_LEN];
 };
 BPF_HASH(comm_filter, struct comm_key, u8, 1024);
+#if ACCEPT_RECORDS
+/* Listening ports (by namespace) user space knows several processes share: under
+ * owner filters their children's handshake lines go to user space undecided. */
+struct shared_key {
+	u32 netns;
+	u16 port;
+	u16 pad;
+};
+BPF_HASH(shared_ports, struct shared_key, u8, 1024);
+#endif
 BPF_ARRAY(cgroup_filters, struct cgroup_filter, MAX_CGROUP_FILTERS);
 /* The start-up check of the netns offsets: user space arms slot 0, then listens
  * on a socket of its own; the program stores what it read in slot 1. */
@@ -815,6 +825,18 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 				if (sockets.update(&sk, &next) == 0)
 					count(TCPTRACE_C_INSERTED);
 			}
+#if ACCEPT_RECORDS
+			/* of a listener user space knows shared: sent, undecided, for
+			 * its accept record to decide there (not counted seen yet) */
+			struct shared_key shared = {.netns = netns, .port = sport};
+			if (shared_ports.lookup(&shared)) {
+				ev.flags |= TCPTRACE_F_UNDECIDED;
+				if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
+					count(TCPTRACE_C_SUBMITTED);
+				else
+					count(TCPTRACE_C_DROPPED);
+			}
+#endif
 			return 0;
 		}
 #endif
@@ -1039,6 +1061,10 @@ static __always_inline int on_accepted(void *ctx, long fd)
 		ev.cgroup_id = info->cgroup_id;
 		ev.netns = info->netns;
 		ev.flags = TCPTRACE_F_ACCEPTED | TCPTRACE_F_OWNER_KNOWN;
+#if FILTER_OWNER
+		if (owner_match(&ev, info->flags & OWNER_IN_CGROUP))
+			ev.flags |= TCPTRACE_F_MATCHED;
+#endif
 		/* its local port, the listener's: which listener is shared */
 		u16 port = 0;
 		bpf_probe_read_kernel(&port, sizeof(port), (void *)(sk + INET_SPORT_OFFSET));

@@ -31,6 +31,11 @@
  * process than its lines named before (a listener shared by forked workers names
  * its creator until then); ts_ns is the accept's time, oldstate = newstate = 0. */
 #define TCPTRACE_F_ACCEPTED 0x80
+/* Under owner filters: a shared listener's child whose listener's owner does not
+ * match, sent for its accept record to decide (not counted seen, no statistics);
+ * on an accept record: the acceptor matches the owner filters. */
+#define TCPTRACE_F_UNDECIDED 0x100
+#define TCPTRACE_F_MATCHED 0x200
 /* Bits 16-31 of flags are set by user space only (tcptrace/events.py F_DELTA_LOWER...). */
 
 /* Indexes of the per-CPU counters map. */

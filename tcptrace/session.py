@@ -232,6 +232,7 @@ def build_stages(
     lives: dict[tuple[int, int], Life] | None = None,
     behind: Callable[[], bool] | None = None,
     accept_records: bool = False,
+    mark_shared: Callable[[int, int], None] | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With
@@ -283,13 +284,17 @@ def build_stages(
     if accept_records:
         from tcptrace.sockets.acceptors import Acceptors
 
-        def shared_at_start() -> set[tuple[int, int]]:
-            snap = owners.snapshot if owners is not None else None
-            return snap.shared_listeners if snap is not None else set()
-
         # first: the accept records go no further, the lines they name wait before
         # anything else sees them
-        stages.insert(0, Acceptors(shared_at_start))
+        acceptors = Acceptors(
+            owner_filtered=bool(options.filters.owner_checks), mark_shared=mark_shared
+        )
+        stages.insert(0, acceptors)
+        if owners is not None:
+            # the listeners several processes held at start, before tracing is said to run
+            owners.on_snapshot = lambda snap: acceptors.share(snap.shared_listeners)
+        if summaries is not None:
+            summaries.adjust.append(lambda summary: acceptors.corrections().apply_to(summary))
     still_stuck = (lambda: watch.still) if watch is not None and options.stuck else None
     if options.metrics is not None and summaries is not None:
         from tcptrace.outputs.metrics import MetricsServer
@@ -476,6 +481,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             behind=getattr(probe, "behind", None),
             accept_records=accept_problem is None
             and getattr(getattr(probe, "config", None), "accept_records", False),
+            mark_shared=getattr(probe, "mark_shared", None),
         )
         # first: its on_finish completes the final accounting the outputs print
         unit = "connections" if options.lifetime else "events"

@@ -99,6 +99,11 @@ F_TW_PEER_FIN = 0x40
 # Not a transition: accept() gave the socket (skaddr) to pid/comm/cgroup_id, another
 # process than its lines named before; oldstate = newstate = 0 (sockets/acceptors.py).
 F_ACCEPTED = 0x80
+# Under owner filters: a shared listener's child whose listener's owner does not match,
+# for its accept record to decide (not counted seen); on an accept record: the acceptor
+# matches the owner filters (bpf/tcptrace.h).
+F_UNDECIDED = 0x100
+F_MATCHED = 0x200
 # Flags only user space sets (bits 16-31, never used by the kernel; see tcptrace.h).
 # delta_ns is a lower bound: the socket existed, in oldstate, when tracing started.
 F_DELTA_LOWER = 0x10000

@@ -185,14 +185,13 @@ class ProbeConfig:
     def accept_records(self) -> bool:
         """ACCEPT_RECORDS: the accept hook sends an accept that gives a socket another
         owner than its lines named (sockets.acceptors names the acceptor on the
-        handshake lines it holds). Only where handshake lines stream and no owner
-        filter chose them by the listener's owner already."""
+        handshake lines it holds, and under owner filters decides on those of the
+        shared listeners' children). Only where handshake lines stream."""
         handshake = (1 << TcpState.LISTEN) | (1 << TcpState.SYN_RECV) | (1 << TcpState.ESTABLISHED)
         return (
             self.accept_hook
             and self.emit_events
             and not self.kernel_lifetimes
-            and not self.filters.owner_checks
             and bool(self.show_mask & handshake)
         )
 
@@ -601,6 +600,18 @@ class Probe:
         for tracepoint in ACCEPT_TRACEPOINTS:
             if tracepoint.encode() in self.bpf.tracepoint_fds:
                 self.bpf.detach_tracepoint(tracepoint.encode())
+
+    def mark_shared(self, netns: int, port: int) -> None:
+        """A listening port several processes share (sockets.acceptors): under owner
+        filters, its children's handshake lines come undecided, for their accept
+        record to decide in user space."""
+        if not (self.config.accept_records and self.config.filters.owner_checks):
+            return
+        table = self.bpf[b"shared_ports"]
+        key = table.Key()
+        key.netns, key.port, key.pad = netns, port, 0
+        with contextlib.suppress(Exception):  # full (1,024 ports): their lines stay out
+            table[key] = ctypes.c_ubyte(1)
 
     def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
         """Tell the kernel about listeners older than tracing, so that it names their

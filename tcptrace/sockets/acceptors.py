@@ -17,6 +17,13 @@ one of several holders (F_OWNER_SHARED: text "PID+", JSON and CSV a note), as
 `ss -tp` lists a socket shared by several processes. The first connection of a
 listener forked after tracing began names the creator on its handshake lines: no
 accept of another process had shown the listener shared yet.
+
+Under owner filters (--pid, --comm, --cgroup) a connection is the acceptor's from
+its first line: the kernel sends the handshake lines of a shared listener's
+children whose creator does not match undecided (F_UNDECIDED, not counted), and
+says on each accept record whether the acceptor matches (F_MATCHED). Here the
+lines of a matching acceptor are told and counted; those of another are dropped
+(and uncounted, when the kernel had counted them for the listener's creator).
 """
 
 from __future__ import annotations
@@ -25,7 +32,18 @@ import operator
 import time
 from collections.abc import Callable, Iterable
 
-from tcptrace.kernel.events import F_ACCEPTED, F_OWNER_KNOWN, F_OWNER_SHARED, F_STUCK, Event
+from tcptrace.kernel.events import (
+    F_ACCEPTED,
+    F_DELTA_KNOWN,
+    F_MATCHED,
+    F_OWNER_KNOWN,
+    F_OWNER_SHARED,
+    F_STUCK,
+    F_UNDECIDED,
+    Event,
+)
+from tcptrace.kernel.stats import Summary
+from tcptrace.sockets.timewait import Corrections
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState
 
@@ -61,7 +79,7 @@ class _Held:
     __slots__ = ("ev", "sk")
 
     def __init__(self, ev: Event, sk: int | None) -> None:
-        self.ev = ev
+        self.ev: Event | None = ev  # None: dropped (another process accepted it)
         self.sk = sk
 
 
@@ -70,13 +88,11 @@ class Acceptors(Stage):
 
     def __init__(
         self,
-        shared_at_start: Callable[[], Iterable[Listener]] | None = None,
         hold_ns: int = HOLD_NS,
         clock: Callable[[], int] = time.monotonic_ns,
+        owner_filtered: bool = False,
+        mark_shared: Callable[[int, int], None] | None = None,
     ) -> None:
-        # the listeners several processes hold, as the start-up snapshot saw them
-        # (asked once, at the first batch: the snapshot is taken by a later stage)
-        self.shared_at_start = shared_at_start
         self.hold_ns = hold_ns
         self.clock = clock
         self.shared: set[Listener] = set()
@@ -86,13 +102,15 @@ class Acceptors(Stage):
         self.waiting: dict[int, tuple[int, list[_Held]]] = {}
         self.named = 0  # connections whose handshake lines named their acceptor
         self.unnamed = 0  # waited HOLD_NS for an accept that did not come
+        # --pid/--comm/--cgroup: connections are chosen by their acceptor
+        self.owner_filtered = owner_filtered
+        # tells the kernel a listening port is shared (loader.Probe.mark_shared)
+        self.mark_shared = mark_shared
+        self.fixes = Corrections()  # lines told or dropped against the kernel's count
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         if not events or events[0].flags & F_STUCK:
             return None  # the map scan's reports are not in the transitions' order
-        if self.shared_at_start is not None:
-            self.shared.update(self.shared_at_start())
-            self.shared_at_start = None
         if not self.shared and not self.waiting and NO_STATE not in set(map(_old_state, events)):
             return None  # no shared listener known, no accept: as read
         now = self.clock()
@@ -106,7 +124,9 @@ class Acceptors(Stage):
             if wait is not None:  # a later line of a socket not accepted yet
                 entry = _Held(ev, sk)
                 wait[1].append(entry)
-            elif (ev[_OLD], ev[_NEW]) in HANDSHAKE and (ev[_NETNS], ev[_SPORT]) in self.shared:
+            elif ev.flags & F_UNDECIDED or (
+                (ev[_OLD], ev[_NEW]) in HANDSHAKE and (ev[_NETNS], ev[_SPORT]) in self.shared
+            ):
                 entry = _Held(ev, sk)
                 self.waiting[sk] = (now, [entry])
             elif self.first < len(self.held):
@@ -127,30 +147,70 @@ class Acceptors(Stage):
             self._unnamed(sk)
         return self._release(self.clock()) or None
 
+    def corrections(self) -> Corrections:
+        """What on_finish would change in a summary taken now (--metrics, -i)."""
+        return self.fixes.copy()
+
+    def on_finish(self, summary: Summary) -> None:
+        self.fixes.apply_to(summary)
+
+    def share(self, listeners: Iterable[Listener]) -> None:
+        """Listeners several processes hold (the start-up snapshot saw them so)."""
+        for listener in listeners:
+            self._share(listener)
+
+    def _share(self, listener: Listener) -> None:
+        if listener not in self.shared:
+            self.shared.add(listener)
+            if self.mark_shared is not None:
+                self.mark_shared(*listener)
+
     def _accepted(self, record: Event) -> None:
-        """An accept record: its listener is shared; its socket's lines name the acceptor."""
-        self.shared.add((record[_NETNS], record[_SPORT]))
+        """An accept record: its listener is shared; its socket's lines name the acceptor
+        (under owner filters: told if the acceptor matches, else dropped)."""
+        self._share((record[_NETNS], record[_SPORT]))
         wait = self.waiting.pop(record[_SKADDR], None)
         if wait is None:
             return
         self.named += 1
+        chosen = not self.owner_filtered or record.flags & F_MATCHED
         for entry in wait[1]:
-            entry.ev = entry.ev._replace(
+            ev = entry.ev
+            entry.sk = None
+            if ev is None:
+                continue
+            if not chosen:
+                entry.ev = None
+                if not ev.flags & F_UNDECIDED:
+                    self._count(ev, -1)  # counted for the listener's creator, who matched
+                continue
+            if ev.flags & F_UNDECIDED:
+                self._count(ev, 1)
+            entry.ev = ev._replace(
                 pid=record.pid,
                 comm=record.comm,
                 cgroup_id=record.cgroup_id,
-                flags=entry.ev.flags | F_OWNER_KNOWN,
+                flags=(ev.flags | F_OWNER_KNOWN) & ~F_UNDECIDED,
             )
-            entry.sk = None
 
     def _unnamed(self, sk: int) -> None:
         """No accept came in time: the socket's lines keep the listener's creator,
-        marked as one of several holders."""
+        marked as one of several holders (undecided ones go: nobody matching took it)."""
         _since, entries = self.waiting.pop(sk)
         self.unnamed += 1
         for entry in entries:
-            entry.ev = entry.ev._replace(flags=entry.ev.flags | F_OWNER_SHARED)
+            ev = entry.ev
             entry.sk = None
+            if ev is not None:
+                shown = not ev.flags & F_UNDECIDED
+                entry.ev = ev._replace(flags=ev.flags | F_OWNER_SHARED) if shown else None
+
+    def _count(self, ev: Event, n: int) -> None:
+        """Count a line the kernel did not (n = 1), or take back one it did (n = -1)."""
+        self.fixes.move(ev.oldstate, ev.newstate, n)
+        self.fixes.synthetic += n
+        if ev.flags & F_DELTA_KNOWN:
+            (self.fixes.add if n > 0 else self.fixes.remove)(ev.oldstate, ev.delta_ns)
 
     def _release(self, now: int) -> list[Event]:
         """The held lines that can go: from the oldest on, up to the first still waiting
@@ -164,7 +224,7 @@ class Acceptors(Stage):
                     break
                 self._unnamed(sk)
             n += 1
-        ready = [entry.ev for entry in held[self.first : n]]
+        ready = [entry.ev for entry in held[self.first : n] if entry.ev is not None]
         if n == len(held):
             self.held, self.first = [], 0
         elif n > len(held) // 2:

@@ -122,6 +122,8 @@ class Owners(Stage):
         self.budget = budget or Budget()
         self.take_snapshot = take_snapshot
         self.snapshot: Snapshot | None = None
+        # told the start-up snapshot once taken (sockets.acceptors: shared listeners)
+        self.on_snapshot: Callable[[Snapshot], None] | None = None
         self.found: dict[int, Owner] = {}  # skaddr -> owner
         self.failed: dict[int, float] = {}  # skaddr -> monotonic time of the miss
         # (exited owner, family, local address, port) of a child -> (the process
@@ -141,6 +143,8 @@ class Owners(Stage):
                 # the kernel then names their children itself, and knows an address
                 # several processes listen on (SO_REUSEPORT) as such
                 self.seed_listeners(self.snapshot.listening())
+            if self.on_snapshot is not None:
+                self.on_snapshot(self.snapshot)
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         found, failed = self.found, self.failed

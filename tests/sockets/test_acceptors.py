@@ -2,7 +2,15 @@
 
 import io
 
-from tcptrace.kernel.events import F_ACCEPTED, F_OWNER_KNOWN, F_OWNER_SHARED
+from tcptrace.kernel.events import (
+    C_SEEN,
+    F_ACCEPTED,
+    F_MATCHED,
+    F_OWNER_KNOWN,
+    F_OWNER_SHARED,
+    F_UNDECIDED,
+)
+from tcptrace.kernel.stats import Summary
 from tcptrace.outputs.export import NOTE_OWNER_SHARED, transition_note
 from tcptrace.outputs.output import Clock, TextFormatter
 from tcptrace.sockets.acceptors import HOLD_NS, MAX_HELD, NO_STATE, Acceptors
@@ -50,6 +58,13 @@ def accepted(sk, ts, pid=WORKER, port=PORT):
     )
 
 
+def shared(clock=None) -> Acceptors:
+    """A stage that knows the listener on PORT shared (the start-up snapshot saw it)."""
+    stage = Acceptors(clock=clock) if clock is not None else Acceptors()
+    stage.share([(NETNS, PORT)])
+    return stage
+
+
 def test_nothing_is_held_until_an_accept_shows_a_listener_shared():
     stage = Acceptors()
     events = handshake(1, 100)
@@ -61,7 +76,7 @@ def test_nothing_is_held_until_an_accept_shows_a_listener_shared():
 
 def test_handshake_lines_wait_for_their_accept_and_name_the_acceptor():
     clock = Clocked()
-    stage = Acceptors(lambda: {(NETNS, PORT)}, clock=clock)
+    stage = shared(clock)
     later = line(TcpState.SYN_SENT, TcpState.ESTABLISHED, 9, 150, pid=300, port=40000)
     assert stage.on_events([*handshake(1, 100), later]) == []  # all wait, in order
     out = stage.on_events([accepted(1, 200)])
@@ -70,14 +85,14 @@ def test_handshake_lines_wait_for_their_accept_and_name_the_acceptor():
 
 
 def test_a_listener_not_shared_is_not_held():
-    stage = Acceptors(lambda: {(NETNS, PORT)})
+    stage = shared()
     other = handshake(1, 100, port=9090)
     assert stage.on_events(other) == other
 
 
 def test_no_accept_within_the_hold_names_the_creator_as_one_of_the_holders():
     clock = Clocked()
-    stage = Acceptors(lambda: {(NETNS, PORT)}, clock=clock)
+    stage = shared(clock)
     assert stage.on_events(handshake(1, 100)) == []
     clock.now += HOLD_NS - 1
     assert stage.on_tick(clock.now) == []
@@ -96,7 +111,7 @@ def test_no_accept_within_the_hold_names_the_creator_as_one_of_the_holders():
 
 def test_an_accept_after_later_lines_names_them_too_and_releases_in_order():
     clock = Clocked()
-    stage = Acceptors(lambda: {(NETNS, PORT)}, clock=clock)
+    stage = shared(clock)
     first, second = handshake(1, 100), handshake(2, 120)
     closing = line(TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, 1, 135)  # before its accept
     assert stage.on_events([*first, *second, closing]) == []
@@ -113,7 +128,7 @@ def test_an_accept_after_later_lines_names_them_too_and_releases_in_order():
 
 
 def test_at_exit_what_still_waits_goes_out_unnamed():
-    stage = Acceptors(lambda: {(NETNS, PORT)})
+    stage = shared()
     assert stage.on_events(handshake(1, 100)) == []
     out = stage.on_drained(0)
     assert [ev.flags & F_OWNER_SHARED for ev in out] == [F_OWNER_SHARED] * 2
@@ -121,7 +136,7 @@ def test_at_exit_what_still_waits_goes_out_unnamed():
 
 def test_beyond_max_held_the_oldest_waiting_goes_out_unnamed():
     clock = Clocked()
-    stage = Acceptors(lambda: {(NETNS, PORT)}, clock=clock)
+    stage = shared(clock)
     assert stage.on_events(handshake(1, 100)) == []
     after = [
         line(TcpState.SYN_SENT, TcpState.ESTABLISHED, 9, 200 + i, port=40000)
@@ -129,3 +144,54 @@ def test_beyond_max_held_the_oldest_waiting_goes_out_unnamed():
     ]
     out = stage.on_events(after)
     assert len(out) == MAX_HELD + 2 and out[0].flags & F_OWNER_SHARED
+
+
+def undecided(sk, ts):
+    """A shared listener's child whose creator does not match --pid (kernel: F_UNDECIDED)."""
+    return [ev._replace(flags=ev.flags | F_UNDECIDED) for ev in handshake(sk, ts)]
+
+
+def filtered(clock=None) -> Acceptors:
+    stage = Acceptors(clock=clock or Clocked(), owner_filtered=True)
+    stage.share([(NETNS, PORT)])
+    return stage
+
+
+def test_under_owner_filters_a_matching_acceptor_takes_its_handshake_and_counts_it():
+    stage = filtered()
+    assert stage.on_events(undecided(1, 100)) == []
+    out = stage.on_events([accepted(1, 200)._replace(flags=F_ACCEPTED | F_OWNER_KNOWN | F_MATCHED)])
+    assert [(ev.pid, ev.flags & F_UNDECIDED) for ev in out] == [(WORKER, 0), (WORKER, 0)]
+    summary = Summary()
+    stage.on_finish(summary)
+    assert summary.counters[C_SEEN] == 2
+    assert summary.transitions == {
+        (TcpState.LISTEN, TcpState.SYN_RECV): 1,
+        (TcpState.SYN_RECV, TcpState.ESTABLISHED): 1,
+    }
+
+
+def test_under_owner_filters_another_acceptors_connection_is_dropped_and_uncounted():
+    stage = filtered()
+    # undecided: never counted, simply dropped
+    assert stage.on_events(undecided(1, 100)) == []
+    assert stage.on_events([accepted(1, 200)]) == []
+    # the creator matched (--pid MASTER): the kernel counted these, another accepted
+    assert stage.on_events(handshake(2, 300)) == []
+    assert stage.on_events([accepted(2, 400)]) == []
+    summary = Summary()
+    summary.counters[C_SEEN] = 2
+    summary.transitions.update(
+        {(TcpState.LISTEN, TcpState.SYN_RECV): 1, (TcpState.SYN_RECV, TcpState.ESTABLISHED): 1}
+    )
+    stage.on_finish(summary)
+    assert summary.counters[C_SEEN] == 0 and summary.transitions == {}
+
+
+def test_under_owner_filters_an_undecided_child_nobody_accepted_in_time_goes():
+    clock = Clocked()
+    stage = filtered(clock)
+    assert stage.on_events(undecided(1, 100)) == []
+    clock.now += HOLD_NS
+    assert stage.on_tick(clock.now) == []
+    assert not stage.waiting
