@@ -301,10 +301,12 @@ static __always_inline int lagging(void)
 {
 #if SHED_LAG
 	u32 cpu = bpf_get_smp_processor_id();
-	u32 idx = TCPTRACE_C_SUBMITTED;
+	u32 idx = TCPTRACE_C_SUBMITTED, side_idx = TCPTRACE_C_SIDE;
 	u64 *read = consumed.lookup(&cpu);
 	u64 *sent = counters.lookup(&idx);
-	if (read && sent && *sent - *read >= SHED_LAG)
+	/* the reader counts every record it read, transitions or not */
+	u64 *side = counters.lookup(&side_idx);
+	if (read && sent && side && *sent + *side - *read >= SHED_LAG)
 		return 1;
 #endif
 	return 0;
@@ -832,9 +834,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			if (shared_ports.lookup(&shared)) {
 				ev.flags |= TCPTRACE_F_UNDECIDED;
 				if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
-					count(TCPTRACE_C_SUBMITTED);
-				else
-					count(TCPTRACE_C_DROPPED);
+					count(TCPTRACE_C_SIDE);
 			}
 #endif
 			return 0;
@@ -1071,9 +1071,7 @@ static __always_inline int on_accepted(void *ctx, long fd)
 		ev.sport = bpf_ntohs(port);
 		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
 		if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
-			count(TCPTRACE_C_SUBMITTED);
-		else
-			count(TCPTRACE_C_DROPPED);
+			count(TCPTRACE_C_SIDE);
 	}
 #endif
 	return 0;

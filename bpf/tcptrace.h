@@ -57,7 +57,10 @@
  * this CPU (interrupted by the softirq that made this transition), which the nested
  * program handled in its place: subtracted from the skipped hits (any protocol's). */
 #define TCPTRACE_C_RECOVERED 9
-#define TCPTRACE_NCOUNTERS 10
+/* Records that are not transitions (accept records, undecided handshake lines: see
+ * TCPTRACE_F_ACCEPTED) handed to the perf buffer; not in SEEN or SUBMITTED. */
+#define TCPTRACE_C_SIDE 10
+#define TCPTRACE_NCOUNTERS 11
 
 struct tcptrace_event {
 	__u64 ts_ns;    /* bpf_ktime_get_ns() at the transition */

@@ -129,7 +129,10 @@ C_FAST = 8
 # Hits the tracepoint program missed (it was running, interrupted on its CPU) that the
 # nested program handled instead (bpf/tcptrace.h).
 C_RECOVERED = 9
-NCOUNTERS = 10
+# Records that are not transitions (accept records, undecided handshake lines) handed
+# to the perf buffer; not in C_SEEN or C_SUBMITTED (bpf/tcptrace.h).
+C_SIDE = 10
+NCOUNTERS = 11
 HIST_SUB_BITS = 3
 HIST_SLOTS = 512
 

@@ -41,6 +41,7 @@ from tcptrace.kernel.events import (
     C_DROPPED,
     C_RECOVERED,
     C_SHED,
+    C_SIDE,
     C_SUBMITTED,
     COMM_LEN,
     EVENT_STRUCT,
@@ -836,7 +837,9 @@ class Probe:
         map's entries, from which evictions follow, and the hits the kernel skipped (a
         bpf() call per program). Too costly or too transient for the summaries live
         views take while tracing."""
-        summary.unread = max(0, summary.counters[C_SUBMITTED] - self.received)
+        # (the records that are not transitions were read with them)
+        handed = summary.counters[C_SUBMITTED] + summary.counters[C_SIDE]
+        summary.unread = max(0, handed - self.received)
         summary.sockets_tracked = self.sockets_tracked()
         summary.missed = self.missed()
 
