@@ -26,7 +26,7 @@ from .netutil import free_port, listener
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
-SOAK_SECONDS = float(os.environ.get("TCPTRACE_SOAK_SECONDS", "120"))
+SOAK_SECONDS = float(os.environ.get("TCPTRACE_SOAK_SECONDS", "90"))
 # The soak's growth check needs its middle third to begin after the bounded caches
 # have filled: the formatter caches one endpoint per client port (up to
 # output._CACHE_MAX, then cleared) and TIME_WAIT follows every client socket for
@@ -347,7 +347,7 @@ def test_two_tracers_work_independently():
         assert_all_accounted(last, err, expected)
 
 
-@pytest.mark.slow  # SOAK_SECONDS (120 s by default) of churn: growth shows only over time
+@pytest.mark.slow  # SOAK_SECONDS (90 s by default) of churn: growth shows only over time
 def test_soak_steady_churn_no_growth_every_event_accounted():
     if SOAK_SECONDS < SOAK_MIN_SECONDS:
         pytest.fail(
