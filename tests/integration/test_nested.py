@@ -41,6 +41,8 @@ ROUNDS = 5
 COUNT = 1500
 # --quiet's last line: 'N transitions traced, L lost'
 QUIET_SUMMARY = re.compile(r"^(\d+) transitions traced, (\d+) lost", re.MULTILINE)
+# The summary's TIME_WAIT row: how many left it (only ever learnt by polling)
+TIME_WAIT_ROW = re.compile(r"^TIME_WAIT +(\d+) ", re.MULTILINE)
 
 
 def test_transitions_skipped_while_another_program_runs_are_all_traced():
@@ -61,6 +63,11 @@ def test_transitions_skipped_while_another_program_runs_are_all_traced():
     assert code == 0, err
     expected = made * massclose.TRANSITIONS_PER_CONNECTION + ROUNDS * massclose.LISTENER_TRANSITIONS
     traced, lost = map(int, QUIET_SUMMARY.findall(out)[-1])
+    # the TIME_WAIT -> CLOSE transitions learnt by polling (a 4-tuple reused, tcp_tw_reuse)
+    # are counted traced too, and the kernel never made them: in the emulated VM's
+    # slower rounds, 1,061 of them once
+    polled = TIME_WAIT_ROW.findall(out)
+    traced -= int(polled[-1]) if polled else 0
     summary = (out.splitlines()[-1], err)
     # the bound the accounting tests allow for a shortfall no counter explains (here
     # also for a hit counted twice: its two programs more than PENDING_NS apart)
