@@ -101,6 +101,6 @@ def take(
             r.entry.remote_port,
         )
     )
-    shared: set[int] = getattr(procs, "shared", set()) if procs is not None else set()
+    shared = procs.shared if procs is not None else set()
     listeners = {(n, e.local_port) for n, e in found if e.state == _LISTEN and e.inode in shared}
     return Snapshot(taken_ns, rows, listeners)

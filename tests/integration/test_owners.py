@@ -254,6 +254,28 @@ def by_connection(rows: list[list[str]], port: int) -> tuple[dict[str, list], li
     return mine, births
 
 
+def trace_served(
+    server: Prefork, port: int, *tracers: tuple[str, ...]
+) -> tuple[dict[str, int], list[str]]:
+    """Tracers with these options on the port of a pre-forked server already running,
+    20 connections served (served_by), then the server and the tracers stopped: what
+    was served, and each tracer's output (each must have exited 0)."""
+    try:
+        runs = [Running("--port", str(port), *options) for options in tracers]
+        for run in runs:
+            run.wait_ready()
+        served = served_by(port, 20)
+        time.sleep(0.5)
+    finally:
+        server.stop()
+    outputs = []
+    for run in runs:
+        code, out, err = run.stop()
+        assert code == 0, err
+        outputs.append(out)
+    return served, outputs
+
+
 def check_handshakes_name_acceptors(
     rows: list[list[str]], served: dict[str, int], port: int, others: tuple[int, ...] = ()
 ):
@@ -275,17 +297,7 @@ def test_a_forked_servers_handshake_lines_name_the_worker_that_accepted():
     worker that then accepted it, in text and JSON, never the master (they did)."""
     port = free_port()
     server = Prefork(port)
-    try:
-        text = Running("--port", str(port), "-n", "-T", "none")
-        records = Running("--port", str(port), "--json")
-        text.wait_ready()
-        records.wait_ready()
-        served = served_by(port, 20)
-        time.sleep(0.5)
-    finally:
-        server.stop()
-    (code, out, err), (jcode, jout, jerr) = text.stop(), records.stop()
-    assert code == 0 and jcode == 0, err + jerr
+    served, (out, jout) = trace_served(server, port, ("-n", "-T", "none"), ("--json",))
     assert set(served.values()) == set(server.workers), served  # both accepted some
     check_handshakes_name_acceptors(transitions(out), served, port)
     objects = [json.loads(line) for line in jout.splitlines()]
@@ -331,18 +343,13 @@ def test_pid_worker_shows_its_connections_whole_from_the_handshake_and_pid_maste
     MASTER showed every handshake."""
     port = free_port()
     server = Prefork(port)
-    try:
-        one = server.workers[0]
-        picked = Running("--port", str(port), "--pid", str(one), "-n", "-T", "none")
-        master = Running("--port", str(port), "--pid", str(server.master), "-n", "-T", "none")
-        picked.wait_ready()
-        master.wait_ready()
-        served = served_by(port, 20)
-        time.sleep(0.5)
-    finally:
-        server.stop()
-    (code, out, err), (mcode, mout, merr) = picked.stop(), master.stop()
-    assert code == 0 and mcode == 0, err + merr
+    one = server.workers[0]
+    served, (out, mout) = trace_served(
+        server,
+        port,
+        ("--pid", str(one), "-n", "-T", "none"),
+        ("--pid", str(server.master), "-n", "-T", "none"),
+    )
     mine = {remote for remote, pid in served.items() if pid == one}
     assert mine and len(mine) < len(served), served
     rows = [r for r in transitions(out) if r[2] == f"127.0.0.1:{port}"]

@@ -50,6 +50,7 @@ class FakeProcs:
 
     def __init__(self) -> None:
         self.by_inode = {1001: SERVER}
+        self.shared: set[int] = set()  # inodes several processes hold
         self.held: dict[int, Owner] = {}
         self.started: dict[int, int] = {}
 
