@@ -8,6 +8,11 @@ No BPF and no root needed: the records are made here, laid out as the kernel
 writes them.
 
     .venv/bin/python benchmarks/consumer.py [--events N] [--format text|json|csv] [--wide]
+                                            [--lifetime]
+
+--lifetime replays the same transitions through the per-connection path
+(sockets/lifetimes builds each connection from its transitions, as it does
+without the kernel's life records), one line or record per connection.
 
 Events carry this process's network namespace and cgroup, as the kernel's do:
 --wide adds the NETNS and CGROUP text columns (JSON and CSV always carry them).
@@ -99,10 +104,16 @@ def main() -> int:
     ap.add_argument("--format", choices=("text", "json", "csv"), default="text")
     ap.add_argument("--batch", type=int, default=perfbuf.READ_RECORDS, help="records per ring read")
     ap.add_argument("--wide", action="store_true", help="text: the NETNS and CGROUP columns")
+    ap.add_argument("--lifetime", action="store_true", help="one line per finished connection")
     args = ap.parse_args()
     reads = rings(args.events, args.batch)
     n = sum(len(chunk) for read in reads for chunk in read) // perfbuf.record_size(EVENT_SIZE)
-    options = Options(filters=Filters(ports=frozenset({PORT})), format=args.format, wide=args.wide)
+    options = Options(
+        filters=Filters(ports=frozenset({PORT})),
+        format=args.format,
+        wide=args.wide,
+        lifetime=args.lifetime,
+    )
     with open("/dev/null", "w") as out, SocketTables() as tables:
         stages = build_stages(options, out, io.StringIO(), None, tables)
         for stage in stages:
@@ -132,8 +143,8 @@ def main() -> int:
                     if replaced is not None:
                         events = replaced
     total = sum(spent.values())
-    wide = ", -w" if args.wide else ""
-    print(f"{n:,} events, {args.format}{wide}, {args.batch} records per ring read")
+    mode = (", -w" if args.wide else "") + (", --lifetime" if args.lifetime else "")
+    print(f"{n:,} events, {args.format}{mode}, {args.batch} records per ring read")
     for step, seconds in spent.items():
         print(f"  {step:14} {1e6 * seconds / n:6.2f} µs/event")
     print(f"  {'total':14} {1e6 * total / n:6.2f} µs/event ({n / total:,.0f} events/s on one CPU)")

@@ -29,6 +29,14 @@ def test_consumer_benchmark_reports_each_step():
     assert {"parse", "unpack", "sort", "Owners", "TimeWait", "TextOutput", "total"} <= steps
 
 
+def test_consumer_benchmark_replays_lifetime_through_the_per_connection_path():
+    lines = run_benchmark("consumer.py", "--events", "20000", "--batch", "512", "--lifetime")
+    assert lines[0].startswith("20,000 events, text, --lifetime, 512 records per ring read")
+    steps = {line.split()[0] for line in lines[1:]}
+    assert {"Owners", "TimeWait", "LifetimeOutput", "total"} <= steps
+    assert "TextOutput" not in steps
+
+
 def test_sockdiag_benchmark_dumps_every_socket_both_ways():
     # as root (a network namespace of its own): CI runs as root, and so must this
     lines = run_benchmark("sockdiag.py", "--sockets", "300", "--rounds", "1")

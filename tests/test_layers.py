@@ -1,6 +1,6 @@
 """The package's layout is its data path: imports point down the stages only.
 
-base (errors, states, filters, stages) <- kernel <- sockets <- outputs <- the
+base (errors, states, filters, stages, compat) <- kernel <- sockets <- outputs <- the
 application (tracer, session, cli, ...). A module may import its own layer and
 those below, never one above (lazy imports inside functions included).
 """
@@ -11,7 +11,13 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tcptrace"
-BASE = {"tcptrace.errors", "tcptrace.states", "tcptrace.filters", "tcptrace.stages"}
+BASE = {
+    "tcptrace.errors",
+    "tcptrace.states",
+    "tcptrace.filters",
+    "tcptrace.stages",
+    "tcptrace.compat",
+}
 LAYERS = {"base": 0, "kernel": 1, "sockets": 2, "outputs": 3, "app": 4}
 
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from importlib.metadata import version
 
 import pytest
+
+# click 8.2 quotes an unknown option; 8.1, the newest for Python 3.9, does not
+CLICK_8_2 = tuple(int(part) for part in version("click").split(".")[:2]) >= (8, 2)
 
 BAD = [
     # (arguments, what the one-line error says)
@@ -76,7 +80,7 @@ BAD = [
     (["-q", "--slower-than", "1s"], "--slower-than has no effect with --quiet"),
     (["-i", "1", "--slower-than", "1s"], "--slower-than has no effect with --interval"),
     (["--lifetime", "--slower-than", "1s"], "--slower-than selects transitions: --lifetime"),
-    (["--bogus"], "No such option '--bogus'"),
+    (["--bogus"], "No such option '--bogus'" if CLICK_8_2 else "No such option: --bogus"),
     (["extra"], "unexpected extra argument (extra)"),
     (["--port"], "Option '--port' requires an argument"),
     (["--stuck", "0"], "'0' is not a positive duration"),

@@ -26,7 +26,6 @@ of 8 bytes}, for PERF_RECORD_LOST {u64 id; u64 lost}.
 
 from __future__ import annotations
 
-import bisect
 import ctypes
 import mmap
 import os
@@ -216,7 +215,14 @@ def cut_before(chunk: bytes, sample_size: int, frontier_ns: int) -> tuple[int, i
     rsize = record_size(sample_size)
     n = _regular(chunk, rsize)
     if n is not None:
-        index = bisect.bisect_right(range(n), frontier_ns, key=lambda i: _stamp(chunk, i * rsize))
+        # bisect_right over the records' stamps, read in place (bisect's key= is 3.10+)
+        index, hi = 0, n
+        while index < hi:
+            mid = (index + hi) // 2
+            if frontier_ns < _stamp(chunk, mid * rsize):
+                hi = mid
+            else:
+                index = mid + 1
         if index == n:
             return len(chunk), None
         return index * rsize, _stamp(chunk, index * rsize)
@@ -394,18 +400,18 @@ class PerfReader:
         size = self.sample_size
         limit = READ_RECORDS * record_size(size)
         chunks = [ring.peek(limit) for ring in self.rings]
-        truncated = [len(chunk) == limit for chunk in chunks]
+        truncated = [len(chunk) == limit for chunk in chunks]  # one per ring, as chunks
         frontier = None
         if hold_ns is not None:
             frontier = started - hold_ns
-            for chunk, bounded in zip(chunks, truncated, strict=True):
+            for chunk, bounded in zip(chunks, truncated):
                 last = last_stamp(chunk, size) if bounded else None
                 if last is not None:
                     frontier = min(frontier, last)
         runs: list[bytes] = []
         self.more = False
         self.release_at_ns = None
-        for ring, chunk, bounded in zip(self.rings, chunks, truncated, strict=True):
+        for ring, chunk, bounded in zip(self.rings, chunks, truncated):
             held = None
             if frontier is not None:
                 end, held = cut_before(chunk, size, frontier)

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from tcptrace.compat import slotted
 from tcptrace.kernel.events import (
     F_DELTA_LOWER,
     F_OWNER_KNOWN,
@@ -44,14 +45,16 @@ _VISITS = Life._fields.index("visits")
 _NAMES = tuple(state_name(n) for n in range(256))
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class StateTime:
     state: str
     duration_ns: int | None  # None: unknown (the socket predates tracing)
     lower_bound: bool = False  # at least this long (it was in the state when tracing began)
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class Lifetime:
     start_ns: int  # CLOCK_MONOTONIC, as event timestamps; a lower bound unless complete
     end_ns: int

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from tcptrace.compat import slotted
 from tcptrace.sockets.cgroups import CgroupIndex, container_id, process_cgroup, unit_of
 from tcptrace.sockets.namespaces import NetnsIndex
 
@@ -19,7 +20,8 @@ MAX_CACHED = 16384
 SHORT_ID = 12
 
 
-@dataclass(frozen=True, slots=True)
+@slotted
+@dataclass(frozen=True)
 class Place:
     netns: int | None  # the namespace's inode (None: unknown)
     netns_name: str | None  # its `ip netns` name

@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
+from tcptrace.compat import slotted
 from tcptrace.errors import TcptraceError
 from tcptrace.filters import Filters
 from tcptrace.sockets.namespaces import NetnsIndex, own_netns
@@ -66,7 +67,8 @@ LOCAL = "local"
 REMOTE = "remote"
 
 
-@dataclass(frozen=True, slots=True)
+@slotted
+@dataclass(frozen=True)
 class SockEntry:
     """One row of the kernel's TCP socket table."""
 

@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from tcptrace.compat import slotted
 from tcptrace.filters import Filters
 from tcptrace.kernel.events import C_SEEN, F_DELTA_KNOWN, F_DELTA_LOWER, F_POLLED, Event, Life
 from tcptrace.kernel.stats import StateStats, Summary
@@ -97,7 +98,8 @@ def key_of(ev: Event, own_netns: int = 0) -> Key:
     return (ev.netns or own_netns, ev.local_addr, ev.sport, ev.remote_addr, ev.dport)
 
 
-@dataclass(slots=True)
+@slotted
+@dataclass
 class Followed:
     template: Event  # addresses, owner and socket of the traced socket
     cookie: int

@@ -140,7 +140,7 @@ def test_bursty_load_is_in_time_order_and_every_socket_follows_a_legal_path():
     transitions = [r for r in records if r["type"] == "transition"]
     (summary,) = [r for r in records if r["type"] == "summary"]
     stamps = [r["ts_ns"] for r in transitions if (r["old"], r["new"]) not in MAY_BE_POLLED]
-    backward = [(a, b) for a, b in zip(stamps, stamps[1:], strict=False) if b < a]
+    backward = [(a, b) for a, b in zip(stamps, stamps[1:]) if b < a]
     assert not backward, f"{len(backward)} backward jumps, e.g. {backward[:3]}"
     check_paths(transitions)
     assert summary["transitions_traced"] == summary["written"] + summary["lost"], summary
@@ -153,7 +153,7 @@ def test_text_to_a_pipe_keeps_time_order_and_invents_no_time_wait_end():
     lines, _err = traced_burst("-n", "-T", "relative")
     rows = [line.split() for line in lines[1:] if line and line[0].isdigit()]
     stamps = [float(row[0]) for row in rows if (row[-4], row[-2]) not in MAY_BE_POLLED]
-    backward = [(a, b) for a, b in zip(stamps, stamps[1:], strict=False) if b < a]
+    backward = [(a, b) for a, b in zip(stamps, stamps[1:]) if b < a]
     assert not backward, f"{len(backward)} backward jumps, e.g. {backward[:3]}"
     time_wait_ends = [row for row in rows if row[-4:-1] == ["TIME_WAIT", "->", "CLOSE"]]
     assert not time_wait_ends, time_wait_ends[:3]

@@ -86,6 +86,21 @@ def test_empty_chunk():
     assert perfbuf.parse(b"", EVENT_SIZE).samples == 0
 
 
+def test_cut_before_finds_the_first_sample_after_the_frontier():
+    """The binary search over stamps read in place: before every sample, between equal
+    stamps, after the last, and on the walk of a chunk that is not all samples."""
+    stamps = [10, 20, 20, 20, 30, 40]
+    rsize = perfbuf.record_size(EVENT_SIZE)
+    chunk = b"".join(sample_record(event(pid, ts)) for pid, ts in enumerate(stamps))
+    expected = {5: (0, 10), 10: (rsize, 20), 19: (rsize, 20), 20: (4 * rsize, 30)}
+    expected.update({39: (5 * rsize, 40), 40: (len(chunk), None), 99: (len(chunk), None)})
+    for frontier, cut in expected.items():
+        assert perfbuf.cut_before(chunk, EVENT_SIZE, frontier) == cut, frontier
+    assert perfbuf.cut_before(b"", EVENT_SIZE, 0) == (0, None)
+    walked = lost_record(1) + chunk  # the general path: not a whole number of samples
+    assert perfbuf.cut_before(walked, EVENT_SIZE, 20) == (24 + 4 * rsize, 30)
+
+
 def test_iter_samples_gives_the_raw_events():
     chunk = b"".join(sample_record(event(pid)) for pid in (7, 8))
     raws = list(perfbuf.iter_samples(chunk, EVENT_SIZE))

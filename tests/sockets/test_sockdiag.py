@@ -145,7 +145,8 @@ def test_rows_agree_with_pyroute2s_own_decoder(scene, table):
     names = ("family", "state", "src", "sport", "dst", "dport", "inode", "uid", "cookie", "timer")
 
     def fields(values: tuple) -> tuple | None:
-        row = dict(zip(names, values, strict=True))
+        assert len(values) == len(names)
+        row = dict(zip(names, values))
         if (row["sport"] not in mine and row["dport"] not in mine) or row["timer"] == 3:
             return None  # not ours, or a timewait socket that may come and go between dumps
         return (*values[:2], canonical_addr(row["src"]), row["sport"],
