@@ -292,6 +292,8 @@ class Probe:
         if layout is not None:
             return f"{problem}, and {layout}"
         self._user_scan = UserScan(self.config.stuck_ns)
+        if not _has_batch_lookup():
+            problem += " and this bcc has no batch lookup (one key at a time)"
         self.scan_fallback = problem
         return None
 
@@ -339,6 +341,9 @@ class Probe:
         from bcc.libbcc import lib
 
         table = self.bpf[b"sockets"]
+        if not _has_batch_lookup():
+            # Debian 11's bcc 0.18 has none: the next key, then its value, per entry
+            return [(key.value, bytes(leaf)) for key, leaf in table.items()]
         key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
         room = self.config.max_sockets
         if self._batch is None:  # kept: allocated once, when the fallback starts
@@ -815,6 +820,13 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _has_batch_lookup() -> bool:
+    """Does libbcc have bpf_lookup_batch (BPF_MAP_LOOKUP_BATCH)? Debian 11's 0.18 has not."""
+    from bcc.libbcc import lib
+
+    return hasattr(lib, "bpf_lookup_batch")
 
 
 def _bcc_reason(exc: Exception) -> str:
