@@ -90,6 +90,12 @@ want=$(cat "$here/pyproject.toml" | sha256sum | cut -d' ' -f1)
 if [ ! -x "$venv/bin/python" ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "creating $venv"
     /usr/bin/python3 -m venv --system-site-packages "$venv"
+    # pip before 21.3 (Debian 11's 20.3) cannot install a pyproject.toml-only tree
+    # as editable (PEP 660): a newer pip first, from wherever pip installs from
+    if ! "$venv/bin/python" -c 'import sys, pip
+sys.exit(tuple(int(x) for x in pip.__version__.split(".")[:2]) < (21, 3))'; then
+        "$venv/bin/pip" install -q --disable-pip-version-check --upgrade pip >&2
+    fi
     "$venv/bin/pip" install -q --disable-pip-version-check -e "$here[dev]" 2>&1 \
         | grep -v "is ignored: it is neither" >&2 || true
     "$venv/bin/python" -c "import tcptrace" || die "pip could not install tcptrace into $venv"

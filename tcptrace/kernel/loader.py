@@ -395,6 +395,8 @@ class Probe:
         if layout is not None:
             return f"{problem}, and {layout}"
         self._user_scan = UserScan(self.config.stuck_ns)
+        if not _has_batch_lookup():
+            problem += " and this bcc has no batch lookup (one key at a time)"
         self.scan_fallback = problem
         return None
 
@@ -441,6 +443,9 @@ class Probe:
     def _map_entries(self) -> list[tuple[int, bytes]]:
         """(socket address, sk_info bytes) of every entry, read in batches."""
         table = self.bpf[b"sockets"]
+        if not _has_batch_lookup():
+            # Debian 11's bcc 0.18 has none: the next key, then its value, per entry
+            return [(key.value, bytes(leaf)) for key, leaf in table.items()]
         key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
         try:
             keys, raw = self._maps.read(table.map_fd, key_size, value_size, self.config.max_sockets)
@@ -960,6 +965,13 @@ def _quiet_stderr():
     finally:
         os.dup2(saved, 2)
         os.close(saved)
+
+
+def _has_batch_lookup() -> bool:
+    """Does libbcc have bpf_lookup_batch (BPF_MAP_LOOKUP_BATCH)? Debian 11's 0.18 has not."""
+    from bcc.libbcc import lib
+
+    return hasattr(lib, "bpf_lookup_batch")
 
 
 def _bcc_reason(exc: Exception) -> str:
