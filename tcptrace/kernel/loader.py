@@ -342,7 +342,7 @@ class Probe:
         self.config = config
         _no_huge_pages()  # before the compile makes the heap that is trimmed after it
         try:
-            with _stop_signals_wait():
+            with _stop_signals_wait(), _quiet_stderr(replay_on_error=True):
                 self.bpf = BPF(text=source, cflags=config.cflags())
         except Exception as exc:  # bcc raises bare Exception for every failure
             if self.reader is not None:
@@ -951,20 +951,33 @@ def program_path() -> Path:
 
 
 @contextlib.contextmanager
-def _quiet_stderr():
-    """Keep what libbcc writes to file descriptor 2 (a verifier log) off the terminal."""
+def _quiet_stderr(replay_on_error: bool = False) -> Iterator[None]:
+    """Keep what libbcc writes to file descriptor 2 (a verifier log, the compiler's
+    warnings) off the terminal. With replay_on_error, a failure shows it after all:
+    the compiler's errors and the verifier's log are what a bug report needs, while
+    the warnings of a successful compile (Debian 11's bcc 0.18 redefines three
+    macros of the 5.10 headers) would break the one line per problem."""
     import sys
     import tempfile
 
     sys.stderr.flush()
     saved = os.dup(2)
-    try:
-        with tempfile.TemporaryFile() as sink:
+    with tempfile.TemporaryFile() as sink:
+        failed = False
+        try:
             os.dup2(sink.fileno(), 2)
             yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+        except BaseException:
+            failed = True
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            if failed and replay_on_error:
+                sink.seek(0)
+                caught = memoryview(sink.read())
+                while caught:  # to fd 2, where libbcc would have written it
+                    caught = caught[os.write(2, caught) :]
 
 
 def _has_batch_lookup() -> bool:

@@ -22,6 +22,10 @@ import pyroute2
 import pytest
 
 import tcptrace
+from tcptrace.kernel.loader import program_path as tcptrace_program
+
+from .cmd import Running
+from .netutil import free_port
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
@@ -240,6 +244,22 @@ def test_program_that_does_not_compile():
     result = tcptrace_cmd("--port", "80", env={"TCPTRACE_BPF_PROGRAM": str(program)})
     assert_one_line_error(result, "could not compile", "kernel headers")
     assert "undeclared_variable" in result.stderr
+
+
+def test_compiler_warnings_of_a_program_that_loads_stay_off_the_terminal(tmp_path):
+    """Debian 11's bcc 0.18 warns of three redefined macros at every compile on
+    Linux 5.10: a program that loads prints its one 'tracing' line, nothing above it."""
+    program = tmp_path / "tcptrace.bpf.c"
+    program.write_text(
+        '#warning "a compiler warning of a program that loads"\n'
+        "#define __HAVE_BUILTIN_BSWAP16__ 2\n" + tcptrace_program().read_text()
+    )
+    run = Running("--port", str(free_port()), env={"TCPTRACE_BPF_PROGRAM": str(program)})
+    run.wait_ready()
+    rc, _, err = run.stop()
+    assert rc == 0, err
+    assert "warning" not in err, err
+    assert err.splitlines()[0].startswith("tracing "), err
 
 
 def test_program_file_missing(tmp_path):
