@@ -60,7 +60,14 @@ from tcptrace.kernel.mapscan import (
     ScanResult,
     UserScan,
 )
-from tcptrace.kernel.preflight import BCC_FIX, ROOT_HINT, SETUP_HINT, headers_dir
+from tcptrace.kernel.preflight import (
+    BCC_FIX,
+    ROOT_HINT,
+    SETUP_HINT,
+    TRACEFS_MOUNTS,
+    headers_dir,
+    tracefs_at,
+)
 from tcptrace.kernel.stats import Summary
 from tcptrace.states import NSTATES, TcpState
 
@@ -268,6 +275,10 @@ class Probe:
             from bcc.libbcc import lib
         except Exception as exc:  # found but broken: ImportError, or OSError from libbcc
             raise TcptraceError(f"bcc is not importable ({exc}): {BCC_FIX}") from None
+        import bcc
+
+        # where this bcc reads tracepoint formats (an old one: under debugfs only)
+        tracefs_at(getattr(bcc, "TRACEFS", TRACEFS_MOUNTS[0]), bcc_version()[0])
         # whole maps in batches (the statistics, the user-space scan's socket map)
         self._maps = MapReader(lib)
         self.reader: perfbuf.PerfReader | None = None

@@ -149,17 +149,37 @@ def tracefs_root() -> Path:
     )
 
 
-def _mount_tracefs(target: str) -> bool:
+def tracefs_at(root: str, bcc_version: str) -> None:
+    """Make tracefs readable at root, where this bcc reads it (bcc.TRACEFS). bcc before
+    0.2x (Debian 11's 0.18) reads tracepoint formats and ids under /sys/kernel/debug/tracing
+    only: on a system that mounts tracefs at /sys/kernel/tracing alone (no debugfs),
+    debugfs is mounted, as systemd does at boot, and the kernel mounts tracefs in it."""
+    if os.environ.get("TCPTRACE_TRACEFS") or _is_dir(Path(root, "events"), Path(root)):
+        return
+    debugfs = str(Path(root).parent)
+    if Path(root).name == "tracing" and _mount_tracefs(debugfs, "debugfs", root):
+        return
+    if _mount_tracefs(root):
+        return
+    raise TcptraceError(
+        f"bcc {bcc_version} reads tracefs at {root} only, and it could not be mounted there: "
+        f"run 'mount -t debugfs none {debugfs}' as root"
+    )
+
+
+def _mount_tracefs(target: str, fstype: str = "tracefs", check: str | None = None) -> bool:
+    """Mount fstype on target; True when check (default: target) then has tracefs's events."""
     try:
         mount = subprocess.run(
-            ["mount", "-t", "tracefs", "nodev", target],
+            ["mount", "-t", fstype, "nodev", target],
             capture_output=True,
             text=True,
             check=False,
         )
     except OSError:  # no mount(8) at all
         return False
-    return mount.returncode == 0 and _is_dir(Path(target, "events"), Path(target))
+    check = check or target
+    return mount.returncode == 0 and _is_dir(Path(check, "events"), Path(check))
 
 
 def check_tracepoint(root: Path) -> None:

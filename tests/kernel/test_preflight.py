@@ -1,5 +1,8 @@
 """Preflight checks in isolation: each problem its own message (no root needed)."""
 
+import subprocess
+from pathlib import Path
+
 import pytest
 
 from tcptrace.errors import TcptraceError
@@ -49,3 +52,46 @@ def test_bcc_blocked_in_sys_modules_is_reported_not_raised(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "bcc", None)
     with pytest.raises(TcptraceError, match="bcc is not importable"):
         preflight.check_bcc()
+
+
+class FakeMount:
+    """mount(8) that makes tracefs appear where the kernel would: debugfs brings
+    tracefs at its tracing/ (automounted since Linux 4.1); tracefs at its target."""
+
+    def __init__(self, works: bool = True) -> None:
+        self.works = works
+        self.calls: list[tuple[str, str]] = []
+
+    def __call__(self, argv, **_):
+        fstype, target = argv[2], argv[4]
+        self.calls.append((fstype, target))
+        if self.works:
+            where = Path(target, "tracing") if fstype == "debugfs" else Path(target)
+            (where / "events").mkdir(parents=True, exist_ok=True)
+        return subprocess.CompletedProcess(argv, 0 if self.works else 32, "", "")
+
+
+def test_an_old_bcc_gets_tracefs_under_debugfs(tmp_path, monkeypatch):
+    # Debian 11's bcc 0.18 reads /sys/kernel/debug/tracing only: debugfs is mounted
+    monkeypatch.delenv("TCPTRACE_TRACEFS", raising=False)
+    mount = FakeMount()
+    monkeypatch.setattr(preflight.subprocess, "run", mount)
+    root = tmp_path / "debug" / "tracing"
+    preflight.tracefs_at(str(root), "0.18.0")
+    assert mount.calls == [("debugfs", str(tmp_path / "debug"))]
+    assert (root / "events").is_dir()
+    # mounted already: nothing to do
+    preflight.tracefs_at(str(root), "0.18.0")
+    assert len(mount.calls) == 1
+
+
+def test_tracefs_that_cannot_be_mounted_where_bcc_reads_it_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.delenv("TCPTRACE_TRACEFS", raising=False)
+    monkeypatch.setattr(preflight.subprocess, "run", FakeMount(works=False))
+    root = tmp_path / "debug" / "tracing"
+    with pytest.raises(TcptraceError) as err:
+        preflight.tracefs_at(str(root), "0.18.0")
+    assert str(err.value) == (
+        f"bcc 0.18.0 reads tracefs at {root} only, and it could not be mounted there: "
+        f"run 'mount -t debugfs none {tmp_path / 'debug'}' as root"
+    )
