@@ -207,6 +207,15 @@ struct shared_key {
 BPF_HASH(shared_ports, struct shared_key, u8, 1024);
 #endif
 BPF_ARRAY(cgroup_filters, struct cgroup_filter, MAX_CGROUP_FILTERS);
+#ifndef CGROUP_ANCESTOR
+#define CGROUP_ANCESTOR 1
+#endif
+#if (FILTER_OWNER & OWNER_CGROUP) && !CGROUP_ANCESTOR
+/* Where tracepoint programs may not call bpf_get_current_ancestor_cgroup_id (Debian
+ * 11's 5.10): the filtered cgroups and every cgroup below them, by id, which user
+ * space walks and keeps up to date. */
+BPF_HASH(cgroup_members, u64, u8, MAX_CGROUP_MEMBERS);
+#endif
 /* The start-up check of the netns offsets: user space arms slot 0, then listens
  * on a socket of its own; the program stores what it read in slot 1. */
 #define CHECK_ARMED 0
@@ -430,7 +439,11 @@ static __always_inline void process_comm(char *comm)
 /* At a system call of the owner: is it in one of the filtered cgroups (or below)? */
 static __always_inline u32 current_in_cgroup(void)
 {
-#if FILTER_OWNER & OWNER_CGROUP
+#if (FILTER_OWNER & OWNER_CGROUP) && !CGROUP_ANCESTOR
+	u64 id = bpf_get_current_cgroup_id();
+	if (cgroup_members.lookup(&id))
+		return OWNER_IN_CGROUP;
+#elif FILTER_OWNER & OWNER_CGROUP
 	for (u32 i = 0; i < MAX_CGROUP_FILTERS; i++) {
 		u32 key = i;
 		struct cgroup_filter *f = cgroup_filters.lookup(&key);

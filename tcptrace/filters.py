@@ -185,6 +185,9 @@ class CgroupFilter:
     path: str  # relative to the mount, starting with /
     id: int
     level: int  # components below the root: / is 0, /system.slice is 1
+    # its directory (the cgroup2 mount's path joined): where the kernel gives tracepoint
+    # programs no ancestor helper, the cgroups below it are found by walking it
+    directory: str = ""
 
 
 @dataclass(frozen=True)

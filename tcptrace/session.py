@@ -505,6 +505,9 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if scanner is not None and fallback is not None:
             # said once the outputs stand: a bad --metrics port is still the only line
             err.write(f"tcptrace: {fallback}: the socket map is walked in user space instead\n")
+        cgroup_fallback = getattr(probe, "cgroup_fallback", None)
+        if cgroup_fallback is not None:
+            err.write(f"tcptrace: {cgroup_fallback}\n")
         err.write(f"tracing {options.filters.describe()} ... Ctrl-C to stop\n")
         err.flush()
         tracer.run()

@@ -222,9 +222,12 @@ def _tracepoint_present() -> Finding | None:
 
 def _loaded(cgroup2: Path | None, own_cgroup: str | None) -> list[Finding]:
     """Load the program as a trace with --stuck or --interval would, and ask it."""
-    from tcptrace.kernel.loader import Probe, ProbeConfig
+    from tcptrace.kernel.loader import Probe, ProbeConfig, ancestor_helper_problem
 
     config = ProbeConfig(shrink_buffer=True, scan=True, keep_ends=True)
+    # the limit the rings were sized under: bcc before 0.2x raises it to unlimited
+    # when a map creation meets EPERM (Linux before 5.11 charges maps to it)
+    memlock = resource.getrlimit(resource.RLIMIT_MEMLOCK)[0]
     try:
         probe = Probe(config)
     except TcptraceError as exc:
@@ -242,14 +245,15 @@ def _loaded(cgroup2: Path | None, own_cgroup: str | None) -> list[Finding]:
         offsets = probe.config.netns_offsets
     finally:
         probe.close()
+    ancestor = ancestor_helper_problem()
     return [
         _traced(events, problem),
         _btf(netns, offsets),
         scan,
         _nested(nested),
         _accept(accept),
-        _cgroup(events, cgroup2, own_cgroup),
-        _perf_buffer(pages, config.buffer_pages, cpus),
+        _cgroup(events, cgroup2, own_cgroup, ancestor),
+        _perf_buffer(pages, config.buffer_pages, cpus, memlock),
     ]
 
 
@@ -364,7 +368,9 @@ def _traced(events: list[Event], problem: str | None) -> Finding:
     )
 
 
-def _cgroup(events: list[Event], cgroup2: Path | None, own_cgroup: str | None) -> Finding:
+def _cgroup(
+    events: list[Event], cgroup2: Path | None, own_cgroup: str | None, ancestor: str | None
+) -> Finding:
     impact = "no CGROUP column; --cgroup is refused"
     ids = {e.cgroup_id for e in events if e.pid == os.getpid() and e.owner_known}
     if cgroup2 is None:
@@ -393,18 +399,26 @@ def _cgroup(events: list[Event], cgroup2: Path | None, own_cgroup: str | None) -
             f"process, whose cgroup {path} is {expected}",
             "owners' cgroups are named wrong; --cgroup misses sockets",
         )
-    return Finding(
-        CGROUP,
-        OK,
+    from tcptrace.kernel.loader import ANCESTOR_HELPER, CGROUP_WALK_NS
+
+    found = (
         f"bpf_get_current_cgroup_id read this process's cgroup "
-        f"{own_cgroup} (id {expected}); cgroup2 at {cgroup2}",
+        f"{own_cgroup} (id {expected}); cgroup2 at {cgroup2}"
     )
+    if ancestor is not None:
+        return Finding(
+            CGROUP,
+            DEGRADED,
+            f"{found}; {ancestor}",
+            f"--cgroup matches the cgroups below it by id, walked every "
+            f"{CGROUP_WALK_NS // 10**9} s: a socket of a cgroup made in between may be missed",
+        )
+    return Finding(CGROUP, OK, f"{found}; {ANCESTOR_HELPER} loads (--cgroup)")
 
 
-def _perf_buffer(pages: int, default: int, cpus: int) -> Finding:
+def _perf_buffer(pages: int, default: int, cpus: int, soft: int) -> Finding:
     per_cpu = pages * mmap.PAGESIZE
     size = f"{pages} pages ({_size(per_cpu)}) per CPU x {cpus} CPUs = {_size(per_cpu * cpus)}"
-    soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     limit = "unlimited" if soft == resource.RLIM_INFINITY else _size(soft)
     try:
         mlock_kb = f"{int(PERF_MLOCK_KB.read_text())} KiB"

@@ -13,6 +13,7 @@ import mmap
 import os
 import signal
 import struct
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,6 +99,10 @@ WRITE_SLACK_NS = 10_000_000
 # iterator (tests run both walks on the same sockets).
 SCAN_ENV = "TCPTRACE_MAP_SCAN"
 SCAN_IN_USER_SPACE = "user"
+# TCPTRACE_CGROUP_MATCH=walk: --cgroup by the walked map, as where the kernel refuses
+# the ancestor helper (the tests run both ways on every kernel)
+CGROUP_ENV = "TCPTRACE_CGROUP_MATCH"
+CGROUP_BY_WALK = "walk"
 # The map scan's BPF iterator (BPF_ITER(bpf_map_elem) in the program).
 SCAN_FN = b"bpf_iter__bpf_map_elem"
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
@@ -126,6 +131,12 @@ CHECK_ENDS = struct.Struct("<16s16sHHHH")  # struct check_ends
 # Capacity of the kernel's listeners map: the owners of this many listening
 # addresses are known in the kernel; children of the others are looked up.
 MAX_LISTENERS = 65536
+# --cgroup without the ancestor helper: the cgroups the filtered subtrees may hold
+MAX_CGROUP_MEMBERS = 65536
+# the helper the kernel may refuse tracepoint programs (before Linux 5.x: Debian 11's 5.10)
+ANCESTOR_HELPER = "bpf_get_current_ancestor_cgroup_id"
+# how often the cgroup subtrees are walked again, for cgroups made since
+CGROUP_WALK_NS = 1_000_000_000
 
 
 # struct bpf_prog_info (include/uapi/linux/bpf.h): its size in Linux 6.1 and the
@@ -182,6 +193,9 @@ class ProbeConfig:
     # stream only the ends that may become TIME_WAIT (FIN_WAIT2/CLOSING -> CLOSE), for
     # summaries that follow TIME_WAIT without per-transition lines (--quiet, -i)
     closes_only: bool = False
+    # --cgroup asks bpf_get_current_ancestor_cgroup_id; False where the kernel gives it
+    # no tracepoint program: user space keeps the filtered cgroups' subtrees in a map
+    cgroup_ancestor: bool = True
 
     @property
     def accept_hook(self) -> bool:
@@ -240,6 +254,8 @@ class ProbeConfig:
             f"-DKEEP_ENDS={int(self.keep_ends)}",
             f"-DSLOWER_THAN={int(bool(self.filters.slower_than))}",
             f"-DKERNEL_LIFETIMES={int(self.kernel_lifetimes)}",
+            f"-DCGROUP_ANCESTOR={int(self.cgroup_ancestor)}",
+            f"-DMAX_CGROUP_MEMBERS={MAX_CGROUP_MEMBERS}",
             *(self.netns_offsets or NO_OFFSETS).cflags(),
             f"-DNESTED={int(self.sock_offsets is not None)}",
             *(self.sock_offsets.cflags() if self.sock_offsets is not None else []),
@@ -352,9 +368,14 @@ class Probe:
             config = replace(config, buffer_pages=self.reader.pages)
         self.config = config
         _no_huge_pages()  # before the compile makes the heap that is trimmed after it
+        # why --cgroup matches cgroups by a map user space walks (None: it does not)
+        self.cgroup_fallback: str | None = None
+        self._cgroup_walk_at = 0
+        if config.filters.cgroups and os.environ.get(CGROUP_ENV) == CGROUP_BY_WALK:
+            self._walk_cgroups_instead(f"{CGROUP_ENV}={CGROUP_BY_WALK}")
         try:
-            with _stop_signals_wait(), _quiet_stderr(replay_on_error=True):
-                self.bpf = BPF(text=source, cflags=config.cflags())
+            with _stop_signals_wait():
+                self.bpf = self._compile(BPF, source)
         except Exception as exc:  # bcc raises bare Exception for every failure
             if self.reader is not None:
                 self.reader.close()
@@ -380,6 +401,40 @@ class Probe:
             raise TcptraceError(
                 f"could not connect the perf buffer to the BPF program ({exc})"
             ) from None
+
+    def _compile(self, BPF, source: bytes):
+        """bcc's compile and load; where the kernel refuses --cgroup's ancestor helper to
+        tracepoint programs, again with the cgroups' subtrees in a map instead. The
+        compiler's and the verifier's messages reach stderr only when it fails."""
+        while True:
+            with _quiet_stderr() as caught:
+                try:
+                    return BPF(text=source, cflags=self.config.cflags())
+                except Exception as exc:
+                    failure = exc
+            refused = f"unknown func {ANCESTOR_HELPER}#".encode() in caught.text
+            if not (self.config.filters.cgroups and self.config.cgroup_ancestor and refused):
+                caught.replay()
+                raise failure
+            refusal = f"this kernel gives tracepoint programs no {ANCESTOR_HELPER}"
+            self._walk_cgroups_instead(refusal)
+
+    def _walk_cgroups_instead(self, why: str) -> None:
+        self.config = replace(self.config, cgroup_ancestor=False)
+        self.cgroup_fallback = (
+            f"{why}: --cgroup matches the cgroups below it by id, walked again every "
+            f"{CGROUP_WALK_NS // 10**9} s (a socket of a cgroup made in between may be missed)"
+        )
+
+    def _walk_cgroups(self) -> None:
+        """--cgroup without the ancestor helper: every cgroup at or below the filtered
+        ones into cgroup_members (their directories' inodes are their ids)."""
+        self._cgroup_walk_at = time.monotonic_ns() + CGROUP_WALK_NS
+        members = self.bpf[b"cgroup_members"]
+        one = members.Leaf(1)
+        for cgroup in self.config.filters.cgroups:
+            for ino in _cgroup_ids(cgroup.directory, MAX_CGROUP_MEMBERS):
+                members[members.Key(ino)] = one
 
     def _fill_stuck(self) -> None:
         table = self.bpf[b"stuck_ns"]
@@ -679,6 +734,8 @@ class Probe:
             key = comms.Key()
             key.comm = comm.encode()
             comms[key] = comms.Leaf(1)
+        if not self.config.cgroup_ancestor:
+            self._walk_cgroups()
         cgroups = self.bpf[b"cgroup_filters"]
         for index, cgroup in enumerate(filters.cgroups):
             leaf = cgroups.Leaf()
@@ -755,6 +812,8 @@ class Probe:
     def poll_events(self, timeout_ms: int) -> list[Event]:
         """Wait up to timeout_ms; return the events that arrived, decoded, in time order
         (each batch after the one before, across CPUs: perfbuf.PerfReader.read_runs)."""
+        if self.cgroup_fallback is not None and time.monotonic_ns() >= self._cgroup_walk_at:
+            self._walk_cgroups()
         if not self._wait(timeout_ms):
             return []
         assert self.reader is not None
@@ -961,34 +1020,76 @@ def program_path() -> Path:
     return Path(override) if override else bpf_dir() / PROGRAM
 
 
+class _Caught:
+    """What libbcc wrote to file descriptor 2 inside _quiet_stderr."""
+
+    text = b""
+
+    def replay(self) -> None:
+        """Write it where libbcc would have: the compiler's errors and the verifier's
+        log are what a bug report needs."""
+        caught = memoryview(self.text)
+        while caught:
+            caught = caught[os.write(2, caught) :]
+
+
 @contextlib.contextmanager
-def _quiet_stderr(replay_on_error: bool = False) -> Iterator[None]:
+def _quiet_stderr() -> Iterator[_Caught]:
     """Keep what libbcc writes to file descriptor 2 (a verifier log, the compiler's
-    warnings) off the terminal. With replay_on_error, a failure shows it after all:
-    the compiler's errors and the verifier's log are what a bug report needs, while
-    the warnings of a successful compile (Debian 11's bcc 0.18 redefines three
-    macros of the 5.10 headers) would break the one line per problem."""
+    warnings) off the terminal: one line per problem. The caller may replay it once the
+    block is over (a failed load), or drop it (the warnings of a compile that worked:
+    Debian 11's bcc 0.18 redefines three macros of the 5.10 headers at every compile)."""
     import sys
     import tempfile
 
     sys.stderr.flush()
-    saved = os.dup(2)
+    caught = _Caught()
     with tempfile.TemporaryFile() as sink:
-        failed = False
+        saved = os.dup(2)
         try:
             os.dup2(sink.fileno(), 2)
-            yield
-        except BaseException:
-            failed = True
-            raise
+            yield caught
         finally:
             os.dup2(saved, 2)
             os.close(saved)
-            if failed and replay_on_error:
-                sink.seek(0)
-                caught = memoryview(sink.read())
-                while caught:  # to fd 2, where libbcc would have written it
-                    caught = caught[os.write(2, caught) :]
+            sink.seek(0)
+            caught.text = sink.read()
+
+
+def ancestor_helper_problem() -> str | None:
+    """Why --cgroup cannot ask the kernel for the owner's ancestor cgroup (None: it can):
+    a small tracepoint program that calls the helper, loaded (tcptrace --check)."""
+    from bcc import BPF
+
+    text = f"int probe(void *ctx) {{ return {ANCESTOR_HELPER}(1) != 0; }}"
+    with _quiet_stderr() as caught:
+        try:
+            bpf = BPF(text=text.encode())
+            try:
+                bpf.load_func(b"probe", BPF.TRACEPOINT)
+            finally:
+                bpf.cleanup()
+        except Exception as exc:  # bcc's bare Exception
+            failure: Exception | None = exc
+        else:
+            failure = None
+    if failure is None:
+        return None
+    if f"unknown func {ANCESTOR_HELPER}#".encode() in caught.text:
+        return f"this kernel gives tracepoint programs no {ANCESTOR_HELPER}"
+    return f"a program calling {ANCESTOR_HELPER} did not load ({_bcc_reason(failure)})"
+
+
+def _cgroup_ids(directory: str, limit: int) -> Iterator[int]:
+    """The ids of a cgroup2 directory and of the cgroups below it (their inodes), at
+    most limit; a cgroup removed during the walk is passed over."""
+    for count, (where, _dirs, _files) in enumerate(os.walk(directory)):
+        if count >= limit:
+            return
+        try:
+            yield os.stat(where).st_ino
+        except OSError:
+            continue
 
 
 def _has_batch_lookup() -> bool:

@@ -97,7 +97,7 @@ def resolve_filter(text: str, mount: Path | None = None) -> CgroupFilter:
         raise ValueError(f"no cgroup {text} under {mount}")
     rel = "/" + str(full.relative_to(mount)).strip(".").strip("/")
     level = 0 if rel == "/" else rel.count("/")
-    return CgroupFilter(path=rel, id=full.stat().st_ino, level=level)
+    return CgroupFilter(path=rel, id=full.stat().st_ino, level=level, directory=str(full))
 
 
 class CgroupIndex:

@@ -27,14 +27,27 @@ ATTACH_BTF_ID_OFFSET = 108
 RETURN_ZERO = struct.pack("<BBhi", 0xB7, 0, 0, 0) + struct.pack("<BBhi", 0x95, 0, 0, 0)
 
 
-def load_errno(prog_type: int, attach_type: int = 0, attach_btf_id: int = 0) -> int:
-    """0 when the kernel loads a trivial program of this kind, else its errno."""
+BPF_PROG_TYPE_TRACEPOINT = 5
+BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID = 123
+# r1 = 1; call bpf_get_current_ancestor_cgroup_id; r0 = 0; exit
+CALL_ANCESTOR = (
+    struct.pack("<BBhi", 0xB7, 1, 0, 1)
+    + struct.pack("<BBhi", 0x85, 0, 0, BPF_FUNC_GET_CURRENT_ANCESTOR_CGROUP_ID)
+    + RETURN_ZERO
+)
+
+
+def load_errno(
+    prog_type: int, attach_type: int = 0, attach_btf_id: int = 0, code: bytes = RETURN_ZERO
+) -> int:
+    """0 when the kernel loads a program of this kind (by default the trivial one), else
+    its errno."""
     libc = ctypes.CDLL(None, use_errno=True)
-    insns = ctypes.create_string_buffer(RETURN_ZERO, len(RETURN_ZERO))
+    insns = ctypes.create_string_buffer(code, len(code))
     license_ = ctypes.create_string_buffer(b"GPL")
     attr = ctypes.create_string_buffer(ATTR_SIZE)
     ATTR_HEAD.pack_into(
-        attr, 0, prog_type, len(RETURN_ZERO) // 8, ctypes.addressof(insns),
+        attr, 0, prog_type, len(code) // 8, ctypes.addressof(insns),
         ctypes.addressof(license_), 0, 0, 0, 0, 0,
     )  # fmt: skip
     struct.pack_into("=I", attr, EXPECTED_ATTACH_TYPE_OFFSET, attach_type)
@@ -50,6 +63,12 @@ def map_iterator_errno() -> int:
     """0 when the kernel loads a map-element iterator (what tcptrace's scan is), else why not."""
     target = Btf.load().find("bpf_iter_bpf_map_elem", KIND_FUNC, "function")
     return load_errno(BPF_PROG_TYPE_TRACING, BPF_TRACE_ITER, target)
+
+
+def ancestor_helper_errno() -> int:
+    """0 when a tracepoint program may call bpf_get_current_ancestor_cgroup_id (--cgroup
+    in the kernel), else why not (Debian 11's 5.10: EINVAL, an unknown function)."""
+    return load_errno(BPF_PROG_TYPE_TRACEPOINT, code=CALL_ANCESTOR)
 
 
 ACCEPT_EXITS = ("sys_exit_accept", "sys_exit_accept4")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tcptrace.kernel.loader import CGROUP_BY_WALK, CGROUP_ENV, CGROUP_WALK_NS
 from tcptrace.sockets.cgroups import cgroup2_mount
 
 from .accounting import accounting_line, summary_numbers
@@ -210,23 +211,44 @@ def cgroup(name: str) -> Iterator[str]:
                 time.sleep(0.1)
 
 
-def test_cgroup_shows_only_its_sockets_and_json_names_it():
+@pytest.mark.parametrize("match", ["kernel", "walk"])
+def test_cgroup_shows_only_its_sockets_and_json_names_it(match):
+    """Both ways of matching a cgroup: the kernel's ancestor helper and, as where the
+    kernel gives tracepoint programs none (Debian 11's 5.10), the walked map. A cgroup
+    made below the filtered one after the start is matched too (the map's within its
+    walk's second)."""
     port = free_port()
     mount = cgroup2_mount()
+    env = {CGROUP_ENV: CGROUP_BY_WALK} if match == "walk" else {}
     with cgroup(f"{name_tag()}cg") as rel:
-        run = Running("--port", str(port), "--json", "--cgroup", rel)
+        run = Running("--port", str(port), "--json", "--cgroup", rel, env=env)
         run.wait_ready()
         burst(port)  # outside the cgroup
         procs = f"{mount}{rel}/cgroup.procs"
         burst(port, "sh", "-c", f'echo $$ > {procs} && exec "$0" "$@"')
-        time.sleep(0.3)
+        with cgroup(f"{rel.lstrip('/')}/later") as later:
+            time.sleep(CGROUP_WALK_NS / 1e9 + 0.5)
+            procs = f"{mount}{later}/cgroup.procs"
+            burst(port, "sh", "-c", f'echo $$ > {procs} && exec "$0" "$@"')
+            time.sleep(0.3)
         code, out, err = run.stop(signal.SIGINT)
     assert code == 0, err
     transitions, summary = records(out)
-    assert len(transitions) == 2 + CONNECTIONS * 10, [(r["old"], r["new"]) for r in transitions]
-    assert {r["cgroup"] for r in transitions} == {rel}
+    assert len(transitions) == 2 * (2 + CONNECTIONS * 10), [
+        (r["old"], r["new"]) for r in transitions
+    ]
+    assert {r["cgroup"] for r in transitions} == {rel, later}
     assert all(r["container"] is None for r in transitions)
     assert summary["transitions_traced"] == len(transitions)
+    # the walked map says so in one line (the kernel's way too where it must walk)
+    said = [line for line in err.splitlines() if "--cgroup matches the cgroups" in line]
+    if match == "walk":
+        assert said == [
+            f"tcptrace: {CGROUP_ENV}={CGROUP_BY_WALK}: --cgroup matches the cgroups below it "
+            "by id, walked again every 1 s (a socket of a cgroup made in between may be missed)"
+        ], err
+    else:
+        assert len(said) <= 1, err
 
 
 def test_pid_and_comm_pick_their_owners_sockets():

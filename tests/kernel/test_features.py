@@ -73,27 +73,41 @@ def test_cgroup_helper_read_this_process_cgroup(tmp_path):
     (tmp_path / "user.slice").mkdir()
     inode = (tmp_path / "user.slice").stat().st_ino
     mine = [event(os.getpid(), inode), event(1, 999)]  # another owner's id is not compared
-    found = features._cgroup(mine, tmp_path, "/user.slice")
+    found = features._cgroup(mine, tmp_path, "/user.slice", None)
     assert found.status == OK, found
     assert found.detail == (
         f"bpf_get_current_cgroup_id read this process's cgroup /user.slice (id {inode}); "
-        f"cgroup2 at {tmp_path}"
+        f"cgroup2 at {tmp_path}; bpf_get_current_ancestor_cgroup_id loads (--cgroup)"
+    )
+
+
+def test_cgroup_without_the_ancestor_helper_is_degraded(tmp_path):
+    # Debian 11's 5.10: --cgroup walks the cgroups below the filtered one instead
+    (tmp_path / "user.slice").mkdir()
+    inode = (tmp_path / "user.slice").stat().st_ino
+    refused = "this kernel gives tracepoint programs no bpf_get_current_ancestor_cgroup_id"
+    found = features._cgroup([event(os.getpid(), inode)], tmp_path, "/user.slice", refused)
+    assert found.status == DEGRADED, found
+    assert found.detail.endswith(f"cgroup2 at {tmp_path}; {refused}")
+    assert found.impact == (
+        "--cgroup matches the cgroups below it by id, walked every 1 s: "
+        "a socket of a cgroup made in between may be missed"
     )
 
 
 def test_cgroup_helper_reading_another_id_is_degraded(tmp_path):
-    found = features._cgroup([event(os.getpid(), 12345)], tmp_path, "/")
+    found = features._cgroup([event(os.getpid(), 12345)], tmp_path, "/", None)
     assert found.status == DEGRADED
     assert f"read 12345 for this process, whose cgroup {tmp_path} is" in found.detail
     assert found.impact
 
 
 def test_cgroup_without_a_cgroup2_mount_or_without_events(tmp_path):
-    found = features._cgroup([event(os.getpid(), 1)], None, "/")
+    found = features._cgroup([event(os.getpid(), 1)], None, "/", None)
     assert (found.status, found.detail) == (DEGRADED, "no cgroup2 mount in /proc/self/mountinfo")
     assert "--cgroup is refused" in found.impact
-    assert features._cgroup([event(os.getpid(), 1)], tmp_path, None).status == DEGRADED
-    assert features._cgroup([event(1, 1)], tmp_path, "/").status == UNKNOWN
+    assert features._cgroup([event(os.getpid(), 1)], tmp_path, None, None).status == DEGRADED
+    assert features._cgroup([event(1, 1)], tmp_path, "/", None).status == UNKNOWN
 
 
 def test_a_connection_not_traced_means_tracing_does_not_work():
@@ -109,12 +123,12 @@ def test_a_connection_not_traced_means_tracing_does_not_work():
 
 
 def test_perf_buffer_default_or_halved():
-    default = features._perf_buffer(4096, 4096, 2)
+    default = features._perf_buffer(4096, 4096, 2, 8 << 20)
     assert default.status == OK
     per_cpu = 4096 * mmap.PAGESIZE
     assert default.detail.startswith(f"4096 pages ({per_cpu >> 20} MiB) per CPU x 2 CPUs = ")
     assert ", the default; " in default.detail
-    halved = features._perf_buffer(256, 4096, 4)
+    halved = features._perf_buffer(256, 4096, 4, 1 << 20)
     assert halved.status == DEGRADED
     assert "256 pages" in halved.detail and "halved from the default 4096 pages" in halved.detail
     assert "ulimit -l" in halved.impact
