@@ -133,7 +133,7 @@ CHECK_ENDS = struct.Struct("<16s16sHHHH")  # struct check_ends
 MAX_LISTENERS = 65536
 # --cgroup without the ancestor helper: the cgroups the filtered subtrees may hold
 MAX_CGROUP_MEMBERS = 65536
-# the helper the kernel may refuse tracepoint programs (before Linux 5.x: Debian 11's 5.10)
+# the helper some kernels refuse tracepoint programs (Debian 11's 5.10 does)
 ANCESTOR_HELPER = "bpf_get_current_ancestor_cgroup_id"
 # how often the cgroup subtrees are walked again, for cgroups made since
 CGROUP_WALK_NS = 1_000_000_000
@@ -371,6 +371,7 @@ class Probe:
         # why --cgroup matches cgroups by a map user space walks (None: it does not)
         self.cgroup_fallback: str | None = None
         self._cgroup_walk_at = 0
+        self._cgroup_members: set[int] = set()  # what cgroup_members holds
         if config.filters.cgroups and os.environ.get(CGROUP_ENV) == CGROUP_BY_WALK:
             self._walk_cgroups_instead(f"{CGROUP_ENV}={CGROUP_BY_WALK}")
         try:
@@ -431,10 +432,16 @@ class Probe:
         ones into cgroup_members (their directories' inodes are their ids)."""
         self._cgroup_walk_at = time.monotonic_ns() + CGROUP_WALK_NS
         members = self.bpf[b"cgroup_members"]
-        one = members.Leaf(1)
+        now: set[int] = set()
         for cgroup in self.config.filters.cgroups:
-            for ino in _cgroup_ids(cgroup.directory, MAX_CGROUP_MEMBERS):
-                members[members.Key(ino)] = one
+            now.update(_cgroup_ids(cgroup.directory, MAX_CGROUP_MEMBERS - len(now)))
+        # the removed ones out first: the map never fills with cgroups long gone
+        for ino in self._cgroup_members - now:
+            del members[members.Key(ino)]
+        one = members.Leaf(1)
+        for ino in now - self._cgroup_members:
+            members[members.Key(ino)] = one
+        self._cgroup_members = now
 
     def _fill_stuck(self) -> None:
         table = self.bpf[b"stuck_ns"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ctypes
 
-from tcptrace.filters import ALL_STATES, JUDGED_STATES, Filters
+from tcptrace.filters import ALL_STATES, JUDGED_STATES, CgroupFilter, Filters
 from tcptrace.kernel.btf import SockOffsets
 from tcptrace.kernel.loader import LEVELS, Probe, ProbeConfig, fold_levels
 from tcptrace.states import NSTATES, TcpState
@@ -67,3 +67,36 @@ def test_the_longest_time_in_a_state_is_the_largest_of_either_programs():
     assert len(folded) == NSTATES
     assert folded[int(TcpState.ESTABLISHED)] == 7
     assert (folded[int(TcpState.LISTEN)], folded[int(TcpState.SYN_SENT)]) == (3, 2)
+
+
+class FakeMembers(dict):
+    """bcc's hash table as _walk_cgroups uses it: u64 keys, u8 leaves."""
+
+    Key = ctypes.c_uint64
+    Leaf = ctypes.c_uint8
+
+    def __setitem__(self, key, leaf) -> None:
+        super().__setitem__(key.value, leaf.value)
+
+    def __delitem__(self, key) -> None:
+        super().__delitem__(key.value)
+
+
+def test_walked_cgroups_follow_the_tree_made_and_removed(tmp_path):
+    # --cgroup where the kernel has no ancestor helper: the map holds the filtered
+    # cgroup and those below it as they are now, never cgroups long gone
+    top = tmp_path / "pod"
+    (top / "a").mkdir(parents=True)
+    probe = Probe.__new__(Probe)
+    probe.bpf = {b"cgroup_members": FakeMembers()}
+    probe.config = ProbeConfig(
+        filters=Filters(cgroups=(CgroupFilter("/pod", 1, 1, str(top)),)), cgroup_ancestor=False
+    )
+    probe._cgroup_members = set()
+    probe._walk_cgroups()
+    ino = {p.name: p.stat().st_ino for p in (top, top / "a")}
+    assert set(probe.bpf[b"cgroup_members"]) == {ino["pod"], ino["a"]}
+    (top / "a").rmdir()
+    (top / "b").mkdir()
+    probe._walk_cgroups()
+    assert set(probe.bpf[b"cgroup_members"]) == {ino["pod"], (top / "b").stat().st_ino}
