@@ -92,7 +92,10 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 # the program stamps it, then submits it, with preemption off; an interrupt or, in a
 # virtual machine, the host descheduling the vCPU may come between. Events stamped
 # this close to a read wait for the next one, so that batches stay in time order.
-WRITE_SLACK_NS = 10_000_000
+# 10 ms was not enough under emulation (QEMU TCG, 2 vCPUs on 2 busy host CPUs): a
+# line came 95 us before an older one once in a run of the suite. 50 ms delays no
+# line a person would notice, and holds at most 50 ms of events in the rings.
+WRITE_SLACK_NS = 50_000_000
 
 
 # Set to "user": walk the socket map in user space even where the kernel runs the
@@ -870,6 +873,9 @@ class Probe:
         self.detached = True
         self._detach_nested()  # first: alone, it would take every hit as skipped
         self._detach_tracepoint()
+        # a program that was running when it went may still write its event (detaching
+        # does not wait for it): the drain reads everything at once only after that
+        time.sleep(WRITE_SLACK_NS / 1e9)
 
     def _detach_tracepoint(self) -> None:
         if TRACEPOINT.encode() in self.bpf.tracepoint_fds:
