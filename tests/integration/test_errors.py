@@ -246,6 +246,7 @@ def test_program_that_does_not_compile():
     assert "undeclared_variable" in result.stderr
 
 
+@pytest.mark.host_only  # user space; Debian 12's guest has this userland
 def test_compiler_warnings_of_a_program_that_loads_stay_off_the_terminal(tmp_path):
     """Debian 11's bcc 0.18 warns of three redefined macros at every compile on
     Linux 5.10: a program that loads prints its one 'tracing' line, nothing above it."""
@@ -283,6 +284,7 @@ def test_perf_buffer_over_the_locked_memory_limit():
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.host_only  # user space; Debian 12's guest has this userland
 def test_output_to_a_full_disk_is_one_line_exit_1():
     with open("/dev/full", "w") as full:
         result = subprocess.run(

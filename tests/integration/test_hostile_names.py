@@ -16,7 +16,9 @@ import pytest
 from .cmd import Running
 from .netutil import free_port
 
-pytestmark = pytest.mark.usefixtures("bpf_ready")
+# host_only: Debian 12's guest has this machine's userland (Python, bcc, click); how
+# lines are written does not depend on the kernel, and the host suite runs it
+pytestmark = [pytest.mark.usefixtures("bpf_ready"), pytest.mark.host_only]
 
 HOSTILE = "t\tb\nn\x1b[31mR"  # 11 bytes: fits the kernel's 16-byte comm
 SHOWN = "t?b?n?[31mR"

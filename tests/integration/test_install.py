@@ -168,6 +168,7 @@ def one_connection(port: int) -> None:
         conn.close()
 
 
+@pytest.mark.host_only  # Debian 12's guest has this userland: the host runs it
 def test_trace_through_installed_command(installed, bpf_ready):
     port = free_port()
     trace = Running("--port", str(port), "-n", command=["tcptrace"], cwd="/", env=clean_env())
@@ -240,6 +241,7 @@ def test_install_again_changes_nothing(installed):
     assert after == before
 
 
+@pytest.mark.host_only  # Debian 12's guest has this userland: the host runs it
 def test_upgrade_from_a_clone_that_then_goes_away(installed, tmp_path):
     # a git pull, in effect: the same tree with one change, in another place
     clone = tmp_path / "clone"
