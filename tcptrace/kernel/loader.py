@@ -92,9 +92,11 @@ PROGRAM_ENV = "TCPTRACE_BPF_PROGRAM"
 # the program stamps it, then submits it, with preemption off; an interrupt or, in a
 # virtual machine, the host descheduling the vCPU may come between. Events stamped
 # this close to a read wait for the next one, so that batches stay in time order.
-# 10 ms was not enough under emulation (QEMU TCG, 2 vCPUs on 2 busy host CPUs): a
-# line came 95 us before an older one once in a run of the suite. 50 ms delays no
-# line a person would notice, and holds at most 50 ms of events in the rings.
+# A host that deschedules a vCPU does so for a timeslice or more (QEMU TCG here: 2
+# vCPUs on 2 busy host CPUs), over 10 ms: 50 ms delays no line a person would
+# notice, and holds at most 50 ms of events in the rings. (It did not end the
+# emulated guest's rare out-of-order line: that is the nested program's record,
+# written before the older record of the program it interrupted; see BENCHMARKS.)
 WRITE_SLACK_NS = 50_000_000
 
 
