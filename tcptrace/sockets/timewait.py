@@ -439,9 +439,11 @@ class TimeWait(Stage):
         self.wheel.note(ev.ts_ns, ev.jiffies)
         old = self.followed.get(key)
         if old is not None:
-            # a new timewait socket on the 4-tuple: the one followed there has gone
+            # a new timewait socket on the 4-tuple: the one followed there had gone by
+            # this event (a poll since, by a reader behind, saw the new one)
             self._forget(key)
-            self._keep(out, self._closed(old, _clamp(self._fires(old), old.last_seen_ns, ev.ts_ns)))
+            ended = min(ev.ts_ns, max(self._fires(old), old.last_seen_ns))
+            self._keep(out, self._closed(old, ended))
         if len(self.followed) >= MAX_FOLLOWED:
             self.unfollowed += 1
             self._keep(out, ev._replace(flags=ev.flags | F_END_UNSURE))

@@ -623,3 +623,22 @@ def test_a_namespace_table_opened_at_start_is_not_charged_to_the_first_ends():
     out = [ev for end in ends for ev in tw.on_events([end]) or []]
     assert [ev.newstate for ev in out] == [TIME_WAIT] * 5, out
     assert tw.unfollowed == 0
+
+
+def test_a_time_wait_a_later_poll_saw_ends_by_the_new_timewait_socket_on_its_4_tuple():
+    """A reader far behind polls the present while it reads the past: the timewait
+    socket sock_diag saw on a followed 4-tuple at 9 s was a later connection's, whose
+    end the backlog reads at 2 s. The first one ended by then, not at 9 s: a line
+    stamped 9 s came before the backlog's older lines (test_order, CI on the host)."""
+    from tcptrace.sockets.timewait import CLOSE, FIN_WAIT2, TIME_WAIT, key_of
+
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(SkippingTable({}, set())))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    first = kernel_end(0, TW_TIME_WAIT, ts=1_000_000_000)
+    tw.on_events([first])
+    tw.followed[key_of(first, OWN)].last_seen_ns = 9_000_000_000
+    again = first._replace(skaddr=99, ts_ns=2_000_000_000)  # the 4-tuple's next connection
+    out = tw.on_events([again])
+    moves = [(ev.oldstate, ev.newstate) for ev in out]
+    assert moves == [(TIME_WAIT, CLOSE), (FIN_WAIT2, TIME_WAIT)]
+    assert out[0].ts_ns <= again.ts_ns == out[1].ts_ns
