@@ -824,6 +824,22 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 		}
 	}
 
+	/* every listener, whatever the owner filters: its children are named after
+	 * it until their accept (one left out made its children ownerless, and the
+	 * accept of each then looked like another process's) */
+	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE)) {
+		struct listen_key key = {.netns = netns, .family = family, .port = sport};
+		__builtin_memcpy(key.addr, ev.saddr, sizeof(key.addr));
+		if (new == TT_LISTEN) {
+			/* listen() without bind() has no port yet: its children are
+			 * looked up in user space */
+			if (sport)
+				listener_open(&key, &ev, owner_flags);
+		} else {
+			listener_close(&key);
+		}
+	}
+
 #if FILTER_OWNER
 	if (!owner_match(&ev, owner_flags)) {
 #if ACCEPT_HOOK && !KERNEL_LIFETIMES
@@ -860,19 +876,6 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 		return 0;
 	}
 #endif
-
-	if (new == TT_LISTEN || (old == TT_LISTEN && new == TT_CLOSE)) {
-		struct listen_key key = {.netns = netns, .family = family, .port = sport};
-		__builtin_memcpy(key.addr, ev.saddr, sizeof(key.addr));
-		if (new == TT_LISTEN) {
-			/* listen() without bind() has no port yet: its children are
-			 * looked up in user space */
-			if (sport)
-				listener_open(&key, &ev, owner_flags);
-		} else {
-			listener_close(&key);
-		}
-	}
 
 	/* Count the map's inserts and deletes: LRU evictions are invisible here,
 	 * user space infers them from these and the entries left. */
@@ -1074,6 +1077,8 @@ static __always_inline int on_accepted(void *ctx, long fd)
 		ev.cgroup_id = info->cgroup_id;
 		ev.netns = info->netns;
 		ev.flags = TCPTRACE_F_ACCEPTED | TCPTRACE_F_OWNER_KNOWN;
+		/* before the match: --comm compares it */
+		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
 #if FILTER_OWNER
 		if (owner_match(&ev, info->flags & OWNER_IN_CGROUP))
 			ev.flags |= TCPTRACE_F_MATCHED;
@@ -1082,7 +1087,6 @@ static __always_inline int on_accepted(void *ctx, long fd)
 		u16 port = 0;
 		bpf_probe_read_kernel(&port, sizeof(port), (void *)(sk + INET_SPORT_OFFSET));
 		ev.sport = bpf_ntohs(port);
-		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
 		if (events.perf_submit(ctx, &ev, sizeof(ev)) == 0)
 			count(TCPTRACE_C_SIDE);
 	}

@@ -232,7 +232,7 @@ def build_stages(
     lives: dict[tuple[int, int], Life] | None = None,
     behind: Callable[[], bool] | None = None,
     accept_records: bool = False,
-    mark_shared: Callable[[int, int], None] | None = None,
+    mark_shared: Callable[[int, int, bool], None] | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With

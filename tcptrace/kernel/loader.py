@@ -685,17 +685,21 @@ class Probe:
             if tracepoint.encode() in self.bpf.tracepoint_fds:
                 self.bpf.detach_tracepoint(tracepoint.encode())
 
-    def mark_shared(self, netns: int, port: int) -> None:
+    def mark_shared(self, netns: int, port: int, shared: bool = True) -> None:
         """A listening port several processes share (sockets.acceptors): under owner
         filters, its children's handshake lines come undecided, for their accept
-        record to decide in user space."""
+        record to decide in user space. shared False: its listener closed."""
         if not (self.config.accept_records and self.config.filters.owner_checks):
             return
         table = self.bpf[b"shared_ports"]
         key = table.Key()
         key.netns, key.port, key.pad = netns, port, 0
-        with contextlib.suppress(Exception):  # full (1,024 ports): their lines stay out
-            table[key] = ctypes.c_ubyte(1)
+        # full (1,024 ports): their lines stay out; gone already: nothing to undo
+        with contextlib.suppress(Exception):
+            if shared:
+                table[key] = ctypes.c_ubyte(1)
+            else:
+                del table[key]
 
     def seed_listeners(self, listening: list[tuple[int, int, str, int, list]]) -> int:
         """Tell the kernel about listeners older than tracing, so that it names their

@@ -11,7 +11,8 @@ ACCEPT_HOOK) gives the socket its acceptor from accept() on, and sends a record
 Once such a record showed a listener shared (or the start-up snapshot saw several
 processes holding it), the handshake lines of its children wait here for their
 accept, up to HOLD_NS of reading, and then name the acceptor; the lines read after
-them wait too, so the output stays in time order. A child not accepted by then (a
+them wait too, so the output stays in time order. Until that listener closes: the
+next one on the port is another socket. A child not accepted by then (a
 full accept queue, a client that gave up) keeps the listener's creator, marked as
 one of several holders (F_OWNER_SHARED: text "PID+", JSON and CSV a note), as
 `ss -tp` lists a socket shared by several processes. The first connection of a
@@ -56,6 +57,9 @@ HOLD_NS = 1_000_000_000
 MAX_HELD = 200_000
 # An accept record's old and new state: no TCP state (Linux's run 1..12).
 NO_STATE = 0
+CLOSE = int(TcpState.CLOSE)
+LISTEN = int(TcpState.LISTEN)
+BIRTH = (LISTEN, int(TcpState.SYN_RECV))  # a listener's child
 HANDSHAKE = frozenset(
     {
         (int(TcpState.LISTEN), int(TcpState.SYN_RECV)),
@@ -91,7 +95,7 @@ class Acceptors(Stage):
         hold_ns: int = HOLD_NS,
         clock: Callable[[], int] = time.monotonic_ns,
         owner_filtered: bool = False,
-        mark_shared: Callable[[int, int], None] | None = None,
+        mark_shared: Callable[[int, int, bool], None] | None = None,
     ) -> None:
         self.hold_ns = hold_ns
         self.clock = clock
@@ -116,11 +120,18 @@ class Acceptors(Stage):
         now = self.clock()
         out: list[Event] = []
         for ev in events:
-            if ev[_OLD] == NO_STATE and ev.flags & F_ACCEPTED:
+            old = ev[_OLD]
+            if old == NO_STATE and ev.flags & F_ACCEPTED:
                 self._accepted(ev)
                 continue
             sk = ev[_SKADDR]
             wait = self.waiting.get(sk)
+            if wait is not None and (old == CLOSE or (old, ev[_NEW]) == BIRTH):
+                # a new socket at the address of one that closed waiting: not its
+                self._unnamed(sk)
+                wait = None
+            elif old == LISTEN and ev[_NEW] == CLOSE:
+                self._listener_closed((ev[_NETNS], ev[_SPORT]))
             if wait is not None:  # a later line of a socket not accepted yet
                 entry = _Held(ev, sk)
                 wait[1].append(entry)
@@ -163,7 +174,16 @@ class Acceptors(Stage):
         if listener not in self.shared:
             self.shared.add(listener)
             if self.mark_shared is not None:
-                self.mark_shared(*listener)
+                self.mark_shared(*listener, True)
+
+    def _listener_closed(self, listener: Listener) -> None:
+        """A listener on a shared port closed: the next one there is another socket,
+        shared only once an accept record shows it so. (Of several SO_REUSEPORT sockets
+        on the port, the next accept by another process shares it again.)"""
+        if listener in self.shared:
+            self.shared.discard(listener)
+            if self.mark_shared is not None:
+                self.mark_shared(*listener, False)
 
     def _accepted(self, record: Event) -> None:
         """An accept record: its listener is shared; its socket's lines name the acceptor

@@ -5,7 +5,8 @@ listens, then forks WORKERS processes that accept on its socket; it never accept
 
 Prints "master PID", "worker PID" for each worker, then "ready". Each worker tells a
 client its pid (a line), reads until the client closes, then closes. Stops (with its
-workers) when stdin closes.
+workers) when stdin closes. With PREFORK_WORKER_COMM in the environment, worker N
+takes the command name PREFORK_WORKER_COMM followed by N (as nginx names its workers).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(port: int) -> None:
     for _ in range(WORKERS):
         pid = os.fork()
         if pid == 0:
+            name = os.environ.get("PREFORK_WORKER_COMM")
+            if name:
+                with open("/proc/self/comm", "w") as comm:
+                    comm.write(f"{name}{len(workers)}")
             try:
                 work(srv)
             finally:

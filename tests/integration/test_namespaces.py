@@ -280,7 +280,12 @@ def test_pid_and_comm_pick_their_owners_sockets():
         if r["comm"] != "tt-burst"
     ]
     assert not others, f"{others} {os.getpid()}"
-    assert len(named) == 2 + CONNECTIONS * 10, [(r["old"], r["new"]) for r in named]
+    moves = [(r["old"], r["new"], r["pid"], r["local_port"], r["remote_port"]) for r in named]
+    assert len(named) == 2 + CONNECTIONS * 10, moves
+    # tt-burst's listener is its own: the one this process had on the port before,
+    # which an accept showed shared, closed first (its lines once waited a second
+    # for accept records and went out marked shared; under emulation some were lost)
+    assert not [(m, r["note"]) for m, r in zip(moves, named) if r["note"]], moves
 
 
 def test_snapshot_lists_every_namespace_with_its_column():

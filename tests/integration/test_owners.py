@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -155,9 +156,13 @@ PREFORK = Path(__file__).with_name("prefork.py")
 class Prefork:
     """prefork.py: a master that listens and WORKERS that accept, once ready."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, worker_comm: str | None = None) -> None:
+        env = dict(os.environ)
+        if worker_comm:
+            env["PREFORK_WORKER_COMM"] = worker_comm
         self.proc = subprocess.Popen(
             [sys.executable, str(PREFORK), str(port)],
+            env=env,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -364,3 +369,24 @@ def test_pid_worker_shows_its_connections_whole_from_the_handshake_and_pid_maste
     assert f"{len(rows)} transitions traced, {len(rows)} shown, 0 lost" in out, out[-600:]
     theirs = [r for r in transitions(mout) if r[3] in served]
     assert theirs == [], theirs
+
+
+def test_comm_worker_shows_its_connections_whole_from_the_handshake():
+    """--comm names the worker as --pid does: the kernel's accept record said whether the
+    acceptor matched before it had copied the acceptor's name, so under --comm no
+    acceptor of a shared listener ever matched, and each connection a worker accepted
+    lost every line (one in six under emulation: CI's test_pid_and_comm_pick...)."""
+    port = free_port()
+    server = Prefork(port, worker_comm="tt-wk")
+    one = server.workers[0]
+    served, (out,) = trace_served(server, port, ("--comm", "tt-wk0", "-n", "-T", "none"))
+    mine = {remote for remote, pid in served.items() if pid == one}
+    assert mine and len(mine) < len(served), served
+    rows = [r for r in transitions(out) if r[2] == f"127.0.0.1:{port}"]
+    lines_of, births = by_connection(rows, port)
+    assert set(lines_of) == mine, rows
+    for remote in mine:
+        lines = lines_of[remote]
+        assert [(r[4], r[5]) for r in lines] == HANDSHAKE[1:] + AFTER_ACCEPT, (remote, rows)
+        assert {(int(r[0]), r[1]) for r in lines} == {(one, "tt-wk0")}, lines
+    assert births == [str(one)] * len(mine), births

@@ -195,3 +195,36 @@ def test_under_owner_filters_an_undecided_child_nobody_accepted_in_time_goes():
     clock.now += HOLD_NS
     assert stage.on_tick(clock.now) == []
     assert not stage.waiting
+
+
+def test_a_new_socket_at_a_waiting_sockets_address_is_not_taken_for_it():
+    """A child that closed while waiting for an accept that never came (its acceptor
+    was its listener's creator: no record) freed its address; a client socket born
+    there next is another socket. Its lines once joined the old wait, and went out a
+    second later marked as a shared listener's."""
+    clock = Clocked()
+    stage = shared(clock)
+    closing = [
+        line(TcpState.ESTABLISHED, TcpState.CLOSE_WAIT, 1, 120),
+        line(TcpState.CLOSE_WAIT, TcpState.LAST_ACK, 1, 130),
+        line(TcpState.LAST_ACK, TcpState.CLOSE, 1, 140),
+    ]
+    assert stage.on_events([*handshake(1, 100), *closing]) == []
+    born = line(TcpState.CLOSE, TcpState.SYN_SENT, 1, 150, pid=300, port=40000)
+    out = stage.on_events([born])
+    assert [ev.ts_ns for ev in out] == [100, 110, 120, 130, 140, 150]
+    assert not out[-1].flags & F_OWNER_SHARED and not stage.waiting
+
+
+def test_a_shared_listener_that_closed_leaves_its_port_unshared():
+    """A later listener on the same port is another socket, not shared until an accept
+    shows it so: its children's lines do not wait a second, nor go out marked shared."""
+    told: list = []
+    stage = Acceptors(mark_shared=lambda netns, port, is_shared: told.append(is_shared))
+    stage.on_events([line(TcpState.CLOSE, TcpState.LISTEN, 7, 10)])
+    stage.on_events([accepted(1, 20)])
+    assert stage.shared == {(NETNS, PORT)} and told == [True]
+    stage.on_events([line(TcpState.LISTEN, TcpState.CLOSE, 7, 30)])
+    assert stage.shared == set() and told == [True, False]
+    later = [line(TcpState.CLOSE, TcpState.LISTEN, 8, 40), *handshake(2, 50)]
+    assert stage.on_events(later) is None and not stage.waiting  # as read, none held
