@@ -267,6 +267,9 @@ class SocketTable:
 
         self._request_class = Request
         self._loop = asyncio.new_event_loop()
+        # when the last request left (monotonic ns): the kernel read its table after
+        # this, and building a request takes long enough to matter (~10 ms emulated)
+        self.sent_ns = 0
         # the namespace's tcp_max_tw_buckets, opened inside it (a net sysctl file
         # answers for the namespace it was opened in); None when unreadable
         self._max_tw: int | None = None
@@ -381,6 +384,7 @@ class SocketTable:
         from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY
 
         flags = flags or NLM_F_REQUEST | NLM_F_DUMP
+        self.sent_ns = time.monotonic_ns()
         answer = await self._sock.nlm_request(req, SOCK_DIAG_BY_FAMILY, flags)
         return [msg[_ENTRY] async for msg in answer if _ENTRY in msg]
 

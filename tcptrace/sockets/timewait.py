@@ -611,6 +611,7 @@ class TimeWait(Stage):
         unreachable = {netns for netns, table in tables.items() if table is None}
         # timers are read against this: the kernel is asked from now on
         self.asked_ns = time.monotonic_ns()
+        first = 0
         for netns, ns_keys in by_netns.items():
             table = tables[netns]
             if table is None:
@@ -618,12 +619,22 @@ class TimeWait(Stage):
             if len(ns_keys) <= EXACT_LOOK_UPS:
                 for key, family in ns_keys:
                     row = table.find(family, (key[1], key[2]), (key[3], key[4]))
+                    first = first or self._sent(table)
                     if row is not None and row.timewait and (netns, *row.key) == key:
                         found[key] = row
             else:
                 for family in {family for _key, family in ns_keys}:
                     self._dump(table, netns, [k for k, f in ns_keys if f == family], family, found)
+                    first = first or self._sent(table)
+        self.asked_ns = first or self.asked_ns
         return found, unreachable
+
+    def _sent(self, table: SocketTable) -> int:
+        """When the request just made left (0: not known). Timers are read against the
+        first request's departure, not against when tcptrace began to build it (~10 ms
+        before under emulation): the kernel read them after that."""
+        sent = getattr(table, "sent_ns", 0)
+        return sent if sent >= self.asked_ns else 0
 
     def _dump(
         self, table: SocketTable, netns: int, keys: list[Key], family: int, found: dict
@@ -863,6 +874,7 @@ class TimeWait(Stage):
         tables = {netns: self.tables.get(netns) for netns, _family in groups}
         unreachable = {netns for netns, table in tables.items() if table is None}
         self.asked_ns = time.monotonic_ns()
+        first = 0
         found: dict[Key, SockEntry] = {}
         for (netns, family), group in groups.items():
             table = tables[netns]
@@ -875,6 +887,8 @@ class TimeWait(Stage):
             for row in table.dump(TIMEWAIT_STATES, filters, [[(side, band)]]):
                 if row.timewait:
                     found[(netns, *row.key)] = row
+            first = first or self._sent(table)
+        self.asked_ns = first or self.asked_ns
         return found, unreachable
 
     def _fires(self, f: Followed) -> int:

@@ -642,3 +642,42 @@ def test_a_time_wait_a_later_poll_saw_ends_by_the_new_timewait_socket_on_its_4_t
     moves = [(ev.oldstate, ev.newstate) for ev in out]
     assert moves == [(TIME_WAIT, CLOSE), (FIN_WAIT2, TIME_WAIT)]
     assert out[0].ts_ns <= again.ts_ns == out[1].ts_ns
+
+
+class SlowToSendTable(SkippingTable):
+    """A table whose requests leave `prepare_ns` after they are made (pyroute2 builds
+    the message in Python: ~10 ms under emulation), as SocketTable says in sent_ns."""
+
+    def __init__(self, rows: dict, prepare_ns: int) -> None:
+        super().__init__(rows, set())
+        self.prepare_ns = prepare_ns
+        self.sent_ns = 0
+
+    def find(self, family, local, remote):
+        import time
+
+        time.sleep(self.prepare_ns / 1e9)
+        self.sent_ns = time.monotonic_ns()
+        return super().find(family, local, remote)
+
+
+def test_an_orphans_time_wait_begins_when_its_timer_says_read_from_the_request_sent():
+    """The kernel reads the timer when the request reaches it, not when tcptrace began
+    to build it: under emulation the FIN_WAIT2 of CI's four-mode test (peer's FIN 100 ms
+    later) came out 88.7 ms on average, each TIME_WAIT entry ~11 ms early."""
+    import time
+
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0x10 | 0x20, ts=now - 50_000_000)  # a timewait socket in FIN_WAIT2
+    table = SlowToSendTable({}, prepare_ns=30_000_000)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    assert tw.on_events([ev]) == []
+    key, row = time_wait_row(ev, TIME_WAIT)
+    fin_at = time.monotonic_ns() + 30_000_000  # as the request reaches the kernel
+    table.rows[key] = dataclasses.replace(row, expires_ms=60_000)  # the FIN came just then
+    out = tw.poll()
+    assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT)]
+    assert abs(out[0].ts_ns - fin_at) < 8_000_000, (out[0].ts_ns - fin_at) / 1e6
