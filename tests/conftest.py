@@ -5,7 +5,7 @@ Tests marked host_only run on the host only: the VM suite (vagrant/qemu-test set
 TCPTRACE_IN_VM=1 in the guest) skips them, because the host runs the same code on
 the same Python (Debian 12's 3.11) and they ask nothing of the kernel that differs:
 unit tests, and integration tests of what user space alone decides (output format,
-signals), on a guest whose userland is the host's.
+signals, the reader under load), on a guest whose userland is the host's.
 A guest on another Python (Debian 11's 3.9, Debian 13's 3.13) runs them: qemu-test
 passes the host's Python as TCPTRACE_HOST_PYTHON (major.minor).
 Every unit test module (tests/**/test_*.py outside tests/integration) is host_only

@@ -97,6 +97,7 @@ def run_on_terminal(*args: str, env: dict[str, str] | None = None) -> str:
     return received.decode()
 
 
+@pytest.mark.host_only  # user space alone; Debian 12's guest has the host's userland
 def test_colour_and_redraw_on_a_terminal():
     port = free_port()
     screen = run_on_terminal("--port", str(port), "--interval", "0.2", env={"NO_COLOR": ""})
@@ -104,6 +105,7 @@ def test_colour_and_redraw_on_a_terminal():
     assert SGR.search(screen)
 
 
+@pytest.mark.host_only  # user space alone; Debian 12's guest has the host's userland
 @pytest.mark.parametrize("how", ["flag", "env"])
 def test_no_color_on_a_terminal(how):
     args = ["--port", str(free_port()), "--interval", "0.2"]

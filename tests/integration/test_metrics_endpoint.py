@@ -124,6 +124,7 @@ def test_exporter_counts_real_connections():
     assert out.splitlines()[-1] == f"{10 * HELD + 2 - 2 * unseen} transitions traced, 0 lost"
 
 
+@pytest.mark.host_only  # user space alone; Debian 12's guest has the host's userland
 def test_metrics_on_ipv6_loopback_beside_event_lines():
     traffic, mport = free_port(), free_port(socket.AF_INET6)
     run = Running("--port", str(traffic), "--metrics", f"[::1]:{mport}", "-n")
@@ -138,6 +139,7 @@ def test_metrics_on_ipv6_loopback_beside_event_lines():
     assert "CLOSE -> LISTEN" in out
 
 
+@pytest.mark.host_only  # user space alone; Debian 12's guest has the host's userland
 def test_metrics_port_in_use_is_one_line_exit_1():
     with listener() as busy:
         port = busy.getsockname()[1]

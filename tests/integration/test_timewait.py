@@ -504,6 +504,7 @@ TIME_WAIT_LEN_S = 60
 KILLED_TOLD_WITHIN_S = 30
 
 
+@pytest.mark.host_only  # the rotation is user space's (sock_diag's bands: test_sockdiag)
 def test_beyond_poll_all_a_time_wait_killed_early_is_seen_go_within_a_round():
     """More than POLL_ALL followed: those in TIME_WAIT are asked for a band at a time,
     so one the kernel kills early (a reset; here ss -K) is told gone within a round,
