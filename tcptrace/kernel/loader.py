@@ -14,7 +14,7 @@ import os
 import signal
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -515,22 +515,23 @@ class Probe:
         sockets that crossed it since the last scan (SCAN_NEW), of every socket past it
         (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
         if self._user_scan is not None:
-            return self._user_scan.scan(self._map_entries(), now_ns, list_all)
+            return self._user_scan.scan_values(*self._map_values(), now_ns, list_all)
         return self._kernel_scan(now_ns, list_all)
 
-    def _map_entries(self) -> list[tuple[int, bytes]]:
-        """(socket address, sk_info bytes) of every entry, read in batches."""
+    def _map_values(self) -> tuple[Sequence[int], bytes, int]:
+        """Every entry's socket address, their sk_info values end to end, and a value's
+        size: read in batches."""
         table = self.bpf[b"sockets"]
+        key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
         if not _has_batch_lookup():
             # Debian 11's bcc 0.18 has none: the next key, then its value, per entry
-            return [(key.value, bytes(leaf)) for key, leaf in table.items()]
-        key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
+            items = [(key.value, bytes(leaf)) for key, leaf in table.items()]
+            return [sk for sk, _v in items], b"".join(v for _sk, v in items), value_size
         try:
             keys, raw = self._maps.read(table.map_fd, key_size, value_size, self.config.max_sockets)
         except MapReadError as exc:
             raise TcptraceError(f"could not read the socket map ({exc.strerror})") from None
-        addresses = struct.unpack(f"={len(keys) // key_size}Q", keys)
-        return [(sk, raw[i * value_size : (i + 1) * value_size]) for i, sk in enumerate(addresses)]
+        return struct.unpack(f"={len(keys) // key_size}Q", keys), raw, value_size
 
     def _kernel_scan(self, now_ns: int, list_all: int) -> ScanResult:
         from bcc.libbcc import lib
