@@ -76,12 +76,11 @@ class Options:
 
     @property
     def follows_closes(self) -> bool:
-        """--quiet and the live table (with --metrics or not) print no transitions, but
-        their summary follows TIME_WAIT as the lines' does (one truth for both): the
-        kernel streams only the ends that may be entries into TIME_WAIT."""
+        """--quiet, the live table (with --metrics or not) and --stuck alone print no
+        transitions, but their summary follows TIME_WAIT as the lines' does (one truth
+        for all): the kernel streams only the ends that may be entries into TIME_WAIT."""
         return (
-            self.transitions
-            and not self.emit_events
+            not self.emit_events
             and not self.lifetime
             and bool(self.filters.show_mask & (1 << TcpState.TIME_WAIT))
         )
@@ -141,7 +140,7 @@ class TextOutput(Stage):
             if self.stuck:
                 self.formatter.write(events, transitions=False)
                 self.out.flush()
-        elif not self.quiet:
+        elif self.lines:
             self.formatter.write(events)
             self.out.flush()
 

@@ -270,7 +270,11 @@ def test_lines_learnt_by_polling_never_come_before_older_traced_lines():
     reader.join(10)
     assert code == 0, run.proc.stderr.read()
     rows = [line.split() for line in lines[1:] if " -> " in line and line.split()[0][0].isdigit()]
-    assert len(rows) >= connections * 10, lines[-3:]
+    # a backlog of about ten lines a connection, every one shown (the kernel's count:
+    # once 19,999 for 2,000 connections, one transition it never made)
+    assert len(rows) >= connections * 9, lines[-3:]
+    traced, shown, lost = summary_numbers(accounting_line(lines))
+    assert traced == shown + lost, lines[-3:]
     stamps = [(float(row[0]), (row[-4], row[-2]) in MAY_BE_POLLED) for row in rows]
     wrong = out_of_order(stamps)
     assert not wrong, f"{len(wrong)} lines before older ones, e.g. {wrong[:3]}"

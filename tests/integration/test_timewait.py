@@ -466,7 +466,15 @@ def test_summaries_without_lines_follow_time_wait_as_lines_do():
     all the same: an orphan's FIN_WAIT2 lasts until its peer's FIN (PEER_LAG), not the
     few µs until the kernel swapped it for a timewait socket (issue 21.7)."""
     port = free_port()
-    modes = [("-n",), ("-q",), ("-i", "1"), ("-q", "--metrics", str(free_port()))]
+    # (--stuck alone prints its reports only: its summary once took an orphan's
+    # FIN_WAIT2 to end as the kernel swapped it for a timewait socket, ~10 µs)
+    modes = [
+        ("-n",),
+        ("-q",),
+        ("-i", "1"),
+        ("-q", "--metrics", str(free_port())),
+        ("--stuck", "CLOSE_WAIT=60s", "-n"),
+    ]
     runs = [Running("--port", str(port), *mode) for mode in modes]
     for run in runs:
         run.wait_ready()
