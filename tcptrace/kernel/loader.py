@@ -523,10 +523,7 @@ class Probe:
         size: read in batches."""
         table = self.bpf[b"sockets"]
         key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
-        if not _has_batch_lookup():
-            # Debian 11's bcc 0.18 has none: the next key, then its value, per entry
-            items = [(key.value, bytes(leaf)) for key, leaf in table.items()]
-            return [sk for sk, _v in items], b"".join(v for _sk, v in items), value_size
+        # (without a batch look-up, as in Debian 11's bcc 0.18, MapReader walks the keys)
         try:
             keys, raw = self._maps.read(table.map_fd, key_size, value_size, self.config.max_sockets)
         except MapReadError as exc:

@@ -128,6 +128,11 @@ def probe():
 
 def test_a_frames_readings_cost_a_few_bpf_calls_whatever_the_maps_size(counting, probe):
     # (counting first: the probe is loaded with the shim as its libbcc)
+    from bcc.libbcc import lib
+
+    if not hasattr(lib, "bpf_lookup_batch"):
+        # the key-by-key reading is what the two tests below compare with the batches
+        pytest.skip("this bcc (Debian 11's 0.18) has no batch look-up: maps are read by key")
     probe.summary()  # the first reading allocates the buffers: count the next ones
     counting.calls.clear()
     summary = probe.summary()
