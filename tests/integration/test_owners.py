@@ -340,6 +340,28 @@ def test_a_listener_shown_shared_by_an_accept_names_the_acceptor_on_later_handsh
     check_handshakes_name_acceptors(transitions(out), served, port, (server.master,))
 
 
+def check_one_workers_connections(
+    out: str, served: dict[str, int], port: int, worker: int, comm: str | None = None
+) -> list[list[str]]:
+    """A tracer that picked one worker (--pid, --comm) showed exactly the connections
+    it accepted, each whole from the handshake, timed and named after it (its comm
+    too, when given); its server side's lines are returned."""
+    mine = {remote for remote, pid in served.items() if pid == worker}
+    assert mine and len(mine) < len(served), served
+    rows = [r for r in transitions(out) if r[2] == f"127.0.0.1:{port}"]
+    lines_of, births = by_connection(rows, port)
+    assert set(lines_of) == mine, rows
+    for remote in mine:
+        lines = lines_of[remote]
+        assert [(r[4], r[5]) for r in lines] == HANDSHAKE[1:] + AFTER_ACCEPT, (remote, rows)
+        assert {int(r[0]) for r in lines} == {worker}, lines
+        if comm is not None:
+            assert {r[1] for r in lines} == {comm}, lines
+        assert all(r[6] != "-" for r in lines), lines  # timed (a birth is not)
+    assert births == [str(worker)] * len(mine), births
+    return rows
+
+
 def test_pid_worker_shows_its_connections_whole_from_the_handshake_and_pid_master_none():
     """Issue 22.1's nginx, started before tcptrace: --pid WORKER selects the connections
     that worker accepted from their first line (the handshake, before any accept), each
@@ -355,17 +377,7 @@ def test_pid_worker_shows_its_connections_whole_from_the_handshake_and_pid_maste
         ("--pid", str(one), "-n", "-T", "none"),
         ("--pid", str(server.master), "-n", "-T", "none"),
     )
-    mine = {remote for remote, pid in served.items() if pid == one}
-    assert mine and len(mine) < len(served), served
-    rows = [r for r in transitions(out) if r[2] == f"127.0.0.1:{port}"]
-    lines_of, births = by_connection(rows, port)
-    assert set(lines_of) == mine, rows
-    for remote in mine:
-        lines = lines_of[remote]
-        assert [(r[4], r[5]) for r in lines] == HANDSHAKE[1:] + AFTER_ACCEPT, (remote, rows)
-        assert {int(r[0]) for r in lines} == {one}
-        assert all(r[6] != "-" for r in lines), lines  # timed (a birth is not)
-    assert births == [str(one)] * len(mine), births
+    rows = check_one_workers_connections(out, served, port, one)
     assert f"{len(rows)} transitions traced, {len(rows)} shown, 0 lost" in out, out[-600:]
     theirs = [r for r in transitions(mout) if r[3] in served]
     assert theirs == [], theirs
@@ -380,13 +392,4 @@ def test_comm_worker_shows_its_connections_whole_from_the_handshake():
     server = Prefork(port, worker_comm="tt-wk")
     one = server.workers[0]
     served, (out,) = trace_served(server, port, ("--comm", "tt-wk0", "-n", "-T", "none"))
-    mine = {remote for remote, pid in served.items() if pid == one}
-    assert mine and len(mine) < len(served), served
-    rows = [r for r in transitions(out) if r[2] == f"127.0.0.1:{port}"]
-    lines_of, births = by_connection(rows, port)
-    assert set(lines_of) == mine, rows
-    for remote in mine:
-        lines = lines_of[remote]
-        assert [(r[4], r[5]) for r in lines] == HANDSHAKE[1:] + AFTER_ACCEPT, (remote, rows)
-        assert {(int(r[0]), r[1]) for r in lines} == {(one, "tt-wk0")}, lines
-    assert births == [str(one)] * len(mine), births
+    check_one_workers_connections(out, served, port, one, comm="tt-wk0")
