@@ -11,7 +11,7 @@ about what the batch read's system call does, 20 ms (BENCHMARKS.md).
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tcptrace.kernel.events import (
@@ -67,15 +67,6 @@ class UserScan:
         self.stuck_ns = stuck_ns
         # socket -> the entry time it was reported stuck at (one report per stay)
         self.reported: dict[int, int] = {}
-
-    def scan(self, entries: Iterable[tuple[int, bytes]], now_ns: int, list_all: int) -> ScanResult:
-        """The walk over (socket address, value) pairs, each value as long as the next."""
-        pairs = list(entries)
-        if not pairs:
-            return ScanResult(now_ns, {}, {}, {}, [])
-        size = len(pairs[0][1])
-        raw = b"".join(value for _sk, value in pairs)
-        return self.scan_values([sk for sk, _value in pairs], raw, size, now_ns, list_all)
 
     def scan_values(
         self, addresses: Sequence[int], raw: bytes, value_size: int, now_ns: int, list_all: int
