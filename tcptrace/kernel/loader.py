@@ -515,7 +515,10 @@ class Probe:
         sockets that crossed it since the last scan (SCAN_NEW), of every socket past it
         (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
         if self._user_scan is not None:
-            return self._user_scan.scan_values(*self._map_values(), now_ns, list_all)
+            addresses, raw, value_size = self._map_values()
+            # every value read was written before now: none is younger than the scan
+            now_ns = max(now_ns, time.monotonic_ns())
+            return self._user_scan.scan_values(addresses, raw, value_size, now_ns, list_all)
         return self._kernel_scan(now_ns, list_all)
 
     def _map_values(self) -> tuple[Sequence[int], bytes, int]:
@@ -528,7 +531,8 @@ class Probe:
             keys, raw = self._maps.read(table.map_fd, key_size, value_size, self.config.max_sockets)
         except MapReadError as exc:
             raise TcptraceError(f"could not read the socket map ({exc.strerror})") from None
-        return struct.unpack(f"={len(keys) // key_size}Q", keys), raw, value_size
+        # the keys are u64 socket addresses: a view, read only for the sockets reported
+        return memoryview(keys).cast("Q"), raw, value_size
 
     def _kernel_scan(self, now_ns: int, list_all: int) -> ScanResult:
         from bcc.libbcc import lib

@@ -13,6 +13,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import compress
 
 from tcptrace.kernel.events import (
     F_DELTA_KNOWN,
@@ -44,6 +45,11 @@ SK_INFO_OFFSETS = {
 _STATE_AT = SK_INFO_OFFSETS["state"]
 
 
+# a walk's findings: the entries to report (indexes into the batch), and per state the
+# oldest entry time, the sockets in it and those past their threshold
+_Walk = tuple[list[int], dict[int, int], dict[int, int], dict[int, int]]
+
+
 @dataclass
 class ScanResult:
     """One walk of the per-socket map (Probe.scan)."""
@@ -72,37 +78,18 @@ class UserScan:
         self, addresses: Sequence[int], raw: bytes, value_size: int, now_ns: int, list_all: int
     ) -> ScanResult:
         """The walk over the map as one batch read gives it: the sockets' addresses, and
-        their values end to end, value_size bytes each. Only an entry's time and state
-        are decoded in the loop (65,536 entries: 44 ms when each was decoded whole);
-        the rest only for the sockets reported."""
-        head = struct.Struct(f"=Q{_STATE_AT - 8}xI{value_size - _STATE_AT - 4}x")
-        count = [0] * NSTATES
-        oldest = [now_ns + 1] * NSTATES
-        stuck = [0] * NSTATES
-        limits = [self.stuck_ns.get(st, 0) for st in range(NSTATES)]
-        every = list_all == SCAN_EVERY
-        picked: list[int] = []
-        reported: dict[int, int] = {}
-        known = self.reported
-        for i, (entered, st) in enumerate(head.iter_unpack(raw)):
-            if st >= NSTATES or entered > now_ns:
-                continue  # unknown, or it moved after the scan began: young
-            count[st] += 1
-            if entered < oldest[st]:
-                oldest[st] = entered
-            if every:
-                picked.append(i)
-                continue
-            limit = limits[st]
-            if not limit or now_ns - entered < limit:
-                continue
-            stuck[st] += 1
-            # a socket moved on since has another entry time: its mark lapses
-            sk = addresses[i]
-            reported[sk] = entered
-            if list_all != SCAN_STUCK and known.get(sk) == entered:
-                continue
-            picked.append(i)
+        their values end to end, value_size bytes each. The entries' times and states are
+        taken out of the batch whole and counted in C (bytes.count, min over compress):
+        Python visits only the entries it reports (65,536 entries: 44 ms when each was
+        decoded in Python, 7 ms when only time and state were; BENCHMARKS.md)."""
+        columns = _columns(raw, value_size)
+        if columns is None or (columns[0] and max(columns[0]) > now_ns):
+            # an odd layout, or a socket that moved after the scan began (the loader
+            # takes now_ns after its read, so only a caller's older clock finds one)
+            walk = self._visit_each(addresses, raw, value_size, now_ns, list_all)
+        else:
+            walk = self._count_in_c(addresses, *columns, now_ns, list_all)
+        picked, oldest, count, stuck = walk
         unpack = SK_INFO.unpack_from
         records: list[Event] = []
         for i in picked:
@@ -133,12 +120,113 @@ class UserScan:
                     )
                 )
             )
+        return ScanResult(now_ns, oldest, count, stuck, records)
+
+    def _count_in_c(
+        self,
+        addresses: Sequence[int],
+        times: list[int],
+        states: bytes,
+        now_ns: int,
+        list_all: int,
+    ) -> _Walk:
+        """Per state, its sockets picked out of the columns by C loops: the entries to
+        report, and per state the oldest entry time, the count and the stuck count."""
+        oldest: dict[int, int] = {}
+        count: dict[int, int] = {}
+        stuck: dict[int, int] = {}
+        picked: list[int] = []
+        reported: dict[int, int] = {}
+        known = self.reported
+        everything = len(states)
+        for st in range(NSTATES):
+            n = states.count(st)
+            if not n:
+                continue
+            count[st] = n
+            mine = states.translate(_ONE_STATE[st])  # 1 where the entry is in st
+            oldest[st] = min(times) if n == everything else min(compress(times, mine))
+            if list_all == SCAN_EVERY:
+                continue
+            limit = self.stuck_ns.get(st, 0)
+            if not limit or now_ns - oldest[st] < limit:
+                continue
+            for i in compress(range(everything), mine):
+                entered = times[i]
+                if now_ns - entered < limit:
+                    continue
+                stuck[st] = stuck.get(st, 0) + 1
+                # a socket moved on since has another entry time: its mark lapses
+                sk = addresses[i]
+                reported[sk] = entered
+                if list_all != SCAN_STUCK and known.get(sk) == entered:
+                    continue
+                picked.append(i)
+        if list_all == SCAN_EVERY:
+            picked = list(compress(range(everything), states.translate(_KNOWN_STATE)))
+        else:
+            picked.sort()  # map order, as the iterator reports
+            self.reported = reported
+        return picked, oldest, count, stuck
+
+    def _visit_each(
+        self, addresses: Sequence[int], raw: bytes, value_size: int, now_ns: int, list_all: int
+    ) -> _Walk:
+        """The same walk, one entry at a time in Python: for what the C path leaves."""
+        head = struct.Struct(f"=Q{_STATE_AT - 8}xI{value_size - _STATE_AT - 4}x")
+        count = [0] * NSTATES
+        oldest = [now_ns + 1] * NSTATES
+        stuck = [0] * NSTATES
+        limits = [self.stuck_ns.get(st, 0) for st in range(NSTATES)]
+        every = list_all == SCAN_EVERY
+        picked: list[int] = []
+        reported: dict[int, int] = {}
+        known = self.reported
+        for i, (entered, st) in enumerate(head.iter_unpack(raw)):
+            if st >= NSTATES or entered > now_ns:
+                continue  # unknown, or it moved after the scan began: young
+            count[st] += 1
+            if entered < oldest[st]:
+                oldest[st] = entered
+            if every:
+                picked.append(i)
+                continue
+            limit = limits[st]
+            if not limit or now_ns - entered < limit:
+                continue
+            stuck[st] += 1
+            # a socket moved on since has another entry time: its mark lapses
+            sk = addresses[i]
+            reported[sk] = entered
+            if list_all != SCAN_STUCK and known.get(sk) == entered:
+                continue
+            picked.append(i)
         if not every:
             self.reported = reported
-        return ScanResult(
-            now_ns,
+        return (
+            picked,
             {st: t for st, t in enumerate(oldest) if count[st]},
             {st: n for st, n in enumerate(count) if n},
             {st: n for st, n in enumerate(stuck) if n},
-            records,
         )
+
+
+# translate() tables: an entry's state byte to 1 where it is the one state, or any
+# known state, else 0 (compress() then keeps those entries)
+_ONE_STATE = [bytes(int(b == st) for b in range(256)) for st in range(NSTATES)]
+_KNOWN_STATE = bytes(int(b < NSTATES) for b in range(256))
+
+
+def _columns(raw: bytes, value_size: int) -> tuple[list[int], bytes] | None:
+    """Every entry's entry time (u64) and state (one byte) out of a batch of values, by
+    strided views: no Python per entry. None when the layout does not allow it (a
+    value size that is no multiple of 8, a state above 255)."""
+    if value_size % 8 or len(raw) % value_size:
+        return None
+    words = memoryview(raw).cast("Q")
+    times = words[:: value_size // 8].tolist()
+    try:
+        states = bytes(memoryview(raw).cast("I")[_STATE_AT // 4 :: value_size // 4].tolist())
+    except ValueError:
+        return None
+    return times, states

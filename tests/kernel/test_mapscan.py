@@ -5,7 +5,14 @@ from __future__ import annotations
 import socket
 
 from tcptrace.kernel.events import F_DELTA_KNOWN, F_NETNS_KNOWN, F_OWNER_KNOWN, F_STUCK
-from tcptrace.kernel.mapscan import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, SK_INFO, UserScan
+from tcptrace.kernel.mapscan import (
+    SCAN_EVERY,
+    SCAN_NEW,
+    SCAN_STUCK,
+    SK_INFO,
+    UserScan,
+    _columns,
+)
 from tcptrace.states import TcpState
 
 S = 1_000_000_000
@@ -77,3 +84,30 @@ def test_young_and_unknown_entries_are_left_out():
     entries = [(1, entry(now + 1, CW)), (2, entry(now - 5 * S, 99))]
     result = walk(scan, entries, now, SCAN_EVERY)
     assert result.count == {} and result.records == []
+
+
+def test_the_walk_in_c_finds_what_the_walk_entry_by_entry_finds():
+    """The columns' path (C loops) against the per-entry path, on the same entries: every
+    mode, several thresholds, reports kept from one scan to the next."""
+    import random
+
+    rng = random.Random(7)
+    now = 1000 * S
+    states = [CW, EST, int(TcpState.SYN_SENT), int(TcpState.LAST_ACK)]
+    entries = [
+        (0x1000 + i * 64, entry(now - rng.randrange(0, 20 * S), rng.choice(states), sport=i))
+        for i in range(500)
+    ]
+    size = len(entries[0][1])
+    raw = b"".join(value for _sk, value in entries)
+    addresses = [sk for sk, _value in entries]
+    limits = {CW: 5 * S, int(TcpState.SYN_SENT): 12 * S}
+    assert _columns(raw, size) is not None  # the C path is the one taken
+    in_c, each = UserScan(limits), UserScan(limits)
+    for step, which in enumerate((SCAN_NEW, SCAN_NEW, SCAN_STUCK, SCAN_EVERY, SCAN_NEW)):
+        at = now + step * S
+        got = in_c.scan_values(addresses, raw, size, at, which)
+        picked, oldest, count, stuck = each._visit_each(addresses, raw, size, at, which)
+        assert (got.oldest, got.count, got.stuck) == (oldest, count, stuck)
+        assert [r.skaddr for r in got.records] == [addresses[i] for i in picked]
+        assert in_c.reported == each.reported
