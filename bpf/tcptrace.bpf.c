@@ -60,6 +60,10 @@
  *   MAX_LISTENERS   capacity of the listeners map (listening addresses)
  *   KEEP_ENDS       1: the per-socket map keeps each socket's ends, for the
  *                   records of the scan below (--stuck, OLDEST)
+ *   SCAN_AGES       1: a second map keeps each socket's entry time and state
+ *                   alone, once user space switches it on (ages_on): where the
+ *                   kernel refuses the map iterator, user space reads that map,
+ *                   16 bytes a socket, instead of the whole per-socket map
  *   SLOWER_THAN     1: submit only transitions that left their state after at
  *                   least its slow_ns threshold (--slower-than); the rest are
  *                   counted (TCPTRACE_C_FAST), in the statistics as always
@@ -164,6 +168,55 @@ struct cgroup_filter {
 #define LEVELS 2
 
 BPF_TABLE("lru_hash", u64, struct sk_info, sockets, MAX_SOCKETS);
+#if SCAN_AGES
+/* What the user-space scan reads of a socket (tcptrace/kernel/mapscan.py AGE): its
+ * sk_info's ts and state, kept apart because a batch read of the whole sk_info map
+ * costs twice as much (BENCHMARKS.md). Kept only while ages_on[0] is set. */
+struct sk_age {
+	u64 ts;
+	u32 state;
+	u32 reserved;
+};
+BPF_TABLE("lru_hash", u64, struct sk_age, ages, MAX_SOCKETS);
+BPF_ARRAY(ages_on, u32, 1);
+
+/* The socket entered `state` at `ts`: its age follows (fresh: it has no entry yet). */
+static __always_inline void age_set(u64 sk, u64 ts, u32 state, int fresh)
+{
+	u32 zero = 0;
+	u32 *on = ages_on.lookup(&zero);
+	if (!on || !*on)
+		return;
+	if (!fresh) {
+		struct sk_age *age = ages.lookup(&sk);
+		if (age) {
+			age->ts = ts;
+			age->state = state;
+			return;
+		}
+	}
+	struct sk_age next = {.ts = ts, .state = state};
+	ages.update(&sk, &next);
+}
+
+static __always_inline void age_forget(u64 sk)
+{
+	u32 zero = 0;
+	u32 *on = ages_on.lookup(&zero);
+	if (on && *on)
+		ages.delete(&sk);
+}
+#else
+#define age_set(sk, ts, state, fresh)
+#define age_forget(sk)
+#endif
+
+/* The socket's entry goes (its age with it): 0 if there was one. */
+static __always_inline int forget(u64 sk)
+{
+	age_forget(sk);
+	return sockets.delete(&sk);
+}
 /* Owner of each listening address, inherited by the sockets it accepts. A plain
  * hash, not an LRU: an evicted entry would let a later listener on the same
  * address claim the children of one still open. */
@@ -710,7 +763,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 		/* left by another socket at this address whose CLOSE the kernel
 		 * skipped (recursion): its time and owner are not this socket's */
 		count(TCPTRACE_C_STALE);
-		if (sockets.delete(&sk) == 0)
+		if (forget(sk) == 0)
 			count(TCPTRACE_C_DELETED);
 		info = 0;
 	}
@@ -736,6 +789,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			process_comm(pending.comm);
 			if (sockets.update(&sk, &pending) == 0)
 				count(TCPTRACE_C_INSERTED);
+			age_set(sk, now, TT_SYN_SENT, 1);
 		}
 #endif
 		return 0;
@@ -743,7 +797,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 #if FILTER_PORTS & PORT_LOCAL
 	if (info && sport != 0 && !port_match(sport, dport)) {
 		/* a pending connect() whose chosen port does not match */
-		if (sockets.delete(&sk) == 0)
+		if (forget(sk) == 0)
 			count(TCPTRACE_C_DELETED);
 		return 0;
 	}
@@ -856,6 +910,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 				if (sockets.update(&sk, &next) == 0)
 					count(TCPTRACE_C_INSERTED);
 			}
+			age_set(sk, ev.ts_ns, ev.newstate, !info);
 #if ACCEPT_RECORDS
 			/* of a listener user space knows shared: sent, undecided, for
 			 * its accept record to decide there (not counted seen yet) */
@@ -871,7 +926,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 #endif
 		/* another owner's socket, or one whose owner the kernel does not know:
 		 * forget it, like a socket on another port */
-		if (info && sockets.delete(&sk) == 0)
+		if (info && forget(sk) == 0)
 			count(TCPTRACE_C_DELETED);
 		return 0;
 	}
@@ -887,7 +942,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 		if (old != TT_LISTEN)
 			life = life_end(info, &ev, level); /* before the entry goes */
 #endif
-		if (sockets.delete(&sk) == 0)
+		if (forget(sk) == 0)
 			count(TCPTRACE_C_DELETED);
 	} else {
 		if (info) {
@@ -906,6 +961,7 @@ static __always_inline int on_transition(void *ctx, u64 sk, int old, int new, u1
 			if (sockets.update(&sk, &next) == 0)
 				count(TCPTRACE_C_INSERTED);
 		}
+		age_set(sk, ev.ts_ns, ev.newstate, !info);
 	}
 
 	count(TCPTRACE_C_SEEN);

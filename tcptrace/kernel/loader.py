@@ -56,8 +56,12 @@ from tcptrace.kernel.events import (
 )
 from tcptrace.kernel.mapread import MapReader, MapReadError, per_cpu_totals
 from tcptrace.kernel.mapscan import (
+    AGE,
+    AGE_OFFSETS,
+    SCAN_EVERY,
     SCAN_NEW,
     SK_INFO_OFFSETS,
+    SK_INFO_TS_STATE,
     ScanResult,
     UserScan,
 )
@@ -112,6 +116,8 @@ CGROUP_BY_WALK = "walk"
 SCAN_FN = b"bpf_iter__bpf_map_elem"
 # Bytes per read of the iterator: the kernel fills at most a page-sized buffer per call.
 SCAN_READ_BYTES = 1 << 16
+# bpf_update_elem's flag: insert only, leave an entry there (uapi/linux/bpf.h)
+BPF_NOEXIST = 1
 
 
 class _IterMapInfo(ctypes.Structure):
@@ -257,6 +263,7 @@ class ProbeConfig:
             f"-DFILTER_NETNS={int(bool(self.filters.netns))}",
             f"-DFILTER_OWNER={self.filters.owner_checks}",
             f"-DKEEP_ENDS={int(self.keep_ends)}",
+            f"-DSCAN_AGES={int(self.scan and self.keep_ends)}",
             f"-DSLOWER_THAN={int(bool(self.filters.slower_than))}",
             f"-DKERNEL_LIFETIMES={int(self.kernel_lifetimes)}",
             f"-DCGROUP_ANCESTOR={int(self.cgroup_ancestor)}",
@@ -310,6 +317,7 @@ class Probe:
         self._scan_table = None
         # the walk in user space, where the kernel refuses the iterator (and why it does)
         self._user_scan: UserScan | None = None
+        self._ages = None  # the ages map the user-space scan reads (SCAN_AGES), if kept
         self.scan_fallback: str | None = None
         # records read from the perf buffer, to count those left unread at exit
         self.received = 0
@@ -473,6 +481,7 @@ class Probe:
         if layout is not None:
             return f"{problem}, and {layout}"
         self._user_scan = UserScan(self.config.stuck_ns)
+        self._keep_ages()
         if not _has_batch_lookup():
             problem += " and this bcc has no batch lookup (one key at a time)"
         self.scan_fallback = problem
@@ -509,22 +518,71 @@ class Probe:
                 return f"struct sk_info.{name} is not where the user-space scan reads it"
         return None
 
+    def _keep_ages(self) -> None:
+        """Have the kernel keep the ages map (SCAN_AGES), which the user-space scan then
+        reads instead of the socket map, and give it the sockets the map holds already
+        (tracing began before this). Without the map's layout as expected, the scan
+        reads the socket map whole (twice the cost, the same result)."""
+        from bcc.libbcc import lib
+
+        try:
+            ages, on = self.bpf[b"ages"], self.bpf[b"ages_on"]
+        except KeyError:
+            return  # compiled without SCAN_AGES
+        leaf = ages.Leaf
+        if ctypes.sizeof(leaf) != AGE.size or any(
+            getattr(leaf, name).offset != offset for name, offset in AGE_OFFSETS.items()
+        ):
+            return
+        on[ctypes.c_int(0)] = ctypes.c_uint32(1)
+        # from now on the kernel writes every change: an entry it wrote is newer than
+        # the socket map read here (BPF_NOEXIST leaves it), and a socket that closed
+        # in between is taken out again below
+        sockets = self.bpf[b"sockets"]
+        addresses, raw, value_size = self._map_values()
+        key, age = ctypes.c_uint64(), ctypes.create_string_buffer(AGE.size)
+        info = ctypes.create_string_buffer(value_size)
+        for i, sk in enumerate(addresses):
+            AGE.pack_into(age, 0, *SK_INFO_TS_STATE.unpack_from(raw, i * value_size), 0)
+            key.value = sk
+            if lib.bpf_update_elem(ages.map_fd, ctypes.byref(key), age, BPF_NOEXIST) != 0:
+                continue
+            if lib.bpf_lookup_elem(sockets.map_fd, ctypes.byref(key), info) != 0:
+                lib.bpf_delete_elem(ages.map_fd, ctypes.byref(key))
+        self._ages = ages
+
+    def _details(self, sk: int) -> bytes | None:
+        """One socket's sk_info from the socket map (None: it went)."""
+        from bcc.libbcc import lib
+
+        sockets = self.bpf[b"sockets"]
+        key = ctypes.c_uint64(sk)
+        value = ctypes.create_string_buffer(ctypes.sizeof(sockets.Leaf))
+        if lib.bpf_lookup_elem(sockets.map_fd, ctypes.byref(key), value) != 0:
+            return None
+        return value.raw
+
     def scan(self, now_ns: int, list_all: int = SCAN_NEW) -> ScanResult:
         """Walk the per-socket map: per state the oldest socket, how many there are and
         how many are past their --stuck threshold; records (F_STUCK events) of the
         sockets that crossed it since the last scan (SCAN_NEW), of every socket past it
         (SCAN_STUCK), or of every socket in the map (SCAN_EVERY)."""
         if self._user_scan is not None:
+            if self._ages is not None and list_all != SCAN_EVERY:
+                addresses, ages, _size = self._map_values(self._ages)
+                # every value read was written before now: none is younger than the scan
+                now_ns = max(now_ns, time.monotonic_ns())
+                return self._user_scan.scan_ages(addresses, ages, now_ns, list_all, self._details)
             addresses, raw, value_size = self._map_values()
-            # every value read was written before now: none is younger than the scan
             now_ns = max(now_ns, time.monotonic_ns())
             return self._user_scan.scan_values(addresses, raw, value_size, now_ns, list_all)
         return self._kernel_scan(now_ns, list_all)
 
-    def _map_values(self) -> tuple[Sequence[int], bytes, int]:
-        """Every entry's socket address, their sk_info values end to end, and a value's
-        size: read in batches."""
-        table = self.bpf[b"sockets"]
+    def _map_values(self, table=None) -> tuple[Sequence[int], bytes, int]:
+        """Every entry's socket address, their values end to end (sk_info, or those of
+        `table`), and a value's size: read in batches."""
+        if table is None:
+            table = self.bpf[b"sockets"]
         key_size, value_size = ctypes.sizeof(table.Key), ctypes.sizeof(table.Leaf)
         # (without a batch look-up, as in Debian 11's bcc 0.18, MapReader walks the keys)
         try:

@@ -11,7 +11,7 @@ about what the batch read's system call does, 20 ms (BENCHMARKS.md).
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from itertools import compress
 
@@ -43,6 +43,16 @@ SK_INFO_OFFSETS = {
     for i, (name, _code) in enumerate(_SK_INFO)
 }
 _STATE_AT = SK_INFO_OFFSETS["state"]
+SK_INFO_TS_STATE = struct.Struct(f"=Q{_STATE_AT - 8}xI")  # an sk_info's ts and state
+# struct sk_age (SCAN_AGES): a socket's entry time and state alone, in a map of their
+# own that the kernel keeps where it refuses the iterator: a batch read of 65,536
+# takes half the time of the sk_info map's (BENCHMARKS.md). Checked like sk_info.
+_AGE = (("ts", "Q"), ("state", "I"), ("reserved", "I"))
+AGE = struct.Struct("=" + "".join(code for _name, code in _AGE))
+AGE_OFFSETS = {
+    name: struct.calcsize("=" + "".join(code for _n, code in _AGE[:i]))
+    for i, (name, _code) in enumerate(_AGE)
+}
 
 
 # a walk's findings: the entries to report (indexes into the batch), and per state the
@@ -78,49 +88,48 @@ class UserScan:
         self, addresses: Sequence[int], raw: bytes, value_size: int, now_ns: int, list_all: int
     ) -> ScanResult:
         """The walk over the map as one batch read gives it: the sockets' addresses, and
-        their values end to end, value_size bytes each. The entries' times and states are
-        taken out of the batch whole and counted in C (bytes.count, min over compress):
-        Python visits only the entries it reports (65,536 entries: 44 ms when each was
-        decoded in Python, 7 ms when only time and state were; BENCHMARKS.md)."""
-        columns = _columns(raw, value_size)
+        their sk_info values end to end, value_size bytes each."""
+        walk = self._walk(addresses, raw, value_size, _STATE_AT, now_ns, list_all)
+        records = [_report(addresses[i], raw, i * value_size, now_ns) for i in walk[0]]
+        return ScanResult(now_ns, *walk[1:], records)
+
+    def scan_ages(
+        self,
+        addresses: Sequence[int],
+        ages: bytes,
+        now_ns: int,
+        list_all: int,
+        details: Callable[[int], bytes | None],
+    ) -> ScanResult:
+        """The same walk over the ages map (struct sk_age values end to end): a reported
+        socket's sk_info is asked of details(socket), None if it went since."""
+        walk = self._walk(addresses, ages, AGE.size, AGE_OFFSETS["state"], now_ns, list_all)
+        records = []
+        for i in walk[0]:
+            info = details(addresses[i])
+            if info is not None:
+                records.append(_report(addresses[i], info, 0, now_ns))
+        return ScanResult(now_ns, *walk[1:], records)
+
+    def _walk(
+        self,
+        addresses: Sequence[int],
+        raw: bytes,
+        value_size: int,
+        state_at: int,
+        now_ns: int,
+        list_all: int,
+    ) -> _Walk:
+        """The entries' times (a u64 at the value's start) and states (a u32 at state_at)
+        are taken out of the batch whole and counted in C (bytes.count, min over
+        compress): Python visits only the entries it reports (65,536 entries: 44 ms
+        when each was decoded in Python, 7 ms when only time and state were, 3 ms so)."""
+        columns = _columns(raw, value_size, state_at)
         if columns is None or (columns[0] and max(columns[0]) > now_ns):
             # an odd layout, or a socket that moved after the scan began (the loader
             # takes now_ns after its read, so only a caller's older clock finds one)
-            walk = self._visit_each(addresses, raw, value_size, now_ns, list_all)
-        else:
-            walk = self._count_in_c(addresses, *columns, now_ns, list_all)
-        picked, oldest, count, stuck = walk
-        unpack = SK_INFO.unpack_from
-        records: list[Event] = []
-        for i in picked:
-            (entered, cgroup_id, pid, flags, comm, st, netns, _mark, saddr, daddr, sport, dport,
-             family, _reserved) = unpack(raw, i * value_size)  # fmt: skip
-            ev_flags = F_STUCK | F_DELTA_KNOWN | (flags & F_OWNER_KNOWN)
-            if netns:
-                ev_flags |= F_NETNS_KNOWN
-            records.append(
-                make_event(
-                    (
-                        now_ns,
-                        now_ns - entered,
-                        addresses[i],
-                        cgroup_id,
-                        pid,
-                        ev_flags,
-                        netns,
-                        0,
-                        saddr,
-                        daddr,
-                        sport,
-                        dport,
-                        family,
-                        st,
-                        st,
-                        comm,
-                    )
-                )
-            )
-        return ScanResult(now_ns, oldest, count, stuck, records)
+            return self._visit_each(addresses, raw, value_size, state_at, now_ns, list_all)
+        return self._count_in_c(addresses, *columns, now_ns, list_all)
 
     def _count_in_c(
         self,
@@ -170,10 +179,16 @@ class UserScan:
         return picked, oldest, count, stuck
 
     def _visit_each(
-        self, addresses: Sequence[int], raw: bytes, value_size: int, now_ns: int, list_all: int
+        self,
+        addresses: Sequence[int],
+        raw: bytes,
+        value_size: int,
+        state_at: int,
+        now_ns: int,
+        list_all: int,
     ) -> _Walk:
         """The same walk, one entry at a time in Python: for what the C path leaves."""
-        head = struct.Struct(f"=Q{_STATE_AT - 8}xI{value_size - _STATE_AT - 4}x")
+        head = struct.Struct(f"=Q{state_at - 8}xI{value_size - state_at - 4}x")
         count = [0] * NSTATES
         oldest = [now_ns + 1] * NSTATES
         stuck = [0] * NSTATES
@@ -217,16 +232,29 @@ _ONE_STATE = [bytes(int(b == st) for b in range(256)) for st in range(NSTATES)]
 _KNOWN_STATE = bytes(int(b < NSTATES) for b in range(256))
 
 
-def _columns(raw: bytes, value_size: int) -> tuple[list[int], bytes] | None:
+def _columns(raw: bytes, value_size: int, state_at: int) -> tuple[list[int], bytes] | None:
     """Every entry's entry time (u64) and state (one byte) out of a batch of values, by
     strided views: no Python per entry. None when the layout does not allow it (a
     value size that is no multiple of 8, a state above 255)."""
-    if value_size % 8 or len(raw) % value_size:
+    if value_size % 8 or state_at % 4 or len(raw) % value_size:
         return None
     words = memoryview(raw).cast("Q")
     times = words[:: value_size // 8].tolist()
     try:
-        states = bytes(memoryview(raw).cast("I")[_STATE_AT // 4 :: value_size // 4].tolist())
+        states = bytes(memoryview(raw).cast("I")[state_at // 4 :: value_size // 4].tolist())
     except ValueError:
         return None
     return times, states
+
+
+def _report(sk: int, raw: bytes, at: int, now_ns: int) -> Event:
+    """The stuck report (F_STUCK event) of the socket whose sk_info is at raw[at:]."""
+    (entered, cgroup_id, pid, flags, comm, st, netns, _mark, saddr, daddr, sport, dport,
+     family, _reserved) = SK_INFO.unpack_from(raw, at)  # fmt: skip
+    ev_flags = F_STUCK | F_DELTA_KNOWN | (flags & F_OWNER_KNOWN)
+    if netns:
+        ev_flags |= F_NETNS_KNOWN
+    return make_event(
+        (now_ns, now_ns - entered, sk, cgroup_id, pid, ev_flags, netns, 0, saddr, daddr,
+         sport, dport, family, st, st, comm)
+    )  # fmt: skip

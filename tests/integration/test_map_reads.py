@@ -22,7 +22,7 @@ from tcptrace.filters import Filters
 from tcptrace.kernel.events import HIST_SLOTS, NCOUNTERS
 from tcptrace.kernel.mapread import ENOTSUPP, MapReader
 from tcptrace.kernel.stats import Summary
-from tcptrace.states import NSTATES
+from tcptrace.states import NSTATES, TcpState
 
 from .netutil import free_port
 
@@ -216,3 +216,60 @@ def test_the_socket_map_reads_the_same_entries_key_by_key(probe):
     probe._maps = MapReader(old)
     assert entries() == batched
     assert old.calls["bpf_get_next_key"] == len(batched) + 1  # the last one: the end
+
+
+def _keys(probe, name: bytes) -> set[int]:
+    return {key.value for key in probe.bpf[name]}
+
+
+def test_the_user_space_scan_reads_the_ages_map_and_it_follows_the_socket_map(
+    counting, monkeypatch
+):
+    """Where the iterator is refused, the kernel keeps each socket's time and state in a
+    map of their own (16 bytes, not the sk_info's 96) and the scan reads that: one batch,
+    the same counts. Sockets born before the scan was opened are given to it."""
+    from tcptrace.kernel.loader import Probe, ProbeConfig
+
+    monkeypatch.setenv("TCPTRACE_MAP_SCAN", "user")
+    port = free_port()
+    probe = Probe(
+        ProbeConfig(
+            filters=Filters(ports=frozenset({port})),
+            emit_events=False,
+            keep_ends=True,
+            scan=True,
+            stuck_ns={int(TcpState.ESTABLISHED): 1},
+        )
+    )
+    try:
+        with socket.socket() as srv, contextlib.ExitStack() as held:
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind(("127.0.0.1", port))
+            srv.listen(8)
+            for _ in range(3):  # before the scan opens: the kernel keeps no ages yet
+                held.enter_context(socket.create_connection(("127.0.0.1", port)))
+                held.enter_context(srv.accept()[0])
+            assert probe.open_scan() is None
+            assert probe.scan_fallback and probe._ages is not None
+            for _ in range(2):  # after: the kernel writes their ages itself
+                held.enter_context(socket.create_connection(("127.0.0.1", port)))
+                held.enter_context(srv.accept()[0])
+            time.sleep(0.05)
+            assert _keys(probe, b"ages") == _keys(probe, b"sockets")
+            counting.calls.clear()
+            result = probe.scan(time.monotonic_ns())
+            # 5 pairs and the listener, each once: from one batch of the ages map, the
+            # reported sockets' ends from the socket map, one look-up each
+            assert result.count == {int(TcpState.ESTABLISHED): 10, int(TcpState.LISTEN): 1}
+            assert len(result.records) == 10
+            assert all(port in (r.sport, r.dport) for r in result.records)
+            from bcc.libbcc import lib
+
+            if hasattr(lib, "bpf_lookup_batch"):  # (Debian 11's bcc walks the keys)
+                assert counting.calls["bpf_lookup_batch"] == 1
+                assert counting.calls["bpf_lookup_elem"] == 10
+        time.sleep(0.2)  # every close done (the timewait sockets are not the map's)
+        assert _keys(probe, b"ages") == _keys(probe, b"sockets") == set()
+        assert probe.scan(time.monotonic_ns()).count == {}
+    finally:
+        probe.close()

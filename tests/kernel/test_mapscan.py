@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import socket
+import sys
 
 from tcptrace.kernel.events import F_DELTA_KNOWN, F_NETNS_KNOWN, F_OWNER_KNOWN, F_STUCK
 from tcptrace.kernel.mapscan import (
+    AGE,
     SCAN_EVERY,
     SCAN_NEW,
     SCAN_STUCK,
     SK_INFO,
+    SK_INFO_OFFSETS,
     UserScan,
     _columns,
 )
 from tcptrace.states import TcpState
 
 S = 1_000_000_000
+STATE_AT = SK_INFO_OFFSETS["state"]
 CW = int(TcpState.CLOSE_WAIT)
 EST = int(TcpState.ESTABLISHED)
 
@@ -102,12 +106,42 @@ def test_the_walk_in_c_finds_what_the_walk_entry_by_entry_finds():
     raw = b"".join(value for _sk, value in entries)
     addresses = [sk for sk, _value in entries]
     limits = {CW: 5 * S, int(TcpState.SYN_SENT): 12 * S}
-    assert _columns(raw, size) is not None  # the C path is the one taken
+    assert _columns(raw, size, STATE_AT) is not None  # the C path is the one taken
     in_c, each = UserScan(limits), UserScan(limits)
     for step, which in enumerate((SCAN_NEW, SCAN_NEW, SCAN_STUCK, SCAN_EVERY, SCAN_NEW)):
         at = now + step * S
         got = in_c.scan_values(addresses, raw, size, at, which)
-        picked, oldest, count, stuck = each._visit_each(addresses, raw, size, at, which)
+        picked, oldest, count, stuck = each._visit_each(addresses, raw, size, STATE_AT, at, which)
         assert (got.oldest, got.count, got.stuck) == (oldest, count, stuck)
         assert [r.skaddr for r in got.records] == [addresses[i] for i in picked]
         assert in_c.reported == each.reported
+
+
+def test_the_ages_map_walk_reports_what_the_sk_info_walk_does():
+    """Where the kernel keeps the ages map (sk_age: time and state alone), the walk over
+    it finds the same, and takes each reported socket's details from the socket map;
+    one gone since (details None) is counted but not reported."""
+    now = 100 * S
+    entries = [
+        (1, entry(now - 5 * S, CW, sport=1)),
+        (2, entry(now - 1 * S, CW, sport=2)),
+        (3, entry(now - 9 * S, EST, sport=3)),
+        (4, entry(now - 7 * S, CW, sport=4)),
+    ]
+    ts_at, state_at = SK_INFO_OFFSETS["ts"], SK_INFO_OFFSETS["state"]
+    ages = b"".join(
+        AGE.pack(int.from_bytes(v[ts_at : ts_at + 8], sys.byteorder),
+                 int.from_bytes(v[state_at : state_at + 4], sys.byteorder), 0)
+        for _sk, v in entries
+    )  # fmt: skip
+    infos = {sk: value for sk, value in entries if sk != 4}  # 4 closed since the ages read
+    by_ages = UserScan({CW: 2 * S}).scan_ages([1, 2, 3, 4], ages, now, SCAN_NEW, infos.get)
+    by_info = walk(UserScan({CW: 2 * S}), entries, now, SCAN_NEW)
+    assert (by_ages.count, by_ages.oldest, by_ages.stuck) == (
+        by_info.count,
+        by_info.oldest,
+        by_info.stuck,
+    )
+    assert [r.skaddr for r in by_info.records] == [1, 4]
+    (record,) = by_ages.records
+    assert record == by_info.records[0]
