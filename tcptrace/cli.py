@@ -194,6 +194,7 @@ Examples:
   tcptrace -6 --count 100             the next 100 IPv6 transitions
   tcptrace -4 -p 22 -T relative       IPv4 SSH, seconds since start
   tcptrace --quiet --duration 60      one minute of per-state statistics only
+  tcptrace --quiet --hist -p 443      at exit, a log2 histogram of the time in each state
   tcptrace -L 8000-8100 -D 443 -T iso --count 50 --buffer-pages 256
   tcptrace --port 443 --json | jq .   one JSON object per transition, then a summary
   tcptrace --port 443 --csv > t.csv   a CSV header and rows (summary on stderr)
@@ -348,6 +349,13 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     help="No per-transition output: count in the kernel, print the summary at exit.",
 )
 @click.option(
+    "--hist",
+    is_flag=True,
+    help="At exit, after the summary: per state, a log2 histogram of the time sockets "
+    "spent in it (buckets, counts, bars, as bcc's tools print); with --json, in the "
+    "summary object.",
+)
+@click.option(
     "--buffer-pages",
     type=click.IntRange(min=1, max=MAX_BUFFER_PAGES),
     default=None,
@@ -477,7 +485,8 @@ def main(**opts: object) -> None:
             raise click.UsageError(f"--{flag} goes with --snapshot")
     streams = {"lifetime": opts["lifetime"], "quiet": opts["quiet"], "json": opts["as_json"],
                "csv": opts["as_csv"], "interval": opts["interval"] is not None,
-               "metrics": opts["metrics"] is not None, "stuck": bool(opts["stuck"])}  # fmt: skip
+               "metrics": opts["metrics"] is not None, "stuck": bool(opts["stuck"]),
+               "hist": opts["hist"]}  # fmt: skip
     for flag, given in streams.items():
         if given and opts["snapshot"]:
             raise click.UsageError(f"--{flag} and --snapshot exclude each other")
@@ -532,6 +541,7 @@ def main(**opts: object) -> None:
         extended=bool(opts["extended"]),
         max_sockets=int(opts["max_sockets"]),
         wide=bool(opts["wide"]),
+        hist=bool(opts["hist"]),
         stuck=stuck,
         # --stuck alone prints its reports only; with --slower-than, the slow lines too
         transitions=not stuck or bool(opts["slower_than"]),

@@ -15,6 +15,7 @@ from tcptrace.filters import Filters
 from tcptrace.kernel import preflight
 from tcptrace.kernel.events import F_STUCK, Event
 from tcptrace.kernel.stats import Summary
+from tcptrace.outputs.hist import format_hist
 from tcptrace.outputs.losses import LossReport
 from tcptrace.outputs.losses import advice as loss_advice
 from tcptrace.outputs.output import (
@@ -99,6 +100,8 @@ class Options:
     max_sockets: int = 65536
     # -w/--wide: the NETNS and CGROUP columns, whatever the host's namespaces
     wide: bool = False
+    # --hist: each state's log2 histogram after the exit summary, on its stream
+    hist: bool = False
 
 
 class TextOutput(Stage):
@@ -112,6 +115,7 @@ class TextOutput(Stage):
     ) -> None:
         self.out = out
         self.quiet = options.quiet
+        self.hist = options.hist
         # transitions are printed (else "shown" has no meaning in the accounting)
         self.lines = options.emit_events
         # --stuck: its reports are printed, --quiet or not; what is still stuck at exit
@@ -152,6 +156,8 @@ class TextOutput(Stage):
             self.out.write("\n")
         printed = self.formatter.printed if self.lines else None
         self.out.write(format_summary(summary, printed))
+        if self.hist:
+            self.out.write("\n" + format_hist(summary))
         self.out.flush()
 
 
@@ -162,6 +168,7 @@ class LifetimeOutput(Stage):
         from tcptrace.sockets.lifetimes import Lifetimes
 
         self.out = out
+        self.hist = options.hist
         self.formatter = LifetimeFormatter(
             out,
             Clock.now(options.timestamp),
@@ -186,6 +193,8 @@ class LifetimeOutput(Stage):
     def on_finish(self, summary: Summary) -> None:
         self.lifetimes.remark_waiting(summary)
         self.out.write("\n" + format_summary(summary, self.formatter.printed, lifetimes=True))
+        if self.hist:
+            self.out.write("\n" + format_hist(summary))
         self.out.flush()
 
 
@@ -342,6 +351,7 @@ def build_stages(
                 lifetimes=options.lifetime,
                 states=options.filters.states,
                 still_stuck=still_stuck,
+                hist=options.hist,
             )
         )
     elif options.lifetime:

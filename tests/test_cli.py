@@ -49,6 +49,7 @@ from tcptrace.cli import main
         (["--slower-than", "TIME_WAIT=1s"], "TIME_WAIT"),
         (["--quiet", "--slower-than", "1s"], "no effect with --quiet"),
         (["--lifetime", "--slower-than", "1s"], "--lifetime"),
+        (["--hist", "--snapshot"], "--hist and --snapshot exclude each other"),
     ],
 )
 def test_usage_errors(args, message):
@@ -100,6 +101,16 @@ def test_output_options_reach_the_session(monkeypatch):
     assert seen[2].interval == 0.5 and seen[2].no_color
     assert seen[2].metrics.host == "127.0.0.1"  # loopback unless an address is given
     assert not seen[2].emit_events  # the table reads the kernel's maps only
+
+
+def test_hist_reaches_the_session_in_every_mode(monkeypatch):
+    seen = []
+    monkeypatch.setattr("tcptrace.session.run", lambda options: seen.append(options) or 0)
+    runner = CliRunner()
+    for args in ([], ["-q"], ["--json"], ["--csv", "-q"], ["--lifetime"], ["-i", "1"]):
+        assert runner.invoke(main, ["--hist", *args]).exit_code == 0, args
+    assert runner.invoke(main, []).exit_code == 0
+    assert [options.hist for options in seen] == [True] * 6 + [False]
 
 
 def test_slower_than_reaches_the_filters(monkeypatch):

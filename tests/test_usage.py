@@ -93,6 +93,7 @@ BAD = [
     (["--stuck", "1s", "--lifetime"], "--lifetime and --stuck exclude each other"),
     (["--stuck", "1s", "--count", "3"], "--count counts transitions shown: --stuck shows none"),
     (["--stuck", "1s", "--snapshot"], "--stuck and --snapshot exclude each other"),
+    (["--hist", "--snapshot"], "--hist and --snapshot exclude each other"),
     (["--stuck", "1s", "-s", "SYN_SENT"], "--state selects transitions: --stuck alone shows none"),
     # huge values (issue 22.4): once a traceback, an internal error, or a threshold
     # wrapped modulo 2^64 ns in the kernel

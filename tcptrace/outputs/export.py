@@ -11,6 +11,7 @@ Schema (README "Machine-readable output"):
   summary:    transitions_traced, written, faster, lost, held, notes[...],
               time_wait_not_followed, time_wait_dropped_with_netns,
               still_in_time_wait, states{...}, transitions[...]
+              (with --hist, each state also has hist[{low_ns, high_ns, count}])
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from tcptrace.kernel.events import (
     format_addr,
 )
 from tcptrace.kernel.stats import PERCENTILES, Summary
+from tcptrace.outputs.hist import format_hist, hist_record
 from tcptrace.outputs.output import NS_PER_S, NS_PER_US, Clock, format_summary, write_all
 from tcptrace.sockets.flows import lost_events
 from tcptrace.sockets.lifetimes import Lifetime, Lifetimes
@@ -138,8 +140,9 @@ NOTE_END_UNSURE = "time_wait_not_followed"
 NOTE_OWNER_SHARED = "listener_shared"
 
 
-def summary_record(summary: Summary, written: int | None) -> Record:
-    """The exit summary as one record: accounting, then per state and per transition."""
+def summary_record(summary: Summary, written: int | None, hist: bool = False) -> Record:
+    """The exit summary as one record: accounting, then per state and per transition.
+    hist: each state's log2 histogram too (--hist), the rows the text shows."""
     states: dict[str, Record] = {}
     for state in LIFECYCLE_ORDER:
         stats = summary.states.get(int(state))
@@ -155,6 +158,8 @@ def summary_record(summary: Summary, written: int | None) -> Record:
             value = stats.percentile(pct) if stats.count else None
             entry[f"p{pct:g}_ns"] = None if value is None else round(value)
         entry["max_ns"] = stats.max_ns if stats.count else None
+        if hist:
+            entry["hist"] = hist_record(stats)
         states[state.name] = entry
     transitions = [
         {"old": state_name(old), "new": state_name(new), "count": n}
@@ -256,8 +261,10 @@ class RecordOutput(Stage):
         lifetimes: bool = False,
         still_stuck: Callable[[], list[Event]] | None = None,
         states: Iterable[int] = (),
+        hist: bool = False,
     ) -> None:
         self.fmt = fmt
+        self.hist = hist  # --hist: in the JSON summary, or after the text one on `err`
         # --stuck: the sockets still stuck at exit (sockets/stuck.StuckWatch.still)
         self.still_stuck = still_stuck
         self.err = err
@@ -518,8 +525,10 @@ class RecordOutput(Stage):
             still = [self.stuck(ev) for ev in self.still_stuck()]
             self.writer.write_records(KIND_STILL_STUCK, still)
         written = None if self.quiet else self.written
-        if not self.write_record(KIND_SUMMARY, summary_record(summary, written)):
+        if not self.write_record(KIND_SUMMARY, summary_record(summary, written, self.hist)):
             self.err.write(format_summary(summary, written))
+            if self.hist:
+                self.err.write("\n" + format_hist(summary))
             self.err.flush()
 
 
