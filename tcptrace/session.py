@@ -29,7 +29,7 @@ from tcptrace.sockets.places import Places
 from tcptrace.sockets.sockdiag import Budget, SocketTables
 from tcptrace.stages import Stage
 from tcptrace.states import TcpState
-from tcptrace.tracer import EventSource, StopConditions, Tracer
+from tcptrace.tracer import POLL_MS, QUIET_POLL_MS, EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
     from tcptrace.kernel.events import Life
@@ -502,6 +502,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             # --lifetime counts connections, not transitions (below)
             StopConditions(None if options.lifetime else options.count, options.duration),
             cpu_budget=options.max_cpu if options.emit_events else None,
+            poll_ms=poll_ms(options),
         )
         if options.lifetime and options.count is not None:
             _stop_after_lifetimes(stages, options.count, tracer.request_stop)
@@ -539,6 +540,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if tables is not None:
             tables.close()
     return 0
+
+
+def poll_ms(options: Options) -> int:
+    """The loop's longest wait: lines at each transition and live frames want the finer
+    grain; a watcher that prints no line per transition wakes half as often."""
+    return POLL_MS if options.emit_events or options.interval else QUIET_POLL_MS
 
 
 def _open_scanner(probe: object, options: Options, err: TextIO) -> Scanner | None:

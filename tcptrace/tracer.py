@@ -24,6 +24,11 @@ from tcptrace.stages import Stage
 # Longest wait for events before the loop looks at its stop conditions again;
 # also the bound on how late a transition is printed at low rates.
 POLL_MS = 50
+# The same where no line follows each transition (--quiet, --stuck alone, --metrics
+# alone): the ticks' work is what it waits for, and it needs no finer grain than the
+# TIME_WAIT follower's fastest poll (timewait.FAST_POLL_INTERVAL) or the shortest
+# --stuck scan (stuck.MIN_SCAN_S). Half the wake-ups of an idle watcher.
+QUIET_POLL_MS = 100
 # Longest rest the CPU budget imposes between reads.
 MAX_REST_S = 0.05
 # Events in one batch before its CPU time is trusted as a cost per event.
@@ -86,8 +91,10 @@ class Tracer:
         stages: list[Stage],
         stop: StopConditions,
         cpu_budget: float | None = None,
+        poll_ms: int = POLL_MS,
     ) -> None:
         self.source = source
+        self.poll_ms = poll_ms
         self.stages = stages
         self.conditions = stop
         self.stopping = threading.Event()
@@ -206,7 +213,7 @@ class Tracer:
         deadline = time.monotonic() + self.conditions.duration if self.conditions.duration else None
         next_collection = time.monotonic() + GC_FULL_INTERVAL
         while not self.stopping.is_set():
-            timeout = POLL_MS
+            timeout = self.poll_ms
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -127,3 +127,23 @@ def test_cpu_budget_makes_the_loop_rest():
     elapsed = time.monotonic() - start
     # 10 batches of >= 10 ms CPU at 25% of a CPU: >= 30 ms of rest after each
     assert elapsed >= 10 * 0.01 / 0.25 * 0.9
+
+
+def test_the_loop_waits_its_poll_ms_and_a_quiet_session_waits_longer():
+    from tcptrace.session import Options, poll_ms
+    from tcptrace.tracer import POLL_MS, QUIET_POLL_MS
+
+    waits = []
+
+    class Timed(FakeSource):
+        def poll(self, timeout_ms):
+            waits.append(timeout_ms)
+            return super().poll(0)
+
+    tracer = Tracer(Timed([]), [], StopConditions(duration=0.5), poll_ms=QUIET_POLL_MS)
+    tracer.run()
+    assert waits and max(waits) == QUIET_POLL_MS and QUIET_POLL_MS > POLL_MS
+    assert poll_ms(Options()) == POLL_MS  # a line per transition
+    assert poll_ms(Options(interval=1.0)) == POLL_MS  # live frames
+    assert poll_ms(Options(quiet=True)) == QUIET_POLL_MS
+    assert poll_ms(Options(stuck={8: 10**9}, transitions=False)) == QUIET_POLL_MS
