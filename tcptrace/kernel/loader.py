@@ -1029,8 +1029,10 @@ class Probe:
         return max(dropped, self.lost) + shed
 
     def sockets_tracked(self) -> int:
-        """Entries in the per-socket map now (LRU evictions are inferred from it)."""
-        return sum(1 for _ in self.bpf[b"sockets"])
+        """Entries in the per-socket map now (LRU evictions are inferred from it): one
+        batch read at exit, not a bpf() call per key (65,536 of them: 0.4 s)."""
+        addresses, _raw, _size = self._map_values()
+        return len(addresses)
 
     def close(self) -> None:
         if self._scan_link is not None:
