@@ -17,7 +17,8 @@ traces and a few frames went by, then measures
 
 Cases: `i1` (`-p P -i 1`, the live table every second, to a file), `i0.1`
 (`-i 0.1`), and `metrics` (`--quiet --metrics M`, scraped ten times a second
-by curl on 127.0.0.1, a new connection each time, as a scraper does).
+by curl on 127.0.0.1, a new connection each time, as a scraper does), `quiet`
+(`--quiet`) and `stuck` (`--stuck CLOSE_WAIT=60s`, the watcher alone).
 
 This script is not part of the tcptrace package.
 """
@@ -43,7 +44,7 @@ REPO = Path(__file__).resolve().parent.parent
 READY = "Ctrl-C to stop"
 RESERVED_PORT = 2024  # the workplace listens here: never touch it
 SCRAPES_PER_S = 10
-CASES = ("i1", "i0.1", "metrics")
+CASES = ("i1", "i0.1", "metrics", "quiet", "stuck")
 
 
 def free_port(after: int = 0) -> int:
@@ -134,6 +135,10 @@ def measure(case: str, seconds: float, strace_seconds: float, settle: float) -> 
     if case == "metrics":
         metrics = free_port(port)
         args += ["--quiet", "--metrics", str(metrics)]
+    elif case == "quiet":
+        args += ["--quiet"]
+    elif case == "stuck":
+        args += ["--stuck", "CLOSE_WAIT=60s"]
     else:
         args += ["-i", case[1:]]
     with tempfile.TemporaryFile("w") as out:
