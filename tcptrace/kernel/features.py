@@ -324,7 +324,7 @@ def _map_scan(probe) -> Finding:
         MAP_SCAN,
         DEGRADED,
         f"batch scan in user space (BPF_MAP_LOOKUP_BATCH), {walked}: {probe.scan_fallback}",
-        "--stuck, OLDEST and the gauges walk the map in Python, at about twice the CPU",
+        "--stuck, OLDEST and the gauges walk the map in user space, at more CPU than the kernel",
     )
 
 
