@@ -289,6 +289,12 @@ class RotatingWriter:
     def bytes_written(self) -> int:
         return self._done_bytes + (self._writer.bytes_written if self._writer else 0)
 
+    @property
+    def starts_new_file(self) -> bool:
+        """The next record opens a new file (a whole capture of its own): what each
+        file must hold to be read alone goes first."""
+        return self._writer is None
+
     def _next_file(self) -> None:
         self._index += 1
         name = rotation_path(self.path, self._index)

@@ -207,3 +207,58 @@ class Summary:
     @property
     def total_transitions(self) -> int:
         return sum(self.transitions.values())
+
+
+def summary_to_json(summary: Summary) -> dict:
+    """A Summary as a JSON object (a capture's END record): everything the exit summary
+    prints, the histograms sparse ([slot, count] pairs)."""
+    return {
+        "states": {
+            str(state): {
+                "count": s.count,
+                "total_ns": s.total_ns,
+                "max_ns": s.max_ns,
+                "unknown": s.unknown,
+                "hist": [[i, n] for i, n in enumerate(s.hist) if n],
+            }
+            for state, s in summary.states.items()
+        },
+        "transitions": [[old, new, n] for (old, new), n in summary.transitions.items()],
+        "counters": list(summary.counters),
+        "lost": summary.lost,
+        "notes": list(summary.notes),
+        "remarks": dict(summary.remarks),
+        "unread": summary.unread,
+        "sockets_tracked": summary.sockets_tracked,
+        "held": summary.held,
+        "missed": summary.missed,
+        "slower_than": summary.slower_than,
+    }
+
+
+def summary_from_json(obj: dict) -> Summary:
+    """summary_to_json's inverse; ValueError (or KeyError, TypeError) on a malformed one."""
+    summary = Summary()
+    for state, s in obj["states"].items():
+        stats = StateStats(
+            count=int(s["count"]),
+            total_ns=int(s["total_ns"]),
+            max_ns=int(s["max_ns"]),
+            unknown=int(s["unknown"]),
+        )
+        for slot, n in s["hist"]:
+            stats.hist[int(slot)] = int(n)
+        summary.states[int(state)] = stats
+    for old, new, n in obj["transitions"]:
+        summary.transitions[(int(old), int(new))] = int(n)
+    counters = [int(n) for n in obj["counters"]]
+    summary.counters = (counters + [0] * NCOUNTERS)[:NCOUNTERS]
+    summary.lost = int(obj.get("lost", 0))
+    summary.notes = [str(n) for n in obj.get("notes", [])]
+    summary.remarks = {str(k): int(v) for k, v in obj.get("remarks", {}).items()}
+    summary.unread = int(obj.get("unread", 0))
+    summary.sockets_tracked = int(obj.get("sockets_tracked", 0))
+    summary.held = int(obj.get("held", 0))
+    summary.missed = int(obj.get("missed", 0))
+    summary.slower_than = str(obj.get("slower_than", ""))
+    return summary

@@ -56,7 +56,7 @@ class Places:
 
     def of(self, netns: int, cgroup_id: int, pid: int, owner_known: bool) -> Place:
         """The place of a socket in namespace `netns` whose owner is (pid, cgroup_id)."""
-        key = (netns, cgroup_id, pid if owner_known and not cgroup_id else 0)
+        key = place_key(netns, cgroup_id, pid, owner_known)
         place = self._cache.get(key)
         if place is None:
             if len(self._cache) > MAX_CACHED:
@@ -75,4 +75,37 @@ class Places:
             )
             if place.complete:
                 self._cache[key] = place
+        return place
+
+
+def place_key(netns: int, cgroup_id: int, pid: int, owner_known: bool) -> tuple[int, int, int]:
+    """What a place is known by (Places.of's cache key): a pid only where the place
+    comes from the owner's /proc/PID/cgroup (no cgroup id from the kernel)."""
+    return (netns, cgroup_id, pid if owner_known and not cgroup_id else 0)
+
+
+class RecordedPlaces(Places):
+    """Places as a capture recorded them on its host (-r): nothing is looked up here.
+
+    rows: [netns, cgroup_id, pid, netns_name, cgroup, container] as place_key keys
+    them (outputs/capture.py writes them); a place not recorded has its inode only.
+    """
+
+    def __init__(self) -> None:  # no indexes of this host: not Places.__init__
+        self._cache = {}
+
+    def add(self, rows: list) -> None:
+        for netns, cgroup_id, pid, name, cgroup, container in rows:
+            key = (int(netns), int(cgroup_id), int(pid))
+            self._cache[key] = Place(
+                netns=key[0] or None,
+                netns_name=None if name is None else str(name),
+                cgroup=None if cgroup is None else str(cgroup),
+                container=None if container is None else str(container),
+            )
+
+    def of(self, netns: int, cgroup_id: int, pid: int, owner_known: bool) -> Place:
+        place = self._cache.get(place_key(netns, cgroup_id, pid, owner_known))
+        if place is None:
+            return Place(netns=netns or None, netns_name=None, cgroup=None, container=None)
         return place
