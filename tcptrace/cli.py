@@ -182,6 +182,51 @@ class Percent(click.ParamType):
         return percent
 
 
+# -C/--file-size: a byte count with an optional binary suffix
+SIZE_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+MIN_FILE_SIZE = 1 << 10
+
+
+def parse_size(text: str) -> int:
+    """-C's SIZE: bytes, or k, M, G (KiB, MiB, GiB): 100M."""
+    value = text.strip()
+    unit = value[-1:].lower() if value[-1:].isalpha() else ""
+    number = value[: len(value) - len(unit)]
+    if unit not in SIZE_UNITS or not number.isdigit():
+        raise ValueError(f"{text!r} is not a size (bytes, or with k, M or G: 100M)")
+    size = int(number) * SIZE_UNITS[unit]
+    if size < MIN_FILE_SIZE:
+        raise ValueError(f"{text!r} is below the smallest file size, 1k")
+    return size
+
+
+class Command(click.Command):
+    """The command, with a hint for tcpdump's habit: -w is --wide here."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        given = list(args)  # (click's parser consumes the list it is handed)
+        try:
+            return super().parse_args(ctx, args)
+        except click.UsageError as exc:
+            if "unexpected extra argument" in str(exc).lower() and _wide_took_a_file(given):
+                raise click.UsageError(
+                    "-w is --wide (as in tcpstates): to write a capture file, use --write FILE",
+                    ctx,
+                ) from None
+            raise
+
+
+def _wide_took_a_file(args: list[str]) -> bool:
+    """-w (alone or in a group of short flags: -nw) followed by a word that is no option."""
+    for arg, following in zip(args, args[1:]):
+        if arg == "--":
+            return False
+        short = arg.startswith("-") and not arg.startswith("--") and len(arg) > 1
+        if short and arg.endswith("w") and not following.startswith("-"):
+            return True
+    return False
+
+
 def _union(values: tuple[frozenset, ...]) -> frozenset:
     return frozenset().union(*values) if values else frozenset()
 
@@ -218,6 +263,11 @@ Examples:
   tcptrace --stuck 5s -p 443 --json   a watchdog: JSON records of sockets stuck over 5 s
   tcptrace --interval 2 --stuck SYN_SENT=1s   the live table with OLDEST and STUCK
   tcptrace --check                    what this kernel lets tcptrace do (run it first)
+  tcptrace --write t.cap -p 443       save the transitions to a capture (summary on stderr)
+  tcptrace --write - | ssh host 'cat > t.cap'   a capture over the network
+  tcptrace --write /var/tmp/t.cap -C 10M --file-count 3   a flight recorder: the last 30 MiB
+  tcptrace -r t.cap --json            replay a capture as it would print live (no root)
+  tcptrace -r '/var/tmp/t.cap*' --slower-than 100ms --hist   the slow ones of every file
 
 \b
 Shell completion (bash; zsh and fish alike):
@@ -237,7 +287,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     return None if max_cpu is not None else DEFAULT_NICE
 
 
-@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=Command, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "-p",
     "--port",
@@ -444,6 +494,41 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "active sockets are evicted, counted in the summary, and their next transition is UNTIMED).",
 )
 @click.option(
+    "--write",
+    "write",
+    metavar="FILE",
+    default=None,
+    help="Save the transitions to a capture file (- for standard output) instead of "
+    "printing them: the kernel's records with their owners, places and TIME_WAIT "
+    "ends, read back by -r. The summary goes to stderr. -w is --wide, not this.",
+)
+@click.option(
+    "-C",
+    "--file-size",
+    "file_size",
+    type=ParsedType("SIZE", parse_size),
+    default=None,
+    help="With --write: start a new file (FILE.000001, ...) once a file reaches SIZE "
+    "bytes: 100M, 512k, 1G (as tcpdump -C).",
+)
+@click.option(
+    "--file-count",
+    "file_count",
+    type=click.IntRange(min=1),
+    default=None,
+    help="With -C: keep the last N files only, deleting older ones (a flight recorder).",
+)
+@click.option(
+    "-r",
+    "--read",
+    "read",
+    multiple=True,
+    metavar="FILE",
+    help="Replay captures (--write) instead of tracing, with any output and filter: "
+    "- for standard input, several files or a quoted glob ('t.cap*'), read in time "
+    "order. Needs no root. Repeatable.",
+)
+@click.option(
     "--check",
     is_flag=True,
     help="Print what this kernel lets tcptrace do, one line per feature (the tracepoint, "
@@ -467,6 +552,7 @@ def main(**opts: object) -> None:
         _finish(check)
     if opts["ipv4"] and opts["ipv6"]:
         raise click.UsageError("-4 and -6 exclude each other")
+    _check_capture_options(opts)
     if opts["as_json"] and opts["as_csv"]:
         raise click.UsageError("--json and --csv exclude each other")
     fmt = "json" if opts["as_json"] else "csv" if opts["as_csv"] else "text"
@@ -545,8 +631,62 @@ def main(**opts: object) -> None:
         stuck=stuck,
         # --stuck alone prints its reports only; with --slower-than, the slow lines too
         transitions=not stuck or bool(opts["slower_than"]),
+        write=opts["write"],
+        file_size=opts["file_size"],
+        file_count=opts["file_count"],
+        read=tuple(opts["read"]),
     )
     _finish(lambda: run(options))
+
+
+# What --write refuses: (parameter name, how it is written, why)
+_NOT_WITH_WRITE = (
+    ("lifetime", "--lifetime", "a capture holds transitions"),
+    ("interval", "--interval", "a capture holds transitions, not tables"),
+    ("snapshot", "--snapshot", "a capture holds transitions"),
+    ("as_json", "--json", "the capture is the output (replay it with -r FILE --json)"),
+    ("as_csv", "--csv", "the capture is the output (replay it with -r FILE --csv)"),
+    ("quiet", "--quiet", "a capture holds the transitions --quiet does not stream"),
+    ("stuck", "--stuck", "a capture holds transitions"),
+)
+# What -r refuses: options that need the live kernel
+_NEEDS_KERNEL = (
+    ("interval", "--interval"),
+    ("metrics", "--metrics"),
+    ("snapshot", "--snapshot"),
+    ("stuck", "--stuck"),
+    ("max_cpu", "--max-cpu"),
+    ("nice", "--nice"),
+    ("buffer_pages", "--buffer-pages"),
+    ("max_sockets", "--max-sockets"),
+    ("write", "--write"),
+    ("lifetime", "--lifetime"),
+)
+
+
+def _check_capture_options(opts: dict[str, object]) -> None:
+    """--write, -C, --file-count and -r: what goes with what (usage errors, exit 2)."""
+    write, read = opts["write"], opts["read"]
+    if opts["file_size"] is not None and write is None:
+        raise click.UsageError("-C/--file-size goes with --write")
+    if opts["file_count"] is not None and opts["file_size"] is None:
+        raise click.UsageError("--file-count needs -C/--file-size (files to count)")
+    if write is not None:
+        for name, flag, why in _NOT_WITH_WRITE:
+            if _given(name):
+                raise click.UsageError(f"--write and {flag} exclude each other: {why}")
+        if write == "-" and opts["file_size"] is not None:
+            raise click.UsageError("-C/--file-size rotates files: not with --write -")
+        if write == "-" and sys.stdout.isatty():
+            raise click.UsageError(
+                "--write -: standard output is a terminal; redirect it (> t.cap, | ssh ...)"
+            )
+    if read:
+        for name, flag in _NEEDS_KERNEL:
+            if _given(name):
+                raise click.UsageError(f"{flag} needs the live kernel: not with -r/--read")
+        if "-" in read and sys.stdin.isatty():
+            raise click.UsageError("-r -: standard input is a terminal, not a capture")
 
 
 def _finish(run: Callable[[], int]) -> NoReturn:

@@ -32,6 +32,7 @@ from tcptrace.states import TcpState
 from tcptrace.tracer import POLL_MS, QUIET_POLL_MS, EventSource, StopConditions, Tracer
 
 if TYPE_CHECKING:
+    from tcptrace.kernel.capfile import CaptureWriter, RotatingWriter
     from tcptrace.kernel.events import Life
     from tcptrace.outputs.metrics import ListenAddress
     from tcptrace.sockets.lifetimes import Lifetimes
@@ -102,6 +103,26 @@ class Options:
     wide: bool = False
     # --hist: each state's log2 histogram after the exit summary, on its stream
     hist: bool = False
+    # --write FILE ("-": standard output): a capture instead of lines (outputs/capture.py);
+    # -C/--file-size and --file-count rotate it
+    write: str | None = None
+    file_size: int | None = None
+    file_count: int | None = None
+    # -r/--read FILE...: replay captures instead of tracing (replay.py)
+    read: tuple[str, ...] = ()
+    # a replay's: the capture host's clock (its wall-clock offset and start) and the
+    # places it recorded; None: this host's, now
+    clock: Clock | None = None
+    places: Places | None = None
+
+    def make_clock(self) -> Clock:
+        """The outputs' clock: a replay's capture host's, else this host's, now."""
+        if self.clock is not None:
+            return replace(self.clock)
+        return Clock.now(self.timestamp)
+
+    def make_places(self) -> Places:
+        return self.places if self.places is not None else Places()
 
 
 class TextOutput(Stage):
@@ -123,9 +144,11 @@ class TextOutput(Stage):
         self.still_stuck = still_stuck
         self.formatter = TextFormatter(
             out,
-            Clock.now(options.timestamp),
+            options.make_clock(),
             numeric=options.numeric,
-            places=None if options.quiet and not (options.stuck or still_stuck) else Places(),
+            places=None
+            if options.quiet and not (options.stuck or still_stuck)
+            else options.make_places(),
             wide=options.wide,
             # only stuck reports and the list at exit (the live table's too): their header
             stuck_only=(bool(options.stuck) or still_stuck is not None)
@@ -171,9 +194,9 @@ class LifetimeOutput(Stage):
         self.hist = options.hist
         self.formatter = LifetimeFormatter(
             out,
-            Clock.now(options.timestamp),
+            options.make_clock(),
             numeric=options.numeric,
-            places=Places(),
+            places=options.make_places(),
             wide=options.wide,
         )
         # whole connections come as kernel records: the formatter reads them directly
@@ -241,11 +264,13 @@ def build_stages(
     behind: Callable[[], bool] | None = None,
     accept_records: bool = False,
     mark_shared: Callable[[int, int, bool], None] | None = None,
+    writer: CaptureWriter | RotatingWriter | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With
     --lifetime, lives are the kernel's life records of each batch (loader.Probe.lives).
-    accept_records: the kernel sends its accept records (ProbeConfig.accept_records)."""
+    accept_records: the kernel sends its accept records (ProbeConfig.accept_records).
+    writer: --write's capture, the output instead of lines."""
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
@@ -336,10 +361,18 @@ def build_stages(
         )
         # the exit summary as usual, after the last table
         stages.append(TextOutput(out, replace(options, quiet=True, stuck={}), still_stuck))
+    elif writer is not None:
+        from tcptrace.outputs.capture import CaptureOutput
+
+        stages.append(
+            CaptureOutput(
+                writer, options.write or "-", err, hist=options.hist, clock=options.make_clock()
+            )
+        )
     elif options.format != FORMAT_TEXT:
         from tcptrace.outputs.export import RecordOutput
 
-        clock = Clock.now(options.timestamp)
+        clock = options.make_clock()
         stages.append(
             RecordOutput(
                 options.format,
@@ -352,6 +385,7 @@ def build_stages(
                 states=options.filters.states,
                 still_stuck=still_stuck,
                 hist=options.hist,
+                places=options.make_places(),
             )
         )
     elif options.lifetime:
@@ -426,7 +460,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     early_sigterm = _stop_on_early_sigterm()
     if options.snapshot:
         return print_snapshot(options, out)
+    if options.read:
+        from tcptrace.replay import replay
+
+        return replay(options, out, err)
     preflight.run_all()
+    writer = _open_writer(options) if options.write is not None else None
     from tcptrace.kernel.loader import Probe, ProbeConfig
 
     config = ProbeConfig(
@@ -444,7 +483,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         config = replace(config, buffer_pages=options.buffer_pages)
     else:
         config = replace(config, shrink_buffer=True)
-    probe = Probe(config)
+    try:
+        probe = Probe(config)
+    except BaseException:
+        if writer is not None:
+            writer.close()
+        raise
     netns_problem = probe.check_netns()
     if netns_problem is not None:
         if options.filters.netns:
@@ -491,6 +535,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             accept_records=accept_problem is None
             and getattr(getattr(probe, "config", None), "accept_records", False),
             mark_shared=getattr(probe, "mark_shared", None),
+            writer=writer,
         )
         # first: its on_finish completes the final accounting the outputs print
         unit = "connections" if options.lifetime else "events"
@@ -522,6 +567,15 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         err.flush()
         tracer.run()
     except BrokenPipeError:
+        if writer is not None:
+            # --write -: a capture cut short is an error (one line, exit 1)
+            from tcptrace.kernel.capfile import CaptureError
+
+            startup.silence(out)
+            raise CaptureError(
+                f"{options.write}: cannot write: the reader went away; "
+                f"the {writer.records_written} whole records written before stay readable"
+            ) from None
         # the reader went away (| head): leave quietly, without a traceback, now
         # or at exit when Python flushes what is still buffered
         for stream in (out, err):
@@ -539,7 +593,30 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         probe.close()
         if tables is not None:
             tables.close()
+        if writer is not None:
+            writer.close()  # (again: the stage closed it; a failed build did not)
+            if options.write == "-":
+                try:
+                    sys.stdout.flush()
+                except OSError:
+                    startup.silence(sys.stdout)  # the error is said: not again at exit
     return 0
+
+
+def _open_writer(options: Options) -> CaptureWriter | RotatingWriter:
+    """--write's capture, opened before the program loads: a bad path is said at once."""
+    from tcptrace import __version__
+    from tcptrace.kernel.capfile import CaptureError, CaptureWriter, RotatingWriter, host_meta
+
+    meta = host_meta(["tcptrace", *sys.argv[1:]], __version__)
+    path = options.write
+    assert path is not None
+    try:
+        if path == "-":
+            return CaptureWriter(sys.stdout.buffer, meta)
+        return RotatingWriter(path, options.file_size, options.file_count, meta)
+    except OSError as exc:
+        raise CaptureError(f"{path}: cannot write: {exc.strerror or exc}") from None
 
 
 def poll_ms(options: Options) -> int:

@@ -41,7 +41,9 @@ GC_FULL_INTERVAL = 5.0
 
 
 class EventSource(Protocol):
-    """Raw records from poll(); a source may also offer poll_events() -> list[Event]."""
+    """Raw records from poll(); a source may also offer poll_events() -> list[Event],
+    and exhausted() -> bool: True once it has nothing more to give (a replay's end of
+    file), when the loop stops as at --count."""
 
     def poll(self, timeout_ms: int) -> list[bytes]: ...
 
@@ -212,6 +214,7 @@ class Tracer:
         self.start()
         deadline = time.monotonic() + self.conditions.duration if self.conditions.duration else None
         next_collection = time.monotonic() + GC_FULL_INTERVAL
+        exhausted = getattr(self.source, "exhausted", None)
         while not self.stopping.is_set():
             timeout = self.poll_ms
             if deadline is not None:
@@ -224,6 +227,8 @@ class Tracer:
             handled_before = self.handled
             self._handle(self._poll(timeout))
             self._tick()
+            if exhausted is not None and exhausted():
+                break
             if self.cpu_budget:
                 self._rest(time.process_time() - cpu_before, self.handled - handled_before)
             if time.monotonic() >= next_collection:

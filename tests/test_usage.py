@@ -114,6 +114,28 @@ BAD = [
     (["--netns", "/dev/null"], "/dev/null is not a network namespace"),
     (["--check", "--port", "80"], "--check takes no other option (--port given)"),
     (["--check", "-q"], "--check takes no other option (--quiet given)"),
+    # capture and replay (issue 24)
+    (["-w", "cap.bin"], "-w is --wide (as in tcpstates): to write a capture file, use --write"),
+    (["-nw", "cap.bin"], "use --write FILE"),
+    (["--write", "t.cap", "--json"], "--write and --json exclude each other"),
+    (["--write", "t.cap", "--lifetime"], "--write and --lifetime exclude each other"),
+    (["--write", "t.cap", "-i", "1"], "--write and --interval exclude each other"),
+    (["--write", "t.cap", "--snapshot"], "--write and --snapshot exclude each other"),
+    (["--write", "t.cap", "--csv"], "--write and --csv exclude each other"),
+    (["--write", "t.cap", "-C", "10x"], "'10x' is not a size (bytes, or with k, M or G"),
+    (["--write", "t.cap", "--file-size", "100"], "'100' is below the smallest file size"),
+    (["--write", "t.cap", "--file-count", "3"], "--file-count needs -C/--file-size"),
+    (["--write", "t.cap", "-C", "1M", "--file-count", "0"], "0 is not in the range x>=1"),
+    (["-C", "1M"], "-C/--file-size goes with --write"),
+    (["--read", "t.cap", "-i", "1"], "--interval needs the live kernel: not with -r/--read"),
+    (["-r", "t.cap", "--metrics", "9876"], "--metrics needs the live kernel"),
+    (["-r", "t.cap", "--stuck", "1s"], "--stuck needs the live kernel"),
+    (["-r", "t.cap", "--max-cpu", "10"], "--max-cpu needs the live kernel"),
+    (["-r", "t.cap", "--nice", "0"], "--nice needs the live kernel"),
+    (["-r", "t.cap", "--buffer-pages", "8"], "--buffer-pages needs the live kernel"),
+    (["-r", "t.cap", "--max-sockets", "1024"], "--max-sockets needs the live kernel"),
+    (["-r", "t.cap", "--write", "u.cap"], "--write needs the live kernel"),
+    (["-r", "t.cap", "--snapshot"], "--snapshot needs the live kernel"),
 ]
 
 

@@ -262,6 +262,7 @@ class RecordOutput(Stage):
         still_stuck: Callable[[], list[Event]] | None = None,
         states: Iterable[int] = (),
         hist: bool = False,
+        places: Places | None = None,
     ) -> None:
         self.fmt = fmt
         self.hist = hist  # --hist: in the JSON summary, or after the text one on `err`
@@ -284,7 +285,7 @@ class RecordOutput(Stage):
         self._owner_json: dict[tuple[int, bytes, int, int], str] = {}
         self._end_json: dict[tuple[int, bytes, int], str] = {}
         self._change_json: dict[tuple[int, int], str] = {}
-        self.places = Places()
+        self.places = places if places is not None else Places()
         self._place_json: dict[tuple[int, int, int], str] = {}
 
     # -- record builders: one small method per record type --------------------

@@ -1,0 +1,304 @@
+"""-r/--read FILE: captures (--write) replayed through the live outputs.
+
+No root, no bcc, no BPF: ReplaySource is the Tracer's event source instead of the
+kernel's probe. The capture already holds what the live stages learnt (owners, the
+TIME_WAIT follower's ends, each namespace's name and owner's cgroup), so none of them
+runs: the events go straight to the output. The filters apply here, in user space.
+
+The exit summary: the capture's own (its END record: the kernel's counts, as the live
+run printed them) when no filter narrows the replay; otherwise it is built from the
+matching records, with what the END record says of losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, TextIO
+
+from tcptrace import startup
+from tcptrace.filters import Filters, describe_state_durations
+from tcptrace.kernel.capfile import (
+    END,
+    EVENTS,
+    INFO,
+    KEY_FILE,
+    KEY_MONOTONIC_TO_WALL,
+    CaptureError,
+    RecordType,
+    open_captures,
+)
+from tcptrace.kernel.events import (
+    C_FAST,
+    C_SEEN,
+    EVENT_STRUCT,
+    F_DELTA_KNOWN,
+    F_DELTA_LOWER,
+    F_OWNER_KNOWN,
+    Event,
+    decode_comm,
+    make_event,
+)
+from tcptrace.kernel.stats import Summary, summary_from_json
+from tcptrace.outputs.capture import END_SUMMARY, KIND_CLOCK, KIND_PLACES
+from tcptrace.outputs.output import Clock
+from tcptrace.sockets.places import RecordedPlaces
+from tcptrace.tracer import StopConditions, Tracer
+
+if TYPE_CHECKING:
+    from tcptrace.session import Options
+
+_KNOWN = F_DELTA_KNOWN | F_DELTA_LOWER
+NOTE_FILTERED = (
+    "(replayed with filters: the table counts the capture's matching records; "
+    "lost and held count the whole capture)"
+)
+NOTE_NO_END = (
+    "(the capture has no END record: its writer was stopped before the end, so "
+    "nothing is known of events lost)"
+)
+
+
+def narrows(filters: Filters) -> bool:
+    """Whether the filters leave out any record of a capture (the default lets all)."""
+    return filters != Filters()
+
+
+class EventFilter:
+    """The kernel's filters, in user space, on a capture's events.
+
+    socket(): what the summary counts (addresses, owners, namespaces, cgroups);
+    shown(): of those, what the outputs show (--state, --slower-than), with how many
+    --slower-than judged too fast.
+    """
+
+    def __init__(self, filters: Filters, places: RecordedPlaces) -> None:
+        self.filters = filters
+        self.places = places
+        self.slow = filters.slow_ns() if filters.slower_than else {}
+        self.faster = 0
+
+    def _in_cgroup(self, ev: Event) -> bool:
+        owned = bool(ev.flags & F_OWNER_KNOWN)
+        path = self.places.of(ev.netns, ev.cgroup_id, ev.pid, owned).cgroup
+        if path is None:
+            return False
+        for cgroup in self.filters.cgroups:
+            top = cgroup.path.rstrip("/")
+            if path == cgroup.path or path.startswith(top + "/"):
+                return True
+        return False
+
+    def socket(self, events: list[Event]) -> list[Event]:
+        f = self.filters
+        if f.family:
+            events = [ev for ev in events if ev.family == f.family]
+        if f.ports or f.local_ports or f.remote_ports:
+            match = f.matches_socket
+            events = [ev for ev in events if match(ev.family, ev.sport, ev.dport)]
+        if f.netns:
+            events = [ev for ev in events if ev.netns in f.netns]
+        if f.pids:
+            events = [ev for ev in events if ev.flags & F_OWNER_KNOWN and ev.pid in f.pids]
+        if f.comms:
+            comms = f.comms
+            events = [
+                ev for ev in events if ev.flags & F_OWNER_KNOWN and decode_comm(ev.comm) in comms
+            ]
+        if f.cgroups:
+            events = [ev for ev in events if self._in_cgroup(ev)]
+        return events
+
+    def shown(self, events: list[Event]) -> list[Event]:
+        f = self.filters
+        if f.states:
+            shows = f.shows
+            events = [ev for ev in events if shows(ev.oldstate, ev.newstate)]
+        if self.slow:
+            slow = self.slow
+            kept = [
+                ev
+                for ev in events
+                if ev.flags & F_DELTA_KNOWN and ev.delta_ns >= slow.get(ev.oldstate, 0) > 0
+            ]
+            self.faster += len(events) - len(kept)
+            events = kept
+        return events
+
+
+class ReplaySource:
+    """A capture's events, batch by batch, as the Tracer polls a probe (tracer.EventSource).
+
+    INFO records (the clock, places) and END are taken in as they come; a damaged or
+    truncated file ends the replay there, its error kept in .error for after the summary.
+    """
+
+    def __init__(self, records: Iterator[tuple[RecordType, Any]], filters: Filters) -> None:
+        self._records = records
+        self.places = RecordedPlaces()
+        self.filter = EventFilter(filters, self.places)
+        self.narrowed = narrows(filters)
+        self.clock: dict[str, Any] | None = None  # the live run's (KIND_CLOCK)
+        self.end: dict[str, Any] | None = None
+        self.error: CaptureError | None = None
+        self._pending: deque[bytes] = deque()  # EVENTS payloads read ahead
+        self._done = False
+        self.records_read = 0  # events, matching or not
+        self._built = Summary()  # from the records the filters let through
+
+    def _next(self) -> tuple[RecordType, Any] | None:
+        if self._done:
+            return None
+        try:
+            item = next(self._records, None)
+        except CaptureError as exc:
+            self.error = exc
+            item = None
+        if item is None:
+            self._done = True
+        return item
+
+    def _take(self, rtype: RecordType, value: Any) -> bytes | None:
+        """An EVENTS payload, or None after taking in any other record."""
+        if rtype == EVENTS:
+            return value
+        if rtype == INFO:
+            kind = value.get("kind")
+            if kind == KIND_PLACES:
+                # a damaged place row: its socket shows its inode only
+                with contextlib.suppress(TypeError, ValueError):
+                    self.places.add(value.get("rows", []))
+            elif kind == KIND_CLOCK and self.clock is None:
+                self.clock = value
+        elif rtype == END:
+            self.end = value
+        return None
+
+    def prime(self) -> None:
+        """Read up to the first events (the clock and places that precede them)."""
+        while not self._pending:
+            item = self._next()
+            if item is None:
+                return
+            raw = self._take(*item)
+            if raw:
+                self._pending.append(raw)
+
+    def _next_payload(self) -> bytes | None:
+        if self._pending:
+            return self._pending.popleft()
+        while True:
+            item = self._next()
+            if item is None:
+                return None
+            raw = self._take(*item)
+            if raw:
+                return raw
+
+    def poll_events(self, timeout_ms: int) -> list[Event]:
+        while True:
+            raw = self._next_payload()
+            if raw is None:
+                return []
+            events = list(map(make_event, EVENT_STRUCT.iter_unpack(raw)))
+            self.records_read += len(events)
+            events = self.filter.socket(events)
+            record = self._built.record
+            for ev in events:
+                record(ev.oldstate, ev.newstate, ev.delta_ns, ev.flags & _KNOWN == F_DELTA_KNOWN)
+            events = self.filter.shown(events)
+            if events:
+                return events
+
+    def poll(self, timeout_ms: int) -> list[bytes]:  # EventSource's; poll_events serves
+        return []
+
+    def exhausted(self) -> bool:
+        return self._done and not self._pending
+
+    def summary(self) -> Summary:
+        """The capture's summary (END), or one built from the matching records."""
+        while self.end is None and not self._done:  # stopped early (--count): find END
+            item = self._next()
+            if item is not None and item[0] != EVENTS:
+                self._take(*item)
+        end = self.end
+        saved = end.get(END_SUMMARY) if end is not None else None
+        whole: Summary | None = None
+        if isinstance(saved, dict):
+            try:
+                whole = summary_from_json(saved)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                whole = None
+        if whole is not None and not self.narrowed:
+            return whole
+        built = self._built
+        if whole is not None:
+            built.counters = list(whole.counters)
+            built.lost, built.unread, built.held = whole.lost, whole.unread, whole.held
+            built.missed, built.slower_than = whole.missed, whole.slower_than
+            built.notes.append(NOTE_FILTERED)
+        else:
+            built.notes.append(NOTE_NO_END)
+        built.counters[C_SEEN] = built.total_transitions
+        if self.filter.slow:
+            built.counters[C_FAST] += self.filter.faster
+            built.slower_than = describe_state_durations(self.filter.filters.slower_than)
+        return built
+
+
+def replay_clock(style: str, meta: dict[str, Any], clock: dict[str, Any] | None) -> Clock:
+    """The live run's clock: as its outputs had it (KIND_CLOCK), else from the header."""
+    offset = meta.get(KEY_MONOTONIC_TO_WALL)
+    offset = offset if isinstance(offset, int) else 0
+    part = meta.get(KEY_FILE)
+    started = part.get("run_started_wall_ns") if isinstance(part, dict) else None
+    start = started - offset if isinstance(started, int) else 0
+    if clock is not None:
+        got_start, got_offset = clock.get("start_mono_ns"), clock.get("offset_ns")
+        if isinstance(got_start, int) and isinstance(got_offset, int):
+            start, offset = got_start, got_offset
+    return Clock(style, start, offset)
+
+
+def replay(options: Options, out: TextIO, err: TextIO) -> int:
+    """-r: the captures through the outputs these options choose; the exit code."""
+    from tcptrace.session import build_stages
+
+    with open_captures(options.read) as captures:
+        source = ReplaySource(captures.records(), options.filters)
+        source.prime()
+        clock = replay_clock(options.timestamp, captures.meta, source.clock)
+        stages = build_stages(replace(options, clock=clock, places=source.places), out, err)
+        tracer = Tracer(source, stages, StopConditions(options.count, options.duration))
+        tracer.install_signals()
+        try:
+            tracer.run()
+        except BrokenPipeError:
+            for stream in (out, err):  # the reader went away (| head): quietly
+                try:
+                    stream.flush()
+                except OSError:
+                    startup.silence(stream)
+            return 0
+        finally:
+            for stage in stages:
+                close = getattr(stage, "close", None)
+                if close is not None:
+                    close()
+    if source.error is not None:
+        out.flush()
+        raise source.error
+    return 0
+
+
+def stdin_is_terminal() -> bool:
+    """-r -: a capture cannot come from a terminal."""
+    try:
+        return os.isatty(sys.stdin.fileno())
+    except (OSError, ValueError):
+        return False

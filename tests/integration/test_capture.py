@@ -1,0 +1,301 @@
+"""--write and -r end to end: a capture of real connections replays as the live run printed.
+
+A live run and a --write run trace the same loopback connections side by side; the
+replay of the capture is then compared with the live output, record for record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+import tcptrace
+
+from .cmd import READY, Running
+from .netutil import free_port, listener
+from .test_command import connect_and_close
+
+pytestmark = [pytest.mark.usefixtures("bpf_ready"), pytest.mark.host_only]
+
+CONNECTIONS = 4
+HOLD = 0.03
+# the tree tcptrace is imported from: a replay as another user imports it from there
+TREE = str(Path(tcptrace.__file__).resolve().parents[1])
+NOBODY = "65534"
+
+
+def tcptrace_cmd(*args: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*prefix, sys.executable, "-m", "tcptrace", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": TREE},
+        **kwargs,
+    )
+
+
+def side_by_side(live_args: list[str], cap: Path, port: int) -> tuple[str, str]:
+    """A live run (live_args) and a --write run on the same connections: the live
+    run's stdout, and the writer's stderr."""
+    live = Running("--port", str(port), *live_args)
+    writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+    live.wait_ready()
+    writer.wait_ready()
+    for _ in range(CONNECTIONS):
+        connect_and_close(port, hold=HOLD)
+    time.sleep(0.5)
+    code, out, err = live.stop(signal.SIGINT)
+    assert code == 0, err
+    code, _, werr = writer.stop(signal.SIGINT)
+    assert code == 0, werr
+    assert "Traceback" not in werr
+    return out, werr
+
+
+# Two tracers are two BPF programs on the tracepoint: each reads the clock itself
+# (bpf_ktime_get_ns) and keeps its own entry times, so a transition's ts_ns, time and
+# duration_ns differ between them by the microseconds between the two programs' runs.
+# Every other field is equal, and a replay equals its own writer's output exactly.
+CLOCK_FIELDS = ("ts_ns", "time", "duration_ns")
+SLACK_NS = 1_000_000
+# A transition learnt by polling sock_diag (a TIME_WAIT entry the kernel did not
+# report): its time is each process's own poll's, within the poll interval
+POLLED_SLACK_NS = 1_100_000_000
+
+
+def _matched(records: list[dict]) -> list[dict]:
+    return sorted(
+        records, key=lambda r: (r["local_port"], r["remote_port"], r["old"], r["new"], r["ts_ns"])
+    )
+
+
+def test_replay_json_equals_the_live_json(tmp_path: Path) -> None:
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    out, werr = side_by_side(["--json"], cap, port)
+    # the writer's summary went to stderr, as --csv's
+    assert "transitions traced" in werr
+    replay = tcptrace_cmd("-r", str(cap), "--json")
+    assert replay.returncode == 0, replay.stderr
+    assert replay.stderr == ""
+    live = [json.loads(line) for line in out.splitlines()]
+    again = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert live[-1]["type"] == again[-1]["type"] == "summary"
+    live_t, again_t = _matched(live[:-1]), _matched(again[:-1])
+    assert len(again_t) == len(live_t) == CONNECTIONS * 12
+    for a, b in zip(live_t, again_t):
+        assert {k: v for k, v in a.items() if k not in CLOCK_FIELDS} == {
+            k: v for k, v in b.items() if k not in CLOCK_FIELDS
+        }
+        slack = POLLED_SLACK_NS if a["note"] == "learnt_from_sock_diag" else SLACK_NS
+        assert abs(a["ts_ns"] - b["ts_ns"]) < slack, (a, b)
+        assert (a["duration_ns"] is None) == (b["duration_ns"] is None)
+        if a["duration_ns"] is not None:
+            assert abs(a["duration_ns"] - b["duration_ns"]) < slack, (a, b)
+    # the summaries: the same counts; the times, as above, within the slack
+    ls, rs = live[-1], again[-1]
+    for key in ("transitions_traced", "written", "lost", "held", "notes", "transitions"):
+        assert ls[key] == rs[key], key
+    assert ls["states"].keys() == rs["states"].keys()
+    for state, entry in ls["states"].items():
+        for key, value in entry.items():
+            if key.endswith("_ns"):
+                assert abs(value - rs["states"][state][key]) < POLLED_SLACK_NS, (state, key)
+            else:
+                assert value == rs["states"][state][key], (state, key)
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def test_replay_text_equals_the_live_text(tmp_path: Path) -> None:
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    out, werr = side_by_side(["-T", "none", "-n"], cap, port)
+    replay = tcptrace_cmd("-r", str(cap), "-T", "none", "-n")
+    assert replay.returncode == 0, replay.stderr
+    live_body, live_summary = _split(out.splitlines())
+    again_body, again_summary = _split(replay.stdout.splitlines())
+    assert live_body[0] == again_body[0]  # the header
+    assert len(again_body) == len(live_body) == CONNECTIONS * 12 + 1
+
+    def without_in_old(lines: list[str]) -> list[str]:
+        return sorted(line.rsplit(None, 1)[0] for line in lines)  # IN OLD: a clock field
+
+    assert without_in_old(live_body[1:]) == without_in_old(again_body[1:])
+    # the summary: the writer's own (stderr) exactly; the live one's counts
+    assert "\n".join(again_summary) in werr
+    assert again_summary[-1] == live_summary[-1]  # traced, shown, lost
+    assert [row.split()[:2] for row in again_summary] == [row.split()[:2] for row in live_summary]
+
+
+def _split(lines: list[str]) -> tuple[list[str], list[str]]:
+    blank = lines.index("")
+    return lines[:blank], lines[blank + 1 :]
+
+
+def test_replay_as_an_unprivileged_user_with_filters(tmp_path: Path) -> None:
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+    writer.wait_ready()
+    for _ in range(2):
+        connect_and_close(port, hold=HOLD)
+    time.sleep(0.3)
+    code, _, err = writer.stop(signal.SIGINT)
+    assert code == 0, err
+    # where that user can read it (pytest's own directories are root's alone)
+    shared = Path(tempfile.mkdtemp(prefix="tcptrace-cap-"))
+    shared.chmod(0o755)
+    cap = Path(shutil.copy(cap, shared / "t.cap"))
+    cap.chmod(0o644)
+    nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    as_root = tcptrace_cmd("-r", str(cap), "-T", "none", "-n")
+    as_nobody = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", prefix=nobody, cwd="/")
+    assert as_nobody.returncode == 0, as_nobody.stderr
+    assert as_nobody.stdout == as_root.stdout
+    # filters in user space: --state and --slower-than
+    est = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", "--state", "FIN_WAIT1", prefix=nobody)
+    lines = [line for line in est.stdout.splitlines() if "->" in line][1:]  # (header)
+    assert len(lines) == 4 and all("FIN_WAIT1" in line for line in lines), est.stdout
+    slow = tcptrace_cmd("-r", str(cap), "--json", "--slower-than", "ESTABLISHED=20ms")
+    records = [json.loads(line) for line in slow.stdout.splitlines()]
+    shown = [r for r in records if r["type"] == "transition"]
+    assert len(shown) == 4 and all(r["old"] == "ESTABLISHED" for r in shown)
+    assert records[-1]["faster"] == 2 * 12 - 4
+    # the path of a replay imports no bcc and runs no preflight: shown by a user who
+    # could not pass it
+    probe = subprocess.run(
+        [*nobody, sys.executable, "-c",
+         "import sys; from tcptrace import cli; sys.argv = ['tcptrace', '-r', sys.argv[1], '-q'];\n"
+         "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
+         "print(code, 'bcc' in sys.modules)", str(cap)],
+        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": TREE}, cwd="/",
+        timeout=60,
+    )  # fmt: skip
+    assert probe.stdout.split()[-2:] == ["0", "False"], probe.stderr
+    shutil.rmtree(shared)
+
+
+def test_a_write_into_a_pipe_read_late_loses_nothing(tmp_path: Path) -> None:
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    read_fd, write_fd = os.pipe()
+    writer = Running("--port", str(port), "--write", "-", stdout=write_fd)
+    os.close(write_fd)
+    writer.wait_ready()
+    count = 300
+    with listener(port=port, backlog=128) as srv:
+        for _ in range(count):  # ~3,300 records, far past a pipe's 64 KiB
+            cli = socket.create_connection(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            cli.close()
+            conn.close()
+        time.sleep(1.0)  # nobody reads the pipe meanwhile: the writer blocks
+        with open(cap, "wb") as f:
+            writer.proc.send_signal(signal.SIGINT)
+            while True:
+                chunk = os.read(read_fd, 1 << 16)
+                if not chunk:
+                    break
+                f.write(chunk)
+    os.close(read_fd)
+    code, _, err = writer.wait()
+    assert code == 0, err
+    replay = tcptrace_cmd("-r", str(cap), "--json")
+    assert replay.returncode == 0, replay.stderr
+    records = [json.loads(line) for line in replay.stdout.splitlines()]
+    summary = records[-1]
+    shown = len(records) - 1
+    assert summary["written"] == shown
+    assert shown + summary["lost"] + summary["held"] == summary["transitions_traced"]
+    assert summary["lost"] == 0, summary
+    assert shown >= count * 10
+
+
+def test_bad_captures_are_one_line_exit_1(tmp_path: Path) -> None:
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+    writer.wait_ready()
+    connect_and_close(port, hold=HOLD)
+    time.sleep(0.3)
+    assert writer.stop(signal.SIGINT)[0] == 0
+    data = cap.read_bytes()
+    cut = tmp_path / "cut.cap"
+    cut.write_bytes(data[: len(data) - 20])  # inside the END record
+    newer = tmp_path / "newer.cap"
+    newer.write_bytes(data[:8] + (7).to_bytes(2, "little") + data[10:])
+    garbage = tmp_path / "garbage"
+    garbage.write_bytes(os.urandom(4096))
+    cases = {
+        cut: "truncated",
+        newer: "written by a newer tcptrace: format version 7, this one reads 1",
+        garbage: "not a tcptrace capture",
+        Path("/etc/services"): "not a tcptrace capture",
+        tmp_path / "missing": "No such file",
+    }
+    for path, message in cases.items():
+        result = tcptrace_cmd("-r", str(path), "-T", "none", "-n")
+        assert result.returncode == 1, (path, result.stderr)
+        assert "Traceback" not in result.stderr
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and message in lines[0], (path, result.stderr)
+        assert lines[0].startswith(f"tcptrace: {path}")
+    # a truncated file prints what it holds first, then the line
+    result = tcptrace_cmd("-r", str(cut), "-T", "none", "-n")
+    assert sum("->" in line for line in result.stdout.splitlines()) == 1 + 12  # header, lines
+
+
+def test_a_full_disk_is_one_line_exit_1_and_the_capture_stays_readable(tmp_path: Path) -> None:
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(small)], check=True)
+    try:
+        port = free_port()
+        cap = small / "t.cap"
+        writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+        writer.wait_ready()
+        with listener(port=port, backlog=128) as srv:
+            # three connections apart (small batches that fit), then ~1,000 records of
+            # 104 bytes: far past 16 KiB
+            for n in range(103):
+                cli = socket.create_connection(("127.0.0.1", port))
+                conn, _ = srv.accept()
+                cli.close()
+                conn.close()
+                if n < 3:
+                    time.sleep(0.2)
+        code, _, err = writer.wait(timeout=30)
+        assert code == 1
+        lines = err[err.index(READY) + len(READY) :].split("\n", 1)[1].splitlines()
+        assert len(lines) == 1, err
+        assert lines[0].startswith(f"tcptrace: {cap}: cannot write: No space left on device; ")
+        assert "whole records written before stay readable" in lines[0]
+        # replayed: the whole records, then the line naming where the file ends
+        replay = tcptrace_cmd("-r", str(cap), "-T", "none", "-n")
+        assert replay.returncode == 1
+        assert sum(" -> " in line for line in replay.stdout.splitlines()) > 1 + 3 * 10
+        assert replay.stderr.count("\n") == 1 and "truncated" in replay.stderr
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_write_to_dev_full_is_one_line_before_tracing() -> None:
+    result = tcptrace_cmd("--write", "/dev/full", "-d", "1")
+    assert result.returncode == 1
+    assert result.stderr == "tcptrace: /dev/full: cannot write: No space left on device\n"
