@@ -112,6 +112,35 @@ class StateDurationsType(ParsedType):
         ]
 
 
+def _resolved(flag: str, values: object, resolve: Callable[[str], object]) -> list:
+    """--netns and --cgroup values, resolved once the mode is known (on this host, or
+    as a capture recorded them)."""
+    out = []
+    for text in values:  # type: ignore[attr-defined]
+        try:
+            out.append(resolve(str(text)))
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"'{flag}'") from None
+    return out
+
+
+def _replay_netns(text: str) -> int:
+    """-r --netns: the inode a capture recorded (its NETNS column), not this host's."""
+    if not text.isdigit():
+        raise ValueError(
+            f"{text!r}: with -r, a namespace's inode number (the capture's netns field)"
+        )
+    return int(text)
+
+
+def _replay_cgroup(text: str):
+    """-r --cgroup: a path as the capture recorded it (relative to the cgroup2 mount)."""
+    from tcptrace.filters import CgroupFilter
+
+    path = "/" + os.path.normpath("/" + text).strip("/")
+    return CgroupFilter(path=path, id=0, level=0 if path == "/" else path.count("/"))
+
+
 def _netns(text: str) -> int:
     from tcptrace.sockets.namespaces import resolve
 
@@ -318,7 +347,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "--netns",
     "netns",
     multiple=True,
-    type=ParsedType("NETNS", _netns),
+    metavar="NETNS",
     help="Sockets of this network namespace: an ip netns name, a /proc/PID/ns/net path "
     "or an inode number (lsns -t net). Repeatable.",
 )
@@ -326,7 +355,7 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     "--cgroup",
     "cgroups",
     multiple=True,
-    type=ParsedType("PATH", _cgroup),
+    metavar="PATH",
     help="Sockets whose owner runs in this cgroup v2 directory or below: "
     "/system.slice/nginx.service. Repeatable.",
 )
@@ -588,6 +617,7 @@ def main(**opts: object) -> None:
         raise click.UsageError(
             "--slower-than selects transitions: --lifetime shows connections, not transitions"
         )
+    replay = bool(opts["read"])
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
     filters = Filters(
         ports=_union(opts["ports"]),
@@ -595,10 +625,14 @@ def main(**opts: object) -> None:
         remote_ports=_union(opts["remote_ports"]),
         family=family,
         states=_union(opts["states"]),
-        netns=frozenset(opts["netns"]),
+        netns=frozenset(_resolved("--netns", opts["netns"], _replay_netns if replay else _netns)),
         pids=frozenset(opts["pids"]),
         comms=frozenset(opts["comms"]),
-        cgroups=tuple(dict.fromkeys(opts["cgroups"])),
+        cgroups=tuple(
+            dict.fromkeys(
+                _resolved("--cgroup", opts["cgroups"], _replay_cgroup if replay else _cgroup)
+            )
+        ),
         slower_than=tuple(merge_state_durations(opts["slower_than"]).items()),
     )
     if len(filters.cgroups) > MAX_CGROUP_FILTERS:

@@ -122,3 +122,25 @@ def test_the_clock_is_the_live_runs():
 def test_an_empty_capture_replays_nothing(empty):
     sink = replay(source(capture(end=None if empty else Summary())))
     assert sink.events == []
+
+
+def test_netns_and_cgroup_filters_use_what_the_capture_recorded():
+    from tcptrace.cli import _replay_cgroup
+    from tcptrace.outputs.capture import KIND_PLACES
+
+    here = make_event(netns=11, cgroup_id=5, sport=1)
+    there = make_event(netns=12, cgroup_id=6, sport=2)
+    buf = io.BytesIO()
+    writer = CaptureWriter(buf, {})
+    writer.info(
+        {"kind": KIND_PLACES, "rows": [[11, 5, 0, None, "/system.slice/a.service", None],
+                                       [12, 6, 0, None, "/system.slice/ab.service", None]]}
+    )  # fmt: skip
+    writer.events(pack_events([here, there]))
+    data = buf.getvalue()
+    assert replay(source(data, Filters(netns=frozenset({12})))).events == [there]
+    cgroup = _replay_cgroup("system.slice/a.service/")
+    assert cgroup.path == "/system.slice/a.service"
+    assert replay(source(data, Filters(cgroups=(cgroup,)))).events == [here]
+    top = _replay_cgroup("/system.slice")
+    assert replay(source(data, Filters(cgroups=(top,)))).events == [here, there]
