@@ -229,33 +229,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-class Command(click.Command):
-    """The command, with a hint for tcpdump's habit: -w is --wide here."""
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        given = list(args)  # (click's parser consumes the list it is handed)
-        try:
-            return super().parse_args(ctx, args)
-        except click.UsageError as exc:
-            if "unexpected extra argument" in str(exc).lower() and _wide_took_a_file(given):
-                raise click.UsageError(
-                    "-w is --wide (as in tcpstates): to write a capture file, use --write FILE",
-                    ctx,
-                ) from None
-            raise
-
-
-def _wide_took_a_file(args: list[str]) -> bool:
-    """-w (alone or in a group of short flags: -nw) followed by a word that is no option."""
-    for arg, following in zip(args, args[1:]):
-        if arg == "--":
-            return False
-        short = arg.startswith("-") and not arg.startswith("--") and len(arg) > 1
-        if short and arg.endswith("w") and not following.startswith("-"):
-            return True
-    return False
-
-
 def _union(values: tuple[frozenset, ...]) -> frozenset:
     return frozenset().union(*values) if values else frozenset()
 
@@ -316,7 +289,10 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     return None if max_cpu is not None else DEFAULT_NICE
 
 
-@click.command(cls=Command, epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"]})
+# the words after -r FILE: more captures (an unquoted glob: -r t.cap*); nothing else
+# takes words (main refuses them)
+@click.argument("files", nargs=-1, metavar="[-r FILE...]")
 @click.option(
     "-p",
     "--port",
@@ -581,6 +557,7 @@ def main(**opts: object) -> None:
         _finish(check)
     if opts["ipv4"] and opts["ipv6"]:
         raise click.UsageError("-4 and -6 exclude each other")
+    _more_captures(opts)
     _check_capture_options(opts)
     if opts["as_json"] and opts["as_csv"]:
         raise click.UsageError("--json and --csv exclude each other")
@@ -696,6 +673,21 @@ _NEEDS_KERNEL = (
     ("write", "--write"),
     ("lifetime", "--lifetime"),
 )
+
+
+def _more_captures(opts: dict[str, object]) -> None:
+    """Words after the options are more files for -r (tcptrace -r t.cap*), else an error;
+    tcpdump's habit, -w FILE, is told that -w is --wide here."""
+    files = tuple(opts.pop("files"))  # type: ignore[arg-type]
+    if not files:
+        return
+    if not opts["read"]:
+        if opts["wide"]:
+            raise click.UsageError(
+                "-w is --wide (as in tcpstates): to write a capture file, use --write FILE"
+            )
+        raise click.UsageError(f"Got unexpected extra argument ({' '.join(files)})")
+    opts["read"] = (*opts["read"], *files)  # type: ignore[misc]
 
 
 def _check_capture_options(opts: dict[str, object]) -> None:

@@ -74,7 +74,8 @@ def render(command: click.Command, name: str = "tcptrace") -> str:
         ".SH OPTIONS",
     ]
     for param in command.get_params(ctx):
-        record = param.get_help_record(ctx)
+        # options only: the words after -r FILE are more files (SYNOPSIS shows them)
+        record = param.get_help_record(ctx) if isinstance(param, click.Option) else None
         if record is None:
             continue
         opts, help_text = record

@@ -64,8 +64,9 @@ NOTE_NO_END = (
 
 
 def narrows(filters: Filters) -> bool:
-    """Whether the filters leave out any record of a capture (the default lets all)."""
-    return filters != Filters()
+    """Whether the filters leave sockets out of the summary. --state and --slower-than
+    do not: live, the summary counts the transitions they do not show."""
+    return replace(filters, states=frozenset(), slower_than=()) != Filters()
 
 
 class EventFilter:
@@ -235,20 +236,22 @@ class ReplaySource:
             except (KeyError, TypeError, ValueError, AttributeError):
                 whole = None
         if whole is not None and not self.narrowed:
-            return whole
-        built = self._built
-        if whole is not None:
-            built.counters = list(whole.counters)
-            built.lost, built.unread, built.held = whole.lost, whole.unread, whole.held
-            built.missed, built.slower_than = whole.missed, whole.slower_than
-            built.notes.append(NOTE_FILTERED)
+            summary = whole
         else:
-            built.notes.append(NOTE_NO_END)
-        built.counters[C_SEEN] = built.total_transitions
+            summary = self._built
+            if whole is not None:
+                summary.counters = list(whole.counters)
+                summary.lost, summary.unread, summary.held = whole.lost, whole.unread, whole.held
+                summary.missed, summary.slower_than = whole.missed, whole.slower_than
+                summary.notes.append(NOTE_FILTERED)
+            else:
+                summary.notes.append(NOTE_NO_END)
+            summary.counters[C_SEEN] = summary.total_transitions
         if self.filter.slow:
-            built.counters[C_FAST] += self.filter.faster
-            built.slower_than = describe_state_durations(self.filter.filters.slower_than)
-        return built
+            # judged here: too fast to show, as the kernel counts them live
+            summary.counters[C_FAST] += self.filter.faster
+            summary.slower_than = describe_state_durations(self.filter.filters.slower_than)
+        return summary
 
 
 def replay_clock(style: str, meta: dict[str, Any], clock: dict[str, Any] | None) -> Clock:

@@ -144,3 +144,18 @@ def test_netns_and_cgroup_filters_use_what_the_capture_recorded():
     assert replay(source(data, Filters(cgroups=(cgroup,)))).events == [here]
     top = _replay_cgroup("/system.slice")
     assert replay(source(data, Filters(cgroups=(top,)))).events == [here, there]
+
+
+def test_state_and_slower_than_keep_the_captures_summary_as_live():
+    end = Summary()
+    end.counters[C_SEEN] = 7
+    fast = make_event(S.SYN_SENT, S.ESTABLISHED, delta=1000)
+    slow = make_event(S.ESTABLISHED, S.FIN_WAIT1, delta=2_000_000)
+    data = capture([fast, slow], end=end)
+    sink = replay(source(data, Filters(states=frozenset({S.FIN_WAIT1}))))
+    assert sink.events == [slow]
+    assert sink.summary == end  # live, --state does not change the summary either
+    sink = replay(source(data, Filters(slower_than=((0, 1_000_000),))))
+    assert sink.events == [slow]
+    assert sink.summary.counters[C_SEEN] == 7 and sink.summary.faster == 1
+    assert sink.summary.slower_than == "1ms" and not sink.summary.notes

@@ -117,6 +117,7 @@ BAD = [
     # capture and replay (issue 24)
     (["-w", "cap.bin"], "-w is --wide (as in tcpstates): to write a capture file, use --write"),
     (["-nw", "cap.bin"], "use --write FILE"),
+    (["-p", "80", "stray"], "Got unexpected extra argument (stray)"),
     (["--write", "t.cap", "--json"], "--write and --json exclude each other"),
     (["--write", "t.cap", "--lifetime"], "--write and --lifetime exclude each other"),
     (["--write", "t.cap", "-i", "1"], "--write and --interval exclude each other"),
