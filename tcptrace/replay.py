@@ -57,6 +57,10 @@ NOTE_FILTERED = (
     "(replayed with filters: the table counts the capture's matching records; "
     "lost and held count the whole capture)"
 )
+NOTE_PART = (
+    "(the capture is not whole: {why}; the table counts the records read, lost and held "
+    "count the whole run)"
+)
 NOTE_NO_END = (
     "(the capture has no END record: its writer was stopped before the end, so "
     "nothing is known of events lost)"
@@ -138,8 +142,16 @@ class ReplaySource:
     truncated file ends the replay there, its error kept in .error for after the summary.
     """
 
-    def __init__(self, records: Iterator[tuple[RecordType, Any]], filters: Filters) -> None:
+    def __init__(
+        self,
+        records: Iterator[tuple[RecordType, Any]],
+        filters: Filters,
+        missing: str | None = None,
+    ) -> None:
         self._records = records
+        # why the files read are not a whole run (--file-count deleted the first ones,
+        # several runs): the END summary, the run's, is not theirs
+        self.missing = missing
         self.places = RecordedPlaces()
         self.filter = EventFilter(filters, self.places)
         self.narrowed = narrows(filters)
@@ -235,7 +247,7 @@ class ReplaySource:
                 whole = summary_from_json(saved)
             except (KeyError, TypeError, ValueError, AttributeError):
                 whole = None
-        if whole is not None and not self.narrowed:
+        if whole is not None and not self.narrowed and self.missing is None:
             summary = whole
         else:
             summary = self._built
@@ -243,7 +255,10 @@ class ReplaySource:
                 summary.counters = list(whole.counters)
                 summary.lost, summary.unread, summary.held = whole.lost, whole.unread, whole.held
                 summary.missed, summary.slower_than = whole.missed, whole.slower_than
-                summary.notes.append(NOTE_FILTERED)
+                if self.missing is not None:
+                    summary.notes.append(NOTE_PART.format(why=self.missing))
+                else:
+                    summary.notes.append(NOTE_FILTERED)
             else:
                 summary.notes.append(NOTE_NO_END)
             summary.counters[C_SEEN] = summary.total_transitions
@@ -252,6 +267,25 @@ class ReplaySource:
             summary.counters[C_FAST] += self.filter.faster
             summary.slower_than = describe_state_durations(self.filter.filters.slower_than)
         return summary
+
+
+def missing_files(metas: list[dict[str, Any]]) -> str | None:
+    """Why captures (their headers, in reading order) are not one whole run, or None."""
+    runs: dict[str, list[int]] = {}
+    for meta in metas:
+        part = meta.get(KEY_FILE)
+        part = part if isinstance(part, dict) else {}
+        runs.setdefault(str(part.get("run")), []).append(part.get("index", 0))
+    if len(runs) > 1:
+        return f"{len(runs)} runs"
+    (indexes,) = runs.values()
+    if indexes != list(range(len(indexes))):
+        first = indexes[0] if indexes and isinstance(indexes[0], int) else 0
+        if first > 0 and indexes == list(range(first, first + len(indexes))):
+            files = "file is" if first == 1 else f"{first} files are"
+            return f"its first {files} gone (--file-count)"
+        return "files of its run are missing"
+    return None
 
 
 def replay_clock(style: str, meta: dict[str, Any], clock: dict[str, Any] | None) -> Clock:
@@ -273,7 +307,8 @@ def replay(options: Options, out: TextIO, err: TextIO) -> int:
     from tcptrace.session import build_stages
 
     with open_captures(options.read) as captures:
-        source = ReplaySource(captures.records(), options.filters)
+        missing = missing_files([reader.meta for reader in captures.readers])
+        source = ReplaySource(captures.records(), options.filters, missing)
         source.prime()
         clock = replay_clock(options.timestamp, captures.meta, source.clock)
         stages = build_stages(replace(options, clock=clock, places=source.places), out, err)

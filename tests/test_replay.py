@@ -159,3 +159,25 @@ def test_state_and_slower_than_keep_the_captures_summary_as_live():
     assert sink.events == [slow]
     assert sink.summary.counters[C_SEEN] == 7 and sink.summary.faster == 1
     assert sink.summary.slower_than == "1ms" and not sink.summary.notes
+
+
+def test_files_that_are_not_a_whole_run_get_a_summary_of_their_own():
+    from tcptrace.replay import missing_files
+
+    def meta(run, index):
+        return {"file": {"run": run, "index": index}}
+
+    assert missing_files([meta("a", 0), meta("a", 1)]) is None
+    assert (
+        missing_files([meta("a", 2), meta("a", 3)]) == "its first 2 files are gone (--file-count)"
+    )
+    assert missing_files([meta("a", 1)]) == "its first file is gone (--file-count)"
+    assert missing_files([meta("a", 0), meta("a", 2)]) == "files of its run are missing"
+    assert missing_files([meta("a", 0), meta("b", 0)]) == "2 runs"
+    end = Summary()
+    end.counters[C_SEEN] = 50
+    ev = make_event()
+    reader = CaptureReader(io.BytesIO(capture([ev], end=end)), "t.cap")
+    sink = replay(ReplaySource(reader.records(), Filters(), "its first file is gone"))
+    assert sink.summary.counters[C_SEEN] == 1
+    assert "not whole: its first file is gone" in sink.summary.notes[0]
