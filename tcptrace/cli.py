@@ -660,6 +660,8 @@ _NOT_WITH_WRITE = (
     ("quiet", "--quiet", "a capture holds the transitions --quiet does not stream"),
     ("stuck", "--stuck", "a capture holds transitions"),
 )
+# What shapes printed lines only: no effect on a capture (a replay's choice)
+_LINES_ONLY = (("numeric", "--numeric"), ("wide", "--wide"), ("timestamp", "--timestamp"))
 # What -r refuses: options that need the live kernel
 _NEEDS_KERNEL = (
     ("interval", "--interval"),
@@ -701,6 +703,13 @@ def _check_capture_options(opts: dict[str, object]) -> None:
         for name, flag, why in _NOT_WITH_WRITE:
             if _given(name):
                 raise click.UsageError(f"--write and {flag} exclude each other: {why}")
+        for name, flag in (
+            ("numeric", "--numeric"),
+            ("wide", "--wide"),
+            ("timestamp", "--timestamp"),
+        ):
+            if _given(name):  # they shape printed lines: a replay's choice
+                raise click.UsageError(f"{flag} has no effect with --write (give it to -r)")
         if write == "-" and opts["file_size"] is not None:
             raise click.UsageError("-C/--file-size rotates files: not with --write -")
         if write == "-" and sys.stdout.isatty():

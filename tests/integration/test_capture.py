@@ -168,6 +168,9 @@ def test_replay_as_an_unprivileged_user_with_filters(tmp_path: Path) -> None:
     as_nobody = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", prefix=nobody, cwd="/")
     assert as_nobody.returncode == 0, as_nobody.stderr
     assert as_nobody.stdout == as_root.stdout
+    with open(cap, "rb") as stdin:  # -r -: from standard input
+        piped = tcptrace_cmd("-r", "-", "-T", "none", "-n", prefix=nobody, cwd="/", stdin=stdin)
+    assert piped.returncode == 0 and piped.stdout == as_root.stdout, piped.stderr
     # filters in user space: --state and --slower-than
     est = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", "--state", "FIN_WAIT1", prefix=nobody)
     lines = [line for line in est.stdout.splitlines() if "->" in line][1:]  # (header)
