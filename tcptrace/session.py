@@ -401,7 +401,8 @@ def build_stages(
         lifetimes.seen_since = owners.seen_since
     from tcptrace.pipes import PipeWatch, is_pipe
 
-    if is_pipe(out):
+    # (--write FILE writes nothing on `out`: its reader may go, the capture goes on)
+    if is_pipe(out) and (writer is None or options.write == "-"):
         stages.append(PipeWatch(out))  # | head: leave when the reader does, traffic or not
     return stages
 

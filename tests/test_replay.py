@@ -181,3 +181,23 @@ def test_files_that_are_not_a_whole_run_get_a_summary_of_their_own():
     sink = replay(ReplaySource(reader.records(), Filters(), "its first file is gone"))
     assert sink.summary.counters[C_SEEN] == 1
     assert "not whole: its first file is gone" in sink.summary.notes[0]
+
+
+def test_a_write_to_a_file_does_not_watch_the_pipe_it_does_not_write():
+    import os
+
+    from tcptrace.outputs.capture import CaptureOutput
+    from tcptrace.pipes import PipeWatch
+    from tcptrace.session import Options, build_stages
+
+    read_fd, write_fd = os.pipe()
+    try:
+        with os.fdopen(write_fd, "w", closefd=False) as out:
+            writer = CaptureWriter(io.BytesIO(), {})
+            for target, watched in (("t.cap", False), ("-", True)):
+                stages = build_stages(Options(write=target), out, io.StringIO(), writer=writer)
+                assert isinstance(stages[0], CaptureOutput)
+                assert any(isinstance(s, PipeWatch) for s in stages) == watched
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
