@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -595,7 +596,9 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         if tables is not None:
             tables.close()
         if writer is not None:
-            writer.close()  # (again: the stage closed it; a failed build did not)
+            # (again: the stage closed it, or said why it could not; a failed build did not)
+            with contextlib.suppress(OSError):
+                writer.close()
             if options.write == "-":
                 try:
                     sys.stdout.flush()
