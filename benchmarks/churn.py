@@ -56,6 +56,8 @@ LIBBPF_TCPSTATES = "/usr/sbin/tcpstates"
 CLONE_NEWNET = 0x40000000
 RESERVED_PORT = 2024  # the workplace's port: never used
 READY = "Ctrl-C to stop"
+# where a mode's --write file goes: replaced by a path in the run's directory
+CAPTURE = "{capture}"
 REGIMES = {
     "standard": {},
     "fastest": {"net.ipv4.tcp_max_tw_buckets": "0"},
@@ -343,10 +345,11 @@ def run_one(
         err_path = workdir / f"{regime}-{mode.name}.err"
         if mode.kind in ("tcptrace", "tcpstates"):
             env = {**os.environ, "PYTHONPATH": str(REPO)}
+            # --write's file: CAPTURE in the mode's arguments
+            command = [a.replace(CAPTURE, str(capture_path(workdir, regime, mode)))
+                       for a in tracer_command(mode, port)]  # fmt: skip
             with open(out_path, "w") as out, open(err_path, "w") as err:
-                tracer = ns.popen(
-                    tracer_command(mode, port), stdout=out, stderr=err, env=env, cwd=REPO
-                )
+                tracer = ns.popen(command, stdout=out, stderr=err, env=env, cwd=REPO)
             result.ready_s = wait_ready(tracer, mode.kind, err_path)
         elif mode.kind == "busy":
             tracer = subprocess.Popen(tracer_command(mode, port))
@@ -440,7 +443,44 @@ def check_lifetimes(result: Result, text: str, err: str) -> None:
         )
 
 
+def capture_path(workdir: Path, regime: str, mode: Mode) -> Path:
+    return workdir / f"{regime}-{mode.name.replace(' ', '_')}.cap"
+
+
+def count_captured(path: Path) -> tuple[int, int]:
+    """Transition records in a --write capture, and its bytes: read with tcptrace's
+    reader (every file of a rotation), then deleted."""
+    sys.path.insert(0, str(REPO))
+    from tcptrace.kernel.capfile import EVENTS, open_captures
+    from tcptrace.kernel.events import EVENT_SIZE
+
+    files = sorted(path.parent.glob(path.name + "*"))
+    records = 0
+    with open_captures([str(f) for f in files]) as captures:
+        for kind, payload in captures.records():
+            if kind == EVENTS:
+                records += len(payload) // EVENT_SIZE
+    size = sum(f.stat().st_size for f in files)
+    for f in files:
+        f.unlink()
+    return records, size
+
+
 def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Path, port: int):
+    if mode.kind == "tcptrace" and CAPTURE in mode.args:
+        # the summary on stderr, the transitions in the file: counted there
+        found = SUMMARY_RE.findall(err_path.read_text(errors="replace"))
+        if not found:
+            result.note = "no summary line: " + err_path.read_text()[-300:]
+            return
+        seen, shown, _faster, lost = found[-1]
+        result.seen, result.lost = int(seen), int(lost)
+        records, size = count_captured(capture_path(out_path.parent, result.regime, mode))
+        result.printed = records
+        result.note += f" {size / max(records, 1):.1f} bytes a transition in the file;"
+        if shown and int(shown) != records:
+            result.note += f" {shown} shown but {records} in the file;"
+        return
     if mode.kind == "tcptrace":
         text = out_path.read_text(errors="replace")
         if parse_json_summary(result, text):
@@ -677,6 +717,8 @@ def default_modes() -> list[Mode]:
         Mode("counter", "counter"),
         Mode("tcptrace text", "tcptrace"),
         Mode("tcptrace --quiet", "tcptrace", ["--quiet"]),
+        # the raw records to a file (issue 24): what capture costs beside --quiet
+        Mode("tcptrace --write", "tcptrace", ["--write", CAPTURE]),
         Mode("tcptrace --stuck 1s", "tcptrace", ["--stuck", "1s"]),
         # lines for the slow transitions only: the kernel counts the rest, never submits them
         Mode("tcptrace --slower-than 1ms", "tcptrace", ["--slower-than", "1ms"]),

@@ -25,7 +25,7 @@ CONNECTIONS = 6
 # with ~59 ms to spare for a busy machine's late wake-ups.
 HOLD_S = 0.075
 ROW = (1 << 26, 1 << 27)
-QUIET_DURATION_S = 8
+QUIET_DURATION_S = 4
 
 _HEADER = re.compile(r"^([A-Z_0-9]+): (\d+) left$")
 _ROW = re.compile(r"^\s*(\S+) -> (\S+)\s+: (\d+)\s+\|(\**)\s*\|$")
