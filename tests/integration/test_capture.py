@@ -67,8 +67,9 @@ def side_by_side(live_args: list[str], cap: Path, port: int) -> tuple[str, str]:
 # (bpf_ktime_get_ns) and keeps its own entry times, so a transition's ts_ns, time and
 # duration_ns differ between them by the microseconds between the two programs' runs.
 # Every other field is equal, and a replay equals its own writer's output exactly.
+# Apart by microseconds here; by 3.7 ms once in an emulated (TCG) guest.
 CLOCK_FIELDS = ("ts_ns", "time", "duration_ns")
-SLACK_NS = 1_000_000
+SLACK_NS = 50_000_000
 # A transition learnt by polling sock_diag (a TIME_WAIT entry the kernel did not
 # report): its time is each process's own poll's, within the poll interval
 POLLED_SLACK_NS = 1_100_000_000
@@ -245,11 +246,14 @@ def test_bad_captures_are_one_line_exit_1(tmp_path: Path) -> None:
     newer.write_bytes(data[:8] + (7).to_bytes(2, "little") + data[10:])
     garbage = tmp_path / "garbage"
     garbage.write_bytes(os.urandom(4096))
+    # a text file such as /etc/services (which a minimal Debian 11 lacks)
+    services = tmp_path / "services"
+    services.write_text("http\t\t80/tcp\t\twww\t\t# WorldWideWeb HTTP\n" * 40)
     cases = {
         cut: "truncated",
         newer: "written by a newer tcptrace: format version 7, this one reads 1",
         garbage: "not a tcptrace capture",
-        Path("/etc/services"): "not a tcptrace capture",
+        services: "not a tcptrace capture",
         tmp_path / "missing": "No such file",
     }
     for path, message in cases.items():
