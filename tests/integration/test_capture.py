@@ -24,6 +24,7 @@ import tcptrace
 from .cmd import READY, Running
 from .netutil import free_port, listener
 from .test_command import connect_and_close
+from .unprivileged import AS_NOBODY, PYTHON, readable_tree
 
 pytestmark = [pytest.mark.usefixtures("bpf_ready"), pytest.mark.host_only]
 
@@ -31,7 +32,6 @@ CONNECTIONS = 4
 HOLD = 0.03
 # the tree tcptrace is imported from: a replay as another user imports it from there
 TREE = str(Path(tcptrace.__file__).resolve().parents[1])
-NOBODY = "65534"
 
 
 def tcptrace_cmd(*args: str, prefix: tuple[str, ...] = (), **kwargs) -> subprocess.CompletedProcess:
@@ -164,19 +164,34 @@ def test_replay_as_an_unprivileged_user_with_filters(tmp_path: Path) -> None:
     shared.chmod(0o755)
     cap = Path(shutil.copy(cap, shared / "t.cap"))
     cap.chmod(0o644)
-    nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
     as_root = tcptrace_cmd("-r", str(cap), "-T", "none", "-n")
-    as_nobody = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", prefix=nobody, cwd="/")
-    assert as_nobody.returncode == 0, as_nobody.stderr
-    assert as_nobody.stdout == as_root.stdout
+    with readable_tree() as tree:
+        _replays_as_nobody(cap, tree, as_root.stdout)
+    shutil.rmtree(shared)
+
+
+def _replays_as_nobody(cap: Path, tree: Path, as_root: str) -> None:
+    """What root's replay printed, printed by uid 65534 from a copy it can read (the
+    checkout may be private to root), with filters, and without bcc."""
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(tree), "HOME": "/"}
+
+    def as_nobody(*args: str, **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [*AS_NOBODY, PYTHON, "-m", "tcptrace", *args],
+            capture_output=True, text=True, timeout=60, env=env, cwd="/", **kwargs,
+        )  # fmt: skip
+
+    replayed = as_nobody("-r", str(cap), "-T", "none", "-n")
+    assert replayed.returncode == 0, replayed.stderr
+    assert replayed.stdout == as_root
     with open(cap, "rb") as stdin:  # -r -: from standard input
-        piped = tcptrace_cmd("-r", "-", "-T", "none", "-n", prefix=nobody, cwd="/", stdin=stdin)
-    assert piped.returncode == 0 and piped.stdout == as_root.stdout, piped.stderr
+        piped = as_nobody("-r", "-", "-T", "none", "-n", stdin=stdin)
+    assert piped.returncode == 0 and piped.stdout == as_root, piped.stderr
     # filters in user space: --state and --slower-than
-    est = tcptrace_cmd("-r", str(cap), "-T", "none", "-n", "--state", "FIN_WAIT1", prefix=nobody)
+    est = as_nobody("-r", str(cap), "-T", "none", "-n", "--state", "FIN_WAIT1")
     lines = [line for line in est.stdout.splitlines() if "->" in line][1:]  # (header)
     assert len(lines) == 4 and all("FIN_WAIT1" in line for line in lines), est.stdout
-    slow = tcptrace_cmd("-r", str(cap), "--json", "--slower-than", "ESTABLISHED=20ms")
+    slow = as_nobody("-r", str(cap), "--json", "--slower-than", "ESTABLISHED=20ms")
     records = [json.loads(line) for line in slow.stdout.splitlines()]
     shown = [r for r in records if r["type"] == "transition"]
     assert len(shown) == 4 and all(r["old"] == "ESTABLISHED" for r in shown)
@@ -184,15 +199,13 @@ def test_replay_as_an_unprivileged_user_with_filters(tmp_path: Path) -> None:
     # the path of a replay imports no bcc and runs no preflight: shown by a user who
     # could not pass it
     probe = subprocess.run(
-        [*nobody, sys.executable, "-c",
+        [*AS_NOBODY, PYTHON, "-c",
          "import sys; from tcptrace import cli; sys.argv = ['tcptrace', '-r', sys.argv[1], '-q'];\n"
          "try:\n    cli.main()\nexcept SystemExit as e:\n    code = e.code\n"
          "print(code, 'bcc' in sys.modules)", str(cap)],
-        capture_output=True, text=True, env={**os.environ, "PYTHONPATH": TREE}, cwd="/",
-        timeout=60,
+        capture_output=True, text=True, cwd="/", timeout=60, env=env,
     )  # fmt: skip
     assert probe.stdout.split()[-2:] == ["0", "False"], probe.stderr
-    shutil.rmtree(shared)
 
 
 def test_a_write_into_a_pipe_read_late_loses_nothing(tmp_path: Path) -> None:

@@ -9,30 +9,23 @@ never mounted) and TCPTRACE_BPF_PROGRAM (a program the compiler or verifier refu
 from __future__ import annotations
 
 import os
-import shutil
-import stat
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-import click
-import pyroute2
 import pytest
 
-import tcptrace
 from tcptrace.kernel.loader import program_path as tcptrace_program
 
+from . import unprivileged
 from .cmd import Running
 from .netutil import free_port
+from .unprivileged import NOBODY, PYTHON
 
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 DATA = Path(__file__).resolve().parent.parent / "data"
-NOBODY = "65534"
-# The real interpreter (the venv's python is a symlink to it): readable by any user.
-PYTHON = os.path.realpath(sys.executable)
 
 
 def tcptrace_cmd(*args: str, env: dict[str, str] | None = None, prefix: tuple[str, ...] = ()):
@@ -62,27 +55,9 @@ def assert_one_line_error(result, *fragments: str) -> str:
 
 @pytest.fixture(scope="module")
 def readable_tree() -> Iterator[Path]:
-    """tcptrace (with bpf/) and its dependencies copied where an unprivileged user can read them:
-    the checkout or the venv may live under a private home."""
-    root = Path(tempfile.mkdtemp(prefix="tcptrace-nobody-"))
-    try:
-        source = Path(tcptrace.__file__).resolve().parent
-        shutil.copytree(source, root / "tcptrace", ignore=shutil.ignore_patterns("__pycache__"))
-        shutil.copytree(source.parent / "bpf", root / "bpf")
-        for package in (click, pyroute2):  # the dependencies the command imports
-            shutil.copytree(
-                Path(package.__file__).parent,
-                root / package.__name__,
-                ignore=shutil.ignore_patterns("__pycache__"),
-            )
-        for path in [root, *root.rglob("*")]:
-            mode = stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH
-            if path.is_dir():
-                mode |= stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH | stat.S_IWUSR
-            path.chmod(mode)
+    """tcptrace and its dependencies where an unprivileged user can read them."""
+    with unprivileged.readable_tree() as root:
         yield root
-    finally:
-        shutil.rmtree(root)
 
 
 def as_nobody(tree: Path, caps: str, *args: str):
