@@ -317,11 +317,7 @@ def replay(options: Options, out: TextIO, err: TextIO) -> int:
         try:
             tracer.run()
         except BrokenPipeError:
-            for stream in (out, err):  # the reader went away (| head): quietly
-                try:
-                    stream.flush()
-                except OSError:
-                    startup.silence(stream)
+            startup.reader_gone(out, err)
             return 0
         finally:
             for stage in stages:

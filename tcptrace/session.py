@@ -580,11 +580,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             ) from None
         # the reader went away (| head): leave quietly, without a traceback, now
         # or at exit when Python flushes what is still buffered
-        for stream in (out, err):
-            try:
-                stream.flush()
-            except OSError:
-                startup.silence(stream)
+        startup.reader_gone(out, err)
         return 0
     finally:
         summaries.close()

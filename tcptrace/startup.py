@@ -55,6 +55,16 @@ def silence(stream: TextIO) -> None:
     os.close(devnull)
 
 
+def reader_gone(*streams: TextIO) -> None:
+    """The reader went away (| head): flush what can go, silence what cannot, so that
+    neither now nor Python's flush at exit prints a traceback."""
+    for stream in streams:
+        try:
+            stream.flush()
+        except OSError:
+            silence(stream)
+
+
 def output_failed(exc: OSError, *streams: TextIO) -> int:
     """One line on stderr (if it can take it) for an output that cannot be written."""
     reason = exc.strerror or os.strerror(exc.errno or 0)
