@@ -10,14 +10,18 @@ ACCEPT_HOOK) gives the socket its acceptor from accept() on, and sends a record
 
 Once such a record showed a listener shared (or the start-up snapshot saw several
 processes holding it), the handshake lines of its children wait here for their
-accept, up to HOLD_NS of reading, and then name the acceptor; the lines read after
-them wait too, so the output stays in time order. Until that listener closes: the
-next one on the port is another socket. A child not accepted by then (a
-full accept queue, a client that gave up) keeps the listener's creator, marked as
-one of several holders (F_OWNER_SHARED: text "PID+", JSON and CSV a note), as
-`ss -tp` lists a socket shared by several processes. The first connection of a
-listener forked after tracing began names the creator on its handshake lines: no
-accept of another process had shown the listener shared yet.
+accept, up to HOLD_NS of reading (an output that blocked meanwhile does not count:
+the records that came then are read first), and then name the acceptor; the lines
+read after them wait too, so the output stays in time order. Until that listener
+closes: the next one on the port is another socket. An accept read before the lines
+it names (records of two CPUs reach user space a little out of order when a program
+is held up between stamping and writing; accept() can take a child before its
+SYN_RECV -> ESTABLISHED) is kept as long, and names them as they come. A child not
+accepted by then (a full accept queue, a client that gave up) keeps the listener's
+creator, marked as one of several holders (F_OWNER_SHARED: text "PID+", JSON and
+CSV a note), as `ss -tp` lists a socket shared by several processes. The first
+connection of a listener forked after tracing began names the creator on its
+handshake lines: no accept of another process had shown the listener shared yet.
 
 Under owner filters (--pid, --comm, --cgroup) a connection is the acceptor's from
 its first line: the kernel sends the handshake lines of a shared listener's
@@ -72,6 +76,7 @@ _NEW = Event._fields.index("newstate")
 _SKADDR = Event._fields.index("skaddr")
 _NETNS = Event._fields.index("netns")
 _SPORT = Event._fields.index("sport")
+_TS = Event._fields.index("ts_ns")
 _old_state = operator.itemgetter(_OLD)
 
 Listener = tuple[int, int]  # (network namespace inode, port)
@@ -104,6 +109,9 @@ class Acceptors(Stage):
         self.first = 0  # held[first:] are still held (a list: no O(n) pops)
         # socket -> (when its first line was read, its held lines)
         self.waiting: dict[int, tuple[int, list[_Held]]] = {}
+        # socket -> (when read, accept record) of the last HOLD_NS's accepts, oldest
+        # first: lines read after their accept name the acceptor
+        self.early: dict[int, tuple[int, Event]] = {}
         self.named = 0  # connections whose handshake lines named their acceptor
         self.unnamed = 0  # waited HOLD_NS for an accept that did not come
         # --pid/--comm/--cgroup: connections are chosen by their acceptor
@@ -111,13 +119,14 @@ class Acceptors(Stage):
         # tells the kernel a listening port is shared (loader.Probe.mark_shared)
         self.mark_shared = mark_shared
         self.fixes = Corrections()  # lines told or dropped against the kernel's count
+        self._batch_ns: int | None = None  # when the last batch was read, until a tick
 
     def on_events(self, events: list[Event]) -> list[Event] | None:
         if not events or events[0].flags & F_STUCK:
             return None  # the map scan's reports are not in the transitions' order
         if not self.shared and not self.waiting and NO_STATE not in set(map(_old_state, events)):
             return None  # no shared listener known, no accept: as read
-        now = self.clock()
+        now = self._batch_ns = self.clock()
         out: list[Event] = []
         for ev in events:
             old = ev[_OLD]
@@ -138,8 +147,18 @@ class Acceptors(Stage):
             elif ev.flags & F_UNDECIDED or (
                 (ev[_OLD], ev[_NEW]) in HANDSHAKE and (ev[_NETNS], ev[_SPORT]) in self.shared
             ):
-                entry = _Held(ev, sk)
-                self.waiting[sk] = (now, [entry])
+                record = self._early_accept(ev)
+                if record is None:
+                    entry = _Held(ev, sk)
+                    self.waiting[sk] = (now, [entry])
+                else:
+                    named = self._name(ev, record)
+                    if named is None:
+                        continue  # another process's, under owner filters
+                    if self.first == len(self.held):
+                        out.append(named)
+                        continue
+                    entry = _Held(named, None)
             elif self.first < len(self.held):
                 entry = _Held(ev, None)
             else:
@@ -150,7 +169,14 @@ class Acceptors(Stage):
         return out
 
     def on_tick(self, now_ns: int) -> list[Event] | None:
-        return self._release(self.clock()) if self.waiting else None
+        # Waits are timed by the reads: right after a batch, as of when it was read.
+        # Its output may have blocked (a pipe read late) for longer than a wait, and
+        # the accept records that came meanwhile are in the ring, read next.
+        now = self.clock() if self._batch_ns is None else self._batch_ns
+        self._batch_ns = None
+        if self.early:
+            self._forget_early(now)
+        return self._release(now) if self.waiting else None
 
     def on_drained(self, now_ns: int) -> list[Event] | None:
         # nothing more will be read: whoever did not accept by now is not known
@@ -189,29 +215,62 @@ class Acceptors(Stage):
         """An accept record: its listener is shared; its socket's lines name the acceptor
         (under owner filters: told if the acceptor matches, else dropped)."""
         self._share((record[_NETNS], record[_SPORT]))
-        wait = self.waiting.pop(record[_SKADDR], None)
+        sk = record[_SKADDR]
+        # kept for its lines still to come (all of them when read out of order; the
+        # child's SYN_RECV -> ESTABLISHED when accept() took it before that)
+        self.early.pop(sk, None)  # oldest first: a repeat goes to the end
+        self.early[sk] = (self.clock(), record)
+        if len(self.early) > MAX_HELD:
+            del self.early[next(iter(self.early))]
+        wait = self.waiting.pop(sk, None)
         if wait is None:
             return
         self.named += 1
-        chosen = not self.owner_filtered or record.flags & F_MATCHED
         for entry in wait[1]:
             ev = entry.ev
             entry.sk = None
-            if ev is None:
-                continue
-            if not chosen:
-                entry.ev = None
-                if not ev.flags & F_UNDECIDED:
-                    self._count(ev, -1)  # counted for the listener's creator, who matched
-                continue
-            if ev.flags & F_UNDECIDED:
-                self._count(ev, 1)
-            entry.ev = ev._replace(
-                pid=record.pid,
-                comm=record.comm,
-                cgroup_id=record.cgroup_id,
-                flags=(ev.flags | F_OWNER_KNOWN) & ~F_UNDECIDED,
-            )
+            if ev is not None:
+                entry.ev = self._name(ev, record)
+
+    def _name(self, ev: Event, record: Event) -> Event | None:
+        """A handshake line (or one after it) as its accept record tells it: the
+        acceptor's; None under owner filters when the acceptor does not match."""
+        if self.owner_filtered and not record.flags & F_MATCHED:
+            if not ev.flags & F_UNDECIDED:
+                self._count(ev, -1)  # counted for the listener's creator, who matched
+            return None
+        if ev.flags & F_UNDECIDED:
+            self._count(ev, 1)
+        return ev._replace(
+            pid=record.pid,
+            comm=record.comm,
+            cgroup_id=record.cgroup_id,
+            flags=(ev.flags | F_OWNER_KNOWN) & ~F_UNDECIDED,
+        )
+
+    def _early_accept(self, ev: Event) -> Event | None:
+        """The accept record read before this handshake line, if it names it: not when
+        the line is the birth of a socket made at the same address after that accept."""
+        kept = self.early.get(ev[_SKADDR])
+        if kept is None:
+            return None
+        record = kept[1]
+        if (ev[_OLD], ev[_NEW]) == BIRTH:
+            if ev[_TS] > record[_TS]:
+                del self.early[ev[_SKADDR]]
+                return None
+            self.named += 1  # a child whose lines came after its accept
+        return record
+
+    def _forget_early(self, now: int) -> None:
+        """Accepts kept HOLD_NS for lines that did not come (told already, or another
+        process's: its handshake was not held)."""
+        early = self.early
+        while early:
+            sk = next(iter(early))
+            if now - early[sk][0] < self.hold_ns:
+                break
+            del early[sk]
 
     def _unnamed(self, sk: int) -> None:
         """No accept came in time: the socket's lines keep the listener's creator,

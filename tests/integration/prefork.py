@@ -7,6 +7,8 @@ Prints "master PID", "worker PID" for each worker, then "ready". Each worker tel
 client its pid (a line), reads until the client closes, then closes. Stops (with its
 workers) when stdin closes. With PREFORK_WORKER_COMM in the environment, worker N
 takes the command name PREFORK_WORKER_COMM followed by N (as nginx names its workers).
+With PREFORK_GATED, each worker accepts only when sent SIGUSR1 (once per signal), so
+that a test decides when a connection's accept comes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import sys
 WORKERS = 2
 
 
-def work(srv: socket.socket) -> None:
+def work(srv: socket.socket, gated: bool) -> None:
     while True:
+        if gated:
+            signal.sigwait({signal.SIGUSR1})
         conn, _ = srv.accept()
         with conn:
             conn.sendall(f"{os.getpid()}\n".encode())
@@ -35,6 +39,9 @@ def main(port: int) -> None:
     srv.listen(64)
     print("master", os.getpid(), flush=True)
     workers = []
+    gated = bool(os.environ.get("PREFORK_GATED"))
+    if gated:  # blocked before fork: sigwait takes it, no handler runs
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
     for _ in range(WORKERS):
         pid = os.fork()
         if pid == 0:
@@ -43,7 +50,7 @@ def main(port: int) -> None:
                 with open("/proc/self/comm", "w") as comm:
                     comm.write(f"{name}{len(workers)}")
             try:
-                work(srv)
+                work(srv, gated)
             finally:
                 os._exit(0)
         workers.append(pid)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -18,6 +21,9 @@ from .netutil import free_port
 pytestmark = pytest.mark.usefixtures("bpf_ready")
 
 PEERS = Path(__file__).with_name("peers.py")
+# fcntl.F_SETPIPE_SZ (Python 3.10+), and a pipe's smallest size: one page
+F_SETPIPE_SZ = 1031
+PIPE_PAGE = 4096
 
 
 class Peer:
@@ -156,10 +162,12 @@ PREFORK = Path(__file__).with_name("prefork.py")
 class Prefork:
     """prefork.py: a master that listens and WORKERS that accept, once ready."""
 
-    def __init__(self, port: int, worker_comm: str | None = None) -> None:
+    def __init__(self, port: int, worker_comm: str | None = None, gated: bool = False) -> None:
         env = dict(os.environ)
         if worker_comm:
             env["PREFORK_WORKER_COMM"] = worker_comm
+        if gated:
+            env["PREFORK_GATED"] = "1"  # accept only on SIGUSR1
         self.proc = subprocess.Popen(
             [sys.executable, str(PREFORK), str(port)],
             env=env,
@@ -186,7 +194,6 @@ class Prefork:
 def served_by(port: int, count: int) -> dict[str, int]:
     """count connections, each closed by the client once the worker said who it is:
     {client's local address: the pid of the worker that accepted it}."""
-    import socket
 
     served = {}
     for _ in range(count):
@@ -316,6 +323,66 @@ def test_a_forked_servers_handshake_lines_name_the_worker_that_accepted():
     assert sorted((o["pid"], o["note"]) for o in handshakes) == sorted(
         (pid, None) for pid in served.values() for _ in HANDSHAKE
     ), handshakes
+
+
+def fill(fd: int) -> None:
+    """Write newlines into a pipe until it is full (its reader sees empty lines)."""
+    os.set_blocking(fd, False)
+    try:
+        while True:
+            os.write(fd, b"\n" * 4096)
+    except BlockingIOError:
+        pass
+    finally:
+        os.set_blocking(fd, True)
+
+
+def test_a_stalled_output_does_not_cut_short_a_handshakes_wait_for_its_accept():
+    """The CI run's --json tracer, its stdout read only at the end: once the pipe
+    filled, a connection's handshake lines held for its accept went out a second
+    later unnamed, marked shared, naming the master. The tracer had been blocked
+    writing the lines read with them; the accept record was in the ring, not read
+    yet. A stall of the output is not the accept's lateness."""
+    port = free_port()
+    server = Prefork(port, gated=True)
+    read_end, write_end = os.pipe()
+    fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", F_SETPIPE_SZ), PIPE_PAGE)
+    try:
+        run = Running("--port", str(port), "--json", stdout=write_end)
+        run.wait_ready()
+        fill(write_end)  # the tracer's next line blocks until the end
+        os.close(write_end)
+        write_end = -1
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            # the client's lines go out (and block); the child's wait for their accept
+            time.sleep(0.5)
+            os.kill(server.workers[0], signal.SIGUSR1)
+            assert client.recv(64).decode().strip() == str(server.workers[0])
+            time.sleep(1.5)  # the tracer stays blocked past the accept wait
+        with os.fdopen(read_end, "r") as out:
+            read_end = -1
+            lines = []
+            reader = threading.Thread(target=lambda: lines.extend(out))
+            reader.start()
+            time.sleep(1.0)
+            code, _out, err = run.stop()
+            reader.join(timeout=20)
+    finally:
+        for fd in (read_end, write_end):
+            if fd >= 0:
+                os.close(fd)
+        server.stop()
+    assert code == 0, err
+    objects = [json.loads(line) for line in lines if line.strip()]
+    handshakes = [
+        (o["old"], o["new"], o["pid"], o["note"])
+        for o in objects
+        if o.get("type") == "transition"
+        and o["local_port"] == port
+        and (o["old"], o["new"]) in HANDSHAKE
+    ]
+    worker = server.workers[0]
+    assert handshakes == [(*move, worker, None) for move in HANDSHAKE], objects
 
 
 def test_a_listener_shown_shared_by_an_accept_names_the_acceptor_on_later_handshakes():
