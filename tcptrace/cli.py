@@ -652,7 +652,7 @@ def main(**opts: object) -> None:
 
 # What --write refuses: (parameter name, how it is written, why)
 _NOT_WITH_WRITE = (
-    ("lifetime", "--lifetime", "a capture holds transitions"),
+    ("lifetime", "--lifetime", "a capture holds transitions (replay it with -r FILE --lifetime)"),
     ("interval", "--interval", "a capture holds transitions, not tables"),
     ("snapshot", "--snapshot", "a capture holds transitions"),
     ("as_json", "--json", "the capture is the output (replay it with -r FILE --json)"),
@@ -673,7 +673,6 @@ _NEEDS_KERNEL = (
     ("buffer_pages", "--buffer-pages"),
     ("max_sockets", "--max-sockets"),
     ("write", "--write"),
-    ("lifetime", "--lifetime"),
 )
 
 

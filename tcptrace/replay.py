@@ -4,6 +4,8 @@ No root, no bcc, no BPF: ReplaySource is the Tracer's event source instead of th
 kernel's probe. The capture already holds what the live stages learnt (owners, the
 TIME_WAIT follower's ends, each namespace's name and owner's cgroup), so none of them
 runs: the events go straight to the output. The filters apply here, in user space.
+--lifetime builds each connection from its transitions (as Lifetimes does without
+the kernel's life records).
 
 The exit summary: the capture's own (its END record: the kernel's counts, as the live
 run printed them) when no filter narrows the replay; otherwise it is built from the
@@ -304,15 +306,21 @@ def replay_clock(style: str, meta: dict[str, Any], clock: dict[str, Any] | None)
 
 def replay(options: Options, out: TextIO, err: TextIO) -> int:
     """-r: the captures through the outputs these options choose; the exit code."""
-    from tcptrace.session import build_stages
+    from tcptrace.session import build_stages, stop_after_lifetimes
 
+    # --lifetime: --state chooses whole connections (the output's tracker decides),
+    # and --count counts them
+    chosen = replace(options.filters, states=frozenset()) if options.lifetime else options.filters
+    count = None if options.lifetime else options.count
     with open_captures(options.read) as captures:
         missing = missing_files([reader.meta for reader in captures.readers])
-        source = ReplaySource(captures.records(), options.filters, missing)
+        source = ReplaySource(captures.records(), chosen, missing)
         source.prime()
         clock = replay_clock(options.timestamp, captures.meta, source.clock)
         stages = build_stages(replace(options, clock=clock, places=source.places), out, err)
-        tracer = Tracer(source, stages, StopConditions(options.count, options.duration))
+        tracer = Tracer(source, stages, StopConditions(count, options.duration))
+        if options.lifetime and options.count is not None:
+            stop_after_lifetimes(stages, options.count, tracer.request_stop)
         tracer.install_signals()
         try:
             tracer.run()

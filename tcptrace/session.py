@@ -552,7 +552,7 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
             poll_ms=poll_ms(options),
         )
         if options.lifetime and options.count is not None:
-            _stop_after_lifetimes(stages, options.count, tracer.request_stop)
+            stop_after_lifetimes(stages, options.count, tracer.request_stop)
         tracer.install_signals()
         if early_sigterm:
             early_sigterm.clear()
@@ -657,7 +657,7 @@ def _lifetimes(stages: list[Stage]) -> Lifetimes | None:
     return None
 
 
-def _stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
+def stop_after_lifetimes(stages: list[Stage], count: int, stop: Callable[[], None]) -> None:
     """--lifetime --count N: stop after N finished connections."""
     lifetimes = _lifetimes(stages)
     if lifetimes is not None:

@@ -117,6 +117,55 @@ def test_replay_json_equals_the_live_json(tmp_path: Path) -> None:
                 assert value == rs["states"][state][key], (state, key)
 
 
+LIFE_CLOCK_FIELDS = ("start_ns", "end_ns", "start", "end", "duration_ns", "states")
+
+
+def test_replay_lifetime_equals_the_live_lifetime(tmp_path: Path) -> None:
+    """-r --lifetime builds each connection from the capture's transitions; the live
+    run had the kernel's life records. The same connections, owners and states in
+    order; the times within the two programs' clocks; --count counts connections."""
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    out, _werr = side_by_side(["--lifetime", "--json"], cap, port)
+    replay = tcptrace_cmd("-r", str(cap), "--lifetime", "--json")
+    assert replay.returncode == 0, replay.stderr
+    live = [json.loads(line) for line in out.splitlines()]
+    again = [json.loads(line) for line in replay.stdout.splitlines()]
+    assert live[-1]["type"] == again[-1]["type"] == "summary"
+
+    def key(life: dict) -> tuple:
+        return (life["local_port"], life["remote_port"])
+
+    live_l, again_l = sorted(live[:-1], key=key), sorted(again[:-1], key=key)
+    # each connection's end that does not go through TIME_WAIT finishes within the run
+    assert len(again_l) == len(live_l) == CONNECTIONS, (live_l, again_l)
+    for a, b in zip(live_l, again_l):
+        assert a["type"] == b["type"] == "lifetime"
+        assert {k: v for k, v in a.items() if k not in LIFE_CLOCK_FIELDS} == {
+            k: v for k, v in b.items() if k not in LIFE_CLOCK_FIELDS
+        }
+        assert [s["state"] for s in a["states"]] == [s["state"] for s in b["states"]]
+        for x, y in zip(a["states"], b["states"]):
+            assert abs(x["duration_ns"] - y["duration_ns"]) < SLACK_NS, (a, b)
+            assert x["lower_bound"] == y["lower_bound"]
+        for field in ("start_ns", "end_ns", "duration_ns"):
+            assert abs(a[field] - b[field]) < SLACK_NS, (field, a, b)
+    for field in ("transitions_traced", "written", "lost", "held", "notes", "still_in_time_wait"):
+        assert live[-1][field] == again[-1][field], field
+    # --count: connections, as live
+    first = tcptrace_cmd("-r", str(cap), "--lifetime", "--json", "--count", "1")
+    assert first.returncode == 0, first.stderr
+    lives = [json.loads(line) for line in first.stdout.splitlines()][:-1]
+    assert [life["type"] for life in lives] == ["lifetime"]
+    assert key(lives[0]) == key(again[0])
+    # --state chooses whole connections (those that visited it), as live
+    visited = tcptrace_cmd("-r", str(cap), "--lifetime", "--json", "--state", "CLOSE_WAIT")
+    assert visited.returncode == 0, visited.stderr
+    chosen = [json.loads(line) for line in visited.stdout.splitlines()][:-1]
+    expected = [life for life in again_l if "CLOSE_WAIT" in [s["state"] for s in life["states"]]]
+    assert sorted(chosen, key=key) == expected and expected
+
+
 def _seconds(stamp: str) -> float:
     from datetime import datetime
 
