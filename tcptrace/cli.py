@@ -124,13 +124,17 @@ def _resolved(flag: str, values: object, resolve: Callable[[str], object]) -> li
     return out
 
 
-def _replay_netns(text: str) -> int:
-    """-r --netns: the inode a capture recorded (its NETNS column), not this host's."""
-    if not text.isdigit():
+def _replay_netns(text: str) -> int | str:
+    """-r --netns: the inode or ip netns name a capture recorded (its NETNS column),
+    not this host's."""
+    if text.isdigit():
+        return int(text)
+    if not text or "/" in text:
         raise ValueError(
-            f"{text!r}: with -r, a namespace's inode number (the capture's netns field)"
+            f"{text!r}: with -r, an ip netns name or inode number as the capture recorded "
+            "it (its NETNS column)"
         )
-    return int(text)
+    return text
 
 
 def _replay_cgroup(text: str):
@@ -325,7 +329,8 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     multiple=True,
     metavar="NETNS",
     help="Sockets of this network namespace: an ip netns name, a /proc/PID/ns/net path "
-    "or an inode number (lsns -t net). Repeatable.",
+    "or an inode number (lsns -t net); with -r, a name or inode as the capture recorded "
+    "it. Repeatable.",
 )
 @click.option(
     "--cgroup",
@@ -596,13 +601,15 @@ def main(**opts: object) -> None:
         )
     replay = bool(opts["read"])
     family = socket.AF_INET if opts["ipv4"] else socket.AF_INET6 if opts["ipv6"] else 0
+    namespaces = _resolved("--netns", opts["netns"], _replay_netns if replay else _netns)
     filters = Filters(
         ports=_union(opts["ports"]),
         local_ports=_union(opts["local_ports"]),
         remote_ports=_union(opts["remote_ports"]),
         family=family,
         states=_union(opts["states"]),
-        netns=frozenset(_resolved("--netns", opts["netns"], _replay_netns if replay else _netns)),
+        netns=frozenset(n for n in namespaces if isinstance(n, int)),
+        netns_names=frozenset(n for n in namespaces if isinstance(n, str)),
         pids=frozenset(opts["pids"]),
         comms=frozenset(opts["comms"]),
         cgroups=tuple(

@@ -199,6 +199,9 @@ class Filters:
     states: frozenset[TcpState] = field(default_factory=frozenset)
     # sockets of these network namespaces (inode numbers)
     netns: frozenset[int] = frozenset()
+    # -r only: of these ip netns names, as the capture recorded them (live, names are
+    # resolved to inodes at start)
+    netns_names: frozenset[str] = frozenset()
     # owners: these processes, these command names, these cgroups (and below)
     pids: frozenset[int] = frozenset()
     comms: frozenset[str] = frozenset()
@@ -282,8 +285,9 @@ class Filters:
             parts.append("IPv6")
         if self.states:
             parts.append("states " + ",".join(s.name for s in sorted(self.states)))
-        if self.netns:
-            parts.append("netns " + ",".join(str(n) for n in sorted(self.netns)))
+        if self.netns or self.netns_names:
+            named = [*(str(n) for n in sorted(self.netns)), *sorted(self.netns_names)]
+            parts.append("netns " + ",".join(named))
         if self.pids:
             parts.append("pid " + ",".join(str(p) for p in sorted(self.pids)))
         if self.comms:

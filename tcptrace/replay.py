@@ -87,6 +87,7 @@ class EventFilter:
         self.filters = filters
         self.places = places
         self.slow = filters.slow_ns() if filters.slower_than else {}
+        self._netns: dict[int, bool] = {}  # inode -> whether --netns chose it
         self.faster = 0
 
     def _in_cgroup(self, ev: Event) -> bool:
@@ -100,6 +101,18 @@ class EventFilter:
                 return True
         return False
 
+    def _in_netns(self, ev: Event) -> bool:
+        """By inode, or by the name the capture recorded for it (its INFO record comes
+        before the namespace's first event)."""
+        netns = ev.netns
+        found = self._netns.get(netns)
+        if found is None:
+            name = self.places.netns_names.get(netns)
+            found = netns in self.filters.netns or name in self.filters.netns_names
+            if found or name is not None:  # a namespace without a name may get one later
+                self._netns[netns] = found
+        return found
+
     def socket(self, events: list[Event]) -> list[Event]:
         f = self.filters
         if f.family:
@@ -107,8 +120,8 @@ class EventFilter:
         if f.ports or f.local_ports or f.remote_ports:
             match = f.matches_socket
             events = [ev for ev in events if match(ev.family, ev.sport, ev.dport)]
-        if f.netns:
-            events = [ev for ev in events if ev.netns in f.netns]
+        if f.netns or f.netns_names:
+            events = [ev for ev in events if self._in_netns(ev)]
         if f.pids:
             events = [ev for ev in events if ev.flags & F_OWNER_KNOWN and ev.pid in f.pids]
         if f.comms:

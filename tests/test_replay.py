@@ -146,6 +146,29 @@ def test_netns_and_cgroup_filters_use_what_the_capture_recorded():
     assert replay(source(data, Filters(cgroups=(top,)))).events == [here, there]
 
 
+def test_netns_by_the_name_the_capture_recorded():
+    """-r --netns blue: the ip netns name the capture's INFO recorded for an inode
+    (for any socket there, whatever its owner), not this host's namespaces."""
+    from tcptrace.outputs.capture import KIND_PLACES
+
+    blue = make_event(netns=11, cgroup_id=5, sport=1)
+    blue_unowned = make_event(netns=11, cgroup_id=0, sport=3)
+    red = make_event(netns=12, cgroup_id=6, sport=2)
+    buf = io.BytesIO()
+    writer = CaptureWriter(buf, {})
+    writer.info({"kind": KIND_PLACES, "rows": [[11, 5, 0, "blue", None, None]]})
+    writer.events(pack_events([blue, red]))
+    writer.info({"kind": KIND_PLACES, "rows": [[12, 6, 0, "red", None, None]]})
+    writer.events(pack_events([blue_unowned, red]))
+    data = buf.getvalue()
+    chosen = replay(source(data, Filters(netns_names=frozenset({"blue"})))).events
+    assert chosen == [blue, blue_unowned]
+    both = Filters(netns=frozenset({12}), netns_names=frozenset({"blue"}))
+    assert replay(source(data, both)).events == [blue, red, blue_unowned, red]
+    # red had no name when its first socket came: chosen once it has one
+    assert replay(source(data, Filters(netns_names=frozenset({"red"})))).events == [red]
+
+
 def test_state_and_slower_than_keep_the_captures_summary_as_live():
     end = Summary()
     end.counters[C_SEEN] = 7

@@ -140,7 +140,7 @@ BAD = [
     (["-r", "t.cap", "--max-sockets", "1024"], "--max-sockets needs the live kernel"),
     (["-r", "t.cap", "--write", "u.cap"], "--write needs the live kernel"),
     (["-r", "t.cap", "--snapshot"], "--snapshot needs the live kernel"),
-    (["-r", "t.cap", "--netns", "blue"], "with -r, a namespace's inode number"),
+    (["-r", "t.cap", "--netns", "/run/netns/blue"], "with -r, an ip netns name or inode"),
 ]
 
 

@@ -93,10 +93,13 @@ class RecordedPlaces(Places):
 
     def __init__(self) -> None:  # no indexes of this host: not Places.__init__
         self._cache = {}
+        self.netns_names: dict[int, str] = {}  # inode -> its ip netns name, as recorded
 
     def add(self, rows: list) -> None:
         for netns, cgroup_id, pid, name, cgroup, container in rows:
             key = (int(netns), int(cgroup_id), int(pid))
+            if name is not None:
+                self.netns_names[key[0]] = str(name)
             self._cache[key] = Place(
                 netns=key[0] or None,
                 netns_name=None if name is None else str(name),

@@ -166,6 +166,36 @@ def test_replay_lifetime_equals_the_live_lifetime(tmp_path: Path) -> None:
     assert sorted(chosen, key=key) == expected and expected
 
 
+def test_replay_netns_by_the_name_the_capture_recorded(tmp_path: Path) -> None:
+    """-r --netns NAME: the ip netns name the capture recorded, gone from this host
+    by the time of the replay (deleted), as the inode."""
+    from .test_namespaces import burst, name_tag, netns
+
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    a, b = f"{name_tag()}ra", f"{name_tag()}rb"
+    with netns(a) as ino_a, netns(b):
+        writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+        writer.wait_ready()
+        burst(port, "ip", "netns", "exec", a)
+        burst(port, "ip", "netns", "exec", b)
+        time.sleep(0.5)
+        code, _, werr = writer.stop(signal.SIGINT)
+        assert code == 0, werr
+    assert not Path(f"/run/netns/{a}").exists()
+    by_name = tcptrace_cmd("-r", str(cap), "--json", "--netns", a)
+    by_inode = tcptrace_cmd("-r", str(cap), "--json", "--netns", str(ino_a))
+    assert by_name.returncode == by_inode.returncode == 0, by_name.stderr + by_inode.stderr
+    named = [json.loads(line) for line in by_name.stdout.splitlines()]
+    assert named == [json.loads(line) for line in by_inode.stdout.splitlines()]
+    transitions = [r for r in named if r["type"] == "transition"]
+    assert transitions and {(r["netns"], r["netns_name"]) for r in transitions} == {(ino_a, a)}
+    everything = tcptrace_cmd("-r", str(cap), "--json")
+    assert len(transitions) * 2 == sum(
+        1 for line in everything.stdout.splitlines() if '"type":"transition"' in line
+    )
+
+
 def _seconds(stamp: str) -> float:
     from datetime import datetime
 
