@@ -495,6 +495,8 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
     if netns_problem is not None:
         if options.filters.netns:
             probe.close()
+            if writer is not None:
+                writer.close()  # unused: no file left
             raise TcptraceError(
                 "--netns needs the kernel to read each socket's network namespace, "
                 f"and it cannot here: {netns_problem}"
@@ -517,7 +519,12 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         )
     if options.emit_events and options.nice is not None:
         _raise_priority(options.nice)
-    scanner = _open_scanner(probe, options, err) if options.scan else None
+    try:
+        scanner = _open_scanner(probe, options, err) if options.scan else None
+    except TcptraceError:
+        if writer is not None:
+            writer.close()  # unused: no file left
+        raise
     summaries = KernelStats(probe)
     stages: list[Stage] = []
     streams = options.emit_events or options.follows_closes
@@ -612,9 +619,10 @@ def _open_writer(options: Options) -> CaptureWriter | RotatingWriter:
     path = options.write
     assert path is not None
     try:
+        # deferred: a run that fails before tracing writes nothing (and leaves no file)
         if path == "-":
-            return CaptureWriter(sys.stdout.buffer, meta)
-        return RotatingWriter(path, options.file_size, options.file_count, meta)
+            return CaptureWriter(sys.stdout.buffer, meta, deferred=True)
+        return RotatingWriter(path, options.file_size, options.file_count, meta, deferred=True)
     except OSError as exc:
         raise CaptureError(f"{path}: cannot write: {exc.strerror or exc}") from None
 

@@ -26,13 +26,14 @@ import json
 import os
 import re
 import socket
+import stat
 import struct
 import sys
 import time
 import uuid
 import zlib
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, BinaryIO, Union
 
 from tcptrace.errors import TcptraceError
@@ -160,12 +161,23 @@ def rotation_path(path: PathName, index: int) -> str:
 class CaptureWriter:
     """Writes a capture to `out`, which the caller owns (and closes).
 
-    The header goes out at once. Each record is one out.write call, header and payload
-    together; OSError (ENOSPC, EPIPE) propagates, and after one the writer refuses
-    further records: they would follow a partial one.
+    The header goes out at once, or with deferred with the first record: a run that
+    fails before it traces anything then writes nothing (RotatingWriter removes the
+    file it made). Each record is one out.write call, header and payload together;
+    OSError (ENOSPC, EPIPE) propagates, and after one the writer refuses further
+    records: they would follow a partial one. on_first runs before the first write
+    (RotatingWriter's: the file is emptied only then).
     """
 
-    def __init__(self, out: BinaryIO, meta: Mapping[str, Any], *, _part: tuple = ()) -> None:
+    def __init__(
+        self,
+        out: BinaryIO,
+        meta: Mapping[str, Any],
+        *,
+        _part: tuple = (),
+        deferred: bool = False,
+        on_first: Callable[[], None] | None = None,
+    ) -> None:
         reserved = _RESERVED_KEYS & set(meta)
         if reserved:
             raise ValueError(f"capture meta keys {sorted(reserved)} are the module's")
@@ -187,12 +199,24 @@ class CaptureWriter:
         self.bytes_written = 0
         self.records_written = 0
         self._failed = False
-        self._write(head + _CRC.pack(zlib.crc32(head)))
+        self._head: bytes | None = head + _CRC.pack(zlib.crc32(head))  # until written
+        self._on_first = on_first
+        if not deferred:
+            self._write(b"")
+
+    @property
+    def started(self) -> bool:
+        """The header is out (the first record was written, or tried)."""
+        return self._head is None
 
     def _write(self, data: bytes) -> None:
         if self._failed:
             raise ValueError("capture writer: an earlier write failed, the file ends there")
         self._failed = True  # until the whole record is out
+        if self._head is not None:
+            data, self._head = self._head + data, None
+            if self._on_first is not None:
+                self._on_first()
         view = memoryview(data)
         while view:
             n = self._out.write(view)
@@ -261,7 +285,10 @@ class RotatingWriter:
         max_bytes: int | None = None,
         file_count: int | None = None,
         meta: Mapping[str, Any] | None = None,
+        deferred: bool = False,
     ) -> None:
+        """deferred: PATH is opened now, but emptied and written with the first record;
+        closed before that, a file this made is removed and one that was there stays."""
         if max_bytes is not None and max_bytes <= 0:
             raise ValueError(f"max_bytes must be positive, not {max_bytes}")
         if file_count is not None and file_count < 1:
@@ -277,8 +304,9 @@ class RotatingWriter:
         self._kept: deque[str] = deque()
         self._done_bytes = 0  # in files already closed
         self.records_written = 0
-        _delete_stale_rotation(self.path)
-        self._next_file()  # at once, as CaptureWriter: a bad path fails before tracing
+        self._created = False  # the first file did not exist before (removed if unused)
+        self._deferred = deferred
+        self._next_file()  # at once: a bad path fails before tracing
 
     @property
     def paths(self) -> list[str]:
@@ -298,15 +326,42 @@ class RotatingWriter:
     def _next_file(self) -> None:
         self._index += 1
         name = rotation_path(self.path, self._index)
-        self._file = open(name, "wb", buffering=0)  # noqa: SIM115 (closed by _close_file)
+        first = self._index == 0 and self._deferred
+        if first:
+            # opened, not emptied: a run that fails before it traces leaves what was
+            # there (and no file where there was none)
+            try:
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                self._created = True
+            except FileExistsError:
+                fd = os.open(name, os.O_WRONLY | os.O_CLOEXEC)
+            self._file = open(fd, "wb", buffering=0)  # noqa: SIM115 (closed by _close_file)
+        else:
+            self._file = open(name, "wb", buffering=0)  # noqa: SIM115 (closed by _close_file)
         self._kept.append(name)
+        if self._index == 0 and not first:
+            _delete_stale_rotation(self.path)
         try:
-            self._writer = CaptureWriter(self._file, self._meta, _part=(*self._run, self._index))
+            self._writer = CaptureWriter(
+                self._file,
+                self._meta,
+                _part=(*self._run, self._index),
+                deferred=first,
+                on_first=self._begin if first else None,
+            )
         except BaseException:
             self._close_file()
             raise
         while self.file_count is not None and len(self._kept) > self.file_count:
             _unlink(self._kept.popleft())
+
+    def _begin(self) -> None:
+        """The first record: now the file is emptied, and an earlier run's rotation
+        files go (writing PATH replaces the capture there)."""
+        assert self._file is not None
+        if stat.S_ISREG(os.fstat(self._file.fileno()).st_mode):
+            os.ftruncate(self._file.fileno(), 0)
+        _delete_stale_rotation(self.path)
 
     def _close_file(self) -> None:
         if self._writer is not None:
@@ -347,7 +402,13 @@ class RotatingWriter:
             self._writer.flush()
 
     def close(self) -> None:
+        """Closes the file; one this run made and never wrote (it failed before tracing)
+        is removed."""
+        unused = self._index == 0 and self._writer is not None and not self._writer.started
         self._close_file()
+        if unused and self._created:
+            _unlink(self.path)
+            self._created = False
 
     def __enter__(self) -> RotatingWriter:
         return self

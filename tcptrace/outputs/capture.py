@@ -90,6 +90,8 @@ class CaptureOutput(Stage):
     def _failed(self, exc: OSError) -> CaptureError:
         what = "the reader went away" if exc.errno == errno.EPIPE else exc.strerror or str(exc)
         records = self.writer.records_written
+        if not records:  # the first record: nothing written
+            return CaptureError(f"{self.name}: cannot write: {what}")
         return CaptureError(
             f"{self.name}: cannot write: {what}; the {records} whole records "
             "written before stay readable"

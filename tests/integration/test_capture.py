@@ -400,6 +400,31 @@ def test_write_to_dev_full_is_one_line_before_tracing() -> None:
     assert result.stderr == "tcptrace: /dev/full: cannot write: No space left on device\n"
 
 
+def test_a_write_that_fails_before_tracing_leaves_no_capture(tmp_path: Path) -> None:
+    """--metrics on a port in use fails after the capture is opened, before tracing:
+    no header-only file that replays as a capture stopped early; a file that was there
+    stays as it was; --write - writes nothing."""
+    cap = tmp_path / "t.cap"
+    kept = tmp_path / "old.cap"
+    kept.write_bytes(b"what was there")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        for path in (cap, kept):
+            result = tcptrace_cmd("--write", str(path), "--metrics", port, "-d", "1")
+            assert result.returncode == 1
+            assert result.stderr.count("\n") == 1 and "already in use" in result.stderr
+        piped = tcptrace_cmd("--write", "-", "--metrics", port, "-d", "1")
+        assert piped.returncode == 1 and piped.stdout == ""
+    assert not cap.exists()
+    assert kept.read_bytes() == b"what was there"
+    # and a run that traces replaces it
+    result = tcptrace_cmd("--write", str(kept), "-d", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert tcptrace_cmd("-r", str(kept), "-q").returncode == 0
+
+
 def churn(port: int, connections: int) -> None:
     with listener(port=port, backlog=128) as srv:
         for _ in range(connections):

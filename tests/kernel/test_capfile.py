@@ -718,3 +718,26 @@ def test_the_document_names_the_constants() -> None:
     for rtype in capfile.RecordType:
         assert f"| {int(rtype)} | {rtype.name} |" in doc
     assert "PATH.000001" in doc and capfile._ROTATION_DIGITS == 6
+
+
+def test_a_deferred_capture_writes_nothing_until_its_first_record(tmp_path: Path) -> None:
+    """--write opens its file at once (a bad path is said before tracing) but empties
+    and writes it only with the first record: closed before, a file it made goes and
+    one that was there stays as it was; --write -: nothing on the pipe."""
+    made = tmp_path / "new.cap"
+    RotatingWriter(made, meta=META, deferred=True).close()
+    assert not made.exists()
+    there = tmp_path / "there.cap"
+    there.write_bytes(b"x" * 100)
+    RotatingWriter(there, meta=META, deferred=True).close()
+    assert there.read_bytes() == b"x" * 100
+    writer = RotatingWriter(there, meta=META, deferred=True)
+    writer.info({"kind": "test"})
+    writer.close()
+    with open_captures([str(there)]) as captures:
+        assert [rtype for rtype, _ in captures.records()] == [INFO]
+    out = io.BytesIO()
+    piped = CaptureWriter(out, META, deferred=True)
+    assert out.getvalue() == b""
+    piped.info({"kind": "test"})
+    assert out.getvalue().startswith(capfile.MAGIC)
