@@ -499,7 +499,7 @@ def parse_tracer_output(mode: Mode, result: Result, out_path: Path, err_path: Pa
             result.faster = int(faster)
         if mode.part:
             # (unformatted: "shown" counts the connections taken as far as the lines)
-            result.printed = int(shown or 0) if mode.part != "read" else None
+            result.printed = int(shown or 0) if not mode.part.startswith("read") else None
             result.note += " no lines written;"
             if result.printed is not None:
                 check_lifetimes(result, text, err_path.read_text())
@@ -726,6 +726,9 @@ def default_modes() -> list[Mode]:
         # the same with a part of the reader cut off: what reading, and the rest, cost
         Mode("tcptrace read-only lifetime", "tcptrace", ["--lifetime"], part="read"),
         Mode("tcptrace unformatted lifetime", "tcptrace", ["--lifetime"], part="unformatted"),
+        # every transition read from the rings, nothing decoded: the floor of any reader
+        # of them, --write's included
+        Mode("tcptrace read-only transitions", "tcptrace", [], part="read-events"),
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))

@@ -4,6 +4,9 @@
     python benchmarks/reader_parts.py read --port N --lifetime
         reads the perf rings and hands the space back, decodes nothing: the floor
         of any reader of these records
+    python benchmarks/reader_parts.py read-events --port N
+        the same for a stream of every transition (text, --json, --write): the floor
+        of any reader of the kernel's transition records, capture included
     python benchmarks/reader_parts.py unformatted --port N --lifetime
         everything but building and writing the lines: decoding, owners,
         TIME_WAIT following, connections (the summary still counts them as shown)
@@ -17,7 +20,7 @@ from __future__ import annotations
 
 import sys
 
-PARTS = ("read", "unformatted")
+PARTS = ("read", "unformatted", "read-events")
 
 
 def main() -> None:
@@ -35,6 +38,18 @@ def main() -> None:
                 self.received += len(run) // sample
 
         loader.Probe._read_lives = read_only
+    elif part == "read-events":
+        record = loader.perfbuf.record_size(loader.EVENT_STRUCT.size)
+
+        def read_events_only(self, timeout_ms: int) -> list:
+            if not self._wait(timeout_ms):
+                return []
+            for run in self._read_runs():
+                self.received += len(run) // record
+            self._publish_progress()
+            return []
+
+        loader.Probe.poll_events = read_events_only
     else:
 
         def count_only(self, lives) -> None:
