@@ -674,7 +674,6 @@ _NEEDS_KERNEL = (
     ("interval", "--interval"),
     ("metrics", "--metrics"),
     ("snapshot", "--snapshot"),
-    ("stuck", "--stuck"),
     ("max_cpu", "--max-cpu"),
     ("nice", "--nice"),
     ("buffer_pages", "--buffer-pages"),

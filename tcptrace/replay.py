@@ -5,7 +5,8 @@ kernel's probe. The capture already holds what the live stages learnt (owners, t
 TIME_WAIT follower's ends, each namespace's name and owner's cgroup), so none of them
 runs: the events go straight to the output. The filters apply here, in user space.
 --lifetime builds each connection from its transitions (as Lifetimes does without
-the kernel's life records).
+the kernel's life records); --stuck finds the sockets that stayed in a state past
+its threshold by capture time (sockets/stuck.CaptureStuck).
 
 The exit summary: the capture's own (its END record: the kernel's counts, as the live
 run printed them) when no filter narrows the replay; otherwise it is built from the
@@ -41,18 +42,20 @@ from tcptrace.kernel.events import (
     F_DELTA_KNOWN,
     F_DELTA_LOWER,
     F_OWNER_KNOWN,
+    F_STUCK,
     Event,
     decode_comm,
     make_event,
 )
 from tcptrace.kernel.stats import Summary, summary_from_json
-from tcptrace.outputs.capture import END_SUMMARY, KIND_CLOCK, KIND_PLACES
+from tcptrace.outputs.capture import END_MONO_NS, END_SUMMARY, KIND_CLOCK, KIND_PLACES
 from tcptrace.outputs.output import Clock
 from tcptrace.sockets.places import RecordedPlaces
 from tcptrace.tracer import StopConditions, Tracer
 
 if TYPE_CHECKING:
     from tcptrace.session import Options
+    from tcptrace.sockets.stuck import CaptureStuck
 
 _KNOWN = F_DELTA_KNOWN | F_DELTA_LOWER
 NOTE_FILTERED = (
@@ -177,6 +180,10 @@ class ReplaySource:
         self._done = False
         self.records_read = 0  # events, matching or not
         self._built = Summary()  # from the records the filters let through
+        # --stuck: the sockets past their thresholds, found in the transitions as read
+        self.stuck: CaptureStuck | None = None
+        self.transitions = True  # False: --stuck alone, its reports only
+        self._batches: deque[list[Event]] = deque()  # split by stuck, not handed on yet
 
     def _next(self) -> tuple[RecordType, Any] | None:
         if self._done:
@@ -204,6 +211,12 @@ class ReplaySource:
                 self.clock = value
         elif rtype == END:
             self.end = value
+            end_ns = value.get(END_MONO_NS) if isinstance(value, dict) else None
+            if self.stuck is not None and isinstance(end_ns, int):
+                # the sockets that crossed after the last transition, before tracing stopped
+                reports = self.stuck.finish(end_ns)
+                if reports:
+                    self._batches.append(reports)
         return None
 
     def prime(self) -> None:
@@ -229,6 +242,8 @@ class ReplaySource:
 
     def poll_events(self, timeout_ms: int) -> list[Event]:
         while True:
+            if self._batches:
+                return self._batches.popleft()
             raw = self._next_payload()
             if raw is None:
                 return []
@@ -238,6 +253,15 @@ class ReplaySource:
             record = self._built.record
             for ev in events:
                 record(ev.oldstate, ev.newstate, ev.delta_ns, ev.flags & _KNOWN == F_DELTA_KNOWN)
+            if self.stuck is not None:
+                # every transition of the chosen sockets goes through it; of the batches
+                # it makes, the reports' go on whole and the others as shown
+                for batch in self.stuck.split(events):
+                    if not batch[0].flags & F_STUCK:
+                        batch = self.filter.shown(batch) if self.transitions else []
+                    if batch:
+                        self._batches.append(batch)
+                continue
             events = self.filter.shown(events)
             if events:
                 return events
@@ -246,7 +270,7 @@ class ReplaySource:
         return []
 
     def exhausted(self) -> bool:
-        return self._done and not self._pending
+        return self._done and not self._pending and not self._batches
 
     def summary(self) -> Summary:
         """The capture's summary (END), or one built from the matching records."""
@@ -330,7 +354,15 @@ def replay(options: Options, out: TextIO, err: TextIO) -> int:
         source = ReplaySource(captures.records(), chosen, missing)
         source.prime()
         clock = replay_clock(options.timestamp, captures.meta, source.clock)
-        stages = build_stages(replace(options, clock=clock, places=source.places), out, err)
+        watch = None
+        if options.stuck:
+            from tcptrace.sockets.stuck import CaptureStuck
+
+            watch = source.stuck = CaptureStuck(options.stuck)
+            source.transitions = options.transitions
+        stages = build_stages(
+            replace(options, clock=clock, places=source.places), out, err, capture_stuck=watch
+        )
         tracer = Tracer(source, stages, StopConditions(count, options.duration))
         if options.lifetime and options.count is not None:
             stop_after_lifetimes(stages, options.count, tracer.request_stop)

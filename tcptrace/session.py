@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from tcptrace.kernel.events import Life
     from tcptrace.outputs.metrics import ListenAddress
     from tcptrace.sockets.lifetimes import Lifetimes
-    from tcptrace.sockets.stuck import Oldest, Scanner, StuckWatch
+    from tcptrace.sockets.stuck import CaptureStuck, Oldest, Scanner, StuckWatch
 
 # Per-transition output formats (--json, --csv); text is the default.
 FORMAT_TEXT = "text"
@@ -266,12 +266,15 @@ def build_stages(
     accept_records: bool = False,
     mark_shared: Callable[[int, int, bool], None] | None = None,
     writer: CaptureWriter | RotatingWriter | None = None,
+    capture_stuck: CaptureStuck | None = None,
 ) -> list[Stage]:
     """The stages for these options, in order: enrichment and TIME_WAIT following (with a
     sock_diag table and an event stream), metrics, then one output on `out`. With
     --lifetime, lives are the kernel's life records of each batch (loader.Probe.lives).
     accept_records: the kernel sends its accept records (ProbeConfig.accept_records).
-    writer: --write's capture, the output instead of lines."""
+    writer: --write's capture, the output instead of lines. capture_stuck: --stuck
+    on a capture (-r), whose list at exit the outputs print (its reports come from
+    the replay's source)."""
     err = err or sys.stderr
     stages: list[Stage] = []
     watch = None
@@ -329,7 +332,10 @@ def build_stages(
             owners.on_snapshot = lambda snap: acceptors.share(snap.shared_listeners)
         if summaries is not None:
             summaries.adjust.append(lambda summary: acceptors.corrections().apply_to(summary))
-    still_stuck = (lambda: watch.still) if watch is not None and options.stuck else None
+    stuck_source = watch if watch is not None else capture_stuck
+    still_stuck = (
+        (lambda: stuck_source.still) if stuck_source is not None and options.stuck else None
+    )
     if options.metrics is not None and summaries is not None:
         from tcptrace.outputs.metrics import MetricsServer
 

@@ -133,7 +133,6 @@ BAD = [
     (["-C", "1M"], "-C/--file-size goes with --write"),
     (["--read", "t.cap", "-i", "1"], "--interval needs the live kernel: not with -r/--read"),
     (["-r", "t.cap", "--metrics", "9876"], "--metrics needs the live kernel"),
-    (["-r", "t.cap", "--stuck", "1s"], "--stuck needs the live kernel"),
     (["-r", "t.cap", "--max-cpu", "10"], "--max-cpu needs the live kernel"),
     (["-r", "t.cap", "--nice", "0"], "--nice needs the live kernel"),
     (["-r", "t.cap", "--buffer-pages", "8"], "--buffer-pages needs the live kernel"),

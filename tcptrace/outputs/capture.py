@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
+import time
 from typing import Any, TextIO
 
 from tcptrace.kernel.capfile import CaptureError, CaptureWriter, RotatingWriter
@@ -35,6 +36,7 @@ KIND_CLOCK = "clock"
 # The END record's keys
 END_SUMMARY = "summary"  # kernel/stats.summary_to_json of the exit summary
 END_WRITTEN = "written"  # transitions written (what the live output would have shown)
+END_MONO_NS = "end_mono_ns"  # when tracing stopped (CLOCK_MONOTONIC, as the events' ts_ns)
 
 _pack = EVENT_STRUCT.pack
 
@@ -133,7 +135,13 @@ class CaptureOutput(Stage):
 
     def on_finish(self, summary: Summary) -> None:
         try:
-            self.writer.end({END_SUMMARY: summary_to_json(summary), END_WRITTEN: self.written})
+            self.writer.end(
+                {
+                    END_SUMMARY: summary_to_json(summary),
+                    END_WRITTEN: self.written,
+                    END_MONO_NS: time.monotonic_ns(),
+                }
+            )
             self.writer.flush()
         except OSError as exc:
             raise self._failed(exc) from None

@@ -12,14 +12,17 @@ would cross a threshold (they may have gone, or moved on, since).
 
 from __future__ import annotations
 
+import operator
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from tcptrace.filters import Filters, per_state
 from tcptrace.kernel.events import (
+    F_DELTA_KNOWN,
     F_DELTA_LOWER,
     F_NETNS_KNOWN,
     F_OWNER_KNOWN,
@@ -413,3 +416,114 @@ def _key_of(ev: Event) -> tuple[int, str, int, str, int]:
 def _identity(entry: SockEntry) -> tuple[int, tuple[str, int, str, int], int]:
     """A socket as sock_diag shows it, in its state: moved on or gone, it differs."""
     return (entry.state, entry.key, entry.inode)
+
+
+NEVER = 1 << 64  # later than any CLOCK_MONOTONIC time
+_TS = Event._fields.index("ts_ns")
+_DELTA = Event._fields.index("delta_ns")
+_FLAGS = Event._fields.index("flags")
+_OLD = Event._fields.index("oldstate")
+_NEW = Event._fields.index("newstate")
+_SKADDR = Event._fields.index("skaddr")
+
+
+class CaptureStuck:
+    """--stuck on a capture (-r): the sockets that stayed in a state longer than its
+    threshold, by capture time, from their transitions in the capture. A socket is
+    reported once per visit, stamped when it crossed, with its age then; at the end,
+    `still` lists the ones past their threshold when tracing stopped (the END
+    record's time; without one, the capture's last transition).
+    Sockets with no transition in the capture are not known (live, the start-up
+    snapshot finds them). The replay's source splits its batches with it, so that
+    reports go in batches of their own, in time order, as the live scan's do."""
+
+    def __init__(self, stuck_ns: dict[int, int]) -> None:
+        self.stuck_ns = {s: ns for s, ns in stuck_ns.items() if ns > 0}
+        self.sockets: dict[int, Event] = {}  # skaddr -> the transition into its state
+        # per state, (when it crosses, skaddr, entry) in crossing order: each state's
+        # threshold is fixed, so entries come in that order
+        self.due: dict[int, deque[tuple[int, int, Event]]] = {s: deque() for s in self.stuck_ns}
+        self.now_ns = 0  # capture time: the latest transition read
+        self.next_due = NEVER  # the earliest crossing queued
+        self.reported = 0
+
+    def split(self, events: list[Event]) -> list[list[Event]]:
+        """The events (in time order) as batches: transitions, and before the first
+        transition after each crossing, the reports of the sockets that crossed."""
+        sockets, stuck_ns, due = self.sockets, self.stuck_ns, self.due
+        batches: list[list[Event]] = []
+        start = 0
+        for i, ev in enumerate(events):
+            ts = ev[_TS]
+            if ts >= self.next_due:  # crossings before this transition go before it
+                reports = self._crossed(ts)
+                if reports:
+                    if i > start:
+                        batches.append(events[start:i])
+                    batches.append(reports)
+                    start = i
+            if ev[_OLD] == 0:
+                continue  # an accept record: no transition
+            new = ev[_NEW]
+            sk = ev[_SKADDR]
+            if new in stuck_ns:
+                sockets[sk] = ev
+                crossing = ts + stuck_ns[new]
+                due[new].append((crossing, sk, ev))
+                self.next_due = min(self.next_due, crossing)
+            else:
+                sockets.pop(sk, None)
+        if events:
+            self.now_ns = max(self.now_ns, events[-1][_TS])
+        if start < len(events):
+            batches.append(events[start:] if start else events)
+        return batches
+
+    def _crossed(self, now: int) -> list[Event]:
+        """Reports of the sockets that crossed their threshold before now and are still
+        in that state, stamped when they crossed, in that order."""
+        reports = []
+        next_due = NEVER
+        for queue in self.due.values():
+            while queue and queue[0][0] < now:
+                crossed, sk, entry = queue.popleft()
+                if self.sockets.get(sk) is entry:  # not moved on since
+                    reports.append(self._report(entry, crossed))
+            if queue:
+                next_due = min(next_due, queue[0][0])
+        self.next_due = next_due
+        reports.sort(key=operator.itemgetter(_TS))
+        self.reported += len(reports)
+        return reports
+
+    @staticmethod
+    def _report(entry: Event, at: int) -> Event:
+        state = entry[_NEW]
+        return entry._replace(
+            ts_ns=at,
+            delta_ns=at - entry[_TS],
+            oldstate=state,
+            flags=(entry[_FLAGS] & (F_OWNER_KNOWN | F_NETNS_KNOWN)) | F_STUCK | F_DELTA_KNOWN,
+            jiffies=0,
+        )
+
+    def finish(self, end_ns: int) -> list[Event]:
+        """Tracing stopped at end_ns (the capture's END): the reports of the sockets
+        that crossed since the last transition; `still` is then as of end_ns."""
+        if end_ns <= self.now_ns:
+            return []
+        self.now_ns = end_ns
+        return self._crossed(end_ns + 1)
+
+    @property
+    def still(self) -> list[Event]:
+        """The sockets past their threshold at the capture's last transition, oldest
+        first (the live run's list at exit)."""
+        now = self.now_ns
+        still = [
+            self._report(entry, now)
+            for entry in self.sockets.values()
+            if now - entry[_TS] >= self.stuck_ns[entry[_NEW]]
+        ]
+        still.sort(key=lambda ev: -ev.delta_ns)
+        return still

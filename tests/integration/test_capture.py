@@ -196,6 +196,53 @@ def test_replay_netns_by_the_name_the_capture_recorded(tmp_path: Path) -> None:
     )
 
 
+def test_replay_stuck_finds_the_leak_by_capture_time(tmp_path: Path) -> None:
+    """-r --stuck CLOSE_WAIT=1s on a capture of a leaking server: the socket the live
+    --stuck reported, with its owner, stamped when it crossed (1 s after it entered
+    CLOSE_WAIT by the capture's clock, though no transition came after), and still
+    stuck when the capture ended; the socket that closed in time is never reported."""
+    from .test_stuck import leak_one, start_leaky
+
+    port = free_port()
+    cap = tmp_path / "t.cap"
+    server = start_leaky(port)
+    try:
+        live = Running("--port", str(port), "--stuck", "CLOSE_WAIT=1s", "--json")
+        writer = Running("--port", str(port), "--write", str(cap), stdout=subprocess.DEVNULL)
+        live.wait_ready()
+        writer.wait_ready()
+        leak_one(port, server)
+        time.sleep(2.5)
+        code, out, err = live.stop(signal.SIGINT)
+        assert code == 0, err
+        code, _, werr = writer.stop(signal.SIGINT)
+        assert code == 0, werr
+    finally:
+        server.kill()
+        server.wait()
+    replay = tcptrace_cmd("-r", str(cap), "--stuck", "CLOSE_WAIT=1s", "--json")
+    assert replay.returncode == 0, replay.stderr
+    records = [json.loads(line) for line in replay.stdout.splitlines()]
+    live_records = [json.loads(line) for line in out.splitlines()]
+
+    def stuck(recs: list[dict], kind: str) -> list[tuple]:
+        return [
+            (r["pid"], r["local_port"], r["remote_port"], r["state"])
+            for r in recs
+            if r["type"] == kind
+        ]
+
+    assert stuck(records, "stuck") == stuck(live_records, "stuck")
+    (report,) = [r for r in records if r["type"] == "stuck"]
+    assert report["pid"] == server.pid and report["local_port"] == port
+    assert report["age_ns"] == 1_000_000_000
+    still = [r for r in records if r["type"] == "still_stuck"]
+    assert stuck(still, "still_stuck") == stuck(records, "stuck") and not any(
+        r["type"] == "transition" for r in records
+    ), records
+    assert 2.0e9 < still[0]["age_ns"] < 30e9
+
+
 def _seconds(stamp: str) -> float:
     from datetime import datetime
 

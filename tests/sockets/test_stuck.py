@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from tcptrace.filters import ALL_STATES
-from tcptrace.kernel.events import F_DELTA_LOWER, F_STUCK
+from tcptrace.kernel.events import F_DELTA_LOWER, F_OWNER_KNOWN, F_STUCK
 from tcptrace.kernel.mapscan import SCAN_EVERY, SCAN_NEW, SCAN_STUCK, ScanResult
 from tcptrace.sockets.snapshot import Snapshot, SnapshotRow
 from tcptrace.sockets.sockdiag import SockEntry
@@ -204,3 +204,56 @@ def test_a_socket_older_than_tracing_that_moves_leaves_the_old_list_at_once(
     watch.on_events([make_event(S.ESTABLISHED, S.FIN_WAIT1, sport=80, dport=40000, netns=7)])
     assert [o.row.entry.local_port for o in watch.old] == [81]
     assert watch.oldest().count[int(S.ESTABLISHED)] == 1
+
+
+# --- --stuck on a capture (-r) ------------------------------------------------------
+
+MS = 1_000_000
+
+
+def _move(old, new, sk, ts):
+    from tests.outputs.test_output import make_event
+
+    return make_event(old, new, skaddr=sk, ts_ns=ts, pid=7, flags=F_OWNER_KNOWN)
+
+
+def test_a_capture_reports_each_socket_once_when_it_crosses_before_what_follows():
+    from tcptrace.sockets.stuck import CaptureStuck
+
+    watch = CaptureStuck({int(S.CLOSE_WAIT): 10 * MS, int(S.SYN_SENT): 10 * MS})
+    leak = _move(S.ESTABLISHED, S.CLOSE_WAIT, 1, 0)
+    quick = _move(S.CLOSE, S.SYN_SENT, 2, 1 * MS)
+    moved = _move(S.SYN_SENT, S.ESTABLISHED, 2, 5 * MS)
+    later = _move(S.CLOSE, S.LISTEN, 3, 15 * MS)
+    batches = watch.split([leak, quick, moved, later])
+    # the report, stamped when it crossed (10 ms, its age then), before the 15 ms line
+    assert [[ev.ts_ns for ev in batch] for batch in batches] == [
+        [0, 1 * MS, 5 * MS],
+        [10 * MS],
+        [15 * MS],
+    ]
+    (report,) = batches[1]
+    assert report.flags & F_STUCK and report.delta_ns == 10 * MS and report.pid == 7
+    assert (report.oldstate, report.newstate) == (S.CLOSE_WAIT, S.CLOSE_WAIT)
+    # once per visit; at the end (the capture's END time), still stuck with its age then
+    assert watch.split([_move(S.CLOSE, S.LISTEN, 4, 30 * MS)]) == [
+        [_move(S.CLOSE, S.LISTEN, 4, 30 * MS)]
+    ]
+    assert watch.finish(50 * MS) == []
+    assert [(ev.skaddr, ev.delta_ns) for ev in watch.still] == [(1, 50 * MS)]
+
+
+def test_a_capture_reports_crossings_after_its_last_transition_at_its_end():
+    from tcptrace.sockets.stuck import CaptureStuck
+
+    watch = CaptureStuck({int(S.CLOSE_WAIT): 10 * MS})
+    assert len(watch.split([_move(S.ESTABLISHED, S.CLOSE_WAIT, 1, 0)])) == 1
+    assert watch.still == []  # 0 ms old at the last transition
+    (report,) = watch.finish(25 * MS)
+    assert report.ts_ns == 10 * MS and report.delta_ns == 10 * MS
+    assert [ev.delta_ns for ev in watch.still] == [25 * MS]
+    # a socket that left in time is never reported
+    other = CaptureStuck({int(S.CLOSE_WAIT): 10 * MS})
+    other.split([_move(S.ESTABLISHED, S.CLOSE_WAIT, 1, 0)])
+    other.split([_move(S.CLOSE_WAIT, S.LAST_ACK, 1, 9 * MS)])
+    assert other.finish(60 * MS) == [] and other.still == []
