@@ -482,7 +482,8 @@ def _nice(nice: object, max_cpu: object) -> int | None:
     type=ParsedType("DUR|STATE=DUR", parse_state_durations),
     help="Report each socket once it has been in its state longer than DUR (100ms, 30s, "
     "1.5m), or per state: CLOSE_WAIT=30s,SYN_SENT=2s; the kernel finds them. Prints these "
-    "reports instead of transitions, and what is still stuck at exit. Repeatable.",
+    "reports instead of transitions, and what is still stuck at exit; with -r, by the "
+    "capture's clock. Repeatable.",
 )
 @click.option(
     "--snapshot",
