@@ -728,7 +728,7 @@ def default_modes() -> list[Mode]:
         Mode("tcptrace unformatted lifetime", "tcptrace", ["--lifetime"], part="unformatted"),
         # every transition read from the rings, nothing decoded: the floor of any reader
         # of them, --write's included
-        Mode("tcptrace read-only transitions", "tcptrace", [], part="read-events"),
+        Mode("tcptrace transitions read-only", "tcptrace", [], part="read-events"),
     ]
     if find_tcpstates():
         modes.append(Mode("tcpstates", "tcpstates"))

@@ -80,6 +80,8 @@ def test_churn_measures_the_lifetime_reader_in_parts(tmp_path: Path):
     # the whole reader, and the same with its lines (or all but the reading) cut off
     assert modes["lifetime"].part == ""
     assert (modes["read"].part, modes["unformatted"].part) == ("read", "unformatted")
+    # every transition read from the rings and none decoded: the floor under --write
+    assert (modes["transitions"].part, modes["transitions"].args) == ("read-events", [])
     command = churn.tracer_command(modes["read"], 9000)
     assert command[1:3] == [str(BENCHMARKS / "reader_parts.py"), "read"]
     assert command[3:] == ["--port", "9000", "--lifetime"]
@@ -100,4 +102,5 @@ def test_reader_parts_refuses_an_unknown_part():
         text=True,
         timeout=60,
     )
-    assert done.returncode != 0 and "usage: reader_parts.py {read,unformatted}" in done.stderr
+    assert done.returncode != 0
+    assert "usage: reader_parts.py {read,unformatted,read-events}" in done.stderr
