@@ -1116,8 +1116,11 @@ static __always_inline int on_accepted(void *ctx, long fd)
 	if (!info)
 		return 0;
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	/* another process than the one its lines named so far (a forked worker) */
-	int moved = !(info->flags & TCPTRACE_F_OWNER_KNOWN) || info->pid != tgid;
+	/* another process than the one its lines named so far (a forked worker), or
+	 * the first known: its lines named nobody */
+	int known = info->flags & TCPTRACE_F_OWNER_KNOWN;
+	int other = known && info->pid != tgid;
+	int moved = !known || other;
 	info->pid = tgid;
 	process_comm(info->comm);
 	info->cgroup_id = bpf_get_current_cgroup_id();
@@ -1133,6 +1136,8 @@ static __always_inline int on_accepted(void *ctx, long fd)
 		ev.cgroup_id = info->cgroup_id;
 		ev.netns = info->netns;
 		ev.flags = TCPTRACE_F_ACCEPTED | TCPTRACE_F_OWNER_KNOWN;
+		if (other)
+			ev.flags |= TCPTRACE_F_MOVED; /* its listener is shared */
 		/* before the match: --comm compares it */
 		__builtin_memcpy(ev.comm, info->comm, sizeof(ev.comm));
 #if FILTER_OWNER

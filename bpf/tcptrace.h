@@ -29,8 +29,11 @@
 #define TCPTRACE_F_TW_PEER_FIN 0x40
 /* Not a transition: accept() gave the socket skaddr to pid/comm/cgroup_id, another
  * process than its lines named before (a listener shared by forked workers names
- * its creator until then); ts_ns is the accept's time, oldstate = newstate = 0. */
+ * its creator until then), or its lines named nobody; ts_ns is the accept's time,
+ * oldstate = newstate = 0. With TCPTRACE_F_MOVED: they named another process (the
+ * listener is shared across processes); without: no owner. */
 #define TCPTRACE_F_ACCEPTED 0x80
+#define TCPTRACE_F_MOVED 0x400
 /* Under owner filters: a shared listener's child whose listener's owner does not
  * match, sent for its accept record to decide (not counted seen, no statistics);
  * on an accept record: the acceptor matches the owner filters. */

@@ -97,8 +97,11 @@ F_TW_KNOWN = 0x10
 F_TW = 0x20
 F_TW_PEER_FIN = 0x40
 # Not a transition: accept() gave the socket (skaddr) to pid/comm/cgroup_id, another
-# process than its lines named before; oldstate = newstate = 0 (sockets/acceptors.py).
+# process than its lines named before, or they named nobody; oldstate = newstate = 0
+# (sockets/acceptors.py). With F_MOVED: they named another process (the listener is
+# shared across processes).
 F_ACCEPTED = 0x80
+F_MOVED = 0x400
 # Under owner filters: a shared listener's child whose listener's owner does not match,
 # for its accept record to decide (not counted seen); on an accept record: the acceptor
 # matches the owner filters (bpf/tcptrace.h).

@@ -41,6 +41,7 @@ from tcptrace.kernel.events import (
     F_ACCEPTED,
     F_DELTA_KNOWN,
     F_MATCHED,
+    F_MOVED,
     F_OWNER_KNOWN,
     F_OWNER_SHARED,
     F_STUCK,
@@ -212,9 +213,12 @@ class Acceptors(Stage):
                 self.mark_shared(*listener, False)
 
     def _accepted(self, record: Event) -> None:
-        """An accept record: its listener is shared; its socket's lines name the acceptor
-        (under owner filters: told if the acceptor matches, else dropped)."""
-        self._share((record[_NETNS], record[_SPORT]))
+        """An accept record: its socket's lines name the acceptor (under owner filters:
+        told if the acceptor matches, else dropped); its listener is shared when they
+        named another process (F_MOVED), not when they named nobody (a connection that
+        waited in the accept queue when tracing began, its first line a softirq's)."""
+        if record.flags & F_MOVED:
+            self._share((record[_NETNS], record[_SPORT]))
         sk = record[_SKADDR]
         # kept for its lines still to come (all of them when read out of order; the
         # child's SYN_RECV -> ESTABLISHED when accept() took it before that)

@@ -385,6 +385,46 @@ def test_a_stalled_output_does_not_cut_short_a_handshakes_wait_for_its_accept():
     assert handshakes == [(*move, worker, None) for move in HANDSHAKE], objects
 
 
+def test_an_accept_that_only_names_an_unknown_owner_does_not_share_its_listener():
+    """A connection waiting in the accept queue when tcptrace starts, its client gone:
+    its ESTABLISHED -> CLOSE_WAIT names no owner (a softirq's, of a socket nobody held),
+    and the accept that follows tells the kernel who holds it. That once marked the
+    listener shared across processes: every later handshake of this one-process server
+    waited a second for an accept record that never came, then went out marked
+    listener_shared ("PID+"; seen under churn.c, started before tcptrace)."""
+    port = free_port()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", port))
+        srv.listen(8)
+        early = socket.create_connection(("127.0.0.1", port))
+        time.sleep(0.1)  # established, not accepted
+        run = Running("--port", str(port), "--json")
+        try:
+            run.wait_ready()
+            early.close()  # the server's end: ESTABLISHED -> CLOSE_WAIT, no owner known
+            time.sleep(0.3)
+            taken, _ = srv.accept()
+            taken.close()
+            time.sleep(0.3)
+            later = socket.create_connection(("127.0.0.1", port))
+            conn, _ = srv.accept()
+            conn.close()
+            later.close()
+            time.sleep(0.5)
+        finally:
+            code, out, err = run.stop()
+    assert code == 0, err
+    objects = [json.loads(line) for line in out.splitlines()]
+    handshakes = [
+        (o["old"], o["new"], o["pid"], o["note"])
+        for o in objects
+        if o.get("type") == "transition"
+        and o["local_port"] == port
+        and (o["old"], o["new"]) in HANDSHAKE
+    ]
+    assert handshakes == [(*move, os.getpid(), None) for move in HANDSHAKE], objects
+
+
 def test_a_listener_shown_shared_by_an_accept_names_the_acceptor_on_later_handshakes():
     """The same server started after tcptrace: no start-up snapshot saw its listener
     shared. The first worker's accept shows it: from the next connection on, every

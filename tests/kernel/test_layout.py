@@ -83,6 +83,16 @@ def test_constants_match_header():
     assert consts["TCPTRACE_F_TW_KNOWN"] == events.F_TW_KNOWN
     assert consts["TCPTRACE_F_TW"] == events.F_TW
     assert consts["TCPTRACE_F_TW_PEER_FIN"] == events.F_TW_PEER_FIN
+    # every flag the kernel sets (bits 0-15), both ways, as the counters below
+    c_flags = {
+        k.removeprefix("TCPTRACE_F_"): v for k, v in consts.items() if k.startswith("TCPTRACE_F_")
+    }
+    py_flags = {
+        k.removeprefix("F_"): v
+        for k, v in vars(events).items()
+        if k.startswith("F_") and isinstance(v, int) and v < 0x10000
+    }
+    assert c_flags == py_flags
     # every counter index, both ways: a counter added on one side only fails here
     c_counters = {
         k.removeprefix("TCPTRACE_C_"): v for k, v in consts.items() if k.startswith("TCPTRACE_C_")

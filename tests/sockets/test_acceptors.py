@@ -6,6 +6,7 @@ from tcptrace.kernel.events import (
     C_SEEN,
     F_ACCEPTED,
     F_MATCHED,
+    F_MOVED,
     F_OWNER_KNOWN,
     F_OWNER_SHARED,
     F_UNDECIDED,
@@ -44,7 +45,8 @@ def handshake(sk, ts, port=PORT):
     ]
 
 
-def accepted(sk, ts, pid=WORKER, port=PORT):
+def accepted(sk, ts, pid=WORKER, port=PORT, moved=True):
+    """An accept record; moved: its lines named another process (F_MOVED)."""
     return make_event(
         NO_STATE,
         NO_STATE,
@@ -53,7 +55,7 @@ def accepted(sk, ts, pid=WORKER, port=PORT):
         pid=pid,
         sport=port,
         netns=NETNS,
-        flags=F_ACCEPTED | F_OWNER_KNOWN,
+        flags=F_ACCEPTED | F_OWNER_KNOWN | (F_MOVED if moved else 0),
         comm=b"nginx".ljust(16, b"\0"),
     )
 
@@ -160,7 +162,9 @@ def filtered(clock=None) -> Acceptors:
 def test_under_owner_filters_a_matching_acceptor_takes_its_handshake_and_counts_it():
     stage = filtered()
     assert stage.on_events(undecided(1, 100)) == []
-    out = stage.on_events([accepted(1, 200)._replace(flags=F_ACCEPTED | F_OWNER_KNOWN | F_MATCHED)])
+    out = stage.on_events(
+        [accepted(1, 200)._replace(flags=F_ACCEPTED | F_OWNER_KNOWN | F_MOVED | F_MATCHED)]
+    )
     assert [(ev.pid, ev.flags & F_UNDECIDED) for ev in out] == [(WORKER, 0), (WORKER, 0)]
     summary = Summary()
     stage.on_finish(summary)
@@ -285,7 +289,7 @@ def test_an_early_accept_is_forgotten_after_the_hold():
 
 def test_under_owner_filters_an_early_accept_decides_its_lines():
     stage = filtered()
-    mine = accepted(1, 200)._replace(flags=F_ACCEPTED | F_OWNER_KNOWN | F_MATCHED)
+    mine = accepted(1, 200)._replace(flags=F_ACCEPTED | F_OWNER_KNOWN | F_MOVED | F_MATCHED)
     assert stage.on_events([mine, accepted(2, 210)]) == []
     out = stage.on_events([*undecided(1, 100), *undecided(2, 105)])
     assert [(ev.skaddr, ev.pid, ev.flags & F_UNDECIDED) for ev in out] == [
@@ -313,3 +317,12 @@ def test_an_output_blocked_after_a_batch_does_not_end_its_waits():
     clock.now += 5 * HOLD_NS
     assert stage.on_tick(clock.now) == []
     assert [ev.flags & F_OWNER_SHARED for ev in stage.on_tick(clock.now)] == [F_OWNER_SHARED] * 2
+
+
+def test_an_accept_that_only_names_an_owner_nobody_knew_shares_nothing():
+    """Its lines named nobody (no F_MOVED): the listener is not shown shared, and the
+    next handshakes go out as read, not held."""
+    stage = Acceptors()
+    assert stage.on_events([accepted(1, 200, moved=False)]) == []
+    assert stage.shared == set()
+    assert stage.on_events(handshake(2, 300)) is None
