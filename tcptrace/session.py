@@ -491,45 +491,38 @@ def run(options: Options, out: TextIO | None = None, err: TextIO | None = None) 
         config = replace(config, buffer_pages=options.buffer_pages)
     else:
         config = replace(config, shrink_buffer=True)
-    try:
+    try:  # until tracing begins: a capture opened for it is left unused (no file)
         probe = Probe(config)
+        netns_problem = probe.check_netns()
+        if netns_problem is not None:
+            if options.filters.netns:
+                probe.close()
+                raise TcptraceError(
+                    "--netns needs the kernel to read each socket's network namespace, "
+                    f"and it cannot here: {netns_problem}"
+                )
+            err.write(
+                "tcptrace: the kernel cannot read sockets' network namespaces "
+                f"({netns_problem}): each socket's namespace is its owner's /proc/PID/ns/net\n"
+            )
+        nested_problem = probe.check_nested()
+        accept_problem = getattr(probe, "accept_problem", None)
+        if accept_problem is not None:
+            err.write(
+                "tcptrace: an accepted connection keeps its listener's owner, not the "
+                f"process that accepted it ({accept_problem})\n"
+            )
+        if nested_problem is not None:
+            err.write(
+                "tcptrace: transitions the kernel skips while a BPF program runs on their CPU "
+                f"are only counted, not traced ({nested_problem})\n"
+            )
+        if options.emit_events and options.nice is not None:
+            _raise_priority(options.nice)
+        scanner = _open_scanner(probe, options, err) if options.scan else None
     except BaseException:
         if writer is not None:
             writer.close()
-        raise
-    netns_problem = probe.check_netns()
-    if netns_problem is not None:
-        if options.filters.netns:
-            probe.close()
-            if writer is not None:
-                writer.close()  # unused: no file left
-            raise TcptraceError(
-                "--netns needs the kernel to read each socket's network namespace, "
-                f"and it cannot here: {netns_problem}"
-            )
-        err.write(
-            "tcptrace: the kernel cannot read sockets' network namespaces "
-            f"({netns_problem}): each socket's namespace is its owner's /proc/PID/ns/net\n"
-        )
-    nested_problem = probe.check_nested()
-    accept_problem = getattr(probe, "accept_problem", None)
-    if accept_problem is not None:
-        err.write(
-            "tcptrace: an accepted connection keeps its listener's owner, not the "
-            f"process that accepted it ({accept_problem})\n"
-        )
-    if nested_problem is not None:
-        err.write(
-            "tcptrace: transitions the kernel skips while a BPF program runs on their CPU "
-            f"are only counted, not traced ({nested_problem})\n"
-        )
-    if options.emit_events and options.nice is not None:
-        _raise_priority(options.nice)
-    try:
-        scanner = _open_scanner(probe, options, err) if options.scan else None
-    except TcptraceError:
-        if writer is not None:
-            writer.close()  # unused: no file left
         raise
     summaries = KernelStats(probe)
     stages: list[Stage] = []
