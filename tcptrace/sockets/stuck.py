@@ -405,7 +405,13 @@ class StuckWatch(Stage):
 STATE_VALUES = frozenset(int(s) for s in STUCK_STATES)
 
 
+# Positions in an Event tuple, for the per-record paths (C-level indexing).
 _SPORT = Event._fields.index("sport")
+_TS = Event._fields.index("ts_ns")
+_FLAGS = Event._fields.index("flags")
+_OLD = Event._fields.index("oldstate")
+_NEW = Event._fields.index("newstate")
+_SKADDR = Event._fields.index("skaddr")
 
 
 def _key_of(ev: Event) -> tuple[int, str, int, str, int]:
@@ -419,12 +425,6 @@ def _identity(entry: SockEntry) -> tuple[int, tuple[str, int, str, int], int]:
 
 
 NEVER = 1 << 64  # later than any CLOCK_MONOTONIC time
-_TS = Event._fields.index("ts_ns")
-_DELTA = Event._fields.index("delta_ns")
-_FLAGS = Event._fields.index("flags")
-_OLD = Event._fields.index("oldstate")
-_NEW = Event._fields.index("newstate")
-_SKADDR = Event._fields.index("skaddr")
 
 
 class CaptureStuck:
@@ -445,7 +445,6 @@ class CaptureStuck:
         self.due: dict[int, deque[tuple[int, int, Event]]] = {s: deque() for s in self.stuck_ns}
         self.now_ns = 0  # capture time: the latest transition read
         self.next_due = NEVER  # the earliest crossing queued
-        self.reported = 0
 
     def split(self, events: list[Event]) -> list[list[Event]]:
         """The events (in time order) as batches: transitions, and before the first
@@ -493,7 +492,6 @@ class CaptureStuck:
                 next_due = min(next_due, queue[0][0])
         self.next_due = next_due
         reports.sort(key=operator.itemgetter(_TS))
-        self.reported += len(reports)
         return reports
 
     @staticmethod
@@ -517,8 +515,8 @@ class CaptureStuck:
 
     @property
     def still(self) -> list[Event]:
-        """The sockets past their threshold at the capture's last transition, oldest
-        first (the live run's list at exit)."""
+        """The sockets past their threshold when the capture ends (finish's time, else
+        its last transition), oldest first (the live run's list at exit)."""
         now = self.now_ns
         still = [
             self._report(entry, now)
