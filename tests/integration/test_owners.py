@@ -303,6 +303,17 @@ def check_handshakes_name_acceptors(
     assert sorted(births) == sorted(str(pid) for pid in [*served.values(), *others]), births
 
 
+def handshake_records(objects: list[dict], port: int) -> list[dict]:
+    """The --json transition records of the handshakes of the listener on port."""
+    return [
+        o
+        for o in objects
+        if o.get("type") == "transition"
+        and o["local_port"] == port
+        and (o["old"], o["new"]) in HANDSHAKE
+    ]
+
+
 def test_a_forked_servers_handshake_lines_name_the_worker_that_accepted():
     """The nginx of issue 22.1, started before tcptrace: the master listens, two forked
     workers accept. Each connection's handshake lines (before any accept) name the
@@ -313,13 +324,7 @@ def test_a_forked_servers_handshake_lines_name_the_worker_that_accepted():
     assert set(served.values()) == set(server.workers), served  # both accepted some
     check_handshakes_name_acceptors(transitions(out), served, port)
     objects = [json.loads(line) for line in jout.splitlines()]
-    handshakes = [
-        o
-        for o in objects
-        if o.get("type") == "transition"
-        and o["local_port"] == port
-        and [o["old"], o["new"]] in [list(move) for move in HANDSHAKE]
-    ]
+    handshakes = handshake_records(objects, port)
     assert sorted((o["pid"], o["note"]) for o in handshakes) == sorted(
         (pid, None) for pid in served.values() for _ in HANDSHAKE
     ), handshakes
@@ -375,11 +380,7 @@ def test_a_stalled_output_does_not_cut_short_a_handshakes_wait_for_its_accept():
     assert code == 0, err
     objects = [json.loads(line) for line in lines if line.strip()]
     handshakes = [
-        (o["old"], o["new"], o["pid"], o["note"])
-        for o in objects
-        if o.get("type") == "transition"
-        and o["local_port"] == port
-        and (o["old"], o["new"]) in HANDSHAKE
+        (o["old"], o["new"], o["pid"], o["note"]) for o in handshake_records(objects, port)
     ]
     worker = server.workers[0]
     assert handshakes == [(*move, worker, None) for move in HANDSHAKE], objects
@@ -416,11 +417,7 @@ def test_an_accept_that_only_names_an_unknown_owner_does_not_share_its_listener(
     assert code == 0, err
     objects = [json.loads(line) for line in out.splitlines()]
     handshakes = [
-        (o["old"], o["new"], o["pid"], o["note"])
-        for o in objects
-        if o.get("type") == "transition"
-        and o["local_port"] == port
-        and (o["old"], o["new"]) in HANDSHAKE
+        (o["old"], o["new"], o["pid"], o["note"]) for o in handshake_records(objects, port)
     ]
     assert handshakes == [(*move, os.getpid(), None) for move in HANDSHAKE], objects
 
