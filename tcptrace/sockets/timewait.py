@@ -390,7 +390,7 @@ class TimeWait(Stage):
             return events if (found is None and candidates) or marked else None
         out: list[Event] = []
         keep = out.append
-        moved = False  # a TIME_WAIT entry stamped later than the kernel's event
+        moved: list[Event] = []  # TIME_WAIT entries stamped later than the kernel's event
         for ev in events:
             new = ev[_NEW]
             if new in opening and (ev[_SPORT], ev[_DPORT]) in self.port_pairs:
@@ -413,11 +413,10 @@ class TimeWait(Stage):
             self._replace_previous(out, key, entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
                 new_ev = self._time_wait_since(ev, entry)
-                moved = moved or new_ev.ts_ns != ev.ts_ns
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
                 self._follow(key, new_ev, entry, TIME_WAIT, new_ev.ts_ns, F_DELTA_KNOWN)
-                self._keep(out, new_ev)
+                self._keep(out if new_ev.ts_ns == ev.ts_ns else moved, new_ev)
             else:
                 # still FIN_WAIT2, now as a timewait socket: not closed, hold the event
                 self.fixes.move(ev.oldstate, CLOSE, -1)
@@ -427,7 +426,13 @@ class TimeWait(Stage):
                     f.kernel_partial_ns = ev.delta_ns
                     self.fixes.remove(FIN_WAIT2, ev.delta_ns)
         if moved:
-            out.sort(key=_event_time)
+            if self.lives is None:
+                # later than events still to be read, maybe (a reader behind): held as
+                # the lines polling learns, until the events read reach their time
+                self.held_lines = sorted(self.held_lines + moved, key=_event_time)
+            else:
+                # --lifetime: the life record of this batch is found by its closing event
+                out = sorted(out + moved, key=_event_time)
         return out
 
     def _told(self, out: list[Event], key: Key, ev: Event) -> None:
@@ -488,7 +493,10 @@ class TimeWait(Stage):
         FIN_WAIT2). When, its timer tells: armed for TIME_WAIT_LEN at that moment."""
         asked = self.asked_ns
         at = _clamp(asked + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, ev.ts_ns, asked)
-        if at == ev.ts_ns:
+        if at - ev.ts_ns <= self.wheel.tick_ns() + NS_PER_MS:
+            # the timer, in jiffies and read in ms, cannot tell a FIN within a jiffy of
+            # the event from one at it: the kernel's end is the time (a non-orphan's
+            # FIN_WAIT2 ends in TIME_WAIT at that very event), not up to a jiffy later
             return ev._replace(newstate=TIME_WAIT)
         later = at - ev.ts_ns
         if self.lives is not None:

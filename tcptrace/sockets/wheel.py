@@ -94,6 +94,10 @@ class TimerWheel:
         if self._lo > self._hi:  # a pair out of line (clock steps): start again from it
             self._base, self._lo, self._hi = (ts_ns, jiffies), ts_ns - tick, float(ts_ns)
 
+    def tick_ns(self) -> int:
+        """One jiffy: the resolution of a timer's expiry (the coarsest HZ until known)."""
+        return NS_PER_S // (self.hz or min(KNOWN_HZ))
+
     def fires_ns(self, armed_ns: int, expires_ns: int) -> int | None:
         """When a timer armed at armed_ns to expire at expires_ns runs (None: not known
         yet). Exact to the phase bounds, within a jiffy."""

@@ -382,7 +382,7 @@ def test_a_kernel_sock_diag_contradicts_is_not_trusted():
     ev = kernel_end(0, 0x10)  # F_TW_KNOWN alone: "no timewait socket"
     table = SkippingTable(dict([time_wait_row(ev, TIME_WAIT)]), set())
     tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
-    out = tw.on_events([ev])
+    out = tw.on_events([ev]) + tw.held_lines  # (entered later: held for the events)
     assert tw.kernel_trusted is False and "did not report" in tw.kernel_problem
     assert [e.newstate for e in out] == [TIME_WAIT]  # sock_diag's word stands
     table.requests.clear()
@@ -546,7 +546,7 @@ def test_a_timer_is_read_against_when_the_kernel_was_asked_not_before_its_table_
     table = SkippingTable({key: dataclasses.replace(row, expires_ms=59_990)}, set())
     tables = SlowToOpenTables(table)
     tw = TimeWait(Filters(ports=frozenset({8080})), tables)  # type: ignore[arg-type]
-    out = tw.on_events([ev])
+    out = tw.on_events([ev]) + tw.held_lines  # (entered later: held for the events)
     # its timer, read just after the table opened, was armed 10 ms before: the peer's FIN
     fin = time.monotonic_ns() - 10_000_000
     assert [e.newstate for e in out] == [TIME_WAIT]
@@ -681,3 +681,44 @@ def test_an_orphans_time_wait_begins_when_its_timer_says_read_from_the_request_s
     out = tw.poll()
     assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT)]
     assert abs(out[0].ts_ns - fin_at) < 8_000_000, (out[0].ts_ns - fin_at) / 1e6
+
+
+def test_a_time_wait_entered_within_a_jiffy_of_the_kernels_end_is_stamped_at_it():
+    """The timer, in jiffies, read in ms, places the peer's FIN only to a jiffy: one
+    that fits the kernel's own end began TIME_WAIT at it (a client whose FIN_WAIT2
+    ended as the server's FIN came), not up to a jiffy later (CI: 2.85 ms late)."""
+    import time
+
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0, ts=now - 1_000_000)
+    key, row = time_wait_row(ev, TIME_WAIT)
+    # read 1 ms after the end, the timer says ~60 s less a jiffy's rounding (3 ms later)
+    table = SkippingTable({key: dataclasses.replace(row, expires_ms=60_002)}, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    out = tw.on_events([ev])
+    assert [(e.newstate, e.ts_ns, e.delta_ns) for e in out] == [(TIME_WAIT, ev.ts_ns, ev.delta_ns)]
+
+
+def test_a_time_wait_entered_after_the_kernels_end_waits_for_the_events_read_to_reach_it():
+    """An orphan's timewait socket found in TIME_WAIT already (a reader behind): its
+    peer's FIN came 50 ms after the kernel's end, so its line is stamped then, and
+    waits for the events before that time, still to be read, to go out first."""
+    import time
+
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, 0, ts=now - 100_000_000)
+    key, row = time_wait_row(ev, TIME_WAIT)
+    table = SkippingTable({key: dataclasses.replace(row, expires_ms=59_950)}, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    assert tw.on_events([ev]) == []  # held: events older than its time may follow
+    fin_at = now - 50_000_000
+    older = kernel_end(1, 0, ts=fin_at - 10_000_000)._replace(oldstate=1, newstate=4)
+    assert tw.on_events([older]) is None  # unchanged: the held line is not due
+    newer = older._replace(ts_ns=fin_at + 10_000_000)
+    out = tw.on_events([newer])
+    assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT), (1, 4)]
+    assert abs(out[0].ts_ns - fin_at) < 5_000_000 and out[1] == newer
