@@ -265,6 +265,14 @@ class SocketTable:
             # inet_diag_req_v2 followed by the optional bytecode attribute
             nla_map = ((0, "INET_DIAG_REQ_NONE", "none"), (1, "INET_DIAG_REQ_BYTECODE", "cdata"))
 
+        table = self
+
+        class TimedSocket(AsyncNetlinkSocket):
+            def send(self, data: bytes, flags: int = 0) -> int:
+                # stamped as the request leaves: pyroute2 builds it first, in Python
+                table.sent_ns = time.monotonic_ns()
+                return super().send(data, flags)
+
         self._request_class = Request
         self._loop = asyncio.new_event_loop()
         # when the last request left (monotonic ns): the kernel read its table after
@@ -277,7 +285,7 @@ class SocketTable:
         self._max_tw_read = -MAX_TW_REREAD_S
         try:
             with _inside(netns_path):
-                self._sock = AsyncNetlinkSocket(NETLINK_SOCK_DIAG)
+                self._sock = TimedSocket(NETLINK_SOCK_DIAG)
                 self._sock.set_marshal(_fast_marshal())
                 self._loop.run_until_complete(self._sock.bind())
                 with contextlib.suppress(OSError):
@@ -384,7 +392,6 @@ class SocketTable:
         from pyroute2.netlink.diag import SOCK_DIAG_BY_FAMILY
 
         flags = flags or NLM_F_REQUEST | NLM_F_DUMP
-        self.sent_ns = time.monotonic_ns()
         answer = await self._sock.nlm_request(req, SOCK_DIAG_BY_FAMILY, flags)
         return [msg[_ENTRY] async for msg in answer if _ENTRY in msg]
 

@@ -135,6 +135,8 @@ MAX_RANGES = 256
 # can hold the same 4-tuple
 Key = tuple[int, str, int, str, int]
 _ENDS_IN_TIMEWAIT = frozenset({FIN_WAIT2, CLOSING})
+# The program's word: a timewait socket took its place, in TIME_WAIT already.
+_AT_PEER_FIN = F_TW_KNOWN | F_TW | F_TW_PEER_FIN
 # A new socket in these states on a followed 4-tuple means its timewait socket is gone.
 _OPENING = frozenset({int(TcpState.SYN_SENT), int(TcpState.SYN_RECV), int(TcpState.ESTABLISHED)})
 
@@ -246,6 +248,10 @@ class TimeWait(Stage):
         self.follow_tokens = float(MAX_FOLLOW_RATE)
         self.tokens_ns = time.monotonic_ns()
         self.asked_ns = 0  # when the last look-up was sent
+        # when the request that found each row of the last look-up left: a timer is
+        # read against its own request (one by one, the 8th leaves ~25 ms after the
+        # first under emulation: read against the first, TIME_WAIT began that early)
+        self.read_at: dict[Key, int] = {}
         self.polls = 0
         # followed sockets dropped because their namespace went away, and who else
         # must forget them (--lifetime: the connections waiting for their end)
@@ -412,7 +418,7 @@ class TimeWait(Stage):
                 continue
             self._replace_previous(out, key, entry, ev.ts_ns)
             if entry.state == TIME_WAIT:
-                new_ev = self._time_wait_since(ev, entry)
+                new_ev = self._time_wait_since(ev, entry, self._read(key))
                 self.fixes.move(ev.oldstate, CLOSE, -1)
                 self.fixes.move(ev.oldstate, TIME_WAIT)
                 self._follow(key, new_ev, entry, TIME_WAIT, new_ev.ts_ns, F_DELTA_KNOWN)
@@ -486,12 +492,19 @@ class TimeWait(Stage):
         self.kernel_trusted = False
         self.kernel_problem = f"sock_diag found {problem} (BTF offsets): each end is asked"
 
-    def _time_wait_since(self, ev: Event, entry: SockEntry) -> Event:
+    def _read(self, key: Key) -> int:
+        """When the kernel was asked for the row of this key in the last look-up."""
+        return self.read_at.get(key, self.asked_ns)
+
+    def _time_wait_since(self, ev: Event, entry: SockEntry, asked: int) -> Event:
         """The kernel's FIN_WAIT2 -> CLOSE (CLOSING -> CLOSE) of a socket whose timewait
         socket was found in TIME_WAIT: it went there when the peer's FIN came, which
         may be after the kernel's event (an orphan's timewait socket starts in
         FIN_WAIT2). When, its timer tells: armed for TIME_WAIT_LEN at that moment."""
-        asked = self.asked_ns
+        if self.kernel_trusted is not False and ev.flags & _AT_PEER_FIN == _AT_PEER_FIN:
+            # the program saw it in TIME_WAIT at this very event (and sock_diag agrees,
+            # or nothing has contradicted the program yet): no timer to read
+            return ev._replace(newstate=TIME_WAIT)
         at = _clamp(asked + entry.expires_ms * NS_PER_MS - TIME_WAIT_LEN_NS, ev.ts_ns, asked)
         if at - ev.ts_ns <= self.wheel.tick_ns() + NS_PER_MS:
             # the timer, in jiffies and read in ms, cannot tell a FIN within a jiffy of
@@ -620,6 +633,7 @@ class TimeWait(Stage):
         # timers are read against this: the kernel is asked from now on
         self.asked_ns = time.monotonic_ns()
         first = 0
+        self.read_at = read_at = {}
         for netns, ns_keys in by_netns.items():
             table = tables[netns]
             if table is None:
@@ -627,13 +641,19 @@ class TimeWait(Stage):
             if len(ns_keys) <= EXACT_LOOK_UPS:
                 for key, family in ns_keys:
                     row = table.find(family, (key[1], key[2]), (key[3], key[4]))
-                    first = first or self._sent(table)
+                    sent = self._sent(table)
+                    first = first or sent
                     if row is not None and row.timewait and (netns, *row.key) == key:
                         found[key] = row
+                        read_at[key] = sent or self.asked_ns
             else:
                 for family in {family for _key, family in ns_keys}:
-                    self._dump(table, netns, [k for k, f in ns_keys if f == family], family, found)
-                    first = first or self._sent(table)
+                    got: dict[Key, SockEntry] = {}
+                    self._dump(table, netns, [k for k, f in ns_keys if f == family], family, got)
+                    sent = self._sent(table)
+                    first = first or sent
+                    found.update(got)
+                    read_at.update(dict.fromkeys(got, sent or self.asked_ns))
         self.asked_ns = first or self.asked_ns
         return found, unreachable
 
@@ -672,7 +692,7 @@ class TimeWait(Stage):
         self, key: Key, template: Event, entry: SockEntry, state: int, since: int, flags: int
     ) -> Followed:
         # timer arithmetic uses the moment the kernel was asked, not the parse's end
-        asked = self.asked_ns
+        asked = self._read(key)
         due = asked + entry.expires_ms * NS_PER_MS
         return self._track(key, template, entry.cookie, state, since, flags, asked, due)
 
@@ -840,12 +860,13 @@ class TimeWait(Stage):
             if entry is not None and not f.cookie and f.since_ns <= asked:
                 f.cookie = entry.cookie  # followed on the kernel's word: now known
             if entry is not None and entry.cookie == f.cookie:
+                read = self.read_at.get(key, asked)
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
-                    made.append(self._entered_time_wait(f, entry, asked))
+                    made.append(self._entered_time_wait(f, entry, read))
                     self.waiting.discard(key)
                     self.followed[key] = self.followed.pop(key)  # due last: in order
-                f.last_seen_ns = asked
-                f.due_ns = asked + entry.expires_ms * NS_PER_MS
+                f.last_seen_ns = read
+                f.due_ns = read + entry.expires_ms * NS_PER_MS
             else:
                 self._forget(key)
                 at = _clamp(self._fires(f), f.last_seen_ns, now)
@@ -884,6 +905,7 @@ class TimeWait(Stage):
         self.asked_ns = time.monotonic_ns()
         first = 0
         found: dict[Key, SockEntry] = {}
+        self.read_at = read_at = {}
         for (netns, family), group in groups.items():
             table = tables[netns]
             if table is None:
@@ -892,10 +914,13 @@ class TimeWait(Stage):
             side, at = (REMOTE, 4) if shared else (LOCAL, 2)
             band = (min(key[at] for key in group), max(key[at] for key in group))
             filters = replace(self.filters, family=family)
-            for row in table.dump(TIMEWAIT_STATES, filters, [[(side, band)]]):
+            rows = table.dump(TIMEWAIT_STATES, filters, [[(side, band)]])
+            sent = self._sent(table)
+            for row in rows:
                 if row.timewait:
                     found[(netns, *row.key)] = row
-            first = first or self._sent(table)
+                    read_at[(netns, *row.key)] = sent or self.asked_ns
+            first = first or sent
         self.asked_ns = first or self.asked_ns
         return found, unreachable
 
@@ -949,6 +974,7 @@ class TimeWait(Stage):
                 row = table.find(f.template[_FAMILY], (key[1], key[2]), (key[3], key[4]))
                 if row is not None and row.timewait and (key[0], *row.key) == key:
                     confirmed[key] = row
+                    self.read_at[key] = getattr(table, "sent_ns", 0) or now
         finally:
             self.budget.charge(started)
         return confirmed, {key for key, _f in missing[MAX_CONFIRMS:]}

@@ -722,3 +722,55 @@ def test_a_time_wait_entered_after_the_kernels_end_waits_for_the_events_read_to_
     out = tw.on_events([newer])
     assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT), (1, 4)]
     assert abs(out[0].ts_ns - fin_at) < 5_000_000 and out[1] == newer
+
+
+def test_an_end_the_program_saw_in_time_wait_is_stamped_at_it_while_its_word_is_checked():
+    """The program saw the timewait socket in TIME_WAIT at the end itself: while its
+    word is checked against sock_diag's, the timer is not read for the time (an
+    emulated guest's lagging jiffies put it 7 ms late, past a jiffy's slack)."""
+    import time
+
+    from tcptrace.sockets.timewait import TIME_WAIT
+
+    now = time.monotonic_ns()
+    ev = kernel_end(0, TW_TIME_WAIT, ts=now - 1_000_000)
+    key, row = time_wait_row(ev, TIME_WAIT)
+    table = SkippingTable({key: dataclasses.replace(row, expires_ms=60_015)}, set())
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    out = tw.on_events([ev])
+    assert table.requests and tw.kernel_agreed == 1  # asked, and it agreed
+    assert [(e.newstate, e.ts_ns) for e in out] == [(TIME_WAIT, ev.ts_ns)] and not tw.held_lines
+
+
+def test_each_timer_is_read_against_its_own_request_not_the_first_of_the_poll():
+    """Up to EXACT_LOOK_UPS sockets are looked up one request each: the last leaves
+    several requests after the first (~3 ms each under emulation). Read against the
+    first, the k-th orphan's TIME_WAIT began 3(k - 1) ms early (CI: FIN_WAIT2 79 ms of
+    a 100 ms wait in the emulated guest, the error growing with each connection)."""
+    import time
+
+    from tcptrace.sockets.timewait import FIN_WAIT2, TIME_WAIT
+
+    now = time.monotonic_ns()
+    ends = [kernel_end(i, 0x10 | 0x20, ts=now - 50_000_000) for i in range(4)]
+    table = SlowToSendTable({}, prepare_ns=20_000_000)
+    tw = TimeWait(Filters(ports=frozenset({8080})), RecordingTables(table))  # type: ignore[arg-type]
+    tw.kernel_trusted = True
+    assert tw.on_events(ends) == []  # orphans in FIN_WAIT2: held back
+    for ev in ends:  # each peer's FIN came just as its request reached the kernel
+        key, row = time_wait_row(ev, TIME_WAIT)
+        table.rows[key] = dataclasses.replace(row, cookie=0, expires_ms=60_000)
+    sent: list[int] = []
+    real_find = table.find
+
+    def find(family, local, remote):
+        row = real_find(family, local, remote)
+        sent.append(table.sent_ns)
+        return row
+
+    table.find = find  # type: ignore[method-assign]
+    out = sorted(tw.poll(), key=lambda e: e.sport)
+    assert [(e.oldstate, e.newstate) for e in out] == [(FIN_WAIT2, TIME_WAIT)] * 4
+    assert [abs(e.ts_ns - at) < 5_000_000 for e, at in zip(out, sent)] == [True] * 4, [
+        (e.ts_ns - at) / 1e6 for e, at in zip(out, sent)
+    ]
