@@ -189,6 +189,7 @@ def test_text_to_a_pipe_keeps_time_order_and_invents_no_time_wait_end():
     assert traced == shown + lost, lines[-3:]
 
 
+@pytest.mark.host_only  # user space alone, as the text one below (the CI's budget: ~19 s)
 def test_json_read_only_after_tracing_stopped_is_in_time_order():
     """The writer blocked on a full pipe during the burst: at exit the rings are read
     far behind, in bounded chunks, and must still come out in time order."""
