@@ -658,9 +658,9 @@ class TimeWait(Stage):
         return found, unreachable
 
     def _sent(self, table: SocketTable) -> int:
-        """When the request just made left (0: not known). Timers are read against the
-        first request's departure, not against when tcptrace began to build it (~10 ms
-        before under emulation): the kernel read them after that."""
+        """When the request just made left (0: not known). A row's timer is read against
+        its request's departure (read_at), not against when tcptrace began to build it
+        (~10 ms before under emulation): the kernel read it after that."""
         sent = getattr(table, "sent_ns", 0)
         return sent if sent >= self.asked_ns else 0
 
@@ -974,7 +974,7 @@ class TimeWait(Stage):
                 row = table.find(f.template[_FAMILY], (key[1], key[2]), (key[3], key[4]))
                 if row is not None and row.timewait and (key[0], *row.key) == key:
                     confirmed[key] = row
-                    self.read_at[key] = getattr(table, "sent_ns", 0) or now
+                    self.read_at[key] = self._sent(table) or now
         finally:
             self.budget.charge(started)
         return confirmed, {key for key, _f in missing[MAX_CONFIRMS:]}
