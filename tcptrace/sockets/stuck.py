@@ -180,7 +180,6 @@ class StuckWatch(Stage):
         self._old_ports: set[int] = set()
         self.old_checked_ns = 0
         self.lock = threading.Lock()  # the old sockets: the metrics thread reads them too
-        self.reported = 0
         # OLDEST is read (live table, metrics): the old sockets are checked every second
         self.oldest_read = oldest_wanted
         # at exit: every socket still past its threshold, oldest first
@@ -241,7 +240,6 @@ class StuckWatch(Stage):
         found = list(result.records) if result is not None else []
         with self.lock:
             found += self._old_crossed(now_ns)
-        self.reported += len(found)
         return found or None
 
     def on_finish(self, summary: object) -> None:
