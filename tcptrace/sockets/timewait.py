@@ -860,7 +860,7 @@ class TimeWait(Stage):
             if entry is not None and not f.cookie and f.since_ns <= asked:
                 f.cookie = entry.cookie  # followed on the kernel's word: now known
             if entry is not None and entry.cookie == f.cookie:
-                read = self.read_at.get(key, asked)
+                read = self._read(key)
                 if f.state == FIN_WAIT2 and entry.state == TIME_WAIT:
                     made.append(self._entered_time_wait(f, entry, read))
                     self.waiting.discard(key)
